@@ -1,0 +1,147 @@
+// Guest memory as the backend sees it: a table of regions shared by the frontend (memfd or
+// hugetlbfs fds, mapped MAP_SHARED), and the translations the data path needs:
+//   guest-physical address (descriptor addr fields)      -> host pointer
+//   frontend userspace address (vhost-user vring addrs)  -> host pointer
+// Every translation is bounds-checked with overflow-safe arithmetic; a range that spans two
+// adjacent regions translates to two pieces.
+//
+// Threading: translations are const and may run on any number of threads at once. Mutations
+// (add/remove region, attach a log) must not overlap any translation; vhost::Device guarantees
+// that by swapping tables only while its worker is parked.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <expected>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "vhostkit/error.h"
+#include "vhostkit/unique_fd.h"
+
+namespace vhostkit::memory {
+
+// What a frontend says about one region (VhostUserMemoryRegion).
+struct RegionSpec {
+  std::uint64_t guest_phys_addr = 0;
+  std::uint64_t size = 0;
+  std::uint64_t userspace_addr = 0;  // the frontend's virtual address of the region
+  std::uint64_t mmap_offset = 0;     // where the region starts within the fd
+};
+
+// One mapped region.
+struct Region {
+  RegionSpec spec;
+  std::uint8_t* host = nullptr;      // host address of guest_phys_addr
+  void* map_base = nullptr;          // what mmap returned (null for local regions)
+  std::size_t map_len = 0;
+  UniqueFd fd;                       // kept open while mapped (invalid for local regions)
+};
+
+// Why a data-path translation failed. No strings: the data path only counts these.
+enum class XlateError : std::uint8_t {
+  not_mapped,     // some byte of the range is in no region
+  wraps,          // addr + len overflows 64 bits
+  too_many_iov,   // the range needs more pieces than the caller's array holds
+};
+
+class DirtyLog;
+
+class GuestMemory {
+ public:
+  // QEMU's vhost-user backends advertise up to 509 memory slots (GET_MAX_MEM_SLOTS).
+  static constexpr std::size_t kMaxRegions = 509;
+
+  GuestMemory();
+  ~GuestMemory();
+  GuestMemory(GuestMemory&&) noexcept;
+  GuestMemory& operator=(GuestMemory&&) noexcept;
+  GuestMemory(const GuestMemory&) = delete;
+  GuestMemory& operator=(const GuestMemory&) = delete;
+
+  // Validates the region (non-zero size, no wrap in either address space, no overlap with an
+  // existing region in guest-physical or frontend space, mmap_offset + size within the fd's
+  // size, the slot limit) and maps it MAP_SHARED. Takes the fd in every case: on failure it is
+  // closed.
+  Result<> add_region(const RegionSpec& spec, UniqueFd fd);
+
+  // A region that is already in this process's address space (tests, our own frontend's view of
+  // its memory). Same validation, no mmap. `host` must cover spec.size bytes.
+  Result<> add_local_region(const RegionSpec& spec, void* host);
+
+  // Unmaps the region that matches exactly (REM_MEM_REG: guest_phys_addr, size, userspace_addr).
+  Result<> remove_region(const RegionSpec& spec);
+
+  // Unmaps every region.
+  void clear() noexcept;
+
+  std::size_t region_count() const noexcept;
+  std::span<const Region> regions() const noexcept;
+
+  // Fast path: host pointer of [gpa, gpa + len) when it lies inside one region, else nullptr.
+  // len == 0 asks only that gpa be mapped.
+  std::uint8_t* gpa_to_host(std::uint64_t gpa, std::uint64_t len) const noexcept;
+
+  // [gpa, gpa + len) split at region boundaries into `out`; returns the number of pieces.
+  std::expected<std::size_t, XlateError> gpa_to_iovec(std::uint64_t gpa, std::uint64_t len,
+                                                      std::span<iovec> out) const noexcept;
+
+  // Frontend userspace address (vring desc/avail/used in vhost-user) to host: must lie inside
+  // one region.
+  std::uint8_t* uva_to_host(std::uint64_t uva, std::uint64_t len) const noexcept;
+
+  // Frontend userspace address to guest-physical (used to log used-ring writes).
+  std::expected<std::uint64_t, XlateError> uva_to_gpa(std::uint64_t uva) const noexcept;
+
+  // Dirty logging for live migration; null when not logging. Not owned.
+  void set_dirty_log(DirtyLog* log) noexcept { log_ = log; }
+  DirtyLog* dirty_log() const noexcept { return log_; }
+  // Marks [gpa, gpa + len) dirty if a log is attached. Called after every device write.
+  void log_write(std::uint64_t gpa, std::uint64_t len) const noexcept;
+
+ private:
+  const Region* find_gpa(std::uint64_t gpa) const noexcept;
+  const Region* find_uva(std::uint64_t uva) const noexcept;
+  Result<> check_new(const RegionSpec& spec) const;
+
+  std::vector<Region> regions_;   // sorted by guest_phys_addr
+  mutable std::size_t last_hit_ = 0;  // index of the region that answered last (a hint only)
+  DirtyLog* log_ = nullptr;
+};
+
+// The vhost-user dirty log (SET_LOG_BASE with a shared fd): one bit per 4 KiB guest page,
+// set atomically by the device after it writes guest memory. Marks past the end of the log are
+// dropped and counted, never written (Linux CVE-2019-14835 was an out-of-bounds log write).
+class DirtyLog {
+ public:
+  static constexpr std::uint64_t kPageSize = 4096;
+
+  DirtyLog() = default;
+  ~DirtyLog();
+  DirtyLog(const DirtyLog&) = delete;
+  DirtyLog& operator=(const DirtyLog&) = delete;
+
+  // Maps `size` bytes at `offset` of fd (VhostUserLog {mmap_size, mmap_offset}).
+  Result<> attach(UniqueFd fd, std::uint64_t size, std::uint64_t offset);
+  // A log in local memory (tests).
+  Result<> attach_local(std::span<std::uint8_t> bitmap);
+  void detach() noexcept;
+  bool attached() const noexcept { return bits_ != nullptr; }
+
+  void mark(std::uint64_t gpa, std::uint64_t len) noexcept;
+  bool is_dirty(std::uint64_t gpa) const noexcept;
+  std::uint64_t dropped() const noexcept { return dropped_; }
+
+ private:
+  std::uint8_t* bits_ = nullptr;
+  std::uint64_t bytes_ = 0;
+  void* map_base_ = nullptr;
+  std::size_t map_len_ = 0;
+  UniqueFd fd_;
+  std::uint64_t dropped_ = 0;
+};
+
+}  // namespace vhostkit::memory
