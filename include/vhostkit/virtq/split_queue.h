@@ -1,0 +1,213 @@
+// The split virtqueue (virtio 1.2, 2.7) from both sides:
+//   DeviceQueue: the backend's view: pops validated chains, pushes used elements in batches,
+//                decides when to signal the driver (event idx / NO_INTERRUPT).
+//   DriverQueue: our userspace driver: adds buffers, publishes avail, decides when to kick,
+//                reclaims used chains.
+// The ring lives in memory shared with the peer, who may change any byte at any moment: the
+// device side reads every descriptor once, validates it, and never trusts a value twice.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <expected>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "vhostkit/error.h"
+#include "vhostkit/memory/guest_memory.h"
+#include "vhostkit/virtio/ring.h"
+
+namespace vhostkit::virtq {
+
+// What was wrong with one chain. Errors marked (broken) stop the whole queue: after them the
+// device can no longer tell which chains are real, so it stops serving the ring until reset.
+enum class ChainError : std::uint8_t {
+  queue_broken,             // the queue was marked broken earlier (broken)
+  avail_idx_runaway,        // avail->idx moved more than the queue size at once (broken)
+  head_out_of_range,        // the avail ring names a head >= queue size (broken)
+  next_out_of_range,        // a next field >= the table's size
+  chain_too_long,           // more descriptors than the queue size: also how loops end
+  desc_not_mapped,          // a buffer outside guest memory
+  desc_len_wraps,           // addr + len overflows 64 bits
+  total_too_large,          // the chain's total length exceeds 4 GiB
+  indirect_not_negotiated,  // INDIRECT flag without VIRTIO_F_RING_INDIRECT_DESC
+  indirect_not_mapped,      // an indirect table outside guest memory
+  indirect_bad_len,         // an indirect table of length 0 or not a multiple of 16
+  indirect_nested,          // an indirect descriptor inside an indirect table
+  indirect_with_next,       // INDIRECT and NEXT both set on one descriptor
+  readable_after_writable,  // a device-readable buffer after a device-writable one
+  too_many_segments,        // the caller's segment array is too small for this chain
+  kCount
+};
+inline constexpr std::size_t kChainErrorCount = static_cast<std::size_t>(ChainError::kCount);
+const char* to_string(ChainError e) noexcept;
+constexpr bool breaks_queue(ChainError e) noexcept {
+  return e == ChainError::queue_broken || e == ChainError::avail_idx_runaway ||
+         e == ChainError::head_out_of_range;
+}
+
+// A validated chain: host pieces of the device-readable part, then of the device-writable part.
+// The spans point into the segment array the caller passed to pop(); valid until it is reused.
+struct Chain {
+  std::uint16_t head = 0;
+  std::uint16_t desc_count = 0;       // descriptors walked (indirect ones included)
+  std::span<iovec> readable;
+  std::span<iovec> writable;
+  std::uint64_t readable_len = 0;
+  std::uint64_t writable_len = 0;
+};
+
+// Host addresses of the three parts of a ring, already translated and checked to lie in guest
+// memory by the caller (vhost::Device), with the queue size.
+struct SplitRing {
+  virtio::VirtqDesc* desc = nullptr;
+  virtio::VirtqAvail* avail = nullptr;
+  virtio::VirtqUsed* used = nullptr;
+  std::uint16_t size = 0;
+};
+
+class DeviceQueue {
+ public:
+  DeviceQueue() = default;
+
+  // Starts serving `ring`. `mem` translates descriptor addresses and must outlive the attachment.
+  // features: the negotiated feature bits (EVENT_IDX, INDIRECT_DESC matter here).
+  // last_avail_idx: where to resume (SET_VRING_BASE). The used index is read from the ring.
+  void attach(const memory::GuestMemory* mem, SplitRing ring, std::uint64_t features,
+              std::uint16_t last_avail_idx) noexcept;
+  void detach() noexcept;
+  bool attached() const noexcept { return ring_.desc != nullptr; }
+  bool broken() const noexcept { return broken_; }
+  std::uint16_t size() const noexcept { return ring_.size; }
+
+  // Chains the driver has made available that we have not popped. Reads avail->idx with
+  // acquire. A jump of more than size() marks the queue broken and returns 0.
+  std::uint16_t pending() noexcept;
+
+  // Pops the next available chain into `segs`. On a bad chain (not breaking the queue), the
+  // chain is consumed and answered with used len 0, counted, and the error is returned; the
+  // caller just moves on. On an error that breaks the queue nothing more is served.
+  // Call only when pending() > 0.
+  std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
+
+  // Queues a used element (head, bytes written); visible to the driver only after publish_used().
+  void push_used(std::uint16_t head, std::uint32_t len) noexcept;
+  // Makes every queued used element visible with one release store of used->idx.
+  void publish_used() noexcept;
+
+  // After publish_used(): should the driver be signalled (call eventfd)? Implements
+  // EVENT_IDX (used_event) or the NO_INTERRUPT flag; remembers what was signalled.
+  bool needs_notify() noexcept;
+
+  // Asks the driver not to kick (busy polling).
+  void disable_notifications() noexcept;
+  // Asks the driver to kick again. Returns true if chains became available meanwhile: the
+  // caller must poll once more before sleeping, or it may sleep on a kick that never comes.
+  bool enable_notifications() noexcept;
+
+  std::uint16_t last_avail_idx() const noexcept { return last_avail_idx_; }
+  std::uint16_t used_idx() const noexcept { return used_idx_; }
+  const std::array<std::uint64_t, kChainErrorCount>& errors() const noexcept { return errors_; }
+
+ private:
+  std::expected<Chain, ChainError> walk(std::uint16_t head, std::span<iovec> segs) noexcept;
+  void count(ChainError e) noexcept;
+
+  const memory::GuestMemory* mem_ = nullptr;
+  SplitRing ring_{};
+  bool event_idx_ = false;
+  bool indirect_ = false;
+  bool broken_ = false;
+  std::uint16_t last_avail_idx_ = 0;
+  std::uint16_t avail_idx_cache_ = 0;   // last avail->idx read
+  std::uint16_t used_idx_ = 0;          // next used slot to fill (not yet published)
+  std::uint16_t published_used_idx_ = 0;
+  std::uint16_t signalled_used_idx_ = 0;  // used->idx when we last decided about a signal
+  std::array<std::uint64_t, kChainErrorCount> errors_{};
+};
+
+// Where the three parts of a ring of `size` live in one block of driver memory (each part
+// aligned as the spec requires; the whole block page-aligned by the caller).
+struct DriverRingLayout {
+  std::size_t desc_offset = 0;
+  std::size_t avail_offset = 0;
+  std::size_t used_offset = 0;
+  std::size_t total_bytes = 0;
+  static DriverRingLayout for_size(std::uint16_t size) noexcept;
+};
+
+class DriverQueue {
+ public:
+  struct Buffer {
+    std::uint64_t gpa = 0;
+    std::uint32_t len = 0;
+  };
+  struct Used {
+    std::uint64_t token = 0;  // what add() was given
+    std::uint32_t len = 0;    // bytes the device wrote
+    std::uint16_t head = 0;
+  };
+
+  DriverQueue() = default;
+
+  // `ring` is host memory of DriverRingLayout::for_size(size).total_bytes at guest-physical
+  // address ring_gpa (page-aligned, zeroed here). With VIRTIO_F_RING_INDIRECT_DESC in features,
+  // `indirect` (host memory at indirect_gpa) holds one table of max_indirect descriptors per
+  // ring slot and chains longer than one buffer use it.
+  Result<> init(std::span<std::byte> ring, std::uint64_t ring_gpa, std::uint16_t size,
+                std::uint64_t features, std::span<std::byte> indirect = {},
+                std::uint64_t indirect_gpa = 0, std::uint16_t max_indirect = 0);
+
+  std::uint16_t size() const noexcept { return size_; }
+  std::uint16_t free_count() const noexcept { return free_count_; }
+
+  // Adds one chain (device-readable `out` buffers, then device-writable `in` buffers) to the
+  // avail ring, not yet visible. Returns the head, or Errc::would_block when out of descriptors.
+  std::expected<std::uint16_t, Errc> add(std::span<const Buffer> out, std::span<const Buffer> in,
+                                         std::uint64_t token) noexcept;
+  // Makes every added chain visible with one release store of avail->idx.
+  void publish() noexcept;
+  // After publish(): must the device be kicked? (EVENT_IDX avail_event, or NO_NOTIFY.)
+  bool needs_kick() noexcept;
+
+  // Reclaims one used chain (its descriptors return to the free list).
+  std::optional<Used> get_used() noexcept;
+  // Reclaims up to out.size() used chains; returns how many.
+  std::size_t get_used_burst(std::span<Used> out) noexcept;
+
+  // Interrupt (call) suppression on the used side, with the same race rule as the device's.
+  void disable_interrupts() noexcept;
+  bool enable_interrupts() noexcept;  // true if used entries arrived meanwhile
+
+  std::uint64_t desc_gpa() const noexcept { return ring_gpa_ + layout_.desc_offset; }
+  std::uint64_t avail_gpa() const noexcept { return ring_gpa_ + layout_.avail_offset; }
+  std::uint64_t used_gpa() const noexcept { return ring_gpa_ + layout_.used_offset; }
+  virtio::VirtqDesc* desc() const noexcept { return desc_; }
+  virtio::VirtqAvail* avail() const noexcept { return avail_; }
+  virtio::VirtqUsed* used() const noexcept { return used_; }
+
+ private:
+  DriverRingLayout layout_{};
+  std::uint64_t ring_gpa_ = 0;
+  virtio::VirtqDesc* desc_ = nullptr;
+  virtio::VirtqAvail* avail_ = nullptr;
+  virtio::VirtqUsed* used_ = nullptr;
+  std::uint16_t size_ = 0;
+  bool event_idx_ = false;
+  std::uint16_t free_count_ = 0;
+  std::uint16_t avail_idx_ = 0;        // next avail slot (not yet published)
+  std::uint16_t kicked_avail_idx_ = 0; // avail->idx when we last decided about a kick
+  std::uint16_t last_used_idx_ = 0;
+  std::vector<std::uint16_t> free_;    // free descriptor heads (a stack)
+  std::vector<std::uint64_t> tokens_;  // per head
+  std::vector<std::uint16_t> chain_len_;  // descriptors per head, to free them
+  std::span<std::byte> indirect_{};
+  std::uint64_t indirect_gpa_ = 0;
+  std::uint16_t max_indirect_ = 0;
+};
+
+}  // namespace vhostkit::virtq
