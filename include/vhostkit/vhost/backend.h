@@ -1,0 +1,50 @@
+// What a device type (virtio-net, virtio-blk, a test device) implements to sit on vhost::Device.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "vhostkit/error.h"
+
+namespace vhostkit::vhost {
+
+class Queue;
+class Worker;
+
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+
+  // Device-specific and transport feature bits this device offers (VERSION_1, EVENT_IDX, ...).
+  // Device adds nothing on its own; the vhost-user session adds PROTOCOL_FEATURES/LOG_ALL.
+  virtual std::uint64_t features() const noexcept = 0;
+  // Number of virtqueues this device has (net: 2 per pair + ctrl; blk: num_queues).
+  virtual std::uint16_t num_queues() const noexcept = 0;
+
+  // Config space (GET_CONFIG / SET_CONFIG). Out-of-range or read-only writes are refused.
+  virtual Result<> read_config(std::uint32_t offset, std::span<std::uint8_t> out) const {
+    (void)offset;
+    (void)out;
+    return fail(Errc::unsupported, "device has no config space");
+  }
+  virtual Result<> write_config(std::uint32_t offset, std::span<const std::uint8_t> data) {
+    (void)offset;
+    (void)data;
+    return fail(Errc::unsupported, "config space is read-only");
+  }
+
+  // The features the driver acked (after SET_FEATURES), before any ring starts.
+  virtual void set_features(std::uint64_t acked) noexcept { (void)acked; }
+
+  // Called on the queue's worker thread when a ring starts (kick registered) and before it
+  // stops. A device binds port fds to the worker here.
+  virtual void queue_started(Queue& q, Worker& w) { (void)q; (void)w; }
+  virtual void queue_stopped(Queue& q, Worker& w) { (void)q; (void)w; }
+
+  // Called on the worker when the queue may have work (a kick, or a busy poll). Processes up
+  // to a budget of chains and returns true if it did any work. Must publish used entries and
+  // notify (Queue::publish_and_notify) before returning.
+  virtual bool handle_queue(Queue& q) noexcept = 0;
+};
+
+}  // namespace vhostkit::vhost

@@ -1,0 +1,92 @@
+// vhost::Device: the vhost_dev analogue. One method per vhost operation (the kernel's ioctls,
+// vhost-user's requests), each validating its arguments and returning Result. vhost-user is a
+// transport that decodes into exactly these calls.
+//
+// Rings start when they have memory, a size, addresses and a kick fd (or "no fd" for polling)
+// and are enabled; they stop on get_vring_base, reset or a broken protocol. Ring work runs on
+// the device's worker threads; the calls here are the control path and run on the caller's
+// (session's) thread, handing work to the workers with run_sync.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "vhostkit/error.h"
+#include "vhostkit/memory/guest_memory.h"
+#include "vhostkit/unique_fd.h"
+#include "vhostkit/vhost/backend.h"
+#include "vhostkit/vhost/queue.h"
+#include "vhostkit/vhost/worker.h"
+
+namespace vhostkit::vhost {
+
+struct DeviceOptions {
+  std::string name = "dev";
+  PollMode mode = PollMode::event;
+  std::vector<int> cpus;                 // one worker per entry (pinned); empty: one unpinned
+  std::uint16_t queues_per_worker = 2;   // queue i runs on worker (i / queues_per_worker) % N
+  std::uint32_t adaptive_spin_us = 100;
+};
+
+struct MemRegionFd {
+  memory::RegionSpec spec;
+  UniqueFd fd;
+};
+
+class Device {
+ public:
+  static constexpr std::uint32_t kMaxQueueSize = 32768;
+
+  Device(DeviceBackend& backend, DeviceOptions opts);
+  ~Device();  // resets: stops rings, joins workers, unmaps, closes fds
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+
+  Result<> set_owner();
+  Result<> reset_owner();        // back to the state before set_owner: rings stopped, memory gone
+  bool has_owner() const noexcept;
+
+  std::uint64_t offered_features() const noexcept;
+  Result<> set_features(std::uint64_t features);   // must be a subset of offered_features()
+  std::uint64_t features() const noexcept;
+  // Extra transport bits a session offers on top of the backend's (e.g. PROTOCOL_FEATURES).
+  void add_offered_features(std::uint64_t bits) noexcept;
+
+  Result<> set_mem_table(std::vector<MemRegionFd> regions);
+  Result<> add_mem_region(MemRegionFd region);
+  Result<> remove_mem_region(const memory::RegionSpec& spec);
+  const memory::GuestMemory& memory() const noexcept;
+
+  std::uint16_t num_queues() const noexcept;
+  Result<> set_vring_num(std::uint32_t index, std::uint32_t num);
+  Result<> set_vring_addr(std::uint32_t index, const VringAddr& addr);
+  Result<> set_vring_base(std::uint32_t index, std::uint32_t base);
+  // Stops the ring and returns where the driver should resume (last_avail_idx).
+  Result<std::uint32_t> get_vring_base(std::uint32_t index);
+  // An invalid fd means "no fd": the ring is polled (busy mode) instead of kicked.
+  Result<> set_vring_kick(std::uint32_t index, UniqueFd fd);
+  Result<> set_vring_call(std::uint32_t index, UniqueFd fd);
+  Result<> set_vring_err(std::uint32_t index, UniqueFd fd);
+  Result<> set_vring_enable(std::uint32_t index, bool enable);
+  Result<> set_log_base(UniqueFd fd, std::uint64_t size, std::uint64_t offset);
+
+  // Everything back to a fresh device: rings stopped, memory unmapped, every fd closed.
+  void reset() noexcept;
+
+  // A ring broke the protocol (e.g. avail idx runaway): the device stops serving it and says so.
+  bool broken() const noexcept;
+  Queue& queue(std::uint32_t index);   // index < num_queues()
+  DeviceBackend& backend() noexcept;
+  Worker& worker_for(std::uint32_t index);
+  std::size_t worker_count() const noexcept;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace vhostkit::vhost

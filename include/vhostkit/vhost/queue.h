@@ -1,0 +1,70 @@
+// vhost::Queue: the vhost_virtqueue analogue: the ring's addresses and state as the frontend
+// configured them, its kick/call/err eventfds, the running virtq::DeviceQueue, and its counters.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "vhostkit/unique_fd.h"
+#include "vhostkit/virtq/split_queue.h"
+
+namespace vhostkit::vhost {
+
+// Ring addresses as vhost-user's SET_VRING_ADDR carries them: frontend userspace addresses.
+struct VringAddr {
+  std::uint32_t flags = 0;   // bit 0: log used-ring writes (VHOST_VRING_F_LOG)
+  std::uint64_t desc_user_addr = 0;
+  std::uint64_t used_user_addr = 0;
+  std::uint64_t avail_user_addr = 0;
+  std::uint64_t log_guest_addr = 0;
+};
+
+// Per-queue counters. Written by the worker thread only (relaxed), read by anyone.
+struct QueueStats {
+  std::atomic<std::uint64_t> chains{0};
+  std::atomic<std::uint64_t> bytes{0};
+  std::atomic<std::uint64_t> kicks{0};    // kick eventfd wake-ups received
+  std::atomic<std::uint64_t> calls{0};    // call eventfd signals sent
+  std::atomic<std::uint64_t> drops{0};    // packets/requests dropped (device-specific)
+  std::atomic<std::uint64_t> errors{0};   // bad chains (kinds in DeviceQueue::errors())
+
+  void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
+    c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  }
+};
+
+class Queue {
+ public:
+  std::uint16_t index() const noexcept { return index_; }
+  virtq::DeviceQueue& vq() noexcept { return vq_; }
+  QueueStats& stats() noexcept { return stats_; }
+  const QueueStats& stats() const noexcept { return stats_; }
+  bool started() const noexcept { return started_; }
+
+  // Publishes used entries and signals the call eventfd if the driver wants it (EVENT_IDX or
+  // NO_INTERRUPT decide). Called by device handlers after a batch.
+  void publish_and_notify() noexcept;
+  // Signals the call eventfd unconditionally (config changes, tests).
+  void signal() noexcept;
+
+ private:
+  friend class Device;
+
+  std::uint16_t index_ = 0;
+  std::uint32_t num = 0;          // SET_VRING_NUM
+  std::uint32_t base = 0;         // SET_VRING_BASE (last_avail_idx to resume from)
+  bool has_addr = false;
+  VringAddr addr;
+  UniqueFd kick;
+  UniqueFd call;
+  UniqueFd err;
+  bool kick_set = false;          // a kick fd, or "no fd" (polling) was given
+  bool enabled = false;
+  bool started_ = false;
+  std::uint64_t watch_id = 0;
+  std::uint64_t poller_id = 0;
+  virtq::DeviceQueue vq_;
+  QueueStats stats_;
+};
+
+}  // namespace vhostkit::vhost
