@@ -12,6 +12,7 @@
 
 #include <sys/uio.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <expected>
@@ -106,9 +107,16 @@ class GuestMemory {
   const Region* find_gpa(std::uint64_t gpa) const noexcept;
   const Region* find_uva(std::uint64_t uva) const noexcept;
   Result<> check_new(const RegionSpec& spec) const;
+  void insert(Region r);   // keeps regions_ sorted, rebuilds uva_order_
+  void rebuild_index();
 
   std::vector<Region> regions_;   // sorted by guest_phys_addr
-  mutable std::size_t last_hit_ = 0;  // index of the region that answered last (a hint only)
+  // Indices into regions_, sorted by userspace_addr (frontend space is ordered independently).
+  std::vector<std::uint16_t> uva_order_;
+  // Hints: index of the region that answered last. Read and written with relaxed atomic_ref so
+  // concurrent translations do not race; a stale hint only costs a binary search.
+  mutable std::size_t last_hit_ = 0;      // into regions_ (gpa lookups)
+  mutable std::size_t last_uva_hit_ = 0;  // into regions_ (uva lookups)
   DirtyLog* log_ = nullptr;
 };
 
@@ -133,7 +141,12 @@ class DirtyLog {
 
   void mark(std::uint64_t gpa, std::uint64_t len) noexcept;
   bool is_dirty(std::uint64_t gpa) const noexcept;
-  std::uint64_t dropped() const noexcept { return dropped_; }
+  // Marks that reached past the end of the bitmap (each counted once, however many pages).
+  std::uint64_t dropped() const noexcept {
+    // atomic_ref<const T> is C++26; the load does not modify.
+    return std::atomic_ref<std::uint64_t>(const_cast<std::uint64_t&>(dropped_))
+        .load(std::memory_order_relaxed);
+  }
 
  private:
   std::uint8_t* bits_ = nullptr;
