@@ -1,0 +1,149 @@
+# Booting the test guest (scripts/guest-image.sh) in QEMU, and reading its VK-* markers.
+#
+#   vk_guest_ensure                    build or refresh the image (cached); sets VK_GUEST_DIR
+#   vk_qemu_start --log FILE [--cmdline "vk.cmd=ping vk.ip=..."] [--netns NS] [--timeout S]
+#                 [--mem MB] [--interactive] -- [QEMU NIC/disk args...]
+#                                      boot in the background, console to FILE; QEMU is killed
+#                                      after S seconds (default 180) and on exit; sets VK_QEMU_PID
+#   vk_qemu_vhost_user_net_args ARRAY SOCK [N]
+#                                      fill ARRAY with the args for a vhost-user virtio-net NIC on
+#                                      SOCK (QEMU is the client: the backend must listen already)
+#   vk_qemu_tap_net_args ARRAY TAP     same for QEMU's own tap backend (QEMU must run in the netns)
+#   vk_qemu_wait_marker LOG REGEX TIMEOUT [PID]
+#                                      0 when a console line matches REGEX (grep -E), 1 on
+#                                      timeout, 2 if PID (default VK_QEMU_PID) exited first
+#   vk_qemu_wait_exit PID TIMEOUT      QEMU's exit status, 124 on timeout (then it is killed)
+#   vk_guest_result LOG SCENARIO       the "ok|fail k=v..." tail of "VK-RESULT SCENARIO", or 1
+#   vk_guest_field LOG SCENARIO KEY    one k=v value from that line (e.g. sha256, bytes)
+#   vk_qemu_dump LOG [LINES]           the console tail, for failure reports
+#
+# Environment: VK_GUEST_DIR (default build/guest), VK_QEMU_ACCEL (default tcg; "kvm:tcg" uses KVM
+# when /dev/kvm works), VK_GUEST_DEBUG=1 (full kernel log instead of `quiet`).
+# The machine is the one DESIGN.md gives for vhost-user: q35, all guest RAM in one shared memfd
+# (vhost-user backends map it), 256 MiB.
+[[ -n ${VK_QEMU_SH:-} ]] && return 0
+VK_QEMU_SH=1
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+VK_QEMU_BIN=${VK_QEMU_BIN:-qemu-system-x86_64}
+
+vk_guest_ensure() {
+  local root
+  root=$(vk_repo_root)
+  VK_GUEST_DIR=${VK_GUEST_DIR:-$root/build/guest}
+  vk_require_cmd "$VK_QEMU_BIN" cpio gzip
+  [[ -x /bin/busybox ]] || vk_skip "busybox-static not installed (run scripts/deps.sh)"
+  if ! "$root/scripts/guest-image.sh" "$VK_GUEST_DIR" >&2; then
+    # Without a kernel package (offline, no apt lists) the image can't exist: a missing
+    # prerequisite, not a failure of what the test checks.
+    [[ -f $VK_GUEST_DIR/vmlinuz && -f $VK_GUEST_DIR/initramfs.gz ]] ||
+      vk_skip "guest image could not be built (scripts/guest-image.sh failed, see above)"
+  fi
+}
+
+vk_qemu_vhost_user_net_args() {
+  local -n _args=$1
+  local sock=$2 n=${3:-0}
+  # vectors=0: QEMU 7.2 under TCG crashes in msix_set_vector_notifiers with vhost-user + MSI-X.
+  _args+=(-chardev "socket,id=vkc$n,path=$sock"
+          -netdev "vhost-user,id=vkn$n,chardev=vkc$n"
+          -device "virtio-net-pci,netdev=vkn$n,vectors=0")
+}
+
+vk_qemu_tap_net_args() {
+  local -n _args=$1
+  _args+=(-netdev "tap,id=vkn0,ifname=$2,script=no,downscript=no"
+          -device "virtio-net-pci,netdev=vkn0")
+}
+
+vk_qemu_start() {
+  local log="" cmdline="" netns="" timeout=180 mem=256 interactive=0
+  while (($#)); do
+    case $1 in
+      --log) log=$2; shift ;;
+      --cmdline) cmdline=$2; shift ;;
+      --netns) netns=$2; shift ;;
+      --timeout) timeout=$2; shift ;;
+      --mem) mem=$2; shift ;;
+      --interactive) interactive=1 ;;
+      --) shift; break ;;
+      *) echo "vk_qemu_start: unknown option $1" >&2; return 2 ;;
+    esac
+    shift
+  done
+  [[ -n $log || $interactive == 1 ]] || { echo "vk_qemu_start: --log required" >&2; return 2; }
+  [[ -n ${VK_GUEST_DIR:-} ]] || vk_guest_ensure
+  local quiet=quiet
+  [[ ${VK_GUEST_DEBUG:-0} == 1 ]] && quiet="loglevel=7"
+  local console=(-display none -monitor none -serial "file:$log")
+  ((interactive)) && console=(-nographic)
+  local cmd=(timeout -k 5 "$timeout" "$VK_QEMU_BIN"
+    -machine "q35,accel=${VK_QEMU_ACCEL:-tcg}" -m "$mem"
+    -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem
+    -nodefaults -no-user-config -no-reboot "${console[@]}"
+    -kernel "$VK_GUEST_DIR/vmlinuz" -initrd "$VK_GUEST_DIR/initramfs.gz"
+    -append "console=ttyS0 $quiet panic=-1 $cmdline"
+    "$@")
+  [[ -n $netns ]] && cmd=(ip netns exec "$netns" "${cmd[@]}")
+  if ((interactive)); then
+    "${cmd[@]}"
+    return
+  fi
+  : >"$log"
+  echo "${cmd[*]}" >"$log.cmd"
+  "${cmd[@]}" </dev/null >"$log.qemu" 2>&1 &
+  VK_QEMU_PID=$!
+  vk_track_pid "$VK_QEMU_PID"
+}
+
+vk_qemu_wait_marker() {
+  local log=$1 re=$2 timeout=$3 pid=${4:-${VK_QEMU_PID:-}}
+  local n=0 max=$((timeout * 10))
+  while ((n++ < max)); do
+    grep -qE -- "$re" "$log" 2>/dev/null && return 0
+    if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+      grep -qE -- "$re" "$log" 2>/dev/null && return 0
+      return 2
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+vk_qemu_wait_exit() {
+  local pid=$1 timeout=$2 n=0 rc
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((n++ >= timeout * 10)); then
+      vk_kill "$pid"
+      return 124
+    fi
+    sleep 0.1
+  done
+  wait "$pid" 2>/dev/null
+  rc=$?
+  return $rc
+}
+
+vk_guest_result() {
+  local line
+  line=$(grep -a "^VK-RESULT $2 " "$1" | tail -1 | tr -d '\r')
+  [[ -n $line ]] || return 1
+  echo "${line#VK-RESULT $2 }"
+}
+
+vk_guest_field() {
+  local res
+  res=$(vk_guest_result "$1" "$2") || return 1
+  tr ' ' '\n' <<<"$res" | sed -n "s/^$3=//p" | head -1
+}
+
+vk_qemu_dump() {
+  local log=$1 lines=${2:-40}
+  echo "----- guest console ($log), last $lines lines -----"
+  tail -n "$lines" "$log" 2>/dev/null | tr -d '\r'
+  if [[ -s $log.qemu ]]; then
+    echo "----- qemu stderr -----"
+    tail -n 20 "$log.qemu"
+  fi
+  echo "-----"
+}
