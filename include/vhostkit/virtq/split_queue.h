@@ -10,6 +10,7 @@
 #include <sys/uio.h>
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <expected>
@@ -19,9 +20,21 @@
 
 #include "vhostkit/error.h"
 #include "vhostkit/memory/guest_memory.h"
+#include "vhostkit/virtio/features.h"
 #include "vhostkit/virtio/ring.h"
 
 namespace vhostkit::virtq {
+
+// The event-idx words that trail the two rings (2.7.10): used_event after avail->ring[size],
+// avail_event after used->ring[size].
+inline std::uint16_t* used_event_word(virtio::VirtqAvail* avail, std::uint16_t size) noexcept {
+  return reinterpret_cast<std::uint16_t*>(reinterpret_cast<std::byte*>(avail) + 4 +
+                                          2 * std::size_t{size});
+}
+inline std::uint16_t* avail_event_word(virtio::VirtqUsed* used, std::uint16_t size) noexcept {
+  return reinterpret_cast<std::uint16_t*>(reinterpret_cast<std::byte*>(used) + 4 +
+                                          8 * std::size_t{size});
+}
 
 // What was wrong with one chain. Errors marked (broken) stop the whole queue: after them the
 // device can no longer tell which chains are real, so it stops serving the ring until reset.
@@ -41,6 +54,7 @@ enum class ChainError : std::uint8_t {
   indirect_with_next,       // INDIRECT and NEXT both set on one descriptor
   readable_after_writable,  // a device-readable buffer after a device-writable one
   too_many_segments,        // the caller's segment array is too small for this chain
+  empty,                    // pop() with nothing available (a caller slip; not counted)
   kCount
 };
 inline constexpr std::size_t kChainErrorCount = static_cast<std::size_t>(ChainError::kCount);
@@ -115,10 +129,13 @@ class DeviceQueue {
 
  private:
   std::expected<Chain, ChainError> walk(std::uint16_t head, std::span<iovec> segs) noexcept;
+  std::expected<Chain, ChainError> pop_slow(std::span<iovec> segs) noexcept;
   void count(ChainError e) noexcept;
+  void mark_broken(ChainError e) noexcept;
 
   const memory::GuestMemory* mem_ = nullptr;
   SplitRing ring_{};
+  std::uint16_t mask_ = 0;              // size - 1 (sizes are powers of two)
   bool event_idx_ = false;
   bool indirect_ = false;
   bool broken_ = false;
@@ -164,6 +181,9 @@ class DriverQueue {
 
   std::uint16_t size() const noexcept { return size_; }
   std::uint16_t free_count() const noexcept { return free_count_; }
+  // Used elements the device returned that we ignored: an id >= size, an id that is not a
+  // chain in flight, or a len over the chain's writable bytes (clamped, counted).
+  std::uint64_t bad_used() const noexcept { return bad_used_; }
 
   // Adds one chain (device-readable `out` buffers, then device-writable `in` buffers) to the
   // avail ring, not yet visible. Returns the head, or Errc::would_block when out of descriptors.
@@ -196,18 +216,88 @@ class DriverQueue {
   virtio::VirtqDesc* desc_ = nullptr;
   virtio::VirtqAvail* avail_ = nullptr;
   virtio::VirtqUsed* used_ = nullptr;
+  bool reclaim(std::uint16_t slot, Used& out) noexcept;
+
   std::uint16_t size_ = 0;
+  std::uint16_t mask_ = 0;
   bool event_idx_ = false;
+  bool use_indirect_ = false;
+  bool interrupts_enabled_ = true;
   std::uint16_t free_count_ = 0;
   std::uint16_t avail_idx_ = 0;        // next avail slot (not yet published)
   std::uint16_t kicked_avail_idx_ = 0; // avail->idx when we last decided about a kick
   std::uint16_t last_used_idx_ = 0;
-  std::vector<std::uint16_t> free_;    // free descriptor heads (a stack)
+  std::uint16_t used_idx_cache_ = 0;   // last used->idx read
+  std::uint64_t bad_used_ = 0;
+  // Private copies: the device can rewrite the descriptor table, so freeing a chain never
+  // follows the shared next fields.
+  std::vector<std::uint16_t> free_;    // free descriptor indices (a stack)
+  std::vector<std::uint16_t> next_;    // our own next link per descriptor
   std::vector<std::uint64_t> tokens_;  // per head
-  std::vector<std::uint16_t> chain_len_;  // descriptors per head, to free them
+  std::vector<std::uint16_t> chain_len_;  // descriptors per head in flight (0: not a head)
+  std::vector<std::uint32_t> in_len_;     // device-writable bytes per head
   std::span<std::byte> indirect_{};
   std::uint64_t indirect_gpa_ = 0;
   std::uint16_t max_indirect_ = 0;
 };
+
+}  // namespace vhostkit::virtq
+
+// ---- The hot path, inline: the per-chain cost is a handful of loads and stores, and a call
+// into another translation unit would be a noticeable part of it.
+namespace vhostkit::virtq {
+
+inline std::uint16_t DeviceQueue::pending() noexcept {
+  if (broken_ || ring_.avail == nullptr) [[unlikely]] return 0;
+  // Chains seen at the last read and not yet popped: no need to touch the shared line.
+  std::uint16_t n = static_cast<std::uint16_t>(avail_idx_cache_ - last_avail_idx_);
+  if (n != 0) return n;
+  // Acquire: the avail ring entries and descriptors written before idx are visible after it.
+  const std::uint16_t idx =
+      std::atomic_ref<std::uint16_t>(ring_.avail->idx).load(std::memory_order_acquire);
+  n = static_cast<std::uint16_t>(idx - last_avail_idx_);
+  if (n > ring_.size) [[unlikely]] {
+    mark_broken(ChainError::avail_idx_runaway);
+    return 0;
+  }
+  avail_idx_cache_ = idx;
+  return n;
+}
+
+inline std::expected<Chain, ChainError> DeviceQueue::pop(std::span<iovec> segs) noexcept {
+  if (last_avail_idx_ == avail_idx_cache_ || broken_) [[unlikely]] return pop_slow(segs);
+  // One read of the slot; the driver may rewrite it at any time after we advance.
+  const std::uint16_t head = std::atomic_ref<std::uint16_t>(
+      ring_.avail->ring[last_avail_idx_ & mask_]).load(std::memory_order_relaxed);
+  ++last_avail_idx_;
+  if (head >= ring_.size) [[unlikely]] {
+    mark_broken(ChainError::head_out_of_range);
+    return std::unexpected(ChainError::head_out_of_range);
+  }
+  auto chain = walk(head, segs);
+  if (!chain) [[unlikely]] {
+    push_used(head, 0);
+    count(chain.error());
+  }
+  return chain;
+}
+
+inline void DeviceQueue::push_used(std::uint16_t head, std::uint32_t len) noexcept {
+  virtio::VirtqUsedElem& e = ring_.used->ring[used_idx_ & mask_];
+  e.id = head;
+  e.len = len;
+  ++used_idx_;
+}
+
+inline void DeviceQueue::publish_used() noexcept {
+  // Release: the used elements written above are visible before the new idx.
+  std::atomic_ref<std::uint16_t>(ring_.used->idx).store(used_idx_, std::memory_order_release);
+  published_used_idx_ = used_idx_;
+}
+
+inline void DriverQueue::publish() noexcept {
+  // Release: descriptors and avail ring slots written by add() are visible before the new idx.
+  std::atomic_ref<std::uint16_t>(avail_->idx).store(avail_idx_, std::memory_order_release);
+}
 
 }  // namespace vhostkit::virtq

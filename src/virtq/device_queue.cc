@@ -1,0 +1,247 @@
+// Device side of the split virtqueue: the chain walker and the notification rules. The
+// per-chain fast path (pending, pop's front, push_used, publish_used) is inline in the header.
+#include <atomic>
+#include <cstring>
+#include <limits>
+
+#include "vhostkit/virtq/split_queue.h"
+
+namespace vhostkit::virtq {
+
+namespace {
+
+using virtio::kDescFIndirect;
+using virtio::kDescFNext;
+using virtio::kDescFWrite;
+
+// Copies one descriptor out of shared memory. The guest may rewrite it while we look, so every
+// check below runs on this copy and the shared bytes are never read a second time.
+inline virtio::VirtqDesc read_desc_once(const virtio::VirtqDesc* shared) noexcept {
+  virtio::VirtqDesc d;
+  std::memcpy(&d, shared, sizeof d);
+  // Compiler-only fence: orders the copy before every use of `d`, so the compiler cannot fold
+  // a later use back into a second read of the shared descriptor.
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  return d;
+}
+
+// The longest chain a device accepts in total bytes: used->len is 32 bits.
+constexpr std::uint64_t kMaxChainBytes = std::numeric_limits<std::uint32_t>::max();
+
+ChainError from_xlate(memory::XlateError e) noexcept {
+  switch (e) {
+    case memory::XlateError::wraps: return ChainError::desc_len_wraps;
+    case memory::XlateError::too_many_iov: return ChainError::too_many_segments;
+    case memory::XlateError::not_mapped: break;
+  }
+  return ChainError::desc_not_mapped;
+}
+
+}  // namespace
+
+const char* to_string(ChainError e) noexcept {
+  switch (e) {
+    case ChainError::queue_broken: return "queue broken";
+    case ChainError::avail_idx_runaway: return "avail idx moved more than the queue size";
+    case ChainError::head_out_of_range: return "avail ring head out of range";
+    case ChainError::next_out_of_range: return "descriptor next out of range";
+    case ChainError::chain_too_long: return "descriptor chain longer than the queue size";
+    case ChainError::desc_not_mapped: return "descriptor buffer not in guest memory";
+    case ChainError::desc_len_wraps: return "descriptor addr + len wraps";
+    case ChainError::total_too_large: return "chain longer than 4 GiB";
+    case ChainError::indirect_not_negotiated: return "indirect descriptor not negotiated";
+    case ChainError::indirect_not_mapped: return "indirect table not in guest memory";
+    case ChainError::indirect_bad_len: return "indirect table length 0 or not a multiple of 16";
+    case ChainError::indirect_nested: return "indirect descriptor inside an indirect table";
+    case ChainError::indirect_with_next: return "descriptor with both INDIRECT and NEXT";
+    case ChainError::readable_after_writable: return "readable descriptor after a writable one";
+    case ChainError::too_many_segments: return "chain needs more segments than provided";
+    case ChainError::empty: return "no chain available";
+    case ChainError::kCount: break;
+  }
+  return "unknown chain error";
+}
+
+void DeviceQueue::attach(const memory::GuestMemory* mem, SplitRing ring, std::uint64_t features,
+                         std::uint16_t last_avail_idx) noexcept {
+  mem_ = mem;
+  ring_ = ring;
+  mask_ = static_cast<std::uint16_t>(ring.size - 1);
+  event_idx_ = virtio::has(features, virtio::feature::ring_event_idx);
+  indirect_ = virtio::has(features, virtio::feature::ring_indirect_desc);
+  broken_ = false;
+  errors_ = {};
+  last_avail_idx_ = last_avail_idx;
+  avail_idx_cache_ = last_avail_idx;
+  used_idx_ = 0;
+  published_used_idx_ = 0;
+  signalled_used_idx_ = 0;
+  if (mem == nullptr || ring.desc == nullptr || ring.avail == nullptr || ring.used == nullptr ||
+      !virtio::is_valid_queue_size(ring.size)) {
+    // Nothing sane to serve; vhost::Device validates before attaching, this is a backstop.
+    broken_ = true;
+    return;
+  }
+  // The index words are accessed through atomic_ref, which needs natural alignment (the spec's
+  // part alignment guarantees it; vhost::Device checks the addresses).
+  if (reinterpret_cast<std::uintptr_t>(ring.avail) % virtio::kAvailAlign != 0 ||
+      reinterpret_cast<std::uintptr_t>(ring.used) % virtio::kUsedAlign != 0) {
+    broken_ = true;
+    return;
+  }
+  used_idx_ = std::atomic_ref<std::uint16_t>(ring_.used->idx).load(std::memory_order_acquire);
+  published_used_idx_ = used_idx_;
+  signalled_used_idx_ = used_idx_;
+}
+
+void DeviceQueue::detach() noexcept {
+  mem_ = nullptr;
+  ring_ = {};
+  mask_ = 0;
+  broken_ = false;
+}
+
+void DeviceQueue::count(ChainError e) noexcept {
+  if (e != ChainError::empty && e != ChainError::kCount) ++errors_[static_cast<std::size_t>(e)];
+}
+
+void DeviceQueue::mark_broken(ChainError e) noexcept {
+  count(e);
+  broken_ = true;
+}
+
+std::expected<Chain, ChainError> DeviceQueue::pop_slow(std::span<iovec> segs) noexcept {
+  if (broken_ || ring_.avail == nullptr) return std::unexpected(ChainError::queue_broken);
+  if (pending() == 0) {
+    return std::unexpected(broken_ ? ChainError::queue_broken : ChainError::empty);
+  }
+  return pop(segs);
+}
+
+std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
+                                                   std::span<iovec> segs) noexcept {
+  const virtio::VirtqDesc* table = ring_.desc;
+  std::uint32_t table_size = ring_.size;
+  std::uint16_t idx = head;
+  bool in_indirect = false;
+  bool writing = false;
+  // Every descriptor walked counts, in the ring's table and in an indirect one: a chain can't
+  // be longer than the queue, which is also what ends a `next` loop.
+  std::uint32_t walked = 0;
+  std::size_t nseg = 0;
+  std::size_t nread = 0;
+  std::uint64_t rlen = 0;
+  std::uint64_t wlen = 0;
+
+  for (;;) {
+    if (++walked > ring_.size) [[unlikely]] return std::unexpected(ChainError::chain_too_long);
+    const virtio::VirtqDesc d = read_desc_once(table + idx);
+
+    if (d.flags & kDescFIndirect) [[unlikely]] {
+      if (in_indirect) return std::unexpected(ChainError::indirect_nested);
+      if (!indirect_) return std::unexpected(ChainError::indirect_not_negotiated);
+      if (d.flags & kDescFNext) return std::unexpected(ChainError::indirect_with_next);
+      if (d.len == 0 || d.len % sizeof(virtio::VirtqDesc) != 0) {
+        return std::unexpected(ChainError::indirect_bad_len);
+      }
+      // The table must be in one region: we read it in place (memcpy per entry, so any
+      // alignment is fine).
+      const std::uint8_t* p = mem_->gpa_to_host(d.addr, d.len);
+      if (p == nullptr) return std::unexpected(ChainError::indirect_not_mapped);
+      table = reinterpret_cast<const virtio::VirtqDesc*>(p);
+      table_size = d.len / sizeof(virtio::VirtqDesc);
+      idx = 0;
+      in_indirect = true;
+      continue;
+    }
+
+    if (d.len != 0) {
+      if (d.addr + d.len < d.addr) [[unlikely]] {
+        return std::unexpected(ChainError::desc_len_wraps);
+      }
+      if (d.flags & kDescFWrite) {
+        writing = true;
+        wlen += d.len;
+      } else {
+        if (writing) [[unlikely]] return std::unexpected(ChainError::readable_after_writable);
+        rlen += d.len;
+      }
+      if (rlen + wlen > kMaxChainBytes) [[unlikely]] {
+        return std::unexpected(ChainError::total_too_large);
+      }
+      auto pieces = mem_->gpa_to_iovec(d.addr, d.len, segs.subspan(nseg));
+      if (!pieces) [[unlikely]] return std::unexpected(from_xlate(pieces.error()));
+      nseg += *pieces;
+      if (!writing) nread = nseg;
+    }
+
+    if (!(d.flags & kDescFNext)) break;
+    idx = d.next;
+    if (idx >= table_size) [[unlikely]] return std::unexpected(ChainError::next_out_of_range);
+  }
+
+  Chain c;
+  c.head = head;
+  c.desc_count = static_cast<std::uint16_t>(walked);
+  c.readable = segs.first(nread);
+  c.writable = segs.subspan(nread, nseg - nread);
+  c.readable_len = rlen;
+  c.writable_len = wlen;
+  return c;
+}
+
+bool DeviceQueue::needs_notify() noexcept {
+  if (ring_.avail == nullptr) return false;
+  // Full fence: orders our used->idx store before the load of used_event / avail->flags below;
+  // otherwise we could read a stale used_event while the driver reads our stale used->idx, and
+  // both sleep.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  const std::uint16_t old_idx = signalled_used_idx_;
+  const std::uint16_t new_idx = published_used_idx_;
+  signalled_used_idx_ = new_idx;
+  if (event_idx_) {
+    const std::uint16_t used_event = std::atomic_ref<std::uint16_t>(*used_event_word(ring_.avail, ring_.size))
+                                         .load(std::memory_order_relaxed);
+    return virtio::vring_need_event(used_event, new_idx, old_idx);
+  }
+  if (new_idx == old_idx) return false;
+  const std::uint16_t flags =
+      std::atomic_ref<std::uint16_t>(ring_.avail->flags).load(std::memory_order_relaxed);
+  return (flags & virtio::kAvailFNoInterrupt) == 0;
+}
+
+void DeviceQueue::disable_notifications() noexcept {
+  if (ring_.used == nullptr || broken_) return;
+  // With EVENT_IDX the driver ignores the flag; we simply stop moving avail_event, so it
+  // kicks at most once more (when it passes the last value we wrote).
+  if (!event_idx_) {
+    std::atomic_ref<std::uint16_t>(ring_.used->flags)
+        .store(virtio::kUsedFNoNotify, std::memory_order_relaxed);
+  }
+}
+
+bool DeviceQueue::enable_notifications() noexcept {
+  if (ring_.used == nullptr || broken_) return false;
+  if (event_idx_) {
+    // Kick me when avail->idx moves past what I will look at next.
+    std::atomic_ref<std::uint16_t>(*avail_event_word(ring_.used, ring_.size)).store(last_avail_idx_,
+                                                             std::memory_order_relaxed);
+  } else {
+    std::atomic_ref<std::uint16_t>(ring_.used->flags).store(0, std::memory_order_relaxed);
+  }
+  // Full fence: orders the avail_event / flags store above before the re-read of avail->idx
+  // below. Without it a driver could publish, read our old avail_event/flags and skip the
+  // kick, while we read its old avail->idx and go to sleep.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // Acquire: chains published before this idx are readable when the caller pops them.
+  const std::uint16_t idx =
+      std::atomic_ref<std::uint16_t>(ring_.avail->idx).load(std::memory_order_acquire);
+  if (static_cast<std::uint16_t>(idx - last_avail_idx_) > ring_.size) {
+    mark_broken(ChainError::avail_idx_runaway);
+    return false;
+  }
+  avail_idx_cache_ = idx;
+  return idx != last_avail_idx_;
+}
+
+}  // namespace vhostkit::virtq
