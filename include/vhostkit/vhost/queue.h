@@ -5,6 +5,8 @@
 #include <atomic>
 #include <cstdint>
 
+#include "vhostkit/memory/guest_memory.h"
+
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/virtq/split_queue.h"
 
@@ -39,7 +41,13 @@ class Queue {
   virtq::DeviceQueue& vq() noexcept { return vq_; }
   QueueStats& stats() noexcept { return stats_; }
   const QueueStats& stats() const noexcept { return stats_; }
-  bool started() const noexcept { return started_; }
+  // Running on its worker. Read from any thread (the worker clears it when the ring breaks).
+  bool started() const noexcept { return started_.load(std::memory_order_acquire); }
+  // The ring broke the protocol and was stopped (sticky until reset or a restart).
+  bool broken() const noexcept { return broken_.load(std::memory_order_acquire); }
+  // The configured ring size (SET_VRING_NUM), 0 before.
+  std::uint32_t ring_size() const noexcept { return num; }
+  bool is_enabled() const noexcept { return enabled; }
 
   // Publishes used entries and signals the call eventfd if the driver wants it (EVENT_IDX or
   // NO_INTERRUPT decide). Called by device handlers after a batch.
@@ -60,9 +68,17 @@ class Queue {
   UniqueFd err;
   bool kick_set = false;          // a kick fd, or "no fd" (polling) was given
   bool enabled = false;
-  bool started_ = false;
+  std::atomic<bool> started_{false};
+  std::atomic<bool> broken_{false};
+  bool broken_logged = false;     // the "ring broken" log line is written once per ring
+  bool rekick_pending = false;    // we kicked ourselves after running out of budget
   std::uint64_t watch_id = 0;
   std::uint64_t poller_id = 0;
+  std::uint64_t errors_seen = 0;  // sum of vq_.errors() already added to stats_.errors
+  // Dirty-log hook for used-ring writes (VHOST_VRING_F_LOG with a log attached).
+  const memory::GuestMemory* mem = nullptr;
+  std::uint64_t used_log_gpa = 0;
+  bool log_used = false;
   virtq::DeviceQueue vq_;
   QueueStats stats_;
 };

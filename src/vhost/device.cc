@@ -1,0 +1,697 @@
+// vhost::Device: the control path (one validated method per vhost operation) and the ring
+// lifecycle on the workers: start when a ring has everything it needs, stop on
+// GET_VRING_BASE / disable / reset / a broken protocol.
+#include "vhostkit/vhost/device.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cassert>
+#include <cerrno>
+#include <condition_variable>
+#include <mutex>
+#include <numeric>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "vhostkit/virtio/features.h"
+#include "vhostkit/virtio/ring.h"
+
+namespace vhostkit::vhost {
+
+namespace {
+
+// handle_queue calls per wake-up (each handles the backend's own batch of chains): one busy ring
+// cannot starve the other rings and fds on the same worker.
+constexpr int kHandleBudget = 16;
+constexpr std::uint32_t kVringFLog = 1;  // VHOST_VRING_F_LOG
+
+std::string bit_list(std::uint64_t bits) {
+  std::string s;
+  for (unsigned b = 0; b < 64; ++b) {
+    if (bits & (std::uint64_t{1} << b)) {
+      if (!s.empty()) s += ',';
+      s += std::to_string(b);
+    }
+  }
+  return s;
+}
+
+std::uint64_t errors_total(const virtq::DeviceQueue& vq) noexcept {
+  const auto& e = vq.errors();
+  return std::accumulate(e.begin(), e.end(), std::uint64_t{0});
+}
+
+Result<> set_nonblocking(int fd, std::string_view what, std::uint32_t index) {
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    return fail_errno(fmt::format("vring {}: {} fd {} is unusable", index, what, fd));
+  }
+  return {};
+}
+
+bool ranges_overlap(std::uint64_t a, std::uint64_t alen, std::uint64_t b, std::uint64_t blen) {
+  // Half-open ranges, written without a + len (which a peer can make wrap).
+  if (alen == 0 || blen == 0) return false;
+  return a <= b ? b - a < alen : a - b < blen;
+}
+
+}  // namespace
+
+struct Device::Impl {
+  Impl(DeviceBackend& b, DeviceOptions o) : backend(b), opts(std::move(o)) {
+    const std::size_t nworkers = opts.cpus.empty() ? 1 : opts.cpus.size();
+    for (std::size_t i = 0; i < nworkers; ++i) {
+      Worker::Options wo;
+      wo.name = nworkers == 1 ? opts.name : opts.name + std::to_string(i);
+      if (!opts.cpus.empty()) wo.cpu = opts.cpus[i];
+      wo.mode = opts.mode;
+      wo.adaptive_spin_us = opts.adaptive_spin_us;
+      workers.push_back(std::make_unique<Worker>(std::move(wo)));
+    }
+    const std::uint16_t n = backend.num_queues();
+    for (std::uint16_t i = 0; i < n; ++i) {
+      queues.push_back(std::make_unique<Queue>());
+      queues.back()->index_ = i;
+    }
+  }
+
+  DeviceBackend& backend;
+  DeviceOptions opts;
+  std::vector<std::unique_ptr<Worker>> workers;
+  std::vector<std::unique_ptr<Queue>> queues;
+  memory::GuestMemory mem;
+  std::unique_ptr<memory::DirtyLog> log;
+  bool owner = false;
+  std::uint64_t extra_offered = 0;
+  std::uint64_t acked = 0;
+  std::atomic<bool> broken{false};
+
+  std::uint64_t offered() const noexcept { return backend.features() | extra_offered; }
+
+  Worker& worker_of(std::uint32_t index) {
+    const std::uint32_t per = std::max<std::uint32_t>(1, opts.queues_per_worker);
+    return *workers[(index / per) % workers.size()];
+  }
+
+  Result<> need_owner(std::string_view op) const {
+    if (!owner) return fail(Errc::bad_state, fmt::format("{} before SET_OWNER", op));
+    return {};
+  }
+
+  Result<Queue*> ring(std::string_view op, std::uint32_t index) {
+    if (auto r = need_owner(op); !r) return std::unexpected(r.error());
+    if (index >= queues.size()) {
+      return fail(Errc::out_of_range,
+                  fmt::format("{}: vring index {} out of range (device has {} queues)", op, index,
+                              queues.size()));
+    }
+    return queues[index].get();
+  }
+
+  // The three parts of a ring of `num` entries at `a`, each inside one region of `m`.
+  static Result<virtq::SplitRing> translate(const memory::GuestMemory& m, const VringAddr& a,
+                                            std::uint32_t num, std::uint32_t index) {
+    virtq::SplitRing r;
+    r.size = static_cast<std::uint16_t>(num);
+    auto missing = [&](const char* what, std::uint64_t uva, std::size_t len) {
+      return fail(Errc::not_mapped,
+                  fmt::format("vring {}: {} at 0x{:x} ({} bytes for size {}) is not inside one "
+                              "memory region",
+                              index, what, uva, len, num));
+    };
+    const std::size_t dl = virtio::desc_table_bytes(num);
+    const std::size_t al = virtio::avail_ring_bytes(num);
+    const std::size_t ul = virtio::used_ring_bytes(num);
+    auto* d = m.uva_to_host(a.desc_user_addr, dl);
+    if (d == nullptr) return missing("desc table", a.desc_user_addr, dl);
+    auto* av = m.uva_to_host(a.avail_user_addr, al);
+    if (av == nullptr) return missing("avail ring", a.avail_user_addr, al);
+    auto* u = m.uva_to_host(a.used_user_addr, ul);
+    if (u == nullptr) return missing("used ring", a.used_user_addr, ul);
+    r.desc = reinterpret_cast<virtio::VirtqDesc*>(d);
+    r.avail = reinterpret_cast<virtio::VirtqAvail*>(av);
+    r.used = reinterpret_cast<virtio::VirtqUsed*>(u);
+    return r;
+  }
+
+  // --- on the worker ---------------------------------------------------------------------
+
+  void set_log_hook(Queue& q) {
+    q.mem = &mem;
+    q.log_used = false;
+    if (q.addr.flags & kVringFLog) {
+      if (auto gpa = mem.uva_to_gpa(q.addr.used_user_addr)) {
+        q.used_log_gpa = *gpa;
+        q.log_used = true;
+      }
+    }
+  }
+
+  Result<> start_on_worker(Queue& q, Worker& w, const virtq::SplitRing& r) {
+    if (q.started()) return {};
+    q.vq_.attach(&mem, r, acked, static_cast<std::uint16_t>(q.base));
+    q.errors_seen = errors_total(q.vq_);
+    q.broken_.store(false, std::memory_order_relaxed);
+    q.rekick_pending = false;
+    set_log_hook(q);
+    if (q.kick) {
+      auto id = w.watch(q.kick.get(), [this, &q] { on_kick(q); });
+      if (!id) {
+        q.vq_.detach();
+        return std::unexpected(id.error());
+      }
+      q.watch_id = *id;
+    }
+    const bool polled = !q.kick || opts.mode != PollMode::event;
+    if (polled) {
+      q.vq_.disable_notifications();
+      q.poller_id = w.add_poller(Worker::Poller{
+          [this, &q] { return poll_queue(q); },
+          [this, &q](bool enable) { return arm_queue(q, enable); }});
+    }
+    q.started_.store(true, std::memory_order_release);
+    backend.queue_started(q, w);
+    // Chains made available before the kick was watched (a restart from a base) are served now
+    // instead of waiting for a kick that was already spent.
+    if (!polled) serve_event(q);
+    return {};
+  }
+
+  void stop_on_worker(Queue& q, Worker& w) {
+    if (!q.started()) return;
+    if (q.watch_id != 0) w.unwatch(std::exchange(q.watch_id, 0));
+    if (q.poller_id != 0) w.remove_poller(std::exchange(q.poller_id, 0));
+    backend.queue_stopped(q, w);
+    q.base = q.vq_.last_avail_idx();
+    q.vq_.detach();
+    q.mem = nullptr;
+    q.log_used = false;
+    q.rekick_pending = false;
+    // Release: the control thread that sees started()==false also sees base and the detach.
+    q.started_.store(false, std::memory_order_release);
+  }
+
+  void mark_broken(Queue& q, std::string_view why) {
+    stop_on_worker(q, worker_of(q.index_));
+    q.broken_.store(true, std::memory_order_release);
+    broken.store(true, std::memory_order_release);
+    if (!q.broken_logged) {
+      q.broken_logged = true;
+      spdlog::error("vhost {}: vring {} broken ({}); the ring is stopped until the driver resets it",
+                    opts.name, q.index_, why);
+    }
+    if (q.err) {
+      const std::uint64_t one = 1;
+      [[maybe_unused]] auto n = ::write(q.err.get(), &one, sizeof one);
+    }
+  }
+
+  // After handler calls: bad-chain counters into stats, and a broken ring stopped.
+  // Returns false if the ring was stopped.
+  bool account(Queue& q) {
+    const std::uint64_t total = errors_total(q.vq_);
+    if (total != q.errors_seen) {
+      q.stats_.add(q.stats_.errors, total - q.errors_seen);
+      q.errors_seen = total;
+    }
+    if (!q.vq_.broken()) return true;
+    const auto& e = q.vq_.errors();
+    std::string_view why = "queue marked broken";
+    for (auto c : {virtq::ChainError::avail_idx_runaway, virtq::ChainError::head_out_of_range}) {
+      if (e[static_cast<std::size_t>(c)] != 0) why = virtq::to_string(c);
+    }
+    mark_broken(q, why);
+    return false;
+  }
+
+  // Processes up to the budget; returns the number of handle_queue calls that found work.
+  int serve_budget(Queue& q) {
+    int n = 0;
+    while (n < kHandleBudget && q.started() && backend.handle_queue(q)) ++n;
+    return n;
+  }
+
+  // Event mode: serve with notifications off, then re-enable and re-check the race window.
+  void serve_event(Queue& q) {
+    q.vq_.disable_notifications();
+    for (;;) {
+      const int n = serve_budget(q);
+      if (!account(q) || !q.started()) return;
+      if (n == kHandleBudget) {
+        // Out of budget with work left: come back after the other fds on this worker, by
+        // kicking ourselves. Notifications stay off meanwhile; the driver need not kick.
+        q.rekick_pending = true;
+        const std::uint64_t one = 1;
+        [[maybe_unused]] auto w = ::write(q.kick.get(), &one, sizeof one);
+        return;
+      }
+      if (!q.vq_.enable_notifications()) return;
+      q.vq_.disable_notifications();  // chains arrived before the driver saw the flag
+    }
+  }
+
+  void on_kick(Queue& q) {
+    std::uint64_t v = 0;
+    const ssize_t r = ::read(q.kick.get(), &v, sizeof v);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
+      // Readable forever but yields nothing (a hung-up pipe, a socket): it would spin the worker.
+      mark_broken(q, "kick fd hung up or unreadable");
+      return;
+    }
+    if (q.rekick_pending) {
+      q.rekick_pending = false;
+    } else {
+      q.stats_.add(q.stats_.kicks);
+    }
+    if (q.poller_id != 0) {
+      // Busy/adaptive: the poller owns notification state; serve once, leave them off.
+      serve_budget(q);
+      account(q);
+      return;
+    }
+    serve_event(q);
+  }
+
+  bool poll_queue(Queue& q) {
+    if (!q.started()) return false;
+    const int n = serve_budget(q);
+    account(q);
+    return n > 0;
+  }
+
+  bool arm_queue(Queue& q, bool enable) {
+    if (!q.started()) return false;
+    if (!enable) {
+      q.vq_.disable_notifications();
+      return false;
+    }
+    // Without a kick fd nothing could wake us: report "work may come" so the worker keeps spinning.
+    if (!q.kick) return true;
+    return q.vq_.enable_notifications();
+  }
+
+  // --- control thread -------------------------------------------------------------------
+
+  Result<> try_start(Queue& q) {
+    if (!owner || q.started()) return {};
+    if (mem.region_count() == 0 || q.num == 0 || !q.has_addr || !q.kick_set || !q.enabled) {
+      return {};
+    }
+    auto r = translate(mem, q.addr, q.num, q.index_);
+    if (!r) return std::unexpected(r.error());
+    Worker& w = worker_of(q.index_);
+    Result<> res;
+    w.run_sync([&] { res = start_on_worker(q, w, *r); });
+    return res;
+  }
+
+  Result<> try_start_all() {
+    Result<> first;
+    for (auto& q : queues) {
+      auto r = try_start(*q);
+      if (!r && first) first = r;
+    }
+    return first;
+  }
+
+  void stop_ring(Queue& q) {
+    if (!q.started()) return;
+    Worker& w = worker_of(q.index_);
+    w.run_sync([&] { stop_on_worker(q, w); });
+  }
+
+  // Runs fn while every running worker is parked in a work item: nothing translates guest
+  // memory meanwhile, so the table can be mutated.
+  void with_workers_parked(const std::function<void()>& fn) {
+    std::vector<Worker*> running;
+    for (auto& w : workers) {
+      if (w->running()) running.push_back(w.get());
+    }
+    if (running.size() <= 1) {
+      if (running.empty()) {
+        fn();
+      } else {
+        running[0]->run_sync(fn);
+      }
+      return;
+    }
+    struct Park {
+      std::mutex mu;
+      std::condition_variable cv;
+      std::size_t parked = 0;
+      bool release = false;
+    };
+    auto park = std::make_shared<Park>();
+    for (Worker* w : running) {
+      w->queue_work([park] {
+        std::unique_lock lk(park->mu);
+        ++park->parked;
+        park->cv.notify_all();
+        park->cv.wait(lk, [&] { return park->release; });
+      });
+    }
+    {
+      std::unique_lock lk(park->mu);
+      park->cv.wait(lk, [&] { return park->parked == running.size(); });
+    }
+    fn();
+    {
+      std::lock_guard lk(park->mu);
+      park->release = true;
+    }
+    park->cv.notify_all();
+  }
+
+  // Ring pointers into the (new) table for a running ring, resuming where it was.
+  void reattach(Queue& q, const virtq::SplitRing& r) {
+    const std::uint16_t last = q.vq_.last_avail_idx();
+    q.vq_.attach(&mem, r, acked, last);
+    q.errors_seen = errors_total(q.vq_);
+    if (q.poller_id != 0) q.vq_.disable_notifications();
+    set_log_hook(q);
+  }
+
+  void reset() noexcept {
+    for (auto& q : queues) stop_ring(*q);
+    for (auto& w : workers) w->stop();
+    for (auto& qp : queues) {
+      Queue& q = *qp;
+      q.kick.reset();
+      q.call.reset();
+      q.err.reset();
+      q.num = 0;
+      q.base = 0;
+      q.has_addr = false;
+      q.addr = VringAddr{};
+      q.kick_set = false;
+      q.enabled = false;
+      q.broken_.store(false);
+      q.broken_logged = false;
+      q.rekick_pending = false;
+      q.watch_id = 0;
+      q.poller_id = 0;
+      q.errors_seen = 0;
+      q.mem = nullptr;
+      q.log_used = false;
+      q.vq_ = virtq::DeviceQueue{};
+      for (auto* c : {&q.stats_.chains, &q.stats_.bytes, &q.stats_.kicks, &q.stats_.calls,
+                      &q.stats_.drops, &q.stats_.errors}) {
+        c->store(0, std::memory_order_relaxed);
+      }
+    }
+    mem.set_dirty_log(nullptr);
+    mem.clear();
+    log.reset();
+    acked = 0;
+    owner = false;
+    broken.store(false);
+  }
+};
+
+Device::Device(DeviceBackend& backend, DeviceOptions opts)
+    : impl_(std::make_unique<Impl>(backend, std::move(opts))) {}
+
+Device::~Device() { impl_->reset(); }
+
+Result<> Device::set_owner() {
+  Impl& d = *impl_;
+  if (d.owner) return fail(Errc::bad_state, "SET_OWNER: the device already has an owner");
+  for (std::size_t i = 0; i < d.workers.size(); ++i) {
+    if (auto r = d.workers[i]->start(); !r) {
+      for (std::size_t j = 0; j < i; ++j) d.workers[j]->stop();
+      return r;
+    }
+  }
+  d.owner = true;
+  return {};
+}
+
+Result<> Device::reset_owner() {
+  if (auto r = impl_->need_owner("RESET_OWNER"); !r) return r;
+  impl_->reset();
+  return {};
+}
+
+bool Device::has_owner() const noexcept { return impl_->owner; }
+
+std::uint64_t Device::offered_features() const noexcept { return impl_->offered(); }
+
+void Device::add_offered_features(std::uint64_t bits) noexcept { impl_->extra_offered |= bits; }
+
+std::uint64_t Device::features() const noexcept { return impl_->acked; }
+
+Result<> Device::set_features(std::uint64_t features) {
+  Impl& d = *impl_;
+  if (auto r = d.need_owner("SET_FEATURES"); !r) return r;
+  const std::uint64_t extra = features & ~d.offered();
+  if (extra != 0) {
+    return fail(Errc::unsupported,
+                fmt::format("SET_FEATURES 0x{:x}: bits not offered: 0x{:x} (bit {})", features, extra,
+                            bit_list(extra)));
+  }
+  bool any_started = false;
+  for (auto& q : d.queues) any_started = any_started || q->started();
+  if (any_started) {
+    // Live migration toggles LOG_ALL on running rings; nothing else may change under them.
+    const std::uint64_t changed = (features ^ d.acked) & ~virtio::bit(virtio::feature::log_all);
+    if (changed != 0) {
+      return fail(Errc::bad_state,
+                  fmt::format("SET_FEATURES: cannot change bits 0x{:x} while rings are running",
+                              changed));
+    }
+    d.acked = features;
+    return {};
+  }
+  d.acked = features;
+  d.backend.set_features(features);
+  return {};
+}
+
+Result<> Device::set_mem_table(std::vector<MemRegionFd> regions) {
+  Impl& d = *impl_;
+  if (auto r = d.need_owner("SET_MEM_TABLE"); !r) return r;
+  memory::GuestMemory next;
+  for (std::size_t i = 0; i < regions.size(); ++i) {
+    if (auto r = next.add_region(regions[i].spec, std::move(regions[i].fd)); !r) {
+      return fail(r.error().code, fmt::format("SET_MEM_TABLE region {}: {}", i, r.error().detail),
+                  r.error().sys_errno);
+    }
+  }
+  // Every running ring must still be covered; check before anything changes.
+  std::vector<std::pair<Queue*, virtq::SplitRing>> running;
+  for (auto& q : d.queues) {
+    if (!q->started()) continue;
+    auto r = Impl::translate(next, q->addr, q->num, q->index_);
+    if (!r) {
+      return fail(r.error().code,
+                  "SET_MEM_TABLE: the new table does not cover a running ring: " + r.error().detail);
+    }
+    running.emplace_back(q.get(), *r);
+  }
+  d.with_workers_parked([&] {
+    std::swap(d.mem, next);
+    d.mem.set_dirty_log(d.log.get());
+    next.set_dirty_log(nullptr);
+    for (auto& [q, r] : running) d.reattach(*q, r);
+  });
+  // `next` (the old table) is unmapped when it goes out of scope: no ring points into it now.
+  return d.try_start_all();
+}
+
+Result<> Device::add_mem_region(MemRegionFd region) {
+  Impl& d = *impl_;
+  if (auto r = d.need_owner("ADD_MEM_REG"); !r) return r;
+  Result<> res;
+  d.with_workers_parked([&] { res = d.mem.add_region(region.spec, std::move(region.fd)); });
+  if (!res) return res;
+  return d.try_start_all();
+}
+
+Result<> Device::remove_mem_region(const memory::RegionSpec& spec) {
+  Impl& d = *impl_;
+  if (auto r = d.need_owner("REM_MEM_REG"); !r) return r;
+  for (auto& q : d.queues) {
+    if (!q->started()) continue;
+    const VringAddr& a = q->addr;
+    const std::uint32_t n = q->num;
+    if (ranges_overlap(a.desc_user_addr, virtio::desc_table_bytes(n), spec.userspace_addr, spec.size) ||
+        ranges_overlap(a.avail_user_addr, virtio::avail_ring_bytes(n), spec.userspace_addr,
+                       spec.size) ||
+        ranges_overlap(a.used_user_addr, virtio::used_ring_bytes(n), spec.userspace_addr, spec.size)) {
+      return fail(Errc::bad_state,
+                  fmt::format("REM_MEM_REG: running vring {} lives in region uva 0x{:x}", q->index_,
+                              spec.userspace_addr));
+    }
+  }
+  Result<> res;
+  d.with_workers_parked([&] { res = d.mem.remove_region(spec); });
+  return res;
+}
+
+const memory::GuestMemory& Device::memory() const noexcept { return impl_->mem; }
+
+std::uint16_t Device::num_queues() const noexcept {
+  return static_cast<std::uint16_t>(impl_->queues.size());
+}
+
+Result<> Device::set_vring_num(std::uint32_t index, std::uint32_t num) {
+  auto q = impl_->ring("SET_VRING_NUM", index);
+  if (!q) return std::unexpected(q.error());
+  if ((*q)->started()) {
+    return fail(Errc::bad_state, fmt::format("SET_VRING_NUM: vring {} is running", index));
+  }
+  if (!virtio::is_valid_queue_size(num)) {
+    return fail(Errc::invalid_argument,
+                fmt::format("SET_VRING_NUM: vring {} size {} is not a power of two in 1..{}", index,
+                            num, kMaxQueueSize));
+  }
+  (*q)->num = num;
+  return impl_->try_start(**q);
+}
+
+Result<> Device::set_vring_addr(std::uint32_t index, const VringAddr& addr) {
+  Impl& d = *impl_;
+  auto qr = d.ring("SET_VRING_ADDR", index);
+  if (!qr) return std::unexpected(qr.error());
+  Queue& q = **qr;
+  auto misaligned = [&](const char* what, std::uint64_t a, std::uint64_t align) {
+    return fail(Errc::invalid_argument,
+                fmt::format("SET_VRING_ADDR: vring {} {} 0x{:x} is not {}-byte aligned", index, what,
+                            a, align));
+  };
+  if (addr.desc_user_addr % virtio::kDescAlign) return misaligned("desc", addr.desc_user_addr, 16);
+  if (addr.avail_user_addr % virtio::kAvailAlign) return misaligned("avail", addr.avail_user_addr, 2);
+  if (addr.used_user_addr % virtio::kUsedAlign) return misaligned("used", addr.used_user_addr, 4);
+  // With the size and memory known, check now; otherwise the start checks.
+  if (q.num != 0 && d.mem.region_count() != 0) {
+    if (auto r = Impl::translate(d.mem, addr, q.num, index); !r) return std::unexpected(r.error());
+  }
+  if (q.started()) {
+    if (addr.desc_user_addr != q.addr.desc_user_addr ||
+        addr.avail_user_addr != q.addr.avail_user_addr ||
+        addr.used_user_addr != q.addr.used_user_addr) {
+      return fail(Errc::bad_state,
+                  fmt::format("SET_VRING_ADDR: vring {} is running; only the log flag may change",
+                              index));
+    }
+    Worker& w = d.worker_of(index);
+    w.run_sync([&] {
+      q.addr = addr;
+      d.set_log_hook(q);
+    });
+    return {};
+  }
+  q.addr = addr;
+  q.has_addr = true;
+  return d.try_start(q);
+}
+
+Result<> Device::set_vring_base(std::uint32_t index, std::uint32_t base) {
+  auto q = impl_->ring("SET_VRING_BASE", index);
+  if (!q) return std::unexpected(q.error());
+  if ((*q)->started()) {
+    return fail(Errc::bad_state, fmt::format("SET_VRING_BASE: vring {} is running", index));
+  }
+  if (base > 0xffff) {
+    return fail(Errc::out_of_range,
+                fmt::format("SET_VRING_BASE: vring {} base {} does not fit 16 bits", index, base));
+  }
+  (*q)->base = base;
+  return {};
+}
+
+Result<std::uint32_t> Device::get_vring_base(std::uint32_t index) {
+  auto qr = impl_->ring("GET_VRING_BASE", index);
+  if (!qr) return std::unexpected(qr.error());
+  Queue& q = **qr;
+  impl_->stop_ring(q);
+  // The ring stays stopped until the frontend sends a new kick (vhost-user: "stopped on
+  // GET_VRING_BASE, started on kick").
+  q.kick.reset();
+  q.kick_set = false;
+  return q.base;
+}
+
+Result<> Device::set_vring_kick(std::uint32_t index, UniqueFd fd) {
+  Impl& d = *impl_;
+  auto qr = d.ring("SET_VRING_KICK", index);
+  if (!qr) return std::unexpected(qr.error());
+  Queue& q = **qr;
+  if (fd) {
+    if (auto r = set_nonblocking(fd.get(), "kick", index); !r) return r;
+  }
+  // A new kick fd on a running ring: stop (saving last_avail_idx) and start on the new fd.
+  d.stop_ring(q);
+  q.kick = std::move(fd);
+  q.kick_set = true;
+  return d.try_start(q);
+}
+
+Result<> Device::set_vring_call(std::uint32_t index, UniqueFd fd) {
+  Impl& d = *impl_;
+  auto qr = d.ring("SET_VRING_CALL", index);
+  if (!qr) return std::unexpected(qr.error());
+  Queue& q = **qr;
+  if (fd) {
+    if (auto r = set_nonblocking(fd.get(), "call", index); !r) return r;
+  }
+  // The worker signals q.call: swap it there. The old fd closes here, after the swap.
+  d.worker_of(index).run_sync([&] { std::swap(q.call, fd); });
+  return {};
+}
+
+Result<> Device::set_vring_err(std::uint32_t index, UniqueFd fd) {
+  Impl& d = *impl_;
+  auto qr = d.ring("SET_VRING_ERR", index);
+  if (!qr) return std::unexpected(qr.error());
+  Queue& q = **qr;
+  if (fd) {
+    if (auto r = set_nonblocking(fd.get(), "err", index); !r) return r;
+  }
+  d.worker_of(index).run_sync([&] { std::swap(q.err, fd); });
+  return {};
+}
+
+Result<> Device::set_vring_enable(std::uint32_t index, bool enable) {
+  Impl& d = *impl_;
+  auto qr = d.ring("SET_VRING_ENABLE", index);
+  if (!qr) return std::unexpected(qr.error());
+  Queue& q = **qr;
+  q.enabled = enable;
+  if (!enable) {
+    d.stop_ring(q);
+    return {};
+  }
+  return d.try_start(q);
+}
+
+Result<> Device::set_log_base(UniqueFd fd, std::uint64_t size, std::uint64_t offset) {
+  Impl& d = *impl_;
+  if (auto r = d.need_owner("SET_LOG_BASE"); !r) return r;
+  auto log = std::make_unique<memory::DirtyLog>();
+  if (auto r = log->attach(std::move(fd), size, offset); !r) return r;
+  d.with_workers_parked([&] {
+    std::swap(d.log, log);
+    d.mem.set_dirty_log(d.log.get());
+  });
+  return {};  // the previous log (if any) is unmapped here, after no worker can use it
+}
+
+void Device::reset() noexcept { impl_->reset(); }
+
+bool Device::broken() const noexcept { return impl_->broken.load(std::memory_order_acquire); }
+
+Queue& Device::queue(std::uint32_t index) {
+  assert(index < impl_->queues.size());
+  return *impl_->queues[index];
+}
+
+DeviceBackend& Device::backend() noexcept { return impl_->backend; }
+
+Worker& Device::worker_for(std::uint32_t index) { return impl_->worker_of(index); }
+
+std::size_t Device::worker_count() const noexcept { return impl_->workers.size(); }
+
+}  // namespace vhostkit::vhost
