@@ -23,6 +23,8 @@
 #       blk-write  write vk.mb MiB of random data to /dev/vda, read it back, compare
 #       idle     stay up until killed (vk.idle=SECONDS to bound it)
 #       shell    interactive busybox shell on the console
+#   vk.peer_mac=02:00:00:00:00:01   static neighbour entry for vk.peer (for reflectors that
+#                          don't answer ARP, e.g. testpmd --forward-mode=5tswap)
 #   vk.count=5 vk.mb=4 vk.port=5201 vk.link_timeout=20
 # Markers: VK-BOOT, VK-MODULES ok|fail, VK-LINK up|down, VK-NET ..., VK-FEATURES <bits>,
 #          VK-RESULT <scenario> ok|fail ..., VK-DONE <failed-count>
@@ -137,6 +139,7 @@ MB=$(arg vk.mb 4)
 PORT=$(arg vk.port 5201)
 LINK_TIMEOUT=$(arg vk.link_timeout 20)
 IDLE=$(arg vk.idle 0)
+PEER_MAC=$(arg vk.peer_mac "")
 FAILED=0
 
 modfail=0
@@ -164,6 +167,8 @@ net_up() {
     usleep 100000
   done
   echo "VK-LINK up"
+  # busybox ip has no "neigh add"; arp -s makes a permanent entry.
+  [ -n "$PEER_MAC" ] && arp -i "$IFACE" -s "$PEER" "$PEER_MAC"
   echo "VK-NET iface=$IFACE mac=$(cat /sys/class/net/$IFACE/address) ip=$IP mtu=$(cat /sys/class/net/$IFACE/mtu)"
   echo "VK-FEATURES $(cat /sys/class/net/$IFACE/device/features 2>/dev/null)"
   return 0
