@@ -1,0 +1,230 @@
+// NetDevice receive: frames from the port (or the loopback) into the guest's receiveq
+// (vhost-net's handle_rx), with mergeable rx buffers spreading a frame over several chains.
+//
+// A port frame is first read into a per-pair host staging buffer and then copied into the
+// guest's chains. Reading straight into a popped chain would save that copy, but the Port
+// interface cannot say whether a frame waits before we pop, and a popped chain can neither be
+// given back (no rewind on DeviceQueue) nor safely kept for later (a SET_MEM_TABLE may remap
+// the memory under it). The copy is one memcpy per frame, far cheaper than the recv syscall.
+#include <spdlog/spdlog.h>
+
+#include <optional>
+
+#include "net_pair.h"
+#include "vhostkit/net/net_device.h"
+
+namespace vhostkit::net {
+
+namespace detail {
+
+Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t hdr_len,
+                       bool mrg_rxbuf, const std::uint8_t* hdr10, std::span<const iovec> src,
+                       std::size_t src_off, std::size_t frame_len, bool swap_mac,
+                       bool& touched) noexcept {
+  // The first chain carries the header: it must have room for it.
+  std::optional<virtq::Chain> first;
+  std::uint64_t bad = 0;
+  while (vq.pending() != 0) {
+    auto c = vq.pop(p.rx_segs);
+    if (!c) {
+      ++bad;
+      touched = true;  // pop answered it with used len 0
+      if (virtq::breaks_queue(c.error())) break;
+      continue;
+    }
+    if (c->writable_len < hdr_len) {
+      vq.push_used(c->head, 0);
+      touched = true;
+      ++bad;
+      if (p.log_limit.allow()) {
+        spdlog::warn("net: pair {}: rx chain {} has {} writable bytes, header needs {}", p.qp,
+                     c->head, c->writable_len, hdr_len);
+      }
+      continue;
+    }
+    first = *c;
+    break;
+  }
+  p.rx_errors.add(bad);
+  if (!first) return Delivery::no_buffer;
+
+  // The frame source; in loopback its first 12 bytes (destination, source) come swapped, from
+  // a little array placed in front of the rest of the frame.
+  std::uint8_t swapped[12];
+  IovCursor cur{src};
+  if (swap_mac && frame_len >= 12) {
+    std::uint8_t m[12];
+    gather(src, src_off, m, 12);
+    std::memcpy(swapped, m + 6, 6);
+    std::memcpy(swapped + 6, m, 6);
+    p.io[0] = iovec{swapped, 12};
+    const std::size_t k = skip(src, src_off + 12, std::span<iovec>(p.io).subspan(1));
+    cur = IovCursor{std::span<const iovec>(p.io.data(), k + 1)};
+  } else {
+    cur.advance(src_off);
+  }
+
+  const std::uint64_t cap1 = first->writable_len - hdr_len;
+  std::size_t left = frame_len;
+  const std::size_t n1 = cur.copy_to(first->writable, hdr_len,
+                                     static_cast<std::size_t>(std::min<std::uint64_t>(left, cap1)));
+  left -= n1;
+  std::size_t extra = 0;  // chains after the first
+  bool ok = true;
+  if (left != 0 && !mrg_rxbuf) {
+    ok = false;  // one chain per frame without MRG_RXBUF
+  }
+  while (ok && left != 0) {
+    if (extra == kMaxMergeChains || vq.pending() == 0) {
+      ok = false;
+      break;
+    }
+    auto c = vq.pop(p.extra_segs);
+    if (!c) {
+      touched = true;
+      p.rx_errors.add(1);
+      if (virtq::breaks_queue(c.error())) ok = false;
+      continue;
+    }
+    if (c->writable_len == 0) {
+      vq.push_used(c->head, 0);
+      touched = true;
+      p.rx_errors.add(1);
+      continue;
+    }
+    const std::size_t k = cur.copy_to(c->writable, 0, left);
+    p.merge_head[extra] = c->head;
+    p.merge_len[extra] = static_cast<std::uint32_t>(k);
+    ++extra;
+    left -= k;
+  }
+  touched = true;
+  if (!ok) {
+    // The chains are consumed; they go back empty, the driver drops and recycles them.
+    vq.push_used(first->head, 0);
+    for (std::size_t i = 0; i < extra; ++i) vq.push_used(p.merge_head[i], 0);
+    p.rx_drops.add(1);
+    if (p.log_limit.allow()) {
+      spdlog::warn("net: pair {}: {}-byte frame does not fit the rx buffers; dropped", p.qp,
+                   frame_len);
+    }
+    return Delivery::dropped;
+  }
+  std::uint8_t hdr[12];
+  std::memcpy(hdr, hdr10, 10);
+  const auto num_buffers = static_cast<std::uint16_t>(extra + 1);
+  std::memcpy(hdr + 10, &num_buffers, 2);  // little-endian host (virtio/ring.h checks)
+  scatter(first->writable, 0, hdr, hdr_len);
+  // The frame's chains must be consecutive in the used ring: the driver takes num_buffers
+  // entries from where the first one is.
+  vq.push_used(first->head, static_cast<std::uint32_t>(hdr_len + n1));
+  for (std::size_t i = 0; i < extra; ++i) vq.push_used(p.merge_head[i], p.merge_len[i]);
+  return Delivery::delivered;
+}
+
+}  // namespace detail
+
+std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget,
+                                    bool* ring_empty) noexcept {
+  auto& vq = q.vq();
+  const std::size_t port_hdr = port_->vnet_hdr() ? 12 : 0;
+  static constexpr std::uint8_t kZeroHdr[10] = {};
+  std::uint64_t frames = 0, bytes = 0, drops = 0, errors = 0;
+  bool touched = false;
+  *ring_empty = false;
+  while (frames + drops < budget) {
+    if (vq.pending() == 0) {
+      // No buffers: leave frames in the port (its queue is the backpressure).
+      *ring_empty = true;
+      break;
+    }
+    const iovec stage{p.bounce.get(), detail::kBounceBytes};
+    auto r = port_->recv(p.qp, std::span<const iovec>(&stage, 1));
+    if (!r) {
+      if (r.error() == Errc::too_many) {
+        ++drops;  // larger than any frame we take; the port dropped it
+        continue;
+      }
+      ++errors;
+      break;
+    }
+    if (*r == 0) break;  // the port is idle
+    if (*r < port_hdr + 14) {
+      ++errors;
+      continue;
+    }
+    const std::uint8_t* hdr10 = port_hdr != 0 ? p.bounce.get() : kZeroHdr;
+    const std::size_t frame = *r - port_hdr;
+    const auto d = detail::deliver_frame(p, vq, hdr_len_, mrg_rxbuf_, hdr10,
+                                         std::span<const iovec>(&stage, 1), port_hdr, frame,
+                                         false, touched);
+    if (d == detail::Delivery::delivered) {
+      ++frames;
+      bytes += frame;
+    } else if (d == detail::Delivery::no_buffer) {
+      // Every remaining chain was malformed: the frame is lost.
+      ++drops;
+      *ring_empty = true;
+      break;
+    }
+    // Delivery::dropped was counted by deliver_frame.
+  }
+  if (touched) q.publish_and_notify();
+  p.rx_frames.add(frames);
+  p.rx_bytes.add(bytes);
+  p.rx_drops.add(drops);
+  p.rx_errors.add(errors);
+  auto& st = q.stats();
+  if (frames != 0) {
+    st.add(st.chains, frames);
+    st.add(st.bytes, bytes);
+  }
+  if (drops != 0) st.add(st.drops, drops);
+  return frames + drops;
+}
+
+void NetDevice::on_port_readable(std::uint16_t qp) noexcept {
+  Pair& p = pairs_[qp];
+  vhost::Queue* q = p.rxq.load(std::memory_order_acquire);
+  vhost::Worker* w = p.rx_worker.load(std::memory_order_acquire);
+  if (q == nullptr || w == nullptr || !q->started()) return;
+  if (announce_pending_.load(std::memory_order_relaxed)) inject_announce(p, *q);
+  bool empty = false;
+  // A bounded batch: the fd is level-triggered, so frames left behind wake us again after the
+  // other fds on this worker had their turn.
+  rx_from_port(p, *q, 4u * burst_, &empty);
+  if (!empty || !p.watching) return;
+  // Frames wait but the guest has no buffers. Watching the fd now would spin the worker on a
+  // readable fd it cannot serve: stop watching and ask for an rx kick instead (vhost-net's
+  // poll stop/start). Buffers posted before the driver saw the request are caught by the
+  // re-check, so the wake-up is never lost.
+  if (q->vq().enable_notifications()) return;  // buffers arrived meanwhile: keep going
+  w->unwatch(p.watch_id);
+  p.watching = false;
+  p.watch_id = 0;
+}
+
+bool NetDevice::handle_rx_kick(Pair& p, vhost::Queue& q) noexcept {
+  bool did = false;
+  if (p.qp == 0 && announce_pending_.load(std::memory_order_relaxed)) {
+    did = inject_announce(p, q);
+  }
+  if (!port_) return did;  // loopback fills rx from the tx side
+  if (!p.watching && p.rx_mode != vhost::PollMode::busy) {
+    // The guest posted buffers after we ran dry: take the port's fd back.
+    vhost::Worker* w = p.rx_worker.load(std::memory_order_acquire);
+    if (w != nullptr) {
+      const std::uint16_t qp = p.qp;
+      // watch() allocates, but only on this empty -> refilled transition, not per frame.
+      auto id = w->watch(port_->rx_fd(qp), [this, qp] { on_port_readable(qp); });
+      if (id) {
+        p.watch_id = *id;
+        p.watching = true;
+      }
+    }
+  }
+  bool empty = false;
+  return rx_from_port(p, q, burst_, &empty) != 0 || did;
+}
+
+}  // namespace vhostkit::net

@@ -1,0 +1,150 @@
+// NetDevice transmit: the guest's transmitq to the port (vhost-net's handle_tx), and the
+// loopback that reflects each tx frame into the same pair's receiveq with the MACs swapped.
+#include <spdlog/spdlog.h>
+
+#include "net_pair.h"
+#include "vhostkit/net/net_device.h"
+
+namespace vhostkit::net {
+
+namespace {
+
+// Checks a tx chain's shape; logs (rate-limited) and returns false for a malformed one.
+bool tx_chain_ok(NetDevice::Pair& p, const virtq::Chain& c, std::size_t hdr_len) noexcept {
+  // A header and at least an Ethernet header; no more than a GSO frame. A writable part is
+  // ignored (the device writes nothing into a tx chain).
+  if (c.readable_len >= hdr_len + 14 && c.readable_len <= hdr_len + NetDevice::kMaxFrame) {
+    return true;
+  }
+  if (p.log_limit.allow()) {
+    spdlog::warn("net: pair {}: malformed tx chain (head {}, {} readable bytes, header {})", p.qp,
+                 c.head, c.readable_len, hdr_len);
+  }
+  return false;
+}
+
+}  // namespace
+
+bool NetDevice::handle_tx(Pair& p, vhost::Queue& q) noexcept {
+  return port_ ? tx_burst_port(p, q) : tx_burst_loopback(p, q);
+}
+
+bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
+  auto& vq = q.vq();
+  const bool vnet = port_->vnet_hdr();
+  std::uint64_t frames = 0, bytes = 0, drops = 0, errors = 0, chains = 0;
+  const std::span<iovec> io(p.io);
+  for (std::uint16_t n = 0; n < burst_ && vq.pending() != 0; ++n) {
+    ++chains;
+    auto c = vq.pop(p.tx_segs);
+    if (!c) {
+      ++errors;
+      if (virtq::breaks_queue(c.error())) break;
+      continue;
+    }
+    if (!tx_chain_ok(p, *c, hdr_len_)) {
+      vq.push_used(c->head, 0);
+      ++errors;
+      continue;
+    }
+    const std::size_t frame = c->readable_len - hdr_len_;
+    std::span<const iovec> pieces;
+    if (vnet && hdr_len_ == 12) {
+      pieces = c->readable;  // the guest's layout is the port's: no copy at all
+    } else if (vnet) {
+      // Legacy 10-byte header: the port wants 12 (num_buffers is meaningless on tx).
+      p.hdr_scratch.fill(0);
+      detail::gather(c->readable, 0, p.hdr_scratch.data(), 10);
+      io[0] = iovec{p.hdr_scratch.data(), 12};
+      const std::size_t k = detail::skip(c->readable, 10, io.subspan(1));
+      pieces = io.first(k + 1);
+    } else {
+      const std::size_t k = detail::skip(c->readable, hdr_len_, io);
+      pieces = io.first(k);
+    }
+    if (port_->send(p.qp, pieces)) {
+      ++frames;
+      bytes += frame;
+    } else {
+      ++drops;
+    }
+    vq.push_used(c->head, 0);
+  }
+  if (chains == 0) return false;
+  port_->flush(p.qp);
+  q.publish_and_notify();
+  p.tx_frames.add(frames);
+  p.tx_bytes.add(bytes);
+  p.tx_drops.add(drops);
+  p.tx_errors.add(errors);
+  auto& st = q.stats();
+  st.add(st.chains, chains);
+  st.add(st.bytes, bytes);
+  if (drops != 0) st.add(st.drops, drops);
+  return true;
+}
+
+bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
+  auto& vq = q.vq();
+  // The rx ring is written from this thread, so it must be served by this worker too.
+  vhost::Queue* rxq = p.rxq.load(std::memory_order_acquire);
+  if (rxq != nullptr && p.rx_worker.load(std::memory_order_acquire) !=
+                            p.tx_worker.load(std::memory_order_acquire)) {
+    if (p.log_limit.allow()) {
+      spdlog::error("net: pair {}: loopback needs tx and rx on one worker; dropping", p.qp);
+    }
+    rxq = nullptr;
+  }
+  if (rxq != nullptr && !rxq->started()) rxq = nullptr;
+  static constexpr std::uint8_t kZeroHdr[10] = {};
+  std::uint64_t frames = 0, bytes = 0, drops = 0, errors = 0, chains = 0;
+  bool rx_touched = false;
+  for (std::uint16_t n = 0; n < burst_ && vq.pending() != 0; ++n) {
+    ++chains;
+    auto c = vq.pop(p.tx_segs);
+    if (!c) {
+      ++errors;
+      if (virtq::breaks_queue(c.error())) break;
+      continue;
+    }
+    if (!tx_chain_ok(p, *c, hdr_len_)) {
+      vq.push_used(c->head, 0);
+      ++errors;
+      continue;
+    }
+    const std::size_t frame = c->readable_len - hdr_len_;
+    auto d = detail::Delivery::no_buffer;
+    if (rxq != nullptr) {
+      d = detail::deliver_frame(p, rxq->vq(), hdr_len_, mrg_rxbuf_, kZeroHdr, c->readable,
+                                hdr_len_, frame, true, rx_touched);
+    }
+    if (d == detail::Delivery::delivered) {
+      ++frames;
+      bytes += frame;
+    } else {
+      ++drops;  // every frame not delivered is a tx drop: sent == received + tx_drops
+    }
+    vq.push_used(c->head, 0);
+  }
+  if (chains == 0) return false;
+  if (rx_touched) {
+    rxq->publish_and_notify();
+    p.rx_frames.add(frames);
+    p.rx_bytes.add(bytes);
+    auto& rst = rxq->stats();
+    rst.add(rst.chains, frames);
+    rst.add(rst.bytes, bytes);
+  }
+  q.publish_and_notify();
+  p.tx_frames.add(frames);
+  p.tx_bytes.add(bytes);
+  p.tx_drops.add(drops);
+  p.tx_errors.add(errors);
+  auto& st = q.stats();
+  st.add(st.chains, chains);
+  st.add(st.bytes, bytes);
+  if (drops != 0) st.add(st.drops, drops);
+  return true;
+}
+
+}  // namespace vhostkit::net
