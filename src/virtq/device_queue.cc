@@ -125,16 +125,18 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
   std::uint16_t idx = head;
   bool in_indirect = false;
   bool writing = false;
-  // Every descriptor walked counts, in the ring's table and in an indirect one: a chain can't
-  // be longer than the queue, which is also what ends a `next` loop.
+  // Every buffer descriptor walked counts, in the ring's table and in an indirect one: a chain
+  // can't be longer than the queue, which is also what ends a `next` loop. The descriptor that
+  // points at an indirect table is not a buffer and gets one extra step.
   std::uint32_t walked = 0;
+  std::uint32_t limit = ring_.size;
   std::size_t nseg = 0;
   std::size_t nread = 0;
   std::uint64_t rlen = 0;
   std::uint64_t wlen = 0;
 
   for (;;) {
-    if (++walked > ring_.size) [[unlikely]] return std::unexpected(ChainError::chain_too_long);
+    if (++walked > limit) [[unlikely]] return std::unexpected(ChainError::chain_too_long);
     const virtio::VirtqDesc d = read_desc_once(table + idx);
 
     if (d.flags & kDescFIndirect) [[unlikely]] {
@@ -152,6 +154,7 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
       table_size = d.len / sizeof(virtio::VirtqDesc);
       idx = 0;
       in_indirect = true;
+      ++limit;
       continue;
     }
 
