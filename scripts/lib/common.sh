@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for vhostkit's test, demo and bench scripts. Source it; it defines functions only
 # (plus traps once something registers a cleanup).
 #

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # DPDK testpmd as a vhost-user peer: the vhost PMD as a backend (server on SOCK) or virtio-user as
 # a frontend (client of SOCK), each pinned to one CPU, without hugepages or PCI.
 #

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Network namespaces for tests. Everything created here is removed on exit (normal, failure,
 # SIGINT/SIGTERM) through the cleanup registry in common.sh. Only 192.0.2.0/24 (TEST-NET-1)
 # addresses, and only inside namespaces created here.

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Booting the test guest (scripts/guest-image.sh) in QEMU, and reading its VK-* markers.
 #
 #   vk_guest_ensure                    build or refresh the image (cached); sets VK_GUEST_DIR
@@ -5,9 +6,10 @@
 #                 [--mem MB] [--interactive] -- [QEMU NIC/disk args...]
 #                                      boot in the background, console to FILE; QEMU is killed
 #                                      after S seconds (default 180) and on exit; sets VK_QEMU_PID
-#   vk_qemu_vhost_user_net_args ARRAY SOCK [N]
-#                                      fill ARRAY with the args for a vhost-user virtio-net NIC on
-#                                      SOCK (QEMU is the client: the backend must listen already)
+#   vk_qemu_vhost_user_net_args ARRAY SOCK [N] [QUEUES]
+#                                      append to ARRAY the args for vhost-user virtio-net NIC
+#                                      number N (default 0) on SOCK, QUEUES queue pairs (default 1);
+#                                      QEMU is the client: the backend must listen already
 #   vk_qemu_tap_net_args ARRAY TAP     same for QEMU's own tap backend (QEMU must run in the netns)
 #   vk_qemu_wait_marker LOG REGEX TIMEOUT [PID]
 #                                      0 when a console line matches REGEX (grep -E), 1 on
@@ -42,15 +44,18 @@ vk_guest_ensure() {
 }
 
 vk_qemu_vhost_user_net_args() {
+  # shellcheck disable=SC2178  # a nameref to the caller's array
   local -n _args=$1
-  local sock=$2 n=${3:-0}
+  local sock=$2 n=${3:-0} queues=${4:-1} mq=""
+  ((queues > 1)) && mq=",mq=on"
   # vectors=0: QEMU 7.2 under TCG crashes in msix_set_vector_notifiers with vhost-user + MSI-X.
   _args+=(-chardev "socket,id=vkc$n,path=$sock"
-          -netdev "vhost-user,id=vkn$n,chardev=vkc$n"
-          -device "virtio-net-pci,netdev=vkn$n,vectors=0")
+          -netdev "vhost-user,id=vkn$n,chardev=vkc$n,queues=$queues"
+          -device "virtio-net-pci,netdev=vkn$n,vectors=0$mq")
 }
 
 vk_qemu_tap_net_args() {
+  # shellcheck disable=SC2178  # a nameref to the caller's array
   local -n _args=$1
   _args+=(-netdev "tap,id=vkn0,ifname=$2,script=no,downscript=no"
           -device "virtio-net-pci,netdev=vkn0")
@@ -77,6 +82,7 @@ vk_qemu_start() {
   [[ ${VK_GUEST_DEBUG:-0} == 1 ]] && quiet="loglevel=7"
   local console=(-display none -monitor none -serial "file:$log")
   ((interactive)) && console=(-nographic)
+  # shellcheck disable=SC2054  # commas belong to QEMU option values
   local cmd=(timeout -k 5 "$timeout" "$VK_QEMU_BIN"
     -machine "q35,accel=${VK_QEMU_ACCEL:-tcg}" -m "$mem"
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Host-side peers for the guest's tcp-tx / tcp-rx scenarios: one-shot busybox nc listeners inside
 # the test namespace, with the received data's sha256 to compare with the guest's VK-RESULT line.
 #
