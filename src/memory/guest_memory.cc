@@ -277,14 +277,8 @@ const Region* GuestMemory::find_uva(std::uint64_t uva) const noexcept {
   return &r;
 }
 
-std::uint8_t* GuestMemory::gpa_to_host(std::uint64_t gpa, std::uint64_t len) const noexcept {
-  const std::size_t h = load_hint(last_hit_);
-  if (h < regions_.size()) [[likely]] {
-    const Region& r = regions_[h];
-    if (contains(r.spec.guest_phys_addr, r.spec.size, gpa, len)) [[likely]] {
-      return r.host + (gpa - r.spec.guest_phys_addr);
-    }
-  }
+// The hint missed (gpa_to_host is inline in the header).
+std::uint8_t* GuestMemory::gpa_to_host_slow(std::uint64_t gpa, std::uint64_t len) const noexcept {
   const Region* r = find_gpa(gpa);
   if (r == nullptr || !contains(r->spec.guest_phys_addr, r->spec.size, gpa, len)) return nullptr;
   return r->host + (gpa - r->spec.guest_phys_addr);
