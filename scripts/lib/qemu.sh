@@ -81,7 +81,7 @@ vk_qemu_start() {
   local quiet=quiet
   [[ ${VK_GUEST_DEBUG:-0} == 1 ]] && quiet="loglevel=7"
   local console=(-display none -monitor none -serial "file:$log")
-  ((interactive)) && console=(-nographic)
+  ((interactive)) && console=(-display none -serial mon:stdio)
   # shellcheck disable=SC2054  # commas belong to QEMU option values
   local cmd=(timeout -k 5 "$timeout" "$VK_QEMU_BIN"
     -machine "q35,accel=${VK_QEMU_ACCEL:-tcg}" -m "$mem"
