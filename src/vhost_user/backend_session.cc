@@ -1,0 +1,497 @@
+// BackendSession: one front-end's requests, decoded by the codec, turned into vhost::Device
+// calls, answered as the protocol (and REPLY_ACK) asks.
+#include "vhostkit/vhost_user/backend_session.h"
+
+#include <poll.h>
+
+#include <cerrno>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <variant>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "vhostkit/virtio/features.h"
+
+namespace vhostkit::vhost_user {
+
+namespace {
+
+constexpr std::uint32_t kLogBurst = 10;  // failure lines per second before we summarise
+constexpr std::uint64_t kMinMtu = 68;    // virtio-net: the smallest MTU a device may report
+constexpr std::uint64_t kMaxMtu = 65535;
+
+// Requests whose reply has a body of its own: a front-end waits for it whatever happened, so
+// even a failure must produce one.
+bool has_own_reply(Request r) noexcept {
+  switch (r) {
+    case Request::get_features:
+    case Request::get_protocol_features:
+    case Request::get_vring_base:
+    case Request::get_queue_num:
+    case Request::get_config:
+    case Request::get_max_mem_slots:
+    case Request::get_status:
+    case Request::iotlb_msg:
+    case Request::postcopy_advise:
+    case Request::postcopy_end:
+    case Request::get_inflight_fd:
+    case Request::get_shared_object:
+    case Request::set_device_state_fd:
+    case Request::check_device_state:
+    case Request::create_crypto_session:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+// What a handler wants the front-end to hear: the result (for REPLY_ACK and the log) and, for
+// requests with a reply body, that body.
+struct BackendSession::Outcome {
+  Result<> result;
+  std::optional<OutMessage> reply;
+
+  static Outcome ok() { return {}; }
+  static Outcome err(Error e) { return {std::unexpected(std::move(e)), std::nullopt}; }
+  static Outcome from(Result<> r) { return {std::move(r), std::nullopt}; }
+  static Outcome with_reply(OutMessage m, Result<> r = {}) { return {std::move(r), std::move(m)}; }
+};
+
+BackendSession::BackendSession(vhost::Device& device, Channel channel, SessionOptions opts)
+    : device_(device), channel_(std::move(channel)), opts_(std::move(opts)) {
+  offered_protocol_ = opts_.protocol_features & kSupportedProtocolFeatures;
+  if (!opts_.set_mtu) offered_protocol_ &= ~protocol_bit(protocol_feature::net_mtu);
+  std::uint64_t extra = virtio::bit(virtio::feature::protocol_features);
+  // Dirty logging is only possible through a shared log fd, which LOG_SHMFD provides.
+  if (offered_protocol_ & protocol_bit(protocol_feature::log_shmfd)) {
+    extra |= virtio::bit(virtio::feature::log_all);
+  }
+  device_.add_offered_features(extra);
+}
+
+BackendSession::~BackendSession() { close(); }
+
+void BackendSession::close() noexcept {
+  if (closed_) return;
+  closed_ = true;
+  device_.reset();
+  log_fd_.reset();
+  channel_.release().reset();
+}
+
+void BackendSession::note_failure(Request request, const Error& err) {
+  ++stats_.failed;
+  last_error_ = err;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - log_window_ >= std::chrono::seconds(1)) {
+    if (suppressed_ != 0) {
+      spdlog::warn("vhost-user {}: {} more failed requests were not logged", opts_.name,
+                   suppressed_);
+    }
+    log_window_ = now;
+    logged_in_window_ = 0;
+    suppressed_ = 0;
+  }
+  if (logged_in_window_ < kLogBurst) {
+    ++logged_in_window_;
+    spdlog::warn("vhost-user {}: {} failed: {}", opts_.name, to_string(request), err.message());
+  } else {
+    ++suppressed_;
+  }
+}
+
+void BackendSession::stop_all_rings() noexcept {
+  for (std::uint32_t i = 0; i < device_.num_queues(); ++i) {
+    (void)device_.get_vring_base(i);  // stops the ring and forgets its kick
+  }
+}
+
+void BackendSession::mark_broken(const Error& why) {
+  // The front-end believes in a memory table we could not map: running rings would read and
+  // write memory it may already have reused. Stop them and drop what we mapped.
+  stop_all_rings();
+  (void)device_.set_mem_table({});
+  if (!broken_) {
+    spdlog::error("vhost-user {}: device unusable ({}); rings stopped until a valid memory table "
+                  "or RESET_DEVICE",
+                  opts_.name, why.message());
+  }
+  broken_ = true;
+}
+
+// ---- the loop ---------------------------------------------------------------------------
+
+Result<> BackendSession::run(int stop_fd) {
+  Result<> result;
+  while (channel_.valid()) {
+    pollfd fds[2] = {{channel_.fd(), POLLIN, 0}, {stop_fd, POLLIN, 0}};
+    const nfds_t n = stop_fd >= 0 ? 2 : 1;
+    const int r = ::poll(fds, n, -1);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      result = fail_errno("poll on the vhost-user socket");
+      break;
+    }
+    if (n == 2 && fds[1].revents != 0) break;  // asked to stop
+    if (fds[0].revents == 0) continue;
+    auto served = serve_one();
+    if (!served) {
+      if (served.error().code != Errc::disconnected) {
+        spdlog::error("vhost-user {}: closing the connection: {}", opts_.name,
+                      served.error().message());
+        result = std::move(served);
+      } else {
+        spdlog::info("vhost-user {}: front-end disconnected", opts_.name);
+      }
+      break;
+    }
+  }
+  close();
+  return result;
+}
+
+Result<> BackendSession::serve_one() {
+  if (!channel_.valid()) return fail(Errc::disconnected, "the session is closed");
+  auto received = channel_.recv();
+  if (!received) {
+    switch (received.error().code) {
+      case Errc::would_block:
+        return {};  // nothing arrived within the timeout; the stream is still in sync
+      case Errc::too_many:
+        // Too many fds: all closed, payload consumed, stream in sync. We can't tell which
+        // request it was, so there's nobody to ack.
+        ++stats_.requests;
+        note_failure(Request::none, received.error());
+        return {};
+      default:
+        return std::unexpected(std::move(received.error()));
+    }
+  }
+  ++stats_.requests;
+  const Header header = received->header;
+  if (header.version() != kVersion) {
+    // Not our protocol (or not framed the way we think): nothing after it can be trusted.
+    return fail(Errc::broken, fmt::format("{} has version {} in its flags, expected {}",
+                                          to_string(static_cast<Request>(header.request)),
+                                          header.version(), kVersion));
+  }
+  auto msg = decode(std::move(*received));
+  if (!msg) {
+    note_failure(static_cast<Request>(header.request), msg.error());
+    return reply_failed_request(header, msg.error());
+  }
+  Outcome out = dispatch(*msg, header);
+  return finish(header, std::move(out));
+}
+
+BackendSession::Outcome BackendSession::dispatch(FrontendMessage& msg, const Header&) {
+  return std::visit([this](auto& m) { return on(m); }, msg);
+}
+
+Result<> BackendSession::finish(const Header& header, Outcome out) {
+  const auto request = static_cast<Request>(header.request);
+  if (!out.result) note_failure(request, out.result.error());
+  if (out.reply) {
+    ++stats_.replies;
+    return channel_.send(*out.reply);
+  }
+  if (header.need_reply() && reply_ack_on()) {
+    ++stats_.acks;
+    return channel_.send(reply_ack(request, out.result.has_value()));
+  }
+  return {};
+}
+
+Result<> BackendSession::reply_failed_request(const Header& header, const Error&) {
+  const auto request = static_cast<Request>(header.request);
+  if (request == Request::get_config) {
+    ++stats_.replies;
+    return channel_.send(reply_config(0, 0, {}));
+  }
+  if (has_own_reply(request) ||
+      (request == Request::set_log_base && has(protocol_feature::log_shmfd))) {
+    ++stats_.replies;
+    return channel_.send(reply_u64(request, 1));
+  }
+  if (header.need_reply() && reply_ack_on()) {
+    ++stats_.acks;
+    return channel_.send(reply_ack(request, false));
+  }
+  return {};
+}
+
+// ---- handlers ---------------------------------------------------------------------------
+
+namespace {
+Error need(std::string_view what, std::string_view feature) {
+  return Error{Errc::bad_state, 0,
+               fmt::format("{} needs protocol feature {}, which was not negotiated", what,
+                           feature)};
+}
+Error no_owner(std::string_view what) {
+  return Error{Errc::bad_state, 0, fmt::format("{} before SET_OWNER", what)};
+}
+}  // namespace
+
+BackendSession::Outcome BackendSession::on(GetFeatures&) {
+  return Outcome::with_reply(reply_u64(Request::get_features, device_.offered_features()));
+}
+
+BackendSession::Outcome BackendSession::on(SetFeatures& m) {
+  return Outcome::from(device_.set_features(m.value));
+}
+
+BackendSession::Outcome BackendSession::on(SetOwner&) { return Outcome::from(device_.set_owner()); }
+
+BackendSession::Outcome BackendSession::on(ResetOwner&) {
+  // Deprecated; the spec recommends treating it as "disable all rings" and nothing more.
+  if (!device_.has_owner()) return Outcome::err(no_owner("RESET_OWNER"));
+  for (std::uint32_t i = 0; i < device_.num_queues(); ++i) {
+    (void)device_.set_vring_enable(i, false);
+  }
+  return Outcome::ok();
+}
+
+BackendSession::Outcome BackendSession::on(SetMemTable& m) {
+  if (!device_.has_owner()) return Outcome::err(no_owner("SET_MEM_TABLE"));
+  std::vector<vhost::MemRegionFd> regions;
+  regions.reserve(m.regions.size());
+  for (auto& r : m.regions) regions.push_back({r.spec, std::move(r.fd)});
+  auto r = device_.set_mem_table(std::move(regions));
+  if (!r) {
+    mark_broken(r.error());
+    return Outcome::from(std::move(r));
+  }
+  if (broken_) {
+    broken_ = false;
+    spdlog::info("vhost-user {}: new memory table accepted; device usable again", opts_.name);
+  }
+  return Outcome::ok();
+}
+
+BackendSession::Outcome BackendSession::on(SetLogBase& m) {
+  if (!has(protocol_feature::log_shmfd)) {
+    // Without LOG_SHMFD there is no reply to send; the failure is acked or logged.
+    return Outcome::err(need("SET_LOG_BASE", "LOG_SHMFD"));
+  }
+  auto r = device_.set_log_base(std::move(m.fd), m.mmap_size, m.mmap_offset);
+  const bool ok = r.has_value();
+  return Outcome::with_reply(reply_u64(Request::set_log_base, ok ? 0 : 1), std::move(r));
+}
+
+BackendSession::Outcome BackendSession::on(SetLogFd& m) {
+  if (!device_.has_owner()) return Outcome::err(no_owner("SET_LOG_FD"));
+  log_fd_ = std::move(m.fd);
+  return Outcome::ok();
+}
+
+BackendSession::Outcome BackendSession::on(SetVringNum& m) {
+  return Outcome::from(device_.set_vring_num(m.index, m.num));
+}
+
+BackendSession::Outcome BackendSession::on(SetVringAddr& m) {
+  vhost::VringAddr a;
+  a.flags = m.flags;
+  a.desc_user_addr = m.desc_user_addr;
+  a.used_user_addr = m.used_user_addr;
+  a.avail_user_addr = m.avail_user_addr;
+  a.log_guest_addr = m.log_guest_addr;
+  return Outcome::from(device_.set_vring_addr(m.index, a));
+}
+
+BackendSession::Outcome BackendSession::on(SetVringBase& m) {
+  return Outcome::from(device_.set_vring_base(m.index, m.num));
+}
+
+BackendSession::Outcome BackendSession::on(GetVringBase& m) {
+  auto base = device_.get_vring_base(m.index);
+  if (!base) {
+    // No vring state we could honestly report: a non-zero u64 fails the front-end's read
+    // instead of leaving it waiting.
+    return Outcome::with_reply(reply_u64(Request::get_vring_base, 1),
+                               std::unexpected(std::move(base.error())));
+  }
+  return Outcome::with_reply(reply_vring_state(Request::get_vring_base, m.index, *base));
+}
+
+BackendSession::Outcome BackendSession::on(SetVringKick& m) {
+  if (!device_.has_owner()) return Outcome::err(no_owner("SET_VRING_KICK"));
+  if (m.index >= device_.num_queues()) {
+    return Outcome::err(Error{Errc::out_of_range, 0,
+                              fmt::format("SET_VRING_KICK: vring index {} out of range (device "
+                                          "has {} queues)",
+                                          m.index, device_.num_queues())});
+  }
+  // Without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled as soon as it gets its kick;
+  // with it, rings stay disabled until SET_VRING_ENABLE. Enabling first means the ring starts
+  // once, on the kick.
+  if ((device_.features() & virtio::bit(virtio::feature::protocol_features)) == 0) {
+    if (auto r = device_.set_vring_enable(m.index, true); !r) return Outcome::from(std::move(r));
+  }
+  return Outcome::from(device_.set_vring_kick(m.index, std::move(m.fd)));
+}
+
+BackendSession::Outcome BackendSession::on(SetVringCall& m) {
+  return Outcome::from(device_.set_vring_call(m.index, std::move(m.fd)));
+}
+
+BackendSession::Outcome BackendSession::on(SetVringErr& m) {
+  return Outcome::from(device_.set_vring_err(m.index, std::move(m.fd)));
+}
+
+BackendSession::Outcome BackendSession::on(GetProtocolFeatures&) {
+  return Outcome::with_reply(reply_u64(Request::get_protocol_features, offered_protocol_));
+}
+
+BackendSession::Outcome BackendSession::on(SetProtocolFeatures& m) {
+  const std::uint64_t extra = m.value & ~offered_protocol_;
+  if (extra != 0) {
+    return Outcome::err(Error{Errc::unsupported, 0,
+                              fmt::format("SET_PROTOCOL_FEATURES 0x{:x}: bits not offered: 0x{:x}",
+                                          m.value, extra)});
+  }
+  protocol_ = m.value;
+  return Outcome::ok();
+}
+
+BackendSession::Outcome BackendSession::on(GetQueueNum&) {
+  const std::uint64_t n = opts_.queue_num != 0 ? opts_.queue_num : device_.num_queues();
+  return Outcome::with_reply(reply_u64(Request::get_queue_num, n));
+}
+
+BackendSession::Outcome BackendSession::on(SetVringEnable& m) {
+  // The spec says front-ends send this only with PROTOCOL_FEATURES negotiated; a front-end
+  // that sends it anyway gets what it asked for (as DPDK does), which is harmless.
+  if (m.num > 1) {
+    return Outcome::err(Error{Errc::invalid_argument, 0,
+                              fmt::format("SET_VRING_ENABLE: vring {} state {} is neither 0 nor 1",
+                                          m.index, m.num)});
+  }
+  return Outcome::from(device_.set_vring_enable(m.index, m.num == 1));
+}
+
+BackendSession::Outcome BackendSession::on(SendRarp& m) {
+  if (!has(protocol_feature::rarp)) return Outcome::err(need("SEND_RARP", "RARP"));
+  if (!device_.has_owner()) return Outcome::err(no_owner("SEND_RARP"));
+  if (!opts_.send_rarp) {
+    return Outcome::err(Error{Errc::unsupported, 0, "SEND_RARP: this device cannot announce"});
+  }
+  return Outcome::from(opts_.send_rarp(m.mac));
+}
+
+BackendSession::Outcome BackendSession::on(NetSetMtu& m) {
+  if (!has(protocol_feature::net_mtu)) return Outcome::err(need("NET_SET_MTU", "NET_MTU"));
+  if (!device_.has_owner()) return Outcome::err(no_owner("NET_SET_MTU"));
+  if (m.value < kMinMtu || m.value > kMaxMtu) {
+    return Outcome::err(Error{Errc::out_of_range, 0,
+                              fmt::format("NET_SET_MTU: {} is outside {}..{}", m.value, kMinMtu,
+                                          kMaxMtu)});
+  }
+  return Outcome::from(opts_.set_mtu(static_cast<std::uint16_t>(m.value)));
+}
+
+BackendSession::Outcome BackendSession::on(GetConfig& m) {
+  auto failed = [&](Error e) {
+    return Outcome::with_reply(reply_config(m.offset, m.flags, {}),
+                               std::unexpected(std::move(e)));
+  };
+  if (!has(protocol_feature::config)) return failed(need("GET_CONFIG", "CONFIG"));
+  if (m.size == 0 || m.size > kMaxConfigSize) {
+    return failed(Error{Errc::out_of_range, 0,
+                        fmt::format("GET_CONFIG size {} is not in 1..{}", m.size,
+                                    kMaxConfigSize)});
+  }
+  std::array<std::uint8_t, kMaxConfigSize> buf{};
+  std::span<std::uint8_t> out(buf.data(), m.size);
+  if (auto r = device_.backend().read_config(m.offset, out); !r) return failed(std::move(r.error()));
+  return Outcome::with_reply(reply_config(m.offset, m.flags, out));
+}
+
+BackendSession::Outcome BackendSession::on(SetConfig& m) {
+  if (!has(protocol_feature::config)) return Outcome::err(need("SET_CONFIG", "CONFIG"));
+  if (!device_.has_owner()) return Outcome::err(no_owner("SET_CONFIG"));
+  if (m.data.empty()) return Outcome::err(Error{Errc::invalid_argument, 0, "SET_CONFIG of 0 bytes"});
+  return Outcome::from(device_.backend().write_config(m.offset, m.data));
+}
+
+BackendSession::Outcome BackendSession::on(ResetDevice&) {
+  if (!has(protocol_feature::reset_device)) {
+    return Outcome::err(need("RESET_DEVICE", "RESET_DEVICE"));
+  }
+  if (!device_.has_owner()) return Outcome::err(no_owner("RESET_DEVICE"));
+  // Back to a fresh device; the front-end keeps ownership and the protocol features it
+  // negotiated (they belong to the connection, and it won't send them again).
+  device_.reset();
+  log_fd_.reset();
+  status_ = 0;
+  broken_ = false;
+  return Outcome::from(device_.set_owner());
+}
+
+BackendSession::Outcome BackendSession::on(GetMaxMemSlots&) {
+  return Outcome::with_reply(reply_u64(Request::get_max_mem_slots, opts_.max_mem_slots));
+}
+
+BackendSession::Outcome BackendSession::on(AddMemReg& m) {
+  if (!has(protocol_feature::configure_mem_slots)) {
+    return Outcome::err(need("ADD_MEM_REG", "CONFIGURE_MEM_SLOTS"));
+  }
+  if (!device_.has_owner()) return Outcome::err(no_owner("ADD_MEM_REG"));
+  if (device_.memory().region_count() >= opts_.max_mem_slots) {
+    return Outcome::err(Error{Errc::too_many, 0,
+                              fmt::format("ADD_MEM_REG: all {} memory slots are in use",
+                                          opts_.max_mem_slots)});
+  }
+  if (broken_) {
+    return Outcome::err(Error{Errc::bad_state, 0,
+                              "ADD_MEM_REG after a failed memory table; send SET_MEM_TABLE or "
+                              "RESET_DEVICE"});
+  }
+  return Outcome::from(device_.add_mem_region({m.region.spec, std::move(m.region.fd)}));
+}
+
+BackendSession::Outcome BackendSession::on(RemMemReg& m) {
+  if (!has(protocol_feature::configure_mem_slots)) {
+    return Outcome::err(need("REM_MEM_REG", "CONFIGURE_MEM_SLOTS"));
+  }
+  return Outcome::from(device_.remove_mem_region(m.spec));
+}
+
+BackendSession::Outcome BackendSession::on(SetStatus& m) {
+  if (!has(protocol_feature::status)) return Outcome::err(need("SET_STATUS", "STATUS"));
+  if (!device_.has_owner()) return Outcome::err(no_owner("SET_STATUS"));
+  if (m.value > 0xff) {
+    return Outcome::err(Error{Errc::invalid_argument, 0,
+                              fmt::format("SET_STATUS 0x{:x} does not fit the 8-bit status",
+                                          m.value)});
+  }
+  status_ = static_cast<std::uint8_t>(m.value);
+  return Outcome::ok();
+}
+
+BackendSession::Outcome BackendSession::on(GetStatus&) {
+  // Answered whatever was negotiated: the front-end waits for it.
+  return Outcome::with_reply(reply_u64(Request::get_status, status_));
+}
+
+template <typename T>
+BackendSession::Outcome BackendSession::on(T&) {
+  constexpr Request request = T::kRequest;
+  Error e{Errc::unsupported, 0,
+          fmt::format("{} is not supported by this back-end", to_string(request))};
+  if constexpr (request == Request::get_config) {
+    return Outcome::with_reply(reply_config(0, 0, {}), std::unexpected(std::move(e)));
+  } else {
+    if (has_own_reply(request)) {
+      return Outcome::with_reply(reply_u64(request, 1), std::unexpected(std::move(e)));
+    }
+    return Outcome::err(std::move(e));
+  }
+}
+
+}  // namespace vhostkit::vhost_user
