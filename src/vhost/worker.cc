@@ -348,6 +348,7 @@ void Worker::run_sync(const std::function<void()>& fn) {
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
+  bool queued = false;
   {
     std::lock_guard lk(s.work_mu);
     if (s.accepting) {
@@ -358,11 +359,10 @@ void Worker::run_sync(const std::function<void()>& fn) {
         cv.notify_one();
       });
       s.wake_up();
-    } else {
-      done = true;
+      queued = true;
     }
   }
-  if (done) {
+  if (!queued) {
     fn();  // no worker thread: the caller is the only one touching the worker's state
     return;
   }
