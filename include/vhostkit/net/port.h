@@ -6,6 +6,7 @@
 
 #include <sys/uio.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <expected>
@@ -18,11 +19,40 @@ namespace vhostkit::net {
 
 struct PortStats {
   std::uint64_t tx_frames = 0;   // guest -> port
-  std::uint64_t tx_bytes = 0;
+  std::uint64_t tx_bytes = 0;    // frame bytes, virtio_net_hdr not counted (also rx_bytes)
   std::uint64_t tx_drops = 0;    // the port could not take a frame
   std::uint64_t rx_frames = 0;   // port -> guest
   std::uint64_t rx_bytes = 0;
   std::uint64_t rx_truncated = 0;  // a frame larger than the buffers offered
+};
+
+// The counters behind PortStats for one queue pair. Each counter has one writer (the pair's
+// worker) and may be read by another thread (a stats timer): relaxed atomic loads and stores,
+// no read-modify-write, so bumping one costs what a plain increment does.
+class PortCounters {
+ public:
+  void tx(std::size_t bytes) noexcept { bump(tx_frames_), bump(tx_bytes_, bytes); }
+  void tx_drop() noexcept { bump(tx_drops_); }
+  void rx(std::size_t bytes) noexcept { bump(rx_frames_), bump(rx_bytes_, bytes); }
+  void rx_truncated() noexcept { bump(rx_truncated_); }
+
+  PortStats snapshot() const noexcept {
+    PortStats s;
+    s.tx_frames = tx_frames_.load(std::memory_order_relaxed);
+    s.tx_bytes = tx_bytes_.load(std::memory_order_relaxed);
+    s.tx_drops = tx_drops_.load(std::memory_order_relaxed);
+    s.rx_frames = rx_frames_.load(std::memory_order_relaxed);
+    s.rx_bytes = rx_bytes_.load(std::memory_order_relaxed);
+    s.rx_truncated = rx_truncated_.load(std::memory_order_relaxed);
+    return s;
+  }
+
+ private:
+  static void bump(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
+    c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
+  }
+  std::atomic<std::uint64_t> tx_frames_{0}, tx_bytes_{0}, tx_drops_{0};
+  std::atomic<std::uint64_t> rx_frames_{0}, rx_bytes_{0}, rx_truncated_{0};
 };
 
 class Port {
