@@ -200,12 +200,17 @@ class Rig {
 
   // Collects a used element, waiting on the call eventfd with poll() (or spinning when
   // no call is expected) up to timeout_ms.
-  std::optional<virtq::DriverQueue::Used> wait_used(std::uint16_t q, int timeout_ms = 1000) {
+  std::optional<virtq::DriverQueue::Used> wait_used(std::uint16_t q, int timeout_ms = 1000,
+                                                    bool poll_call = true) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     for (;;) {
       if (auto u = drivers_[q].get_used()) return u;
       if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;
-      wait_fd(calls_[q].get(), 5);
+      if (poll_call) {
+        wait_fd(calls_[q].get(), 5);
+      } else {
+        std::this_thread::yield();
+      }
     }
   }
 

@@ -1,0 +1,274 @@
+// vhost::Device against a hostile frontend: every validation rule, one test each.
+#include <gtest/gtest.h>
+
+#include "test_rig.h"
+#include "vhostkit/vhost/device.h"
+
+namespace vhostkit::vhost {
+namespace {
+
+using testing::EchoBackend;
+using testing::Rig;
+using testing::kEchoFeatures;
+
+class Hostile : public ::testing::Test {
+ protected:
+  Hostile() : dev(be, DeviceOptions{}) {}
+  void SetUp() override {
+    ASSERT_TRUE(dev.set_owner().has_value());
+    ASSERT_TRUE(dev.set_features(kEchoFeatures).has_value());
+    ASSERT_TRUE(dev.set_mem_table(rig.table()).has_value());
+    rig.init_driver(0);
+  }
+  static void expect_error(const Result<>& r, Errc code, std::string_view needle = {}) {
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, code) << r.error().message();
+    if (!needle.empty()) {
+      EXPECT_NE(r.error().detail.find(needle), std::string::npos) << r.error().message();
+    }
+  }
+  EchoBackend be{2};
+  Device dev;
+  Rig rig;
+};
+
+// --- index out of range, for every vring operation ------------------------------------------
+
+TEST_F(Hostile, SetVringNumIndexOutOfRange) {
+  expect_error(dev.set_vring_num(2, 256), Errc::out_of_range, "index 2 out of range (device has 2");
+}
+TEST_F(Hostile, SetVringAddrIndexOutOfRange) {
+  expect_error(dev.set_vring_addr(7, rig.addr(0)), Errc::out_of_range, "index 7");
+}
+TEST_F(Hostile, SetVringBaseIndexOutOfRange) {
+  expect_error(dev.set_vring_base(0xffffffff, 0), Errc::out_of_range, "index 4294967295");
+}
+TEST_F(Hostile, GetVringBaseIndexOutOfRange) {
+  auto r = dev.get_vring_base(2);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, Errc::out_of_range);
+}
+TEST_F(Hostile, SetVringKickIndexOutOfRange) {
+  auto fd = testing::make_eventfd();
+  const std::size_t fds = testing::count_fds();
+  expect_error(dev.set_vring_kick(2, std::move(fd)), Errc::out_of_range, "index 2");
+  EXPECT_EQ(testing::count_fds(), fds - 1) << "the refused fd is closed, not leaked";
+}
+TEST_F(Hostile, SetVringCallIndexOutOfRange) {
+  expect_error(dev.set_vring_call(2, testing::make_eventfd()), Errc::out_of_range, "index 2");
+}
+TEST_F(Hostile, SetVringErrIndexOutOfRange) {
+  expect_error(dev.set_vring_err(3, testing::make_eventfd()), Errc::out_of_range, "index 3");
+}
+TEST_F(Hostile, SetVringEnableIndexOutOfRange) {
+  expect_error(dev.set_vring_enable(2, true), Errc::out_of_range, "index 2");
+}
+
+// --- ring sizes ------------------------------------------------------------------------------
+
+TEST_F(Hostile, RingSizeZero) { expect_error(dev.set_vring_num(0, 0), Errc::invalid_argument); }
+TEST_F(Hostile, RingSizeNotPowerOfTwo) {
+  expect_error(dev.set_vring_num(0, 3), Errc::invalid_argument, "size 3");
+}
+TEST_F(Hostile, RingSizeTooLarge) {
+  expect_error(dev.set_vring_num(0, 65536), Errc::invalid_argument, "size 65536");
+}
+TEST_F(Hostile, RingSizeMaximumAccepted) { EXPECT_TRUE(dev.set_vring_num(0, 32768).has_value()); }
+
+// --- ring addresses --------------------------------------------------------------------------
+
+TEST_F(Hostile, DescAddressNotMapped) {
+  ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
+  VringAddr a = rig.addr(0);
+  a.desc_user_addr = 0x10000;  // nobody's memory
+  expect_error(dev.set_vring_addr(0, a), Errc::not_mapped, "desc table");
+}
+TEST_F(Hostile, UsedAddressNotMapped) {
+  ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
+  VringAddr a = rig.addr(0);
+  a.used_user_addr = rig.uva(Rig::kMemSize) + 0x1000;
+  expect_error(dev.set_vring_addr(0, a), Errc::not_mapped, "used ring");
+}
+TEST_F(Hostile, DescMisaligned) {
+  VringAddr a = rig.addr(0);
+  a.desc_user_addr += 8;
+  expect_error(dev.set_vring_addr(0, a), Errc::invalid_argument, "16-byte aligned");
+}
+TEST_F(Hostile, AvailMisaligned) {
+  VringAddr a = rig.addr(0);
+  a.avail_user_addr += 1;
+  expect_error(dev.set_vring_addr(0, a), Errc::invalid_argument, "2-byte aligned");
+}
+TEST_F(Hostile, UsedMisaligned) {
+  VringAddr a = rig.addr(0);
+  a.used_user_addr += 2;
+  expect_error(dev.set_vring_addr(0, a), Errc::invalid_argument, "4-byte aligned");
+}
+TEST_F(Hostile, RingStraddlesEndOfRegion) {
+  ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
+  VringAddr a = rig.addr(0);
+  // The desc table starts inside memory, but its 4 KiB run past the region's end.
+  a.desc_user_addr = rig.uva(Rig::kMemSize - 2048);
+  expect_error(dev.set_vring_addr(0, a), Errc::not_mapped, "desc table");
+}
+TEST_F(Hostile, AddressCheckedAtStartWhenSizeCameLater) {
+  VringAddr a = rig.addr(0);
+  a.used_user_addr = rig.uva(Rig::kMemSize - 1024);  // fits 16 entries, not 256
+  ASSERT_TRUE(dev.set_vring_addr(0, a).has_value());  // size unknown yet: deferred
+  ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
+  ASSERT_TRUE(dev.set_vring_kick(0, testing::make_eventfd()).has_value());
+  expect_error(dev.set_vring_enable(0, true), Errc::not_mapped, "used ring");
+  EXPECT_FALSE(dev.queue(0).started());
+}
+
+// --- features ----------------------------------------------------------------------------------
+
+TEST_F(Hostile, FeaturesNotOffered) {
+  const std::uint64_t extra = virtio::bit(40) | virtio::bit(3);
+  expect_error(dev.set_features(kEchoFeatures | extra), Errc::unsupported, "bit 3,40");
+  EXPECT_EQ(dev.features(), kEchoFeatures);
+}
+TEST_F(Hostile, FeaturesChangedWhileRunning) {
+  rig.configure(dev, 0);
+  expect_error(dev.set_features(virtio::bit(virtio::feature::version_1)), Errc::bad_state,
+               "while rings are running");
+}
+
+// --- owner -------------------------------------------------------------------------------------
+
+TEST(HostileOwner, VringOpsBeforeSetOwner) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  auto check = [](const Result<>& r) {
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, Errc::bad_state);
+    EXPECT_NE(r.error().detail.find("before SET_OWNER"), std::string::npos);
+  };
+  check(dev.set_vring_num(0, 256));
+  check(dev.set_vring_addr(0, VringAddr{}));
+  check(dev.set_vring_base(0, 0));
+  check(dev.set_vring_kick(0, testing::make_eventfd()));
+  check(dev.set_vring_call(0, testing::make_eventfd()));
+  check(dev.set_vring_err(0, testing::make_eventfd()));
+  check(dev.set_vring_enable(0, true));
+  EXPECT_FALSE(dev.get_vring_base(0).has_value());
+}
+TEST(HostileOwner, MemTableBeforeSetOwner) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  Rig rig;
+  auto r = dev.set_mem_table(rig.table());
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, Errc::bad_state);
+  EXPECT_EQ(dev.memory().region_count(), 0u);
+  EXPECT_FALSE(dev.add_mem_region(rig.region()).has_value());
+}
+TEST(HostileOwner, FeaturesBeforeSetOwner) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  EXPECT_EQ(dev.offered_features(), kEchoFeatures);  // GET_FEATURES needs no owner
+  EXPECT_FALSE(dev.set_features(kEchoFeatures).has_value());
+  EXPECT_FALSE(dev.reset_owner().has_value());
+}
+TEST(HostileOwner, DoubleSetOwner) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  ASSERT_TRUE(dev.set_owner().has_value());
+  auto r = dev.set_owner();
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, Errc::bad_state);
+  EXPECT_TRUE(dev.has_owner());
+}
+
+// --- state ---------------------------------------------------------------------------------------
+
+TEST_F(Hostile, SetVringBaseWhileRunning) {
+  rig.configure(dev, 0);
+  expect_error(dev.set_vring_base(0, 5), Errc::bad_state, "running");
+}
+TEST_F(Hostile, SetVringNumWhileRunning) {
+  rig.configure(dev, 0);
+  expect_error(dev.set_vring_num(0, 128), Errc::bad_state, "running");
+}
+TEST_F(Hostile, MoveRingAddressWhileRunning) {
+  rig.configure(dev, 0);
+  VringAddr a = rig.addr(0);
+  a.used_user_addr += 4096;
+  expect_error(dev.set_vring_addr(0, a), Errc::bad_state);
+}
+TEST_F(Hostile, VringBaseOver16Bits) {
+  expect_error(dev.set_vring_base(0, 65536), Errc::out_of_range, "65536");
+}
+
+// --- memory ------------------------------------------------------------------------------------
+
+TEST_F(Hostile, BadMemTableLeavesOldIntact) {
+  rig.configure(dev, 0);
+  std::vector<MemRegionFd> bad;
+  bad.push_back(rig.region());
+  bad.push_back(rig.region());  // the same range twice: overlap
+  auto r = dev.set_mem_table(std::move(bad));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(dev.memory().region_count(), 1u);
+  EXPECT_TRUE(dev.queue(0).started());
+  rig.post(0, "still here", 0);
+  auto u = rig.wait_used(0);
+  ASSERT_TRUE(u.has_value());
+  EXPECT_EQ(rig.reply(0, 0, 10), "still here");
+}
+TEST_F(Hostile, MemTableNotCoveringRunningRingRefused) {
+  rig.configure(dev, 0);
+  std::vector<MemRegionFd> t;
+  // Only the second half of memory: the ring (at gpa 0) is gone.
+  t.push_back(MemRegionFd{memory::RegionSpec{Rig::kMemSize / 2, Rig::kMemSize / 2,
+                                             rig.uva(Rig::kMemSize / 2), Rig::kMemSize / 2},
+                          testing::dup_fd(rig.memfd())});
+  auto r = dev.set_mem_table(std::move(t));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().detail.find("running ring"), std::string::npos) << r.error().message();
+  EXPECT_EQ(dev.memory().regions()[0].spec.size, Rig::kMemSize);
+}
+TEST_F(Hostile, RemoveRegionUnderRunningRingRefused) {
+  rig.configure(dev, 0);
+  auto r = dev.remove_mem_region(rig.spec());
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, Errc::bad_state);
+  EXPECT_EQ(dev.memory().region_count(), 1u);
+}
+
+// --- fds ---------------------------------------------------------------------------------------
+
+TEST_F(Hostile, HungUpKickFdBreaksRingWithoutSpinning) {
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  ::close(p[1]);  // readable forever (EOF)
+  rig.init_driver(0);
+  ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
+  ASSERT_TRUE(dev.set_vring_addr(0, rig.addr(0)).has_value());
+  ASSERT_TRUE(dev.set_vring_kick(0, UniqueFd(p[0])).has_value());
+  ASSERT_TRUE(dev.set_vring_enable(0, true).has_value());
+  for (int i = 0; i < 200 && !dev.broken(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_TRUE(dev.broken());
+  EXPECT_FALSE(dev.queue(0).started());
+  const auto w = dev.worker_for(0).wakeups();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_LE(dev.worker_for(0).wakeups(), w + 1) << "the worker keeps waking on a dead fd";
+}
+TEST_F(Hostile, CallFdNobodyReadsDoesNotStallWorker) {
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  UniqueFd never_read(p[0]);
+  ASSERT_EQ(::fcntl(p[1], F_SETPIPE_SZ, 4096), 4096);  // full after 512 calls
+  rig.configure(dev, 0);
+  ASSERT_TRUE(dev.set_vring_call(0, UniqueFd(p[1])).has_value());
+  for (int i = 0; i < 700; ++i) {
+    rig.post(0, "x", i);
+    auto u = rig.wait_used(0, 1000, /*poll_call=*/false);
+    ASSERT_TRUE(u.has_value()) << "stalled at " << i;
+  }
+}
+
+}  // namespace
+}  // namespace vhostkit::vhost
