@@ -14,17 +14,6 @@ using virtio::kDescFIndirect;
 using virtio::kDescFNext;
 using virtio::kDescFWrite;
 
-// Copies one descriptor out of shared memory. The guest may rewrite it while we look, so every
-// check below runs on this copy and the shared bytes are never read a second time.
-inline virtio::VirtqDesc read_desc_once(const virtio::VirtqDesc* shared) noexcept {
-  virtio::VirtqDesc d;
-  std::memcpy(&d, shared, sizeof d);
-  // Compiler-only fence: orders the copy before every use of `d`, so the compiler cannot fold
-  // a later use back into a second read of the shared descriptor.
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  return d;
-}
-
 // The longest chain a device accepts in total bytes: used->len is 32 bits.
 constexpr std::uint64_t kMaxChainBytes = std::numeric_limits<std::uint32_t>::max();
 
@@ -119,6 +108,7 @@ std::expected<Chain, ChainError> DeviceQueue::pop_slow(std::span<iovec> segs) no
 }
 
 std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
+                                                   const virtio::VirtqDesc& first,
                                                    std::span<iovec> segs) noexcept {
   const virtio::VirtqDesc* table = ring_.desc;
   std::uint32_t table_size = ring_.size;
@@ -137,7 +127,8 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
 
   for (;;) {
     if (++walked > limit) [[unlikely]] return std::unexpected(ChainError::chain_too_long);
-    const virtio::VirtqDesc d = read_desc_once(table + idx);
+    // The head was copied by pop(); everything after it is copied here, once each.
+    const virtio::VirtqDesc d = walked == 1 ? first : detail::read_desc_once(table + idx);
 
     if (d.flags & kDescFIndirect) [[unlikely]] {
       if (in_indirect) return std::unexpected(ChainError::indirect_nested);
