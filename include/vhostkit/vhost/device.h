@@ -51,7 +51,8 @@ class Device {
   bool has_owner() const noexcept;
 
   std::uint64_t offered_features() const noexcept;
-  Result<> set_features(std::uint64_t features);   // must be a subset of offered_features()
+  // Must be a subset of offered_features(). While rings run only LOG_ALL may change (migration).
+  Result<> set_features(std::uint64_t features);
   std::uint64_t features() const noexcept;
   // Extra transport bits a session offers on top of the backend's (e.g. PROTOCOL_FEATURES).
   void add_offered_features(std::uint64_t bits) noexcept;
@@ -65,7 +66,8 @@ class Device {
   Result<> set_vring_num(std::uint32_t index, std::uint32_t num);
   Result<> set_vring_addr(std::uint32_t index, const VringAddr& addr);
   Result<> set_vring_base(std::uint32_t index, std::uint32_t base);
-  // Stops the ring and returns where the driver should resume (last_avail_idx).
+  // Stops the ring and returns where the driver should resume (last_avail_idx). The kick fd is
+  // closed: the ring starts again only after a new set_vring_kick (vhost-user semantics).
   Result<std::uint32_t> get_vring_base(std::uint32_t index);
   // An invalid fd means "no fd": the ring is polled (busy mode) instead of kicked.
   Result<> set_vring_kick(std::uint32_t index, UniqueFd fd);

@@ -9,6 +9,9 @@
 //             without sleeping every so often for control work and port fds
 //   adaptive  spin for a budget after the last work found, then re-enable notifications
 //             (pollers' `arm` callbacks), re-check, and sleep
+// In every mode a worker with no pollers sleeps in epoll_wait; a worker with pollers in event
+// mode (a ring without a kick fd) spins like busy mode, as nothing would wake it.
+// wakeups() counts returns from a sleeping epoll_wait that had events.
 #pragma once
 
 #include <atomic>
