@@ -227,14 +227,6 @@ Result<OutMessage> encode(const T& msg, std::uint32_t flags) {
   return b.take();
 }
 
-Result<OutMessage> encode(const FrontendMessage& msg, std::uint32_t flags) {
-  return std::visit([flags](const auto& m) { return encode(m, flags); }, msg);
-}
-
-Result<OutMessage> encode(const BackendMessage& msg, std::uint32_t flags) {
-  return std::visit([flags](const auto& m) { return encode(m, flags); }, msg);
-}
-
 // Explicit instantiations: encode<T> is declared in the header for every message type.
 #define VHOSTKIT_ENCODE(T) template Result<OutMessage> encode<T>(const T&, std::uint32_t);
 VHOSTKIT_ENCODE(GetFeatures)

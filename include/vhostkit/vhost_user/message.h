@@ -14,6 +14,7 @@
 #pragma once
 
 #include <array>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -350,8 +351,15 @@ concept Encodable = is_alternative<T, FrontendMessage>::value ||
 // can't be encoded as given (more than 8 regions, config data over 256 bytes) yields an Error.
 template <Encodable T>
 Result<OutMessage> encode(const T& msg, std::uint32_t flags = 0);
-Result<OutMessage> encode(const FrontendMessage& msg, std::uint32_t flags = 0);
-Result<OutMessage> encode(const BackendMessage& msg, std::uint32_t flags = 0);
+
+// The same for a message held in a variant. A template so that a plain message never converts
+// (and tries to copy itself) into a variant during overload resolution.
+template <typename V>
+  requires std::same_as<V, FrontendMessage> || std::same_as<V, BackendMessage>
+Result<OutMessage> encode(const V& msg, std::uint32_t flags = 0) {
+  return std::visit(
+      [flags](const auto& m) { return encode<std::decay_t<decltype(m)>>(m, flags); }, msg);
+}
 
 // Replies (REPLY flag set). REPLY_ACK is reply_u64(request, 0) for success, non-zero for failure.
 OutMessage reply_u64(Request request, std::uint64_t value);
