@@ -1,0 +1,776 @@
+// A hostile front-end against BackendSession: malformed messages of every kind. Each case
+// checks that the session survives (request-level error: refused, serving goes on) or closes
+// cleanly (stream-level error), that a well-behaved front-end can negotiate and move traffic
+// on the same device afterwards, and that no fd is left behind.
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+
+#include <cstring>
+#include <functional>
+#include <limits>
+
+#include "backend_test_util.h"
+#include "vhostkit/vhost_user/backend_session.h"
+
+namespace vhostkit::vhost_user {
+namespace {
+
+using namespace std::chrono_literals;
+using test::EchoBackend;
+using test::TestFrontend;
+
+// Sends header + payload + fds exactly as given (the Channel refuses more than 8 fds and
+// mismatched sizes; a hostile peer doesn't).
+bool send_raw(int sock, const Header& h, std::span<const std::uint8_t> payload,
+              std::span<const int> fds = {}) {
+  std::vector<std::uint8_t> buf(sizeof(Header) + payload.size());
+  std::memcpy(buf.data(), &h, sizeof(Header));
+  if (!payload.empty()) std::memcpy(buf.data() + sizeof(Header), payload.data(), payload.size());
+  iovec iov{buf.data(), buf.size()};
+  msghdr mh{};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  std::vector<std::uint8_t> cbuf(CMSG_SPACE(sizeof(int) * std::max<std::size_t>(fds.size(), 1)));
+  if (!fds.empty()) {
+    mh.msg_control = cbuf.data();
+    mh.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  return ::sendmsg(sock, &mh, MSG_NOSIGNAL) == static_cast<ssize_t>(buf.size());
+}
+
+template <typename T>
+std::span<const std::uint8_t> bytes_of(const T& v) {
+  return {reinterpret_cast<const std::uint8_t*>(&v), sizeof(T)};
+}
+
+struct Hostile {
+  Hostile() { connect(); }
+
+  void connect() {
+    auto pair = socketpair();
+    EXPECT_TRUE(pair.has_value());
+    session = std::make_unique<BackendSession>(device, std::move(pair->first), SessionOptions{});
+    fe = std::make_unique<TestFrontend>(std::move(pair->second), [this] { last = session->serve_one(); });
+  }
+  int sock() { return fe->channel().fd(); }
+
+  // REPLY_ACK negotiated, no SET_OWNER.
+  void protocol_only() {
+    auto p = fe->get(GetProtocolFeatures{});
+    ASSERT_TRUE(p);
+    ASSERT_TRUE(fe->request(SetProtocolFeatures{*p}, false));
+  }
+
+  // Raw message, then one serve_one.
+  void raw(Request r, std::uint32_t flags, std::span<const std::uint8_t> payload,
+           std::span<const int> fds = {}) {
+    Header h{static_cast<std::uint32_t>(r), kVersion | flags,
+             static_cast<std::uint32_t>(payload.size())};
+    ASSERT_TRUE(send_raw(sock(), h, payload, fds));
+    last = session->serve_one();
+  }
+
+  // The next reply as a u64 (an ack or a failure reply).
+  std::uint64_t ack(Request r) {
+    auto rep = fe->channel().recv();
+    EXPECT_TRUE(rep.has_value()) << (rep ? "" : rep.error().message());
+    if (!rep) return 0;
+    auto v = decode_u64_reply(*rep, r);
+    EXPECT_TRUE(v.has_value()) << (v ? "" : v.error().message());
+    return v ? *v : 0;
+  }
+
+  // A typed request with NEED_REPLY must be refused, and the session go on.
+  template <typename T>
+  void expect_refused(const T& m) {
+    auto a = fe->request(m, true);
+    ASSERT_TRUE(a.has_value()) << a.error().message();
+    EXPECT_NE(*a, 0u) << to_string(T::kRequest) << " was accepted";
+    EXPECT_TRUE(last.has_value()) << "session ended: " << last.error().message();
+    EXPECT_TRUE(quiet()) << "more than one reply";
+  }
+
+  bool quiet() {
+    pollfd p{sock(), POLLIN, 0};
+    return ::poll(&p, 1, 0) == 0;
+  }
+
+  // The session survived: it still answers on this connection.
+  void expect_alive() {
+    EXPECT_TRUE(last.has_value()) << last.error().message();
+    EXPECT_TRUE(session->open());
+    auto f = fe->get(GetFeatures{});
+    EXPECT_TRUE(f.has_value()) << "session no longer answers";
+  }
+  // The session ended the connection (and reset the device).
+  void expect_closed() {
+    EXPECT_FALSE(last.has_value());
+    session->close();
+    EXPECT_FALSE(device.has_owner());
+  }
+
+  // After whatever happened: a new, well-behaved front-end on the same device works.
+  void well_behaved_after() {
+    session->close();
+    fe.reset();
+    connect();
+    auto n = fe->negotiate();
+    ASSERT_TRUE(n.has_value()) << n.error().message();
+    auto e = fe->echo(0, 256);
+    ASSERT_TRUE(e.has_value()) << e.error().message();
+    auto e1 = fe->echo(1, 1000);
+    ASSERT_TRUE(e1.has_value()) << e1.error().message();
+    EXPECT_FALSE(session->broken());
+  }
+
+  EchoBackend backend;
+  vhost::Device device{backend, vhost::DeviceOptions{.name = "vk-hostile"}};
+  std::unique_ptr<BackendSession> session;
+  std::unique_ptr<TestFrontend> fe;
+  Result<> last;
+};
+
+// Runs a hostile case and the common checks around it.
+void hostile(const std::function<void(Hostile&)>& body) {
+  const std::size_t fds_before = test::open_fd_count();
+  {
+    Hostile h;
+    body(h);
+    if (::testing::Test::HasFatalFailure()) return;
+    h.well_behaved_after();
+  }
+  EXPECT_LE(test::open_fd_count(), fds_before) << "fds leaked";
+}
+
+// ---- framing and header -----------------------------------------------------------------
+
+TEST(BackendHostile, ShortPayloadIsRefused) {
+  hostile([](Hostile& h) {
+    ASSERT_NO_FATAL_FAILURE(h.fe->handshake());
+    const std::uint32_t four = 64;
+    h.raw(Request::set_vring_num, kNeedReplyFlag, bytes_of(four));
+    EXPECT_NE(h.ack(Request::set_vring_num), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, OversizePayloadIsRefused) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    std::array<std::uint8_t, 64> big{};
+    h.raw(Request::set_features, kNeedReplyFlag, big);
+    EXPECT_NE(h.ack(Request::set_features), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, SizeOverAnyMessageClosesTheConnection) {
+  hostile([](Hostile& h) {
+    Header hd{static_cast<std::uint32_t>(Request::set_features), kVersion, 100000};
+    ASSERT_TRUE(send_raw(h.sock(), hd, {}));
+    h.last = h.session->serve_one();
+    ASSERT_FALSE(h.last);
+    EXPECT_EQ(h.last.error().code, Errc::broken);
+    h.expect_closed();
+  });
+}
+
+TEST(BackendHostile, WrongVersionClosesTheConnection) {
+  hostile([](Hostile& h) {
+    Header hd{static_cast<std::uint32_t>(Request::get_features), 2, 0};
+    ASSERT_TRUE(send_raw(h.sock(), hd, {}));
+    h.last = h.session->serve_one();
+    h.expect_closed();
+  });
+}
+
+TEST(BackendHostile, ReplyFlagFromTheFrontendIsRefused) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    const std::uint64_t v = 0;
+    h.raw(Request::set_features, kReplyFlag | kNeedReplyFlag, bytes_of(v));
+    EXPECT_NE(h.ack(Request::set_features), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, HalfAMessageThenHangUp) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    Header hd{static_cast<std::uint32_t>(Request::set_features), kVersion, 8};
+    const std::uint32_t half = 0;
+    std::array<std::uint8_t, sizeof(Header) + 4> buf{};
+    std::memcpy(buf.data(), &hd, sizeof hd);
+    std::memcpy(buf.data() + sizeof hd, &half, 4);
+    ASSERT_EQ(::send(h.sock(), buf.data(), buf.size(), MSG_NOSIGNAL), (ssize_t)buf.size());
+    h.fe->disconnect();
+    h.last = h.session->serve_one();
+    ASSERT_FALSE(h.last);
+    EXPECT_EQ(h.last.error().code, Errc::disconnected);
+    h.session->close();
+  });
+}
+
+TEST(BackendHostile, HalfAMessageThenStallClosesAfterTheTimeout) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    Header hd{static_cast<std::uint32_t>(Request::set_features), kVersion, 8};
+    ASSERT_EQ(::send(h.sock(), &hd, sizeof hd, MSG_NOSIGNAL), (ssize_t)sizeof hd);
+    h.last = h.session->serve_one();  // waits the channel timeout (1 s) for the payload
+    ASSERT_FALSE(h.last);
+    EXPECT_EQ(h.last.error().code, Errc::broken);
+    h.expect_closed();
+  });
+}
+
+TEST(BackendHostile, UnknownRequestIsRefused) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    h.raw(static_cast<Request>(99), kNeedReplyFlag, {});
+    EXPECT_NE(h.ack(static_cast<Request>(99)), 0u);
+    h.raw(static_cast<Request>(0xffffffff), 0, {});
+    EXPECT_TRUE(h.quiet());
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, FloodOfBadRequestsIsCountedNotFatal) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    const auto before = h.session->stats().failed;
+    for (int i = 0; i < 1000; ++i) {
+      ASSERT_TRUE(h.fe->request(SetVringNum{7, 64}, false));
+    }
+    EXPECT_EQ(h.session->stats().failed - before, 1000u);
+    h.expect_alive();
+  });
+}
+
+// ---- fds --------------------------------------------------------------------------------
+
+TEST(BackendHostile, NineFdsAreAllClosed) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    std::vector<UniqueFd> owned;
+    std::vector<int> raw;
+    for (int i = 0; i < 9; ++i) {
+      owned.push_back(test::make_eventfd());
+      raw.push_back(owned.back().get());
+    }
+    const std::uint64_t v = 0;
+    h.raw(Request::set_vring_kick, 0, bytes_of(v), raw);
+    EXPECT_TRUE(h.last);
+    EXPECT_EQ(h.session->last_error().code, Errc::too_many);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, FdOnARequestThatTakesNone) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    UniqueFd fd = test::make_eventfd();
+    const int raw = fd.get();
+    const wire::VringState st{0, 64};
+    h.raw(Request::set_vring_num, kNeedReplyFlag, bytes_of(st), {&raw, 1});
+    EXPECT_NE(h.ack(Request::set_vring_num), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, KickWithoutFdOrNoFdBit) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    const std::uint64_t v = 0;  // index 0, "no fd" not set, and no fd attached
+    h.raw(Request::set_vring_kick, kNeedReplyFlag, bytes_of(v));
+    EXPECT_NE(h.ack(Request::set_vring_kick), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, CallWithTwoFds) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    UniqueFd a = test::make_eventfd(), b = test::make_eventfd();
+    const int raw[2] = {a.get(), b.get()};
+    const std::uint64_t v = 0;
+    h.raw(Request::set_vring_call, kNeedReplyFlag, bytes_of(v), raw);
+    EXPECT_NE(h.ack(Request::set_vring_call), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, KickNoFdBitWithAnFd) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    UniqueFd a = test::make_eventfd();
+    const int raw = a.get();
+    const std::uint64_t v = kVringNoFdMask;
+    h.raw(Request::set_vring_kick, kNeedReplyFlag, bytes_of(v), {&raw, 1});
+    EXPECT_NE(h.ack(Request::set_vring_kick), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, KickFdThatIsASocketHangingUp) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->negotiate());
+    // A "kick fd" that is a socket whose peer is gone: readable forever, yields EOF.
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    ::close(sv[1]);
+    SetVringKick k;
+    k.index = 0;
+    k.fd = UniqueFd(sv[0]);
+    (void)h.fe->request(k, true);
+    std::this_thread::sleep_for(50ms);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, RemMemRegWithAStrayFdIsTolerated) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    AddMemReg add;
+    add.region = MemRegion{h.fe->region(), h.fe->dup_memfd()};
+    ASSERT_TRUE(h.fe->ok(add));
+    UniqueFd stray = test::make_eventfd();
+    const int raw = stray.get();
+    wire::SingleMemoryRegion w{};
+    w.region = {h.fe->region().guest_phys_addr, h.fe->region().size,
+                h.fe->region().userspace_addr, 0};
+    h.raw(Request::rem_mem_reg, kNeedReplyFlag, bytes_of(w), {&raw, 1});
+    EXPECT_EQ(h.ack(Request::rem_mem_reg), 0u);
+    EXPECT_EQ(h.device.memory().region_count(), 0u);
+    h.expect_alive();
+  });
+}
+
+// ---- rings ------------------------------------------------------------------------------
+
+struct RingCase {
+  const char* name;
+  std::function<void(Hostile&)> send;  // must be refused
+};
+
+class BadRing : public ::testing::TestWithParam<RingCase> {};
+
+TEST_P(BadRing, IsRefusedAndServingGoesOn) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    ASSERT_TRUE(h.fe->set_mem_table());
+    GetParam().send(h);
+    h.expect_alive();
+  });
+}
+
+SetVringAddr addr_for(Hostile& h, std::uint32_t index, std::uint64_t desc_off = 0) {
+  SetVringAddr a;
+  a.index = index;
+  a.desc_user_addr = h.fe->uva_base() + desc_off;
+  a.avail_user_addr = h.fe->uva_base() + 0x2000;
+  a.used_user_addr = h.fe->uva_base() + 0x3000;
+  return a;
+}
+
+SetVringKick kick_for(std::uint8_t index) {
+  SetVringKick k;
+  k.index = index;
+  k.fd = test::make_eventfd();
+  return k;
+}
+
+const RingCase kRingCases[] = {
+    {"NumIndexOutOfRange", [](Hostile& h) { h.expect_refused(SetVringNum{2, 64}); }},
+    {"NumIndexHuge", [](Hostile& h) { h.expect_refused(SetVringNum{0xffffffff, 64}); }},
+    {"AddrIndexOutOfRange", [](Hostile& h) { h.expect_refused(addr_for(h, 5)); }},
+    {"BaseIndexOutOfRange", [](Hostile& h) { h.expect_refused(SetVringBase{2, 0}); }},
+    {"BaseOver16Bits", [](Hostile& h) { h.expect_refused(SetVringBase{0, 0x10000}); }},
+    {"KickIndexOutOfRange", [](Hostile& h) { h.expect_refused(kick_for(200)); }},
+    {"CallIndexOutOfRange",
+     [](Hostile& h) {
+       SetVringCall c;
+       c.index = 2;
+       c.fd = test::make_eventfd();
+       h.expect_refused(c);
+     }},
+    {"ErrIndexOutOfRange",
+     [](Hostile& h) {
+       SetVringErr c;
+       c.index = 255;
+       h.expect_refused(c);
+     }},
+    {"EnableIndexOutOfRange", [](Hostile& h) { h.expect_refused(SetVringEnable{9, 1}); }},
+    {"EnableStateNotBoolean", [](Hostile& h) { h.expect_refused(SetVringEnable{0, 7}); }},
+    {"GetVringBaseIndexOutOfRange",
+     [](Hostile& h) {
+       // Its reply has a body; the failure comes back as a non-zero u64 whatever the flags.
+       ASSERT_TRUE(h.fe->channel().send_message(GetVringBase{3, 0}));
+       h.last = h.session->serve_one();
+       EXPECT_NE(h.ack(Request::get_vring_base), 0u);
+     }},
+    {"SizeZero", [](Hostile& h) { h.expect_refused(SetVringNum{0, 0}); }},
+    {"SizeNotPowerOfTwo", [](Hostile& h) { h.expect_refused(SetVringNum{0, 100}); }},
+    {"SizeTooLarge", [](Hostile& h) { h.expect_refused(SetVringNum{0, 65536}); }},
+    {"AddrMisaligned", [](Hostile& h) { h.expect_refused(addr_for(h, 0, 8)); }},
+    {"AddrUnmapped",
+     [](Hostile& h) {
+       ASSERT_TRUE(h.fe->ok(SetVringNum{0, 64}));
+       auto a = addr_for(h, 0);
+       a.desc_user_addr = 0x10;
+       h.expect_refused(a);
+     }},
+    {"AddrRingPastRegionEnd",
+     [](Hostile& h) {
+       ASSERT_TRUE(h.fe->ok(SetVringNum{0, 256}));
+       h.expect_refused(addr_for(h, 0, TestFrontend::kMemSize - 16));
+     }},
+};
+
+INSTANTIATE_TEST_SUITE_P(BackendHostile, BadRing, ::testing::ValuesIn(kRingCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// ---- before SET_OWNER -------------------------------------------------------------------
+
+class BeforeOwner : public ::testing::TestWithParam<RingCase> {};
+
+TEST_P(BeforeOwner, IsRefused) {
+  hostile([](Hostile& h) {
+    ASSERT_NO_FATAL_FAILURE(h.protocol_only());
+    GetParam().send(h);
+    EXPECT_FALSE(h.device.has_owner());
+    h.expect_alive();
+  });
+}
+
+const RingCase kBeforeOwner[] = {
+    {"SetFeatures", [](Hostile& h) { h.expect_refused(SetFeatures{0}); }},
+    {"SetMemTable",
+     [](Hostile& h) {
+       SetMemTable t;
+       t.regions.push_back(MemRegion{h.fe->region(), h.fe->dup_memfd()});
+       h.expect_refused(t);
+     }},
+    {"SetVringNum", [](Hostile& h) { h.expect_refused(SetVringNum{0, 64}); }},
+    {"SetVringAddr", [](Hostile& h) { h.expect_refused(addr_for(h, 0)); }},
+    {"SetVringBase", [](Hostile& h) { h.expect_refused(SetVringBase{0, 0}); }},
+    {"SetVringKick", [](Hostile& h) { h.expect_refused(kick_for(0)); }},
+    {"SetVringCall",
+     [](Hostile& h) {
+       SetVringCall c;
+       c.fd = test::make_eventfd();
+       h.expect_refused(c);
+     }},
+    {"SetVringErr", [](Hostile& h) { h.expect_refused(SetVringErr{}); }},
+    {"SetVringEnable", [](Hostile& h) { h.expect_refused(SetVringEnable{0, 1}); }},
+    {"SetLogFd",
+     [](Hostile& h) {
+       SetLogFd m;
+       m.fd = test::make_eventfd();
+       h.expect_refused(m);
+     }},
+    {"ResetOwner", [](Hostile& h) { h.expect_refused(ResetOwner{}); }},
+    {"ResetDevice", [](Hostile& h) { h.expect_refused(ResetDevice{}); }},
+    {"AddMemReg",
+     [](Hostile& h) {
+       AddMemReg m;
+       m.region = MemRegion{h.fe->region(), h.fe->dup_memfd()};
+       h.expect_refused(m);
+     }},
+    {"SetConfig",
+     [](Hostile& h) {
+       SetConfig m;
+       m.offset = 8;
+       m.data = {1};
+       h.expect_refused(m);
+     }},
+    {"SetStatus", [](Hostile& h) { h.expect_refused(SetStatus{1}); }},
+    {"SendRarp", [](Hostile& h) { h.expect_refused(SendRarp{}); }},
+    {"GetVringBase",
+     [](Hostile& h) {
+       ASSERT_TRUE(h.fe->channel().send_message(GetVringBase{0, 0}));
+       h.last = h.session->serve_one();
+       EXPECT_NE(h.ack(Request::get_vring_base), 0u);
+     }},
+};
+
+INSTANTIATE_TEST_SUITE_P(BackendHostile, BeforeOwner, ::testing::ValuesIn(kBeforeOwner),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// ---- memory tables ----------------------------------------------------------------------
+
+// A table that can't be mapped: refused, the session marked broken, rings stopped.
+void expect_bad_table(Hostile& h, SetMemTable t) {
+  auto a = h.fe->request(t, true);
+  ASSERT_TRUE(a.has_value()) << a.error().message();
+  EXPECT_NE(*a, 0u);
+  EXPECT_TRUE(h.session->broken());
+  EXPECT_EQ(h.device.memory().region_count(), 0u);
+  EXPECT_FALSE(h.device.queue(0).started());
+  h.expect_alive();
+}
+
+SetMemTable two_regions(Hostile& h, memory::RegionSpec a, memory::RegionSpec b) {
+  SetMemTable t;
+  t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+  t.regions.push_back(MemRegion{b, h.fe->dup_memfd()});
+  return t;
+}
+
+TEST(BackendHostile, MemTableOverlappingGuestRanges) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->negotiate());
+    auto a = h.fe->region();
+    auto b = a;
+    b.guest_phys_addr += a.size / 2;
+    b.userspace_addr += a.size * 4;
+    expect_bad_table(h, two_regions(h, a, b));
+  });
+}
+
+TEST(BackendHostile, MemTableOverlappingUserRanges) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->negotiate());
+    auto a = h.fe->region();
+    auto b = a;
+    b.guest_phys_addr += a.size * 4;
+    b.userspace_addr += 4096;
+    expect_bad_table(h, two_regions(h, a, b));
+  });
+}
+
+TEST(BackendHostile, MemTableWrappingRegion) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->negotiate());
+    auto a = h.fe->region();
+    a.guest_phys_addr = std::numeric_limits<std::uint64_t>::max() - 4095;
+    SetMemTable t;
+    t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    expect_bad_table(h, std::move(t));
+  });
+}
+
+TEST(BackendHostile, MemTableOffsetPastTheFile) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->negotiate());
+    auto a = h.fe->region();
+    a.mmap_offset = TestFrontend::kMemSize;
+    SetMemTable t;
+    t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    expect_bad_table(h, std::move(t));
+  });
+}
+
+TEST(BackendHostile, MemTableZeroSizeRegion) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->negotiate());
+    auto a = h.fe->region();
+    a.size = 0;
+    SetMemTable t;
+    t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    expect_bad_table(h, std::move(t));
+  });
+}
+
+TEST(BackendHostile, MemTableNotAMappableFd) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->negotiate());
+    SetMemTable t;
+    t.regions.push_back(MemRegion{h.fe->region(), test::make_eventfd()});
+    expect_bad_table(h, std::move(t));
+  });
+}
+
+TEST(BackendHostile, MemTableNineRegions) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    std::array<std::uint8_t, sizeof(wire::Memory)> p{};
+    const std::uint32_t nine = 9;
+    std::memcpy(p.data(), &nine, 4);
+    std::vector<UniqueFd> owned;
+    std::vector<int> raw;
+    for (int i = 0; i < 8; ++i) {
+      owned.push_back(h.fe->dup_memfd());
+      raw.push_back(owned.back().get());
+    }
+    h.raw(Request::set_mem_table, kNeedReplyFlag, p, raw);
+    EXPECT_NE(h.ack(Request::set_mem_table), 0u);
+    EXPECT_EQ(h.device.memory().region_count(), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, MemTableFewerFdsThanRegions) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    wire::Memory m{};
+    m.nregions = 2;
+    m.regions[0] = {TestFrontend::kGpaBase, 4096, h.fe->uva_base(), 0};
+    m.regions[1] = {TestFrontend::kGpaBase + 8192, 4096, h.fe->uva_base() + 8192, 8192};
+    UniqueFd one = h.fe->dup_memfd();
+    const int raw = one.get();
+    h.raw(Request::set_mem_table, kNeedReplyFlag,
+          std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(&m),
+                                        wire::kMemoryHeaderSize + 2 * sizeof(wire::MemoryRegion)),
+          {&raw, 1});
+    EXPECT_NE(h.ack(Request::set_mem_table), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, BrokenSessionRecoversWithAValidTable) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->negotiate());
+    ASSERT_TRUE(h.fe->echo(0, 64));
+    auto a = h.fe->region();
+    a.size = 0;
+    SetMemTable bad;
+    bad.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    ASSERT_TRUE(h.fe->request(bad, false));
+    EXPECT_TRUE(h.session->broken());
+    EXPECT_FALSE(h.device.queue(0).started());
+    ASSERT_TRUE(h.fe->set_mem_table());
+    EXPECT_FALSE(h.session->broken());
+    EXPECT_EQ(h.device.memory().region_count(), 1u);
+  });
+}
+
+TEST(BackendHostile, AddMemRegOverlappingAnExistingRegion) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    ASSERT_TRUE(h.fe->set_mem_table());
+    AddMemReg m;
+    auto r = h.fe->region();
+    r.guest_phys_addr += 4096;
+    r.userspace_addr += r.size * 2;
+    r.size = 4096;
+    m.region = MemRegion{r, h.fe->dup_memfd()};
+    h.expect_refused(m);
+    EXPECT_EQ(h.device.memory().region_count(), 1u);
+  });
+}
+
+TEST(BackendHostile, AddMemRegWithoutConfigureMemSlots) {
+  hostile([](Hostile& h) {
+    test::FrontendOptions o;
+    ASSERT_TRUE(h.fe->handshake(o));
+    // Renegotiate protocol features without CONFIGURE_MEM_SLOTS.
+    ASSERT_TRUE(h.fe->request(SetProtocolFeatures{protocol_bit(protocol_feature::reply_ack)}, false));
+    AddMemReg m;
+    m.region = MemRegion{h.fe->region(), h.fe->dup_memfd()};
+    h.expect_refused(m);
+  });
+}
+
+// ---- everything else --------------------------------------------------------------------
+
+TEST(BackendHostile, SetOwnerTwice) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    h.expect_refused(SetOwner{});
+  });
+}
+
+TEST(BackendHostile, SetFeaturesNotOffered) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    h.expect_refused(SetFeatures{virtio::bit(virtio::feature::ring_packed)});
+  });
+}
+
+TEST(BackendHostile, SetProtocolFeaturesNotOffered) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    const auto before = h.session->protocol_features();
+    ASSERT_TRUE(h.fe->request(SetProtocolFeatures{~std::uint64_t{0}}, false));
+    EXPECT_EQ(h.session->protocol_features(), before);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, SetLogBasePastTheFile) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    SetLogBase m;
+    m.mmap_size = 1 << 20;
+    m.mmap_offset = 1ull << 40;
+    m.fd = h.fe->dup_memfd();
+    ASSERT_TRUE(h.fe->channel().send_message(m));
+    h.last = h.session->serve_one();
+    EXPECT_NE(h.ack(Request::set_log_base), 0u);
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, GetConfigOversize) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    const wire::Config c{0, 1000, 0, {}};
+    h.raw(Request::get_config, 0,
+          std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(&c),
+                                        wire::kConfigHeaderSize));
+    auto rep = h.fe->channel().recv();
+    ASSERT_TRUE(rep);
+    auto cfg = decode_config_reply(*rep);
+    ASSERT_TRUE(cfg);
+    EXPECT_TRUE(cfg->data.empty());
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, SetConfigPastTheEnd) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    SetConfig m;
+    m.offset = 0xfffffff0;
+    m.data.assign(32, 1);
+    h.expect_refused(m);
+  });
+}
+
+TEST(BackendHostile, NetSetMtuWithoutTheFeature) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    h.expect_refused(NetSetMtu{1500});
+  });
+}
+
+TEST(BackendHostile, UnsupportedRequestsWithFds) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    SetBackendReqFd m;
+    m.fd = test::make_eventfd();
+    h.expect_refused(m);
+    SetInflightFd inf;
+    inf.fd = h.fe->dup_memfd();
+    h.expect_refused(inf);
+    GpuSetSocket g;
+    g.fd = test::make_eventfd();
+    h.expect_refused(g);
+  });
+}
+
+TEST(BackendHostile, UnsupportedRequestsWithOwnRepliesStillGetOne) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    for (auto r : {Request::iotlb_msg, Request::check_device_state}) {
+      if (r == Request::iotlb_msg) {
+        ASSERT_TRUE(h.fe->channel().send_message(IotlbMsg{}));
+      } else {
+        ASSERT_TRUE(h.fe->channel().send_message(CheckDeviceState{}));
+      }
+      h.last = h.session->serve_one();
+      EXPECT_NE(h.ack(r), 0u) << to_string(r);
+    }
+    h.expect_alive();
+  });
+}
+
+TEST(BackendHostile, FdCountStableOver1000Cycles) { test::fd_stable_over_cycles(1000); }
+
+}  // namespace
+}  // namespace vhostkit::vhost_user
