@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <linux/if_ether.h>
 #include <linux/if_packet.h>
+#include <netinet/in.h>
 #include <net/if.h>
 #include <spdlog/spdlog.h>
 #include <sys/ioctl.h>
@@ -76,6 +77,53 @@ void scatter(std::span<const iovec> into, std::size_t skip, const std::uint8_t* 
     len -= n;
     skip = 0;
   }
+}
+
+std::uint32_t sum16(const std::uint8_t* p, std::size_t len, std::uint32_t sum) noexcept {
+  for (std::size_t i = 0; i + 1 < len; i += 2) sum += static_cast<std::uint32_t>(p[i] << 8 | p[i + 1]);
+  if (len & 1) sum += static_cast<std::uint32_t>(p[len - 1] << 8);
+  return sum;
+}
+
+std::uint16_t be16(const std::uint8_t* p) noexcept {
+  return static_cast<std::uint16_t>(p[0] << 8 | p[1]);
+}
+
+// A frame the host stack sent with CHECKSUM_PARTIAL (TP_STATUS_CSUMNOTREADY) carries only the
+// pseudo-header sum in its TCP/UDP checksum field; hardware would have finished it. A plain
+// frame has no virtio_net_hdr to say NEEDS_CSUM, so finish it here or the guest drops it.
+// Anything other than unfragmented TCP/UDP over IPv4/IPv6 (no extension headers) is left as is.
+void complete_checksum(std::uint8_t* f, std::size_t len) noexcept {
+  std::size_t off = kEthHdrLen;
+  if (len < off) return;
+  std::uint16_t type = be16(f + 12);
+  while ((type == ETH_P_8021Q || type == ETH_P_8021AD) && len >= off + kVlanTagLen) {
+    type = be16(f + off + 2);
+    off += kVlanTagLen;
+  }
+  std::uint8_t proto = 0;
+  std::size_t l4 = 0, end = 0;
+  if (type == ETH_P_IP && len >= off + 20) {
+    std::size_t ihl = std::size_t{f[off] & 0x0fu} * 4;
+    if (ihl < 20 || (be16(f + off + 6) & 0x3fff) != 0) return;  // options too short, or a fragment
+    proto = f[off + 9];
+    l4 = off + ihl;
+    end = off + be16(f + off + 2);
+  } else if (type == ETH_P_IPV6 && len >= off + 40) {
+    proto = f[off + 6];
+    l4 = off + 40;
+    end = l4 + be16(f + off + 4);
+  } else {
+    return;
+  }
+  std::size_t field = proto == IPPROTO_TCP ? 16 : proto == IPPROTO_UDP ? 6 : 0;
+  if (field == 0 || end > len || l4 + field + 2 > end) return;  // padding past `end` stays out
+  std::uint32_t sum = sum16(f + l4, end - l4, 0);
+  while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+  auto csum = static_cast<std::uint16_t>(~sum);
+  if (csum == 0 && proto == IPPROTO_UDP) csum = 0xffff;  // 0 means "no checksum" for UDP
+  f[l4 + field] = static_cast<std::uint8_t>(csum >> 8);
+  f[l4 + field + 1] = static_cast<std::uint8_t>(csum);
 }
 
 Result<> set_int_opt(int fd, int opt, int value, const char* what, const std::string& ifname) {
@@ -304,7 +352,8 @@ std::expected<std::size_t, Errc> AfPacketPort::recv(std::uint16_t qp,
     p.counters.rx_truncated();
     return std::unexpected(Errc::too_many);
   }
-  const std::uint8_t* frame = reinterpret_cast<const std::uint8_t*>(h) + mac;
+  std::uint8_t* frame = reinterpret_cast<std::uint8_t*>(h) + mac;
+  if (status & TP_STATUS_CSUMNOTREADY) complete_checksum(frame, snap);
   // The receive path moved an 802.1Q/802.1ad tag into tp_vlan_tci: put it back where it was.
   bool vlan = (status & TP_STATUS_VLAN_VALID) != 0;
   std::size_t out_len = snap + (vlan ? kVlanTagLen : 0);

@@ -166,7 +166,8 @@ TEST_F(AfPacketPortTest, OversizeTxFramesAreDroppedPerTheMtu) {
 
   auto f1515 = test_frame(1, 1515);
   auto f1518 = test_frame(2, 1518);
-  auto runt = test_frame(3, 13);
+  auto runt = test_frame(3, 14);
+  runt.pop_back();  // 13 bytes: less than an Ethernet header
   EXPECT_FALSE(port_send(p, 0, f1515));
   EXPECT_FALSE(port_send(p, 0, f1518));
   EXPECT_FALSE(port_send(p, 0, runt, 5));
@@ -293,6 +294,88 @@ TEST_F(AfPacketPortTest, TwoQueuePairsShareReceivedFlowsThroughFanout) {
   EXPECT_EQ(p.stats(0).rx_frames + p.stats(1).rx_frames, std::uint64_t{kFlows});
 }
 
+// Whether the TCP/UDP checksum of an Ethernet/IPv4 frame verifies (pseudo-header included).
+bool l4_checksum_ok(const std::vector<std::uint8_t>& f) {
+  const std::uint8_t* ip = &f[14];
+  std::size_t ihl = (ip[0] & 0xfu) * 4u;
+  std::size_t l4_len = get16(ip + 2) - ihl;
+  std::uint32_t pseudo = get16(ip + 12) + get16(ip + 14) + get16(ip + 16) + get16(ip + 18) +
+                         ip[9] + static_cast<std::uint32_t>(l4_len);
+  return inet_checksum(ip + ihl, l4_len, pseudo) == 0;
+}
+
+TEST_F(AfPacketPortTest, ChecksumsTheHostLeftToHardwareAreCompleted) {
+  ASSERT_TRUE(sh("ip addr add 192.0.2.2/24 dev vk-b"));
+  ASSERT_TRUE(sh("ip neigh add 192.0.2.1 lladdr 02:00:00:00:00:0a dev vk-b"));
+  ASSERT_TRUE(sh("ethtool -K vk-b tx on"));
+  auto port = AfPacketPort::open("vk-a", 1);
+  ASSERT_TRUE(port);
+  // A witness socket with PACKET_AUXDATA shows the kernel really hands these over unfinished.
+  int witness = ::socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_IP));
+  ASSERT_GE(witness, 0);
+  int one = 1;
+  ASSERT_EQ(::setsockopt(witness, SOL_PACKET, PACKET_AUXDATA, &one, sizeof one), 0);
+  sockaddr_ll sll{};
+  sll.sll_family = AF_PACKET;
+  sll.sll_protocol = htons(ETH_P_IP);
+  sll.sll_ifindex = static_cast<int>(::if_nametoindex("vk-a"));
+  ASSERT_EQ(::bind(witness, reinterpret_cast<sockaddr*>(&sll), sizeof sll), 0);
+
+  // UDP (odd length, to exercise the odd byte) and a TCP SYN, both from the host stack on vk-b.
+  int udp = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_port = htons(9);
+  to.sin_addr.s_addr = htonl(0xc0000201);
+  std::vector<std::uint8_t> payload(101, 0x5a);
+  ASSERT_EQ(::sendto(udp, payload.data(), payload.size(), 0, reinterpret_cast<sockaddr*>(&to),
+                     sizeof to), 101);
+  int tcp = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  to.sin_port = htons(80);
+  ::connect(tcp, reinterpret_cast<sockaddr*>(&to), sizeof to);
+
+  std::vector<std::uint8_t> buf(2048);
+  alignas(8) char control[256];
+  iovec wiov{buf.data(), buf.size()};
+  msghdr msg{};
+  msg.msg_iov = &wiov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  ASSERT_TRUE(wait_readable(witness, 1000));
+  ASSERT_GT(::recvmsg(witness, &msg, 0), 0);
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  ASSERT_TRUE(c && c->cmsg_type == PACKET_AUXDATA);
+  tpacket_auxdata aux;
+  std::memcpy(&aux, CMSG_DATA(c), sizeof aux);
+  EXPECT_TRUE(aux.tp_status & TP_STATUS_CSUMNOTREADY) << "the path under test was not taken";
+
+  bool saw_udp = false, saw_tcp = false;
+  iovec iov{buf.data(), buf.size()};
+  for (int i = 0; i < 200 && !(saw_udp && saw_tcp); ++i) {
+    auto n = (*port)->recv(0, std::span(&iov, 1));
+    ASSERT_TRUE(n);
+    if (*n == 0) {
+      wait_readable((*port)->rx_fd(0), 10);
+      continue;
+    }
+    std::vector<std::uint8_t> f(buf.begin(), buf.begin() + static_cast<long>(*n));
+    if (f.size() < 34 || get16(&f[12]) != 0x0800) continue;
+    if (f[23] == IPPROTO_UDP) {
+      saw_udp = true;
+      EXPECT_TRUE(l4_checksum_ok(f)) << "UDP";
+    } else if (f[23] == IPPROTO_TCP) {
+      saw_tcp = true;
+      EXPECT_TRUE(l4_checksum_ok(f)) << "TCP";
+    }
+  }
+  EXPECT_TRUE(saw_udp);
+  EXPECT_TRUE(saw_tcp);
+  ::close(udp);
+  ::close(tcp);
+  ::close(witness);
+}
+
 TEST_F(AfPacketPortTest, MissingInterfaceIsOneClearError) {
   auto port = AfPacketPort::open("eth9", 1);
   ASSERT_FALSE(port);
@@ -308,17 +391,17 @@ TEST_F(AfPacketPortTest, MissingInterfaceIsOneClearError) {
 
 TEST_F(AfPacketPortTest, DestroyClosesSocketsAndUnmapsRings) {
   std::size_t fds = open_fd_count();
-  std::size_t maps = maps_line_count();
+  std::size_t maps = socket_maps_count();
   {
     auto port = AfPacketPort::open("vk-a", 2);
     ASSERT_TRUE(port) << port.error().message();
     EXPECT_EQ(open_fd_count(), fds + 2);
-    EXPECT_GT(maps_line_count(), maps);
+    EXPECT_EQ(socket_maps_count(), maps + 2);  // one mapping (rx + tx ring) per pair
     // Promiscuous while open (PACKET_MR_PROMISC), per the kernel's promiscuity count.
     EXPECT_TRUE(std::stoul(read_sys("/sys/class/net/vk-a/flags"), nullptr, 16) & 0x100);
   }
   EXPECT_EQ(open_fd_count(), fds);
-  EXPECT_EQ(maps_line_count(), maps);
+  EXPECT_EQ(socket_maps_count(), maps);
   EXPECT_FALSE(std::stoul(read_sys("/sys/class/net/vk-a/flags"), nullptr, 16) & 0x100);
 }
 

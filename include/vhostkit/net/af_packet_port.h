@@ -56,8 +56,8 @@ class AfPacketPort final : public Port {
   bool send(std::uint16_t qp, std::span<const iovec> pieces) noexcept override;
   // One sendto(MSG_DONTWAIT) when send() filled slots since the last kick.
   void flush(std::uint16_t qp) noexcept override;
-  // Copies the next ready rx slot into `into` (re-inserting a VLAN tag the kernel took off)
-  // and hands the slot back. Errc::too_many (and rx_truncated) when the frame was longer than
+  // Copies the next ready rx slot into `into` (re-inserting a VLAN tag the kernel took off,
+  // finishing a TCP/UDP checksum a local sender left to hardware) and hands the slot back. Errc::too_many (and rx_truncated) when the frame was longer than
   // a slot or than `into`.
   std::expected<std::size_t, Errc> recv(std::uint16_t qp,
                                         std::span<const iovec> into) noexcept override;
