@@ -1,0 +1,107 @@
+#include "cli_util.h"
+
+#include <sched.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+
+#include <algorithm>
+#include <charconv>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+namespace vhostkit::cli {
+namespace {
+
+Result<int> parse_int(std::string_view s, std::string_view what) {
+  int v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc{} || p != s.data() + s.size() || s.empty()) {
+    return fail(Errc::invalid_argument, fmt::format("{} '{}' is not a number", what, s));
+  }
+  return v;
+}
+
+}  // namespace
+
+Result<std::vector<int>> parse_cpu_list(std::string_view s) {
+  std::vector<int> cpus;
+  if (s.empty()) return fail(Errc::invalid_argument, "empty CPU list");
+  while (!s.empty()) {
+    auto comma = s.find(',');
+    auto item = s.substr(0, comma);
+    s = comma == std::string_view::npos ? std::string_view{} : s.substr(comma + 1);
+    auto dash = item.find('-');
+    auto lo = parse_int(item.substr(0, dash), "CPU");
+    if (!lo) return std::unexpected(lo.error());
+    int hi_v = *lo;
+    if (dash != std::string_view::npos) {
+      auto hi = parse_int(item.substr(dash + 1), "CPU");
+      if (!hi) return std::unexpected(hi.error());
+      hi_v = *hi;
+    }
+    if (*lo < 0 || hi_v < *lo || hi_v >= CPU_SETSIZE) {
+      return fail(Errc::invalid_argument, fmt::format("CPU range '{}' is not valid", item));
+    }
+    for (int c = *lo; c <= hi_v; ++c) {
+      if (std::find(cpus.begin(), cpus.end(), c) != cpus.end()) {
+        return fail(Errc::invalid_argument, fmt::format("CPU {} listed twice", c));
+      }
+      cpus.push_back(c);
+    }
+  }
+  return cpus;
+}
+
+Result<std::array<std::uint8_t, 6>> parse_mac(std::string_view s) {
+  std::array<std::uint8_t, 6> mac{};
+  auto bad = [&] {
+    return fail(Errc::invalid_argument,
+                fmt::format("MAC '{}' is not of the form 52:54:00:12:34:56", s));
+  };
+  if (s.size() != 17) return bad();
+  for (std::size_t i = 0; i < 6; ++i) {
+    if (i > 0 && s[i * 3 - 1] != ':' && s[i * 3 - 1] != '-') return bad();
+    unsigned v = 0;
+    auto [p, ec] = std::from_chars(s.data() + i * 3, s.data() + i * 3 + 2, v, 16);
+    if (ec != std::errc{} || p != s.data() + i * 3 + 2) return bad();
+    mac[i] = static_cast<std::uint8_t>(v);
+  }
+  if (mac[0] & 1) {
+    return fail(Errc::invalid_argument, fmt::format("MAC '{}' is a multicast address", s));
+  }
+  return mac;
+}
+
+std::string format_mac(const std::array<std::uint8_t, 6>& m) {
+  return fmt::format("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4],
+                     m[5]);
+}
+
+Result<> set_log_level(std::string_view level) {
+  auto lv = spdlog::level::from_str(std::string(level));
+  // from_str answers "off" for anything it does not know; accept "off" only when asked.
+  if (lv == spdlog::level::off && level != "off") {
+    return fail(Errc::invalid_argument,
+                fmt::format("log level '{}' is not one of trace, debug, info, warn, error, "
+                            "critical, off",
+                            level));
+  }
+  spdlog::set_level(lv);
+  return {};
+}
+
+Result<UniqueFd> block_stop_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  if (pthread_sigmask(SIG_BLOCK, &set, nullptr) != 0) return fail_errno("pthread_sigmask");
+  // A peer that closes its end of a socket must not kill us: writes then fail with EPIPE.
+  signal(SIGPIPE, SIG_IGN);
+  int fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (fd < 0) return fail_errno("signalfd");
+  return UniqueFd(fd);
+}
+
+}  // namespace vhostkit::cli
