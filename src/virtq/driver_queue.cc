@@ -75,10 +75,7 @@ Result<> DriverQueue::init(std::span<std::byte> ring, std::uint64_t ring_gpa, st
   // A stack with descriptor 0 on top.
   for (std::uint16_t i = 0; i < size; ++i) free_[i] = static_cast<std::uint16_t>(size - 1 - i);
   free_count_ = size;
-  next_.assign(size, 0);
-  tokens_.assign(size, 0);
-  chain_len_.assign(size, 0);
-  in_len_.assign(size, 0);
+  slots_.assign(size, Slot{});
   indirect_ = use_indirect ? indirect : std::span<std::byte>{};
   indirect_gpa_ = use_indirect ? indirect_gpa : 0;
   max_indirect_ = use_indirect ? max_indirect : 0;
@@ -89,6 +86,18 @@ std::expected<std::uint16_t, Errc> DriverQueue::add(std::span<const Buffer> out,
                                                     std::span<const Buffer> in,
                                                     std::uint64_t token) noexcept {
   const std::size_t n = out.size() + in.size();
+  if (n == 1 && free_count_ != 0) [[likely]] {
+    // One buffer: one descriptor, never indirect.
+    const bool is_in = out.empty();
+    const Buffer& b = is_in ? in[0] : out[0];
+    const std::uint16_t head = free_[--free_count_];
+    desc_[head] = virtio::VirtqDesc{b.gpa, b.len, is_in ? virtio::kDescFWrite : std::uint16_t{0},
+                                    0};
+    slots_[head] = Slot{token, is_in ? b.len : 0, 1, 0};
+    avail_->ring[avail_idx_ & mask_] = head;
+    ++avail_idx_;
+    return head;
+  }
   if (n == 0 || desc_ == nullptr) [[unlikely]] return std::unexpected(Errc::invalid_argument);
   const bool indirect = use_indirect_ && n > 1 && n <= max_indirect_;
   const std::size_t needed = indirect ? 1 : n;
@@ -113,7 +122,7 @@ std::expected<std::uint16_t, Errc> DriverQueue::add(std::span<const Buffer> out,
     desc_[head] = virtio::VirtqDesc{indirect_gpa_ + table_off,
                                     static_cast<std::uint32_t>(n * sizeof(virtio::VirtqDesc)),
                                     virtio::kDescFIndirect, 0};
-    chain_len_[head] = 1;
+    slots_[head].chain_len = 1;
   } else {
     std::uint16_t cur = head;
     for (std::size_t i = 0; i < n; ++i) {
@@ -125,14 +134,14 @@ std::expected<std::uint16_t, Errc> DriverQueue::add(std::span<const Buffer> out,
         nxt = free_[--free_count_];
         flags |= virtio::kDescFNext;
       }
-      next_[cur] = nxt;
+      slots_[cur].next = nxt;
       desc_[cur] = virtio::VirtqDesc{b.gpa, b.len, flags, nxt};
       cur = nxt;
     }
-    chain_len_[head] = static_cast<std::uint16_t>(n);
+    slots_[head].chain_len = static_cast<std::uint16_t>(n);
   }
-  tokens_[head] = token;
-  in_len_[head] = static_cast<std::uint32_t>(
+  slots_[head].token = token;
+  slots_[head].in_len = static_cast<std::uint32_t>(
       std::min<std::uint64_t>(in_total, std::numeric_limits<std::uint32_t>::max()));
   avail_->ring[avail_idx_ & mask_] = head;
   ++avail_idx_;
@@ -169,24 +178,25 @@ bool DriverQueue::reclaim(std::uint16_t slot, Used& out) noexcept {
   std::memcpy(&e, &used_->ring[slot], sizeof e);
   // Compiler-only fence: the checks below run on this copy, never on a second shared read.
   std::atomic_signal_fence(std::memory_order_seq_cst);
-  if (e.id >= size_ || chain_len_[e.id] == 0) [[unlikely]] {
+  if (e.id >= size_ || slots_[e.id].chain_len == 0) [[unlikely]] {
     ++bad_used_;
     return false;
   }
   const auto head = static_cast<std::uint16_t>(e.id);
+  Slot& h = slots_[head];
   std::uint32_t len = e.len;
-  if (len > in_len_[head]) [[unlikely]] {
+  if (len > h.in_len) [[unlikely]] {
     ++bad_used_;
-    len = in_len_[head];
+    len = h.in_len;
   }
   // Return the chain's descriptors by our own links, never the shared next fields.
   std::uint16_t d = head;
-  for (std::uint16_t i = chain_len_[head]; i != 0; --i) {
+  for (std::uint16_t i = h.chain_len; i != 0; --i) {
     free_[free_count_++] = d;
-    d = next_[d];
+    d = slots_[d].next;
   }
-  chain_len_[head] = 0;
-  out = Used{tokens_[head], len, head};
+  h.chain_len = 0;
+  out = Used{h.token, len, head};
   return true;
 }
 

@@ -234,11 +234,15 @@ class DriverQueue {
   std::uint64_t bad_used_ = 0;
   // Private copies: the device can rewrite the descriptor table, so freeing a chain never
   // follows the shared next fields.
-  std::vector<std::uint16_t> free_;    // free descriptor indices (a stack)
-  std::vector<std::uint16_t> next_;    // our own next link per descriptor
-  std::vector<std::uint64_t> tokens_;  // per head
-  std::vector<std::uint16_t> chain_len_;  // descriptors per head in flight (0: not a head)
-  std::vector<std::uint32_t> in_len_;     // device-writable bytes per head
+  // Per descriptor index, in one 16-byte record so add and reclaim touch one cache line.
+  struct Slot {
+    std::uint64_t token = 0;      // (heads) what add() was given
+    std::uint32_t in_len = 0;     // (heads) device-writable bytes
+    std::uint16_t chain_len = 0;  // (heads) descriptors in flight; 0: not a head in flight
+    std::uint16_t next = 0;       // our own next link
+  };
+  std::vector<std::uint16_t> free_;  // free descriptor indices (a stack)
+  std::vector<Slot> slots_;
   std::span<std::byte> indirect_{};
   std::uint64_t indirect_gpa_ = 0;
   std::uint16_t max_indirect_ = 0;
