@@ -166,8 +166,7 @@ TEST_F(AfPacketPortTest, OversizeTxFramesAreDroppedPerTheMtu) {
 
   auto f1515 = test_frame(1, 1515);
   auto f1518 = test_frame(2, 1518);
-  auto runt = test_frame(3, 14);
-  runt.pop_back();  // 13 bytes: less than an Ethernet header
+  std::vector<std::uint8_t> runt(13, 0x02);  // less than an Ethernet header
   EXPECT_FALSE(port_send(p, 0, f1515));
   EXPECT_FALSE(port_send(p, 0, f1518));
   EXPECT_FALSE(port_send(p, 0, runt, 5));
