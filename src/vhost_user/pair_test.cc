@@ -1,0 +1,428 @@
+// Our front-end against our back-end in one process: FrontendSession <-> BackendSession /
+// BackendServer over a socketpair and over socket paths, with a loopback net-like device that
+// moves each frame from a pair's transmitq into its receiveq.
+#include <gtest/gtest.h>
+#include <fmt/format.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <thread>
+#include <vector>
+
+#include "test_fds.h"
+#include "vhostkit/vhost/backend.h"
+#include "vhostkit/vhost/device.h"
+#include "vhostkit/vhost_user/backend_session.h"
+#include "vhostkit/vhost_user/frontend_session.h"
+#include "vhostkit/vhost_user/server.h"
+#include "vhostkit/virtio/net.h"
+
+namespace vhostkit::vhost_user {
+namespace {
+
+using namespace std::chrono_literals;
+using test::open_fd_count;
+
+constexpr std::array<std::uint8_t, 6> kMac{0x02, 0x11, 0x22, 0x33, 0x44, 0x55};
+
+// Each pair's transmitq chains are copied (header and all) into a receiveq buffer of the same
+// pair, num_buffers set to 1. Both rings of a pair run on one worker (queues_per_worker 2).
+class LoopbackBackend : public vhost::DeviceBackend {
+ public:
+  explicit LoopbackBackend(std::uint16_t pairs) : pairs_(pairs), pairs_state_(pairs) {}
+  void attach(vhost::Device* d) { dev_ = d; }
+
+  std::uint64_t features() const noexcept override {
+    return kFrontendNetFeatures | virtio::bit(virtio::net_feature::mq) |
+           virtio::bit(virtio::feature::ring_indirect_desc) |
+           virtio::bit(virtio::net_feature::csum);
+  }
+  std::uint16_t num_queues() const noexcept override { return 2 * pairs_; }
+  Result<> read_config(std::uint32_t offset, std::span<std::uint8_t> out) const override {
+    virtio::VirtioNetConfig c{};
+    std::memcpy(c.mac, kMac.data(), 6);
+    c.status = virtio::kNetSLinkUp;
+    c.max_virtqueue_pairs = pairs_;
+    if (offset > sizeof c || out.size() > sizeof c - offset) {
+      return fail(Errc::out_of_range, "config read past the end");
+    }
+    std::memcpy(out.data(), reinterpret_cast<const std::uint8_t*>(&c) + offset, out.size());
+    return {};
+  }
+  void set_features(std::uint64_t acked) noexcept override { acked_ = acked; }
+
+  // Receive buffers are popped as soon as they are posted and kept here until a frame fills
+  // them: a ring whose chains stay available would never let the worker go back to sleep.
+  void queue_stopped(vhost::Queue& q, vhost::Worker&) override { pairs_state_[q.index() / 2].count = 0; }
+
+  bool handle_queue(vhost::Queue& q) noexcept override {
+    const std::uint16_t tx_index = q.index() & ~1u;
+    vhost::Queue& tx = dev_->queue(tx_index);
+    vhost::Queue& rx = dev_->queue(tx_index + 1);
+    PairState& ps = pairs_state_[tx_index / 2];
+    bool did = false;
+    std::array<iovec, 8> tsegs, rsegs;
+    if (rx.started()) {
+      auto& rxq = rx.vq();
+      while (ps.count < ps.stash.size() && rxq.pending() > 0) {
+        auto r = rxq.pop(rsegs);
+        did = true;
+        if (!r) {
+          if (virtq::breaks_queue(r.error())) break;
+          continue;
+        }
+        if (r->writable.empty()) {
+          rxq.push_used(r->head, 0);
+          continue;
+        }
+        ps.stash[(ps.first + ps.count++) % ps.stash.size()] = Slot{r->head, r->writable[0]};
+      }
+    }
+    if (!tx.started() || !rx.started()) return did;
+    auto& txq = tx.vq();
+    auto& rxq = rx.vq();
+    bool moved = false;
+    for (int n = 0; n < 64 && ps.count > 0 && txq.pending() > 0; ++n) {
+      auto t = txq.pop(tsegs);
+      did = true;
+      if (!t) {
+        if (virtq::breaks_queue(t.error())) break;
+        continue;
+      }
+      const Slot slot = ps.stash[ps.first];
+      ps.first = (ps.first + 1) % ps.stash.size();
+      --ps.count;
+      std::size_t copied = 0;
+      for (const iovec& seg : t->readable) {
+        const std::size_t k = std::min(seg.iov_len, slot.buf.iov_len - copied);
+        std::memcpy(static_cast<char*>(slot.buf.iov_base) + copied, seg.iov_base, k);
+        copied += k;
+      }
+      if (copied >= 12) {
+        const std::uint16_t one = 1;  // num_buffers
+        std::memcpy(static_cast<char*>(slot.buf.iov_base) + 10, &one, 2);
+      }
+      rxq.push_used(slot.head, static_cast<std::uint32_t>(copied));
+      txq.push_used(t->head, 0);
+      moved = true;
+      frames_.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (did) tx.publish_and_notify();
+    if (moved) rx.publish_and_notify();
+    return did;
+  }
+
+  std::uint64_t frames() const { return frames_.load(); }
+  std::uint64_t acked() const { return acked_; }
+
+ private:
+  struct Slot {
+    std::uint16_t head = 0;
+    iovec buf{};
+  };
+  struct PairState {
+    std::vector<Slot> stash = std::vector<Slot>(virtio::kMaxQueueSize);
+    std::size_t first = 0;
+    std::size_t count = 0;
+  };
+  std::uint16_t pairs_;
+  std::vector<PairState> pairs_state_;
+  vhost::Device* dev_ = nullptr;
+  std::atomic<std::uint64_t> frames_{0};
+  std::uint64_t acked_ = 0;
+};
+
+// A loopback device with its vhost::Device.
+struct Rig {
+  explicit Rig(std::uint16_t pairs = 1, vhost::PollMode mode = vhost::PollMode::event)
+      : backend(pairs), device(backend, vhost::DeviceOptions{.name = "pair", .mode = mode}) {
+    backend.attach(&device);
+  }
+  LoopbackBackend backend;
+  vhost::Device device;
+};
+
+struct StopFd {
+  UniqueFd fd{::eventfd(0, EFD_CLOEXEC)};
+  void fire() {
+    const std::uint64_t one = 1;
+    ASSERT_EQ(::write(fd.get(), &one, sizeof one), 8);
+  }
+};
+
+// A back-end session on its own thread over one end of a socketpair.
+struct SessionThread {
+  SessionThread(vhost::Device& dev, Channel ch) : session(dev, std::move(ch)) {
+    thread = std::thread([this] { result = session.run(stop.fd.get()); });
+  }
+  ~SessionThread() {
+    stop.fire();
+    if (thread.joinable()) thread.join();
+  }
+  BackendSession session;
+  StopFd stop;
+  Result<> result;
+  std::thread thread;
+};
+
+std::string temp_sock(const char* tag) {
+  return fmt::format("/tmp/vk-pair-{}-{}-{}.sock", tag, ::getpid(), std::rand());
+}
+
+// A frame of `len` bytes whose content identifies `seq`.
+std::vector<std::uint8_t> make_frame(std::uint32_t seq, std::size_t len) {
+  std::vector<std::uint8_t> f(len);
+  for (std::size_t i = 0; i < len; ++i) f[i] = static_cast<std::uint8_t>(seq * 31 + i * 7);
+  std::memcpy(f.data(), &seq, sizeof seq);
+  return f;
+}
+
+// Sends `count` frames on pair qp and checks each comes back byte-exact and in order.
+void exchange(FrontendSession& s, std::uint16_t qp, std::uint32_t count, bool event) {
+  std::uint32_t sent = 0, received = 0;
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  std::vector<std::vector<std::uint8_t>> burst;
+  while (received < count) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline)
+        << "sent " << sent << " received " << received;
+    if (sent < count && sent - received < 128) {
+      burst.clear();
+      for (std::uint32_t k = 0; k < 32 && sent + k < count; ++k) {
+        burst.push_back(make_frame(sent + k, 60 + (sent + k) * 13 % 1455));
+      }
+      std::vector<std::span<const std::uint8_t>> spans(burst.begin(), burst.end());
+      sent += static_cast<std::uint32_t>(s.tx_burst(qp, spans));
+    }
+    const std::size_t got = s.rx_burst(qp, 64, [&](std::span<const std::uint8_t> f) {
+      const auto want = make_frame(received, 60 + received * 13 % 1455);
+      ASSERT_EQ(f.size(), want.size()) << "frame " << received;
+      ASSERT_EQ(std::memcmp(f.data(), want.data(), want.size()), 0) << "frame " << received;
+      ++received;
+    });
+    if (got == 0 && (sent - received >= 128 || sent == count)) {
+      if (event) s.wait_call(2 * qp + 1, 10ms);
+    }
+  }
+  EXPECT_EQ(s.stats(2 * qp + 1).bad, 0u);
+  EXPECT_EQ(s.stats(2 * qp).oversize, 0u);
+}
+
+FrontendOptions opts_on(Channel ch) {
+  FrontendOptions o;
+  o.channel = std::move(ch);
+  o.memory_size = 0;
+  return o;
+}
+
+TEST(FrontendPair, NegotiatesOverSocketpair) {
+  Rig rig;
+  auto pair = socketpair();
+  ASSERT_TRUE(pair);
+  SessionThread backend(rig.device, std::move(pair->second));
+  auto s = FrontendSession::connect(opts_on(std::move(pair->first)));
+  ASSERT_TRUE(s) << s.error().message();
+  auto& f = **s;
+  EXPECT_EQ(f.offered_features() & ~virtio::bit(virtio::feature::protocol_features),
+            rig.backend.features() | virtio::bit(virtio::feature::log_all));
+  // Acked: what we want and know how to drive; never INDIRECT or checksum offload.
+  EXPECT_EQ(f.features(), kFrontendNetFeatures | virtio::bit(virtio::feature::protocol_features));
+  EXPECT_EQ(rig.backend.acked() & ~virtio::bit(virtio::feature::protocol_features),
+            f.features() & ~virtio::bit(virtio::feature::protocol_features));
+  EXPECT_TRUE(f.has_protocol(protocol_feature::reply_ack));
+  EXPECT_TRUE(f.has_protocol(protocol_feature::mq));
+  EXPECT_TRUE(f.has_protocol(protocol_feature::config));
+  EXPECT_EQ(f.protocol_features(), f.offered_protocol_features() & kFrontendProtocolFeatures);
+  EXPECT_EQ(f.backend_queue_num(), 2u);
+  EXPECT_EQ(f.net_hdr_len(), 12u);
+  EXPECT_EQ(f.num_rings(), 2);
+  auto mac = f.mac();
+  ASSERT_TRUE(mac) << mac.error().message();
+  EXPECT_EQ(*mac, kMac);
+  EXPECT_EQ(backend.session.protocol_features(), f.protocol_features());
+  // Both rings started on the back-end.
+  EXPECT_TRUE(rig.device.queue(0).started());
+  EXPECT_TRUE(rig.device.queue(1).started());
+  EXPECT_EQ(rig.device.queue(1).ring_size(), 256u);
+}
+
+class FrontendPairModes : public ::testing::TestWithParam<bool> {};
+
+TEST_P(FrontendPairModes, TenThousandFramesByteExactThenTeardownBases) {
+  const bool event = GetParam();
+  Rig rig(1, event ? vhost::PollMode::event : vhost::PollMode::busy);
+  auto pair = socketpair();
+  ASSERT_TRUE(pair);
+  SessionThread backend(rig.device, std::move(pair->second));
+  auto o = opts_on(std::move(pair->first));
+  o.notify = event ? FrontendOptions::Notify::event : FrontendOptions::Notify::poll;
+  auto s = FrontendSession::connect(std::move(o));
+  ASSERT_TRUE(s) << s.error().message();
+  exchange(**s, 0, 10000, event);
+  EXPECT_EQ(rig.backend.frames(), 10000u);
+  EXPECT_EQ((*s)->stats(0).frames, 10000u);
+  EXPECT_EQ((*s)->stats(1).frames, 10000u);
+  if (event) {
+    EXPECT_GT((*s)->stats(0).kicks, 0u);
+  } else {
+    EXPECT_EQ((*s)->stats(0).kicks, 0u);  // no kick fd at all
+  }
+  auto bases = (*s)->stop();
+  ASSERT_TRUE(bases) << bases.error().message();
+  ASSERT_EQ(bases->size(), 2u);
+  EXPECT_EQ((*bases)[0], 10000u);  // every tx chain consumed
+  // One rx buffer per frame, plus the ring-full of fresh buffers the loopback took already.
+  EXPECT_EQ((*bases)[1], 10000u + 256u);
+  EXPECT_FALSE(rig.device.queue(0).started());
+  EXPECT_FALSE(rig.device.queue(1).started());
+  // After stop() the data path is inert.
+  EXPECT_EQ((*s)->rx_burst(0, 32, [](auto) {}), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(EventAndBusy, FrontendPairModes, ::testing::Values(true, false),
+                         [](const auto& i) { return i.param ? "event" : "busy"; });
+
+TEST(FrontendPair, TwoQueuePairs) {
+  Rig rig(2);
+  auto pair = socketpair();
+  ASSERT_TRUE(pair);
+  SessionThread backend(rig.device, std::move(pair->second));
+  auto o = opts_on(std::move(pair->first));
+  o.queue_pairs = 2;
+  auto s = FrontendSession::connect(std::move(o));
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_TRUE(virtio::has((*s)->features(), virtio::net_feature::mq));
+  exchange(**s, 0, 500, true);
+  exchange(**s, 1, 500, true);
+  EXPECT_EQ(rig.backend.frames(), 1000u);
+}
+
+TEST(FrontendPair, ServerSocketPathAndReconnect) {
+  Rig rig;
+  const std::string path = temp_sock("srv");
+  StopFd stop;
+  BackendServer server(rig.device, ServerOptions::listen(path));
+  std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
+  for (int i = 0; i < 200 && !std::filesystem::exists(path); ++i) std::this_thread::sleep_for(10ms);
+  for (int round = 0; round < 2; ++round) {
+    FrontendOptions o;
+    o.socket_path = path;
+    o.memory_size = 0;
+    auto s = FrontendSession::connect(std::move(o));
+    ASSERT_TRUE(s) << s.error().message();
+    exchange(**s, 0, 1000, true);
+  }
+  stop.fire();
+  t.join();
+  EXPECT_EQ(server.sessions(), 2u);
+  EXPECT_FALSE(std::filesystem::exists(path));
+}
+
+TEST(FrontendPair, BackendClientReconnectsToListeningFrontend) {
+  Rig rig;
+  const std::string path = temp_sock("cli");
+  auto listener = listen_unix(path);
+  ASSERT_TRUE(listener) << listener.error().message();
+  StopFd stop;
+  auto so = ServerOptions::connect(path);
+  so.reconnect_initial = 20ms;
+  so.reconnect_max = 100ms;
+  BackendServer server(rig.device, std::move(so));
+  std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
+  for (int round = 0; round < 3; ++round) {
+    auto ch = accept(listener->get());
+    for (int i = 0; i < 500 && !ch && ch.error().code == Errc::would_block; ++i) {
+      std::this_thread::sleep_for(10ms);
+      ch = accept(listener->get());
+    }
+    ASSERT_TRUE(ch) << ch.error().message();
+    auto s = FrontendSession::connect(opts_on(std::move(*ch)));
+    ASSERT_TRUE(s) << s.error().message();
+    exchange(**s, 0, 300, true);
+  }
+  stop.fire();
+  t.join();
+  EXPECT_EQ(server.sessions(), 3u);
+  ::unlink(path.c_str());
+}
+
+TEST(FrontendPair, DisconnectMidTrafficThenReconnect) {
+  Rig rig;
+  const std::string path = temp_sock("mid");
+  StopFd stop;
+  BackendServer server(rig.device, ServerOptions::listen(path));
+  std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
+  for (int i = 0; i < 200 && !std::filesystem::exists(path); ++i) std::this_thread::sleep_for(10ms);
+  {
+    FrontendOptions o;
+    o.socket_path = path;
+    o.memory_size = 0;
+    auto s = FrontendSession::connect(std::move(o));
+    ASSERT_TRUE(s) << s.error().message();
+    // Frames in flight both ways, none drained, then hang up without GET_VRING_BASE: the
+    // socket just closes under the back-end.
+    std::vector<std::uint8_t> f = make_frame(1, 200);
+    std::array<std::span<const std::uint8_t>, 1> one{f};
+    for (int i = 0; i < 100; ++i) (*s)->tx_burst(0, one);
+    ::shutdown((*s)->socket_fd(), SHUT_RDWR);
+  }
+  FrontendOptions o;
+  o.socket_path = path;
+  o.memory_size = 0;
+  auto s = FrontendSession::connect(std::move(o));
+  ASSERT_TRUE(s) << s.error().message();
+  exchange(**s, 0, 1000, true);
+  s->reset();
+  stop.fire();
+  t.join();
+  EXPECT_EQ(server.sessions(), 2u);
+}
+
+TEST(FrontendPair, FdCountStableAcrossHundredCycles) {
+  Rig rig;
+  const std::string path = temp_sock("fds");
+  StopFd stop;
+  BackendServer server(rig.device, ServerOptions::listen(path));
+  std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
+  for (int i = 0; i < 200 && !std::filesystem::exists(path); ++i) std::this_thread::sleep_for(10ms);
+  auto cycle = [&] {
+    FrontendOptions o;
+    o.socket_path = path;
+    o.memory_size = 0;
+    o.queue_size = 64;
+    auto s = FrontendSession::connect(std::move(o));
+    ASSERT_TRUE(s) << s.error().message();
+    exchange(**s, 0, 32, true);
+  };
+  cycle();  // warm up: lazily created worker fds etc.
+  // The back-end ends each session on its own thread: wait for it to settle.
+  auto settled = [&](std::uint64_t sessions) {
+    for (int i = 0; i < 300 && (server.sessions() < sessions || rig.device.has_owner()); ++i) {
+      std::this_thread::sleep_for(10ms);
+    }
+  };
+  settled(1);
+  const std::size_t before = open_fd_count();
+  for (int i = 0; i < 100; ++i) {
+    cycle();
+    if (HasFatalFailure()) break;
+  }
+  settled(101);
+  std::size_t after = open_fd_count();
+  for (int i = 0; i < 100 && after != before; ++i) {
+    std::this_thread::sleep_for(10ms);
+    after = open_fd_count();
+  }
+  EXPECT_EQ(after, before);
+  stop.fire();
+  t.join();
+  EXPECT_EQ(server.sessions(), 101u);
+}
+
+}  // namespace
+}  // namespace vhostkit::vhost_user
