@@ -90,7 +90,9 @@ class Traffic {
       for (std::uint32_t k = 0; k < b.len; ++k) {
         r.out_bytes.push_back(static_cast<std::uint8_t>((seed >> (k % 29)) + k * 13));
       }
-      std::memcpy(rig_.host(b.gpa), r.out_bytes.data() + r.out_bytes.size() - b.len, b.len);
+      if (b.len != 0) {
+        std::memcpy(rig_.host(b.gpa), r.out_bytes.data() + r.out_bytes.size() - b.len, b.len);
+      }
     }
     for (const Buf& b : r.in) {
       std::memset(rig_.host(b.gpa), 0xee, b.len);
