@@ -255,7 +255,7 @@ Result<> FrontendSession::setup_ring(std::uint16_t i) {
   const Layout l = layout_for(opts_);
   FrontendRing& r = rings_[i];
   r.index = i;
-  r.is_rx = (i % 2) == 1;
+  r.is_rx = (i % 2) == 0;  // receiveq first in each pair
   const std::size_t roff = l.ring_offset(i);
   if (auto v = r.vq.init(std::span<std::byte>(reinterpret_cast<std::byte*>(base_ + roff),
                                               l.ring_block),

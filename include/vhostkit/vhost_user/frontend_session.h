@@ -9,7 +9,7 @@
 // consumed; tx takes buffers from a free stack and returns them when the device hands the chain
 // back. Nothing on the data path allocates or throws.
 //
-// Queue numbering (virtio-net): ring 2p is pair p's transmitq, ring 2p+1 its receiveq.
+// Queue numbering (virtio 1.2, 5.1.2): ring 2p is pair p's receiveq, ring 2p+1 its transmitq.
 //
 // Everything the back-end sends is hostile: each reply is decoded by the codec (request number,
 // REPLY flag, exact size, no fds) and then checked against what we asked (GET_VRING_BASE for the
@@ -178,8 +178,10 @@ class FrontendSession {
   void close() noexcept;
 
   // ---- Data path (noexcept, allocation-free) ----
-  FrontendRing& tx_ring(std::uint16_t qp) noexcept { return rings_[2u * qp]; }
-  FrontendRing& rx_ring(std::uint16_t qp) noexcept { return rings_[2u * qp + 1]; }
+  static constexpr std::uint16_t rx_index(std::uint16_t qp) noexcept { return static_cast<std::uint16_t>(2u * qp); }
+  static constexpr std::uint16_t tx_index(std::uint16_t qp) noexcept { return static_cast<std::uint16_t>(2u * qp + 1); }
+  FrontendRing& tx_ring(std::uint16_t qp) noexcept { return rings_[tx_index(qp)]; }
+  FrontendRing& rx_ring(std::uint16_t qp) noexcept { return rings_[rx_index(qp)]; }
   FrontendRing& ring(std::uint16_t i) noexcept { return rings_[i]; }
   const RingStats& stats(std::uint16_t ring) const noexcept { return rings_[ring].stats; }
 

@@ -1,0 +1,218 @@
+// vhostkit-probe: connects to a vhost-user net back-end as a front-end, negotiates, sets up N
+// queue pairs, optionally sends K frames on every pair and counts those that come back, and
+// prints one JSON object saying what happened. A diagnostic for "does this back-end work?".
+//
+// Exit codes: 0 success; 1 the back-end could not be reached or set up (JSON has "error");
+// 2 bad arguments; 3 fewer frames came back than --expect asked for.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "vhostkit/vhost_user/channel.h"
+#include "vhostkit/vhost_user/frontend_session.h"
+
+namespace vu = vhostkit::vhost_user;
+using namespace std::chrono_literals;
+using json = nlohmann::json;
+
+namespace {
+
+constexpr std::uint8_t kSrcMac[6] = {0x02, 0x00, 0x00, 0x00, 0x00, 0x01};
+constexpr std::uint8_t kDstMac[6] = {0x02, 0x00, 0x00, 0x00, 0x00, 0x02};
+constexpr std::uint32_t kMagic = 0x766b7072;  // "vkpr": marks our frames in the payload
+
+std::string hex(std::uint64_t v) { return fmt::format("{:#x}", v); }
+
+// An Ethernet frame (local experimental ethertype 0x88b5) carrying the magic and a sequence.
+std::size_t write_frame(std::span<std::uint8_t> out, std::size_t len, std::uint32_t seq) {
+  len = std::min(len, out.size());
+  std::memset(out.data(), 0, len);
+  std::memcpy(out.data(), kDstMac, 6);
+  std::memcpy(out.data() + 6, kSrcMac, 6);
+  out[12] = 0x88;
+  out[13] = 0xb5;
+  std::memcpy(out.data() + 14, &kMagic, 4);
+  std::memcpy(out.data() + 18, &seq, 4);
+  return len;
+}
+
+struct PairResult {
+  std::uint64_t sent = 0;
+  std::uint64_t received = 0;   // frames that came back carrying our magic
+  std::uint64_t foreign = 0;    // other frames received
+};
+
+PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t frames,
+                       std::size_t frame_size, std::chrono::milliseconds wait) {
+  PairResult r;
+  const bool event = s.notify() == vu::FrontendOptions::Notify::event;
+  auto on_frame = [&](std::span<const std::uint8_t> f) {
+    std::uint32_t magic = 0;
+    if (f.size() >= 22) std::memcpy(&magic, f.data() + 14, 4);
+    if (magic == kMagic) {
+      ++r.received;
+    } else {
+      ++r.foreign;
+    }
+  };
+  auto deadline = std::chrono::steady_clock::now() + wait;
+  while (r.sent < frames && std::chrono::steady_clock::now() < deadline) {
+    const std::size_t n = std::min<std::uint64_t>(32, frames - r.sent);
+    const std::uint64_t base = r.sent;
+    r.sent += s.tx_burst_fill(qp, n, [&](std::size_t i, std::span<std::uint8_t> room) {
+      return write_frame(room, frame_size, static_cast<std::uint32_t>(base + i));
+    });
+    if (s.rx_burst(qp, 64, on_frame) == 0 && r.sent - r.received >= s.queue_size() / 2) {
+      if (event) {
+        s.wait_call(vu::FrontendSession::rx_index(qp), 1ms);
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+  // Whatever is still on its way back.
+  deadline = std::chrono::steady_clock::now() + wait;
+  while (r.received < r.sent && std::chrono::steady_clock::now() < deadline) {
+    if (s.rx_burst(qp, 64, on_frame) == 0) {
+      if (event) {
+        s.wait_call(vu::FrontendSession::rx_index(qp), 10ms);
+      } else {
+        std::this_thread::sleep_for(100us);
+      }
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vhostkit-probe: connect to a vhost-user net back-end and report what it negotiates"};
+  std::string socket_path, server_path, notify = "event", features_hex;
+  std::uint16_t queues = 1, queue_size = 256;
+  std::uint32_t buffer_size = 2048;
+  std::size_t memory_mib = 0;
+  std::uint64_t frames = 0, expect = 0;
+  std::size_t frame_size = 64;
+  unsigned timeout_ms = 2000, wait_ms = 2000;
+  bool verbose = false;
+  auto* sp = app.add_option("--socket-path", socket_path, "connect to the back-end listening here");
+  auto* sv = app.add_option("--server", server_path,
+                            "listen here and wait for the back-end to connect (its client mode)");
+  sp->excludes(sv);
+  app.add_option("--queues", queues, "queue pairs")->check(CLI::Range(1, 128));
+  app.add_option("--queue-size", queue_size, "ring size (power of two)")->check(CLI::Range(2, 32768));
+  app.add_option("--buffer-size", buffer_size, "packet buffer size")->check(CLI::Range(64, 65600));
+  app.add_option("--memory", memory_mib, "shared memory in MiB (0: just what is needed)");
+  app.add_option("--poll", notify, "event (kick/call eventfds) or poll (no fds)")
+      ->check(CLI::IsMember({"event", "poll"}));
+  app.add_option("--features", features_hex, "feature bits wanted (hex); default: net defaults");
+  app.add_option("--frames", frames, "frames to send on every pair and count back");
+  app.add_option("--frame-size", frame_size, "frame length in bytes (no virtio-net header)")
+      ->check(CLI::Range(60, 65535));
+  app.add_option("--expect", expect, "exit 3 unless at least this many frames come back per pair");
+  app.add_option("--timeout", timeout_ms, "ms to wait for each control reply")->check(CLI::Range(1, 600000));
+  app.add_option("--wait", wait_ms, "ms to wait for frames to come back")->check(CLI::Range(0, 600000));
+  app.add_flag("-v,--verbose", verbose, "debug logging on stderr");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "vhostkit-probe: %s\n", e.what());
+    return 2;
+  }
+  if (socket_path.empty() && server_path.empty()) {
+    std::fprintf(stderr, "vhostkit-probe: one of --socket-path or --server is required\n");
+    return 2;
+  }
+  spdlog::set_default_logger(spdlog::stderr_color_mt("probe"));
+  spdlog::set_level(verbose ? spdlog::level::debug : spdlog::level::warn);
+
+  vu::FrontendOptions o;
+  o.name = "probe";
+  o.queue_pairs = queues;
+  o.queue_size = queue_size;
+  o.buffer_size = buffer_size;
+  o.memory_size = memory_mib << 20;
+  o.notify = notify == "poll" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
+  o.timeout = std::chrono::milliseconds(timeout_ms);
+  if (!features_hex.empty()) {
+    try {
+      o.features = std::stoull(features_hex, nullptr, 16);
+    } catch (...) {
+      std::fprintf(stderr, "vhostkit-probe: --features %s is not a hex number\n", features_hex.c_str());
+      return 2;
+    }
+  }
+  o.socket_path = socket_path;
+  json out;
+  auto fail_json = [&](const std::string& err) {
+    out["connected"] = false;
+    out["error"] = err;
+    std::printf("%s\n", out.dump().c_str());
+    return 1;
+  };
+  if (!server_path.empty()) {
+    auto l = vu::listen_unix(server_path);
+    if (!l) return fail_json(fmt::format("listen on {}: {}", server_path, l.error().message()));
+    auto ch = vu::accept(l->get());  // blocking listener: waits for the back-end
+    ::unlink(server_path.c_str());
+    if (!ch) return fail_json(fmt::format("accept on {}: {}", server_path, ch.error().message()));
+    o.channel = std::move(*ch);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  auto s = vu::FrontendSession::connect(std::move(o));
+  if (!s) return fail_json(s.error().message());
+  auto& f = **s;
+  const auto setup_us =
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
+  out["connected"] = true;
+  out["setup_us"] = setup_us.count();
+  out["offered_features"] = hex(f.offered_features());
+  out["features"] = hex(f.features());
+  out["offered_protocol_features"] = hex(f.offered_protocol_features());
+  out["protocol_features"] = hex(f.protocol_features());
+  out["backend_queue_num"] = f.backend_queue_num();
+  out["queue_pairs"] = f.queue_pairs();
+  out["queue_size"] = f.queue_size();
+  out["net_hdr_len"] = f.net_hdr_len();
+  out["poll"] = notify;
+  if (auto mac = f.mac()) {
+    out["mac"] = fmt::format("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", (*mac)[0], (*mac)[1],
+                             (*mac)[2], (*mac)[3], (*mac)[4], (*mac)[5]);
+  } else {
+    out["mac"] = nullptr;
+  }
+  int rc = 0;
+  if (frames > 0) {
+    json pairs = json::array();
+    const auto t1 = std::chrono::steady_clock::now();
+    for (std::uint16_t qp = 0; qp < f.queue_pairs(); ++qp) {
+      const PairResult r = run_traffic(f, qp, frames, std::min(frame_size, f.max_frame()),
+                                       std::chrono::milliseconds(wait_ms));
+      pairs.push_back({{"pair", qp}, {"sent", r.sent}, {"received", r.received},
+                       {"foreign", r.foreign}, {"rx_bad", f.stats(vu::FrontendSession::rx_index(qp)).bad},
+                       {"tx_kicks", f.stats(vu::FrontendSession::tx_index(qp)).kicks}, {"rx_calls", f.stats(vu::FrontendSession::rx_index(qp)).calls}});
+      if (r.received < expect) rc = 3;
+    }
+    out["traffic_us"] = std::chrono::duration_cast<std::chrono::microseconds>(
+                            std::chrono::steady_clock::now() - t1).count();
+    out["pairs"] = pairs;
+  }
+  auto bases = f.stop();
+  if (bases) {
+    out["vring_bases"] = *bases;
+  } else {
+    out["stop_error"] = bases.error().message();
+  }
+  std::printf("%s\n", out.dump().c_str());
+  return rc;
+}
