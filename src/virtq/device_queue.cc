@@ -110,7 +110,8 @@ std::expected<Chain, ChainError> DeviceQueue::pop_slow(std::span<iovec> segs) no
 std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
                                                    const virtio::VirtqDesc& first,
                                                    std::span<iovec> segs) noexcept {
-  const virtio::VirtqDesc* table = ring_.desc;
+  // Untyped: an indirect table need not be aligned.
+  const std::byte* table = reinterpret_cast<const std::byte*>(ring_.desc);
   std::uint32_t table_size = ring_.size;
   std::uint16_t idx = head;
   bool in_indirect = false;
@@ -128,7 +129,9 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
   for (;;) {
     if (++walked > limit) [[unlikely]] return std::unexpected(ChainError::chain_too_long);
     // The head was copied by pop(); everything after it is copied here, once each.
-    const virtio::VirtqDesc d = walked == 1 ? first : detail::read_desc_once(table + idx);
+    const virtio::VirtqDesc d =
+        walked == 1 ? first
+                    : detail::read_desc_once(table + std::size_t{idx} * sizeof(virtio::VirtqDesc));
 
     if (d.flags & kDescFIndirect) [[unlikely]] {
       if (in_indirect) return std::unexpected(ChainError::indirect_nested);
@@ -141,7 +144,7 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
       // alignment is fine).
       const std::uint8_t* p = mem_->gpa_to_host(d.addr, d.len);
       if (p == nullptr) return std::unexpected(ChainError::indirect_not_mapped);
-      table = reinterpret_cast<const virtio::VirtqDesc*>(p);
+      table = reinterpret_cast<const std::byte*>(p);
       table_size = d.len / sizeof(virtio::VirtqDesc);
       idx = 0;
       in_indirect = true;

@@ -257,7 +257,9 @@ namespace vhostkit::virtq {
 namespace detail {
 // Copies one descriptor out of shared memory. The guest may rewrite it while we look, so every
 // check runs on this copy and the shared bytes are never read a second time.
-inline virtio::VirtqDesc read_desc_once(const virtio::VirtqDesc* shared) noexcept {
+// Takes an untyped pointer: an indirect table may sit at any guest address, and a misaligned
+// VirtqDesc* would itself be undefined behaviour.
+inline virtio::VirtqDesc read_desc_once(const void* shared) noexcept {
   virtio::VirtqDesc d;
   std::memcpy(&d, shared, sizeof d);
   // Compiler-only fence: orders the copy before every use of `d`, so the compiler cannot fold
