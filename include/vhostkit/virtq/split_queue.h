@@ -92,6 +92,7 @@ class DeviceQueue {
   // Starts serving `ring`. `mem` translates descriptor addresses and must outlive the attachment.
   // features: the negotiated feature bits (EVENT_IDX, INDIRECT_DESC matter here).
   // last_avail_idx: where to resume (SET_VRING_BASE). The used index is read from the ring.
+  // A null part, an invalid size or avail/used not 2/4-byte aligned leave the queue broken.
   void attach(const memory::GuestMemory* mem, SplitRing ring, std::uint64_t features,
               std::uint16_t last_avail_idx) noexcept;
   void detach() noexcept;
@@ -100,13 +101,17 @@ class DeviceQueue {
   std::uint16_t size() const noexcept { return ring_.size; }
 
   // Chains the driver has made available that we have not popped. Reads avail->idx with
-  // acquire. A jump of more than size() marks the queue broken and returns 0.
+  // acquire only when every chain seen at the last read has been popped (so it may report
+  // fewer than are there). A jump of more than size() marks the queue broken and returns 0.
   std::uint16_t pending() noexcept;
 
   // Pops the next available chain into `segs`. On a bad chain (not breaking the queue), the
   // chain is consumed and answered with used len 0, counted, and the error is returned; the
-  // caller just moves on. On an error that breaks the queue nothing more is served.
-  // Call only when pending() > 0.
+  // caller just moves on (the used element is queued: the next publish_used() shows it). On an
+  // error that breaks the queue nothing more is served. Call when pending() > 0; otherwise it
+  // returns ChainError::empty (or queue_broken). Single-descriptor chains take an inline path.
+  // Indirect tables must lie in one region; a chain may hold at most size() buffer descriptors
+  // in total (ring table and indirect table together).
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
 
   // Queues a used element (head, bytes written); visible to the driver only after publish_used().
