@@ -413,6 +413,7 @@ void FrontendSession::close() noexcept {
   if (base_ != nullptr) {
     ::munmap(base_, mem_size_);
     base_ = nullptr;
+    mem_size_ = 0;
   }
   memfd_.reset();
 }
