@@ -169,7 +169,6 @@ std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget
     }
     // Delivery::dropped was counted by deliver_frame.
   }
-  if (touched) q.publish_and_notify();
   p.rx_frames.add(frames);
   p.rx_bytes.add(bytes);
   p.rx_drops.add(drops);
@@ -180,6 +179,7 @@ std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget
     st.add(st.bytes, bytes);
   }
   if (drops != 0) st.add(st.drops, drops);
+  if (touched) q.publish_and_notify();  // after the counters: a reader of used sees them
   return frames + drops;
 }
 

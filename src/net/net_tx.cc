@@ -72,7 +72,7 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
   }
   if (chains == 0) return false;
   port_->flush(p.qp);
-  q.publish_and_notify();
+  // Counters first: whoever sees the used entries also sees them counted.
   p.tx_frames.add(frames);
   p.tx_bytes.add(bytes);
   p.tx_drops.add(drops);
@@ -81,6 +81,7 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
   st.add(st.chains, chains);
   st.add(st.bytes, bytes);
   if (drops != 0) st.add(st.drops, drops);
+  q.publish_and_notify();
   return true;
 }
 
@@ -127,15 +128,7 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
     vq.push_used(c->head, 0);
   }
   if (chains == 0) return false;
-  if (rx_touched) {
-    rxq->publish_and_notify();
-    p.rx_frames.add(frames);
-    p.rx_bytes.add(bytes);
-    auto& rst = rxq->stats();
-    rst.add(rst.chains, frames);
-    rst.add(rst.bytes, bytes);
-  }
-  q.publish_and_notify();
+  // Counters first: whoever sees the used entries also sees them counted.
   p.tx_frames.add(frames);
   p.tx_bytes.add(bytes);
   p.tx_drops.add(drops);
@@ -144,6 +137,15 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
   st.add(st.chains, chains);
   st.add(st.bytes, bytes);
   if (drops != 0) st.add(st.drops, drops);
+  if (rx_touched) {
+    p.rx_frames.add(frames);
+    p.rx_bytes.add(bytes);
+    auto& rst = rxq->stats();
+    rst.add(rst.chains, frames);
+    rst.add(rst.bytes, bytes);
+    rxq->publish_and_notify();
+  }
+  q.publish_and_notify();
   return true;
 }
 
