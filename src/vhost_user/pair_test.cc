@@ -349,7 +349,8 @@ TEST(FrontendPair, BackendClientReconnectsToListeningFrontend) {
   }
   stop.fire();
   t.join();
-  EXPECT_EQ(server.sessions(), 3u);
+  // The back-end may already have reconnected (into the listen backlog) a fourth time.
+  EXPECT_GE(server.sessions(), 3u);
   ::unlink(path.c_str());
 }
 
