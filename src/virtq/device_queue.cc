@@ -219,9 +219,12 @@ void DeviceQueue::disable_notifications() noexcept {
 
 bool DeviceQueue::enable_notifications() noexcept {
   if (ring_.used == nullptr || broken_) return false;
+  // Ask for a kick when the driver publishes past what we have already seen, not past what we
+  // have popped: a handler may leave chains on the ring on purpose (an rx ring with buffers but
+  // no frames, a port that can't take more), and re-polling those would spin the worker.
+  const std::uint16_t seen = avail_idx_cache_;
   if (event_idx_) {
-    // Kick me when avail->idx moves past what I will look at next.
-    std::atomic_ref<std::uint16_t>(*avail_event_word(ring_.used, ring_.size)).store(last_avail_idx_,
+    std::atomic_ref<std::uint16_t>(*avail_event_word(ring_.used, ring_.size)).store(seen,
                                                              std::memory_order_relaxed);
   } else {
     std::atomic_ref<std::uint16_t>(ring_.used->flags).store(0, std::memory_order_relaxed);
@@ -238,7 +241,8 @@ bool DeviceQueue::enable_notifications() noexcept {
     return false;
   }
   avail_idx_cache_ = idx;
-  return idx != last_avail_idx_;
+  // True only for chains published since we last looked (Linux vhost_enable_notify's rule).
+  return idx != seen;
 }
 
 }  // namespace vhostkit::virtq

@@ -269,6 +269,26 @@ TEST(DeviceQueue, EnableNotificationsRaceReturnsTrueWhenDriverPublishedMeanwhile
   EXPECT_EQ(rig.device.pending(), 1);
 }
 
+TEST(DeviceQueue, ChainsSeenButLeftOnTheRingDoNotReportWork) {
+  // An rx ring: the driver posted buffers, the device looked (pending) but has no frame to put
+  // in them. Re-enabling must not report them again, or the worker would spin; a buffer posted
+  // later still must.
+  for (std::uint64_t f : {std::uint64_t{0}, kEventIdx}) {
+    Rig rig(8, f);
+    const Buf in[] = {{Rig::kDataGpa, 64}};
+    rig.add_publish({}, in);
+    rig.add_publish({}, in);
+    EXPECT_EQ(rig.device.pending(), 2) << f;
+    rig.device.disable_notifications();
+    EXPECT_FALSE(rig.device.enable_notifications()) << f;
+    rig.add_publish({}, in);
+    EXPECT_TRUE(rig.driver.needs_kick()) << f;
+    rig.device.disable_notifications();
+    EXPECT_TRUE(rig.device.enable_notifications()) << f;
+    EXPECT_EQ(rig.device.pending(), 3) << f;
+  }
+}
+
 TEST(DeviceQueue, ErrorNamesAreDistinct) {
   for (std::size_t i = 0; i < kChainErrorCount; ++i) {
     for (std::size_t j = i + 1; j < kChainErrorCount; ++j) {

@@ -125,8 +125,10 @@ class DeviceQueue {
 
   // Asks the driver not to kick (busy polling).
   void disable_notifications() noexcept;
-  // Asks the driver to kick again. Returns true if chains became available meanwhile: the
-  // caller must poll once more before sleeping, or it may sleep on a kick that never comes.
+  // Asks the driver to kick again. Returns true if chains were published since the queue last
+  // read avail->idx: the caller must poll once more before sleeping, or it may sleep on a kick
+  // that never comes. Chains already seen and left on the ring (an rx ring waiting for frames)
+  // do not count, so a handler that leaves them does not spin.
   bool enable_notifications() noexcept;
 
   std::uint16_t last_avail_idx() const noexcept { return last_avail_idx_; }
