@@ -66,12 +66,10 @@ BackendSession::BackendSession(vhost::Device& device, Channel channel, SessionOp
     : device_(device), channel_(std::move(channel)), opts_(std::move(opts)) {
   offered_protocol_ = opts_.protocol_features & kSupportedProtocolFeatures;
   if (!opts_.set_mtu) offered_protocol_ &= ~protocol_bit(protocol_feature::net_mtu);
-  std::uint64_t extra = virtio::bit(virtio::feature::protocol_features);
-  // Dirty logging is only possible through a shared log fd, which LOG_SHMFD provides.
-  if (offered_protocol_ & protocol_bit(protocol_feature::log_shmfd)) {
-    extra |= virtio::bit(virtio::feature::log_all);
-  }
-  device_.add_offered_features(extra);
+  // VHOST_F_LOG_ALL is not offered: the device marks only used-ring writes in the dirty log,
+  // not the guest buffers it writes, so a live migration through us could lose guest memory.
+  // Without it QEMU refuses to migrate, which is the honest answer until buffers are logged.
+  device_.add_offered_features(virtio::bit(virtio::feature::protocol_features));
 }
 
 BackendSession::~BackendSession() { close(); }

@@ -230,7 +230,7 @@ TEST(FrontendPair, NegotiatesOverSocketpair) {
   ASSERT_TRUE(s) << s.error().message();
   auto& f = **s;
   EXPECT_EQ(f.offered_features() & ~virtio::bit(virtio::feature::protocol_features),
-            rig.backend.features() | virtio::bit(virtio::feature::log_all));
+            rig.backend.features());
   // Acked: what we want and know how to drive; never INDIRECT or checksum offload.
   EXPECT_EQ(f.features(), kFrontendNetFeatures | virtio::bit(virtio::feature::protocol_features));
   EXPECT_EQ(rig.backend.acked() & ~virtio::bit(virtio::feature::protocol_features),
