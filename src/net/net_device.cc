@@ -19,6 +19,9 @@ namespace {
 using virtio::bit;
 namespace nf = virtio::net_feature;
 
+// virtio 1.2, 5.1.2: queue 2p is pair p's receiveq, 2p+1 its transmitq.
+constexpr bool is_transmitq(std::uint16_t idx) { return (idx & 1u) != 0; }
+
 std::uint64_t base_features() {
   return bit(virtio::feature::version_1) | bit(virtio::feature::ring_event_idx) |
          bit(virtio::feature::ring_indirect_desc) | bit(nf::mrg_rxbuf) | bit(nf::mac) |
@@ -115,7 +118,7 @@ void NetDevice::queue_started(vhost::Queue& q, vhost::Worker& w) {
   const std::uint16_t idx = q.index();
   if (idx >= 2 * pairs_count_) return;  // the control queue needs no setup
   Pair& p = pairs_[idx / 2];
-  if ((idx & 1) == 0) {
+  if (is_transmitq(idx)) {
     p.tx_worker.store(&w, std::memory_order_release);
     p.txq.store(&q, std::memory_order_release);
     return;
@@ -141,7 +144,7 @@ void NetDevice::queue_stopped(vhost::Queue& q, vhost::Worker& w) {
   const std::uint16_t idx = q.index();
   if (idx >= 2 * pairs_count_) return;
   Pair& p = pairs_[idx / 2];
-  if ((idx & 1) == 0) {
+  if (is_transmitq(idx)) {
     p.txq.store(nullptr, std::memory_order_release);
     p.tx_worker.store(nullptr, std::memory_order_release);
     return;
@@ -160,7 +163,7 @@ bool NetDevice::handle_queue(vhost::Queue& q) noexcept {
   if (idx == 2 * pairs_count_) return handle_ctrl(q);
   if (idx > 2 * pairs_count_) return false;
   Pair& p = pairs_[idx / 2];
-  return (idx & 1) == 0 ? handle_tx(p, q) : handle_rx_kick(p, q);
+  return is_transmitq(idx) ? handle_tx(p, q) : handle_rx_kick(p, q);
 }
 
 NetStats NetDevice::stats(std::uint16_t qp) const noexcept {

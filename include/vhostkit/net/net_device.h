@@ -1,6 +1,6 @@
 // The virtio-net device (virtio 1.2, 5.1) as a vhost::DeviceBackend: the vhost-net analogue.
-// Queue 2p is pair p's transmitq (guest -> host), 2p+1 its receiveq (host -> guest), and the
-// last queue (2 * pairs) the control queue. Frames go to and come from a host Port (TAP,
+// Queue 2p is pair p's receiveq (host -> guest), 2p+1 its transmitq (guest -> host), as the
+// spec numbers them (5.1.2), and the last queue (2 * pairs) the control queue. Frames go to and come from a host Port (TAP,
 // AF_PACKET), or, with no port, are reflected from a pair's transmitq straight into its own
 // receiveq with the Ethernet addresses swapped (loopback, the benchmark target).
 //
