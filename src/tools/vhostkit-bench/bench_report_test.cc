@@ -1,0 +1,260 @@
+// Pure logic of vhostkit-bench: the histogram's percentiles, size/mode parsing, the CSV, table
+// and JSON output, and the frame format the latency mode relies on.
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "histogram.h"
+#include "report.h"
+#include "traffic.h"
+
+namespace vb = vhostkit::bench;
+
+namespace {
+
+std::vector<std::string> lines_of(const std::string& s) {
+  std::vector<std::string> out;
+  std::istringstream in(s);
+  for (std::string l; std::getline(in, l);) out.push_back(l);
+  return out;
+}
+
+vb::RunResult loop_result() {
+  vb::RunResult r;
+  r.label = "cfg4";
+  r.mode = vb::Mode::loop;
+  r.size = 64;
+  r.poll = "busy";
+  r.burst = 32;
+  r.seconds = 3.0;
+  r.tx = 3000;
+  r.rx = 2990;
+  r.drops = 10;
+  r.tx_pps = 2.5e6;
+  r.rx_pps = 2.0e6;
+  return r;
+}
+
+}  // namespace
+
+TEST(Histogram, EmptyReportsZero) {
+  vb::Histogram h;
+  EXPECT_EQ(h.count(), 0u);
+  EXPECT_EQ(h.percentile(0.5), 0u);
+  EXPECT_EQ(h.min(), 0u);
+  EXPECT_EQ(h.max(), 0u);
+  EXPECT_EQ(h.mean(), 0.0);
+}
+
+TEST(Histogram, SmallValuesAreExact) {
+  vb::Histogram h;
+  for (std::uint64_t v = 1; v <= 50; ++v) h.record(v);
+  EXPECT_EQ(h.percentile(0.5), 25u);
+  EXPECT_EQ(h.percentile(0.99), 50u);  // ceil(49.5) = 50th sample
+  EXPECT_EQ(h.percentile(0.02), 1u);
+  EXPECT_EQ(h.min(), 1u);
+  EXPECT_EQ(h.max(), 50u);
+  EXPECT_DOUBLE_EQ(h.mean(), 25.5);
+}
+
+TEST(Histogram, PercentilesOfUniformWithinBucketPrecision) {
+  vb::Histogram h;
+  for (std::uint64_t v = 1; v <= 100000; ++v) h.record(v);
+  const auto near = [](std::uint64_t got, double want) {
+    return std::abs(static_cast<double>(got) - want) <= want / 64.0 + 1;
+  };
+  EXPECT_TRUE(near(h.percentile(0.5), 50000)) << h.percentile(0.5);
+  EXPECT_TRUE(near(h.percentile(0.99), 99000)) << h.percentile(0.99);
+  EXPECT_TRUE(near(h.percentile(0.999), 99900)) << h.percentile(0.999);
+  EXPECT_EQ(h.percentile(0.0), 1u);
+  EXPECT_EQ(h.percentile(1.0), 100000u);
+}
+
+TEST(Histogram, TailSeparatesFromBody) {
+  // 990 fast round trips and 10 slow ones: p50 is fast, p99.9 is slow, p99 is at the boundary.
+  vb::Histogram h;
+  for (int i = 0; i < 990; ++i) h.record(20'000);
+  for (int i = 0; i < 10; ++i) h.record(5'000'000);
+  EXPECT_NEAR(static_cast<double>(h.percentile(0.5)), 20'000, 20'000 / 64.0);
+  EXPECT_NEAR(static_cast<double>(h.percentile(0.99)), 20'000, 20'000 / 64.0);
+  EXPECT_NEAR(static_cast<double>(h.percentile(0.999)), 5'000'000, 5'000'000 / 64.0);
+  EXPECT_EQ(h.max(), 5'000'000u);
+}
+
+TEST(Histogram, ResultIsClampedToObservedRange) {
+  vb::Histogram h;
+  h.record(1'000'003);
+  EXPECT_EQ(h.percentile(0.5), 1'000'003u);  // one sample: min = max clamps the bucket middle
+}
+
+TEST(Histogram, BucketsCoverEveryValueInOrder) {
+  for (std::uint64_t v : {0ull, 1ull, 63ull, 64ull, 65ull, 127ull, 128ull, 1000ull, 123456789ull,
+                          ~0ull}) {
+    const std::size_t b = vb::Histogram::bucket_of(v);
+    ASSERT_LT(b, vb::Histogram::kBuckets);
+    EXPECT_LE(vb::Histogram::bucket_low(b), v);
+    EXPECT_GE(vb::Histogram::bucket_low(b) + (vb::Histogram::bucket_width(b) - 1), v);
+    if (v > 0) {
+      EXPECT_LE(vb::Histogram::bucket_of(v - 1), b);
+    }
+  }
+}
+
+TEST(Histogram, MergeAddsCountsAndExtremes) {
+  vb::Histogram a, b;
+  a.record(10);
+  a.record(20);
+  b.record(5);
+  b.record(1000);
+  a.merge(b);
+  EXPECT_EQ(a.count(), 4u);
+  EXPECT_EQ(a.min(), 5u);
+  EXPECT_EQ(a.max(), 1000u);
+  EXPECT_EQ(a.percentile(0.5), 10u);
+}
+
+TEST(ParseSizes, OneAndList) {
+  auto one = vb::parse_sizes("64", 60, 2036);
+  ASSERT_TRUE(one);
+  EXPECT_EQ(*one, std::vector<std::uint32_t>{64});
+  auto many = vb::parse_sizes("64,256,512,1024,1518", 60, 2036);
+  ASSERT_TRUE(many);
+  EXPECT_EQ(*many, (std::vector<std::uint32_t>{64, 256, 512, 1024, 1518}));
+}
+
+TEST(ParseSizes, RejectsGarbageEmptyAndOutOfRange) {
+  for (const char* s : {"", ",", "64,", ",64", "abc", "64x", "-64", "64,,128", " 64"}) {
+    EXPECT_FALSE(vb::parse_sizes(s, 60, 2036)) << "'" << s << "'";
+  }
+  auto small = vb::parse_sizes("59", 60, 2036);
+  ASSERT_FALSE(small);
+  EXPECT_NE(small.error().message().find("59"), std::string::npos);
+  EXPECT_FALSE(vb::parse_sizes("2037", 60, 2036));
+  EXPECT_FALSE(vb::parse_sizes("99999999999", 60, 2036));
+}
+
+TEST(ParseMode, KnownAndUnknown) {
+  EXPECT_EQ(vb::parse_mode("txonly").value(), vb::Mode::txonly);
+  EXPECT_EQ(vb::parse_mode("rxonly").value(), vb::Mode::rxonly);
+  EXPECT_EQ(vb::parse_mode("loop").value(), vb::Mode::loop);
+  EXPECT_EQ(vb::parse_mode("latency").value(), vb::Mode::latency);
+  EXPECT_FALSE(vb::parse_mode("Loop"));
+  EXPECT_FALSE(vb::parse_mode(""));
+}
+
+TEST(RunResult, HeadlineRateFollowsMode) {
+  vb::RunResult r = loop_result();
+  EXPECT_DOUBLE_EQ(r.pps(), 2.0e6);  // loop: round trips
+  EXPECT_NEAR(r.gbps(), 2.0e6 * 64 * 8 / 1e9, 1e-9);
+  r.mode = vb::Mode::txonly;
+  EXPECT_DOUBLE_EQ(r.pps(), 2.5e6);
+}
+
+TEST(Csv, RowHasAColumnPerHeaderField) {
+  const auto fields = [](const std::string& s) { return std::count(s.begin(), s.end(), ',') + 1; };
+  vb::RunResult r = loop_result();
+  EXPECT_EQ(fields(vb::csv_row(r, "2024-01-01T00:00:00Z")), fields(vb::csv_header()));
+  r.mode = vb::Mode::latency;
+  r.p50_us = 12.5;
+  const std::string row = vb::csv_row(r, "t");
+  EXPECT_EQ(fields(row), fields(vb::csv_header()));
+  EXPECT_NE(row.find(",12.500,"), std::string::npos) << row;
+  EXPECT_NE(vb::csv_row(loop_result(), "t").find(",cfg4,loop,64,busy,32,1,3.000,2000000,2.0000,1.0240,"),
+            std::string::npos)
+      << vb::csv_row(loop_result(), "t");
+}
+
+TEST(Csv, LabelWithCommaOrQuoteIsQuoted) {
+  vb::RunResult r = loop_result();
+  r.label = "a,b \"c\"";
+  EXPECT_NE(vb::csv_row(r, "t").find(",\"a,b \"\"c\"\"\",loop,"), std::string::npos);
+}
+
+TEST(Csv, AppendWritesHeaderOnlyOnce) {
+  char tmpl[] = "/tmp/vhostkit-bench-csv-XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  ASSERT_GE(fd, 0);
+  ::close(fd);  // exists and is empty: counts as new
+  ASSERT_TRUE(vb::append_csv(tmpl, {loop_result()}, "t1"));
+  ASSERT_TRUE(vb::append_csv(tmpl, {loop_result(), loop_result()}, "t2"));
+  std::ifstream in(tmpl);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const auto lines = lines_of(ss.str());
+  ::unlink(tmpl);
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_EQ(lines[0], vb::csv_header());
+  EXPECT_EQ(lines[1].rfind("t1,", 0), 0u);
+  EXPECT_EQ(lines[3].rfind("t2,", 0), 0u);
+}
+
+TEST(Csv, AppendToUnwritablePathFails) {
+  EXPECT_FALSE(vb::append_csv("/nonexistent-dir/x.csv", {loop_result()}, "t"));
+}
+
+TEST(Table, OneAlignedLinePerResult) {
+  vb::RunResult lat = loop_result();
+  lat.mode = vb::Mode::latency;
+  lat.p50_us = 21.25;
+  lat.p99_us = 80.5;
+  lat.p999_us = 1234.5;
+  const auto lines = lines_of(vb::format_table({loop_result(), lat}));
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_EQ(lines[0].size(), lines[1].size());
+  EXPECT_EQ(lines[1].size(), lines[2].size());
+  EXPECT_NE(lines[0].find("p99.9 us"), std::string::npos);
+  EXPECT_NE(lines[1].find("2.000"), std::string::npos);  // rx Mpps
+  EXPECT_NE(lines[2].find("1234.50"), std::string::npos);
+  EXPECT_NE(lines[1].find(" -"), std::string::npos);     // no latency for loop
+}
+
+TEST(Json, LatencyFieldsOnlyForLatency) {
+  const auto j = vb::to_json(loop_result());
+  EXPECT_EQ(j["mode"], "loop");
+  EXPECT_EQ(j["drops"], 10);
+  EXPECT_DOUBLE_EQ(j["mpps"].get<double>(), 2.0);
+  EXPECT_FALSE(j.contains("p50_us"));
+  vb::RunResult lat = loop_result();
+  lat.mode = vb::Mode::latency;
+  lat.p99_us = 7.0;
+  EXPECT_DOUBLE_EQ(vb::to_json(lat)["p99_us"].get<double>(), 7.0);
+}
+
+TEST(Live, LineShowsRatesAndDrops) {
+  const std::string l = vb::format_live(3.0, 4.5e6, 4.25e6, 64, 17);
+  EXPECT_NE(l.find("4.500 Mpps"), std::string::npos) << l;
+  EXPECT_NE(l.find("4.250 Mpps"), std::string::npos) << l;
+  EXPECT_NE(l.find("2.304 Gbit/s"), std::string::npos) << l;
+  EXPECT_NE(l.find("drops 17"), std::string::npos) << l;
+}
+
+TEST(Frame, RoundTripsSeqAndTime) {
+  std::array<std::uint8_t, 2036> buf{};
+  EXPECT_EQ(vb::write_frame(buf, 64, 42, 123456789), 64u);
+  std::uint64_t seq = 0, t = 0;
+  ASSERT_TRUE(vb::read_frame(std::span(buf.data(), 64), seq, t));
+  EXPECT_EQ(seq, 42u);
+  EXPECT_EQ(t, 123456789u);
+  EXPECT_EQ(buf[12], 0x88);
+  EXPECT_EQ(buf[13], 0xb5);
+}
+
+TEST(Frame, ShortOrForeignFramesAreNotOurs) {
+  std::array<std::uint8_t, 128> buf{};
+  std::uint64_t seq = 0, t = 0;
+  EXPECT_FALSE(vb::read_frame(buf, seq, t));  // no magic
+  vb::write_frame(buf, 64, 1, 2);
+  EXPECT_FALSE(vb::read_frame(std::span(buf.data(), 20), seq, t));  // truncated
+}
+
+TEST(Frame, TooSmallIsPaddedTooLargeIsRefused) {
+  std::array<std::uint8_t, 100> buf{};
+  EXPECT_EQ(vb::write_frame(buf, 10, 0, 0), vb::kMinFrame);
+  EXPECT_GT(vb::write_frame(buf, 200, 0, 0), buf.size());
+}

@@ -1,0 +1,316 @@
+// vhostkit-bench: a traffic generator. Connects to a vhost-user net back-end as a front-end (or
+// listens and lets the back-end connect), then for each frame size in turn runs one mode for a
+// warm-up and a measured window, drains, and reports: a live line each second on stderr, a
+// summary table and one JSON line on stdout, optionally a CSV row per result.
+//
+//   txonly   transmit as fast as the transmitq takes frames
+//   rxonly   count what the back-end sends (testpmd txonly on the vhost side)
+//   loop     keep the transmitq full and count what the back-end reflects (a MAC-swapping
+//            back-end: vhostkit-net --loopback, testpmd macswap)
+//   latency  one frame in flight: round-trip histogram (p50, p99, p99.9, min, max)
+//
+// Exit codes: 0 done (also after SIGINT/SIGTERM, with what was measured); 1 the back-end could
+// not be reached or set up; 2 bad arguments.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <poll.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "cli_util.h"
+#include "histogram.h"
+#include "report.h"
+#include "traffic.h"
+#include "vhostkit/vhost_user/channel.h"
+#include "vhostkit/vhost_user/frontend_session.h"
+
+namespace vu = vhostkit::vhost_user;
+namespace vb = vhostkit::bench;
+using json = nlohmann::json;
+
+namespace {
+
+struct Args {
+  std::string mode = "loop";
+  std::string socket_path, server_path;
+  std::string sizes = "64";
+  std::uint32_t burst = 32;
+  double duration = 10;
+  double warmup = 1;
+  std::uint16_t queues = 1;
+  std::uint16_t queue_size = 256;
+  std::uint32_t buffer_size = 2048;
+  std::string poll = "busy";
+  std::string cpu;
+  std::string csv;
+  std::string label;
+  bool json_only = false;
+  unsigned reply_timeout_ms = 200;
+  std::string log_level = "warn";
+};
+
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  ::gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+// Sleeps up to `d`, returning false early if SIGINT/SIGTERM arrived on the signalfd.
+bool sleep_unless_stopped(int sigfd, std::chrono::milliseconds d) {
+  pollfd p{sigfd, POLLIN, 0};
+  const int n = ::poll(&p, 1, static_cast<int>(d.count()));
+  return n <= 0;
+}
+
+struct Totals {
+  std::uint64_t tx = 0, rx = 0, outstanding = 0, late = 0;
+};
+
+Totals sum(const std::unique_ptr<vb::PairCounters[]>& c, std::uint16_t n) {
+  Totals t;
+  for (std::uint16_t i = 0; i < n; ++i) {
+    t.tx += c[i].tx.load(std::memory_order_relaxed);
+    t.rx += c[i].rx.load(std::memory_order_relaxed);
+    t.outstanding += c[i].tx_outstanding.load(std::memory_order_relaxed);
+    t.late += c[i].late.load(std::memory_order_relaxed);
+  }
+  return t;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+// One size: start a data thread per pair, warm up, measure, drain, stop. `stopped` is set when
+// a stop signal cut the run short.
+vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std::uint32_t size,
+                      const std::vector<int>& cpus, int sigfd, bool& stopped) {
+  const std::uint16_t pairs = s.queue_pairs();
+  vb::Control ctl;
+  auto counters = std::make_unique<vb::PairCounters[]>(pairs);
+  std::vector<std::unique_ptr<vb::Histogram>> hists;
+  std::vector<std::thread> threads;
+  for (std::uint16_t qp = 0; qp < pairs; ++qp) hists.push_back(std::make_unique<vb::Histogram>());
+  for (std::uint16_t qp = 0; qp < pairs; ++qp) {
+    vb::PairConfig pc{.mode = mode,
+                      .qp = qp,
+                      .size = size,
+                      .burst = a.burst,
+                      .busy = a.poll == "busy",
+                      .cpu = cpus.empty() ? -1 : cpus[qp % cpus.size()],
+                      .reply_timeout = std::chrono::milliseconds(a.reply_timeout_ms)};
+    threads.emplace_back([&s, pc, &ctl, &counters, &hists, qp] {
+      vb::run_pair(s, pc, ctl, counters[qp], *hists[qp]);
+    });
+  }
+  const bool live = !a.json_only;
+  const auto ms = [](double sec) { return std::chrono::milliseconds(static_cast<long>(sec * 1000)); };
+  if (a.warmup > 0 && !sleep_unless_stopped(sigfd, ms(a.warmup))) stopped = true;
+
+  ctl.set(vb::Phase::measure);
+  const auto t0 = std::chrono::steady_clock::now();
+  const Totals start = sum(counters, pairs);
+  Totals prev = start;
+  auto tick = t0;
+  double elapsed = 0;
+  while (!stopped && elapsed < a.duration) {
+    const double left = a.duration - elapsed;
+    if (!sleep_unless_stopped(sigfd, ms(std::min(1.0, left)))) stopped = true;
+    const auto now = std::chrono::steady_clock::now();
+    const Totals cur = sum(counters, pairs);
+    const double dt = std::chrono::duration<double>(now - tick).count();
+    elapsed = std::chrono::duration<double>(now - t0).count();
+    if (live && dt > 0) {
+      // Live drops: sent minus received minus what is still on the transmitq: exact once the
+      // receive side has caught up, an over-estimate by what is in flight beyond the ring.
+      const std::uint64_t lost =
+          (mode == vb::Mode::loop || mode == vb::Mode::latency) && cur.tx > cur.rx + cur.outstanding
+              ? cur.tx - cur.rx - cur.outstanding : 0;
+      std::fprintf(stderr, "%s\n",
+                   vb::format_live(elapsed, static_cast<double>(cur.tx - prev.tx) / dt,
+                                   static_cast<double>(cur.rx - prev.rx) / dt, size, lost).c_str());
+    }
+    prev = cur;
+    tick = now;
+  }
+  const Totals end = sum(counters, pairs);
+  const double window = seconds_since(t0);
+
+  // Drain: stop sending; wait until everything sent came back, or nothing moved for 200 ms,
+  // or 2 s passed.
+  ctl.set(vb::Phase::drain);
+  const auto d0 = std::chrono::steady_clock::now();
+  Totals last = sum(counters, pairs);
+  auto moved = d0;
+  const bool reflects = mode == vb::Mode::loop || mode == vb::Mode::latency;
+  while (seconds_since(d0) < 2.0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    const Totals cur = sum(counters, pairs);
+    if (reflects && cur.rx >= cur.tx) break;
+    if (cur.rx != last.rx) moved = std::chrono::steady_clock::now();
+    if (seconds_since(moved) > 0.2) break;
+    last = cur;
+  }
+  ctl.set(vb::Phase::done);
+  for (auto& t : threads) t.join();
+  const Totals fin = sum(counters, pairs);
+
+  vb::RunResult r;
+  r.label = a.label;
+  r.mode = mode;
+  r.size = size;
+  r.poll = a.poll;
+  r.burst = a.burst;
+  r.queues = pairs;
+  r.seconds = window;
+  r.tx = fin.tx;
+  r.rx = fin.rx;
+  r.drops = reflects && fin.tx > fin.rx ? fin.tx - fin.rx : 0;
+  if (window > 0) {
+    r.tx_pps = static_cast<double>(end.tx - start.tx) / window;
+    r.rx_pps = static_cast<double>(end.rx - start.rx) / window;
+  }
+  if (mode == vb::Mode::latency) {
+    vb::Histogram h;
+    for (const auto& x : hists) h.merge(*x);
+    r.samples = h.count();
+    r.p50_us = static_cast<double>(h.percentile(0.50)) / 1e3;
+    r.p99_us = static_cast<double>(h.percentile(0.99)) / 1e3;
+    r.p999_us = static_cast<double>(h.percentile(0.999)) / 1e3;
+    r.min_us = static_cast<double>(h.min()) / 1e3;
+    r.max_us = static_cast<double>(h.max()) / 1e3;
+    r.mean_us = h.mean() / 1e3;
+  }
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vhostkit-bench: drive a vhost-user net back-end as a front-end and measure it"};
+  Args a;
+  app.add_option("mode", a.mode, "txonly, rxonly, loop (default) or latency")
+      ->check(CLI::IsMember({"txonly", "rxonly", "loop", "latency"}));
+  auto* sp = app.add_option("--socket-path", a.socket_path, "connect to the back-end listening here");
+  auto* sv = app.add_option("--server", a.server_path,
+                            "listen here and wait for the back-end to connect (its client mode)");
+  sp->excludes(sv);
+  app.add_option("--size", a.sizes, "frame length(s) in bytes, e.g. 64 or 64,256,1518 (run in turn)");
+  app.add_option("--burst", a.burst, "frames per burst")->check(CLI::Range(1u, 256u));
+  app.add_option("--duration", a.duration, "measured seconds per size")->check(CLI::Range(0.1, 86400.0));
+  app.add_option("--warmup", a.warmup, "seconds of traffic before measuring")->check(CLI::Range(0.0, 3600.0));
+  app.add_option("--queues", a.queues, "queue pairs (one data thread each)")->check(CLI::Range(1, 128));
+  app.add_option("--queue-size", a.queue_size, "ring size (power of two)")
+      ->check(CLI::IsMember({2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768}));
+  app.add_option("--buffer-size", a.buffer_size, "packet buffer size")->check(CLI::Range(128u, 65536u));
+  app.add_option("--poll", a.poll, "busy (spin; no kick/call eventfds) or event (sleep on call eventfds)")
+      ->check(CLI::IsMember({"event", "busy"}));
+  app.add_option("--cpu", a.cpu, "pin the data thread(s) to these CPUs, e.g. 0 or 0,1");
+  app.add_option("--csv", a.csv, "append one row per result to FILE (header if new)");
+  app.add_option("--label", a.label, "configuration name for the CSV/JSON");
+  app.add_flag("--json", a.json_only, "print only the JSON line (no live lines, no table)");
+  app.add_option("--reply-timeout", a.reply_timeout_ms, "latency: ms before a probe counts as lost")
+      ->check(CLI::Range(1u, 60000u));
+  app.add_option("--log-level", a.log_level, "trace, debug, info, warn (default), error, off");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "vhostkit-bench: %s\n", e.what());
+    return 2;
+  }
+  const auto bad = [](const std::string& msg) {
+    std::fprintf(stderr, "vhostkit-bench: %s\n", msg.c_str());
+    return 2;
+  };
+  if (a.socket_path.empty() == a.server_path.empty()) return bad("one of --socket-path or --server is required");
+  const auto mode = vb::parse_mode(a.mode);
+  if (!mode) return bad(mode.error().message());
+  // The largest virtio-net header is 12 bytes.
+  const auto sizes = vb::parse_sizes(a.sizes, vb::kMinFrame, a.buffer_size - 12);
+  if (!sizes) return bad(sizes.error().message());
+  std::vector<int> cpus;
+  if (!a.cpu.empty()) {
+    auto c = vhostkit::cli::parse_cpu_list(a.cpu);
+    if (!c) return bad(fmt::format("--cpu: {}", c.error().message()));
+    cpus = std::move(*c);
+  }
+  spdlog::set_default_logger(spdlog::stderr_color_mt("bench"));
+  if (auto l = vhostkit::cli::set_log_level(a.log_level); !l) return bad(l.error().message());
+  // Before any thread starts: SIGINT/SIGTERM end the run early (results so far are reported).
+  auto sigfd = vhostkit::cli::block_stop_signals();
+  if (!sigfd) {
+    std::fprintf(stderr, "vhostkit-bench: %s\n", sigfd.error().message().c_str());
+    return 1;
+  }
+
+  vu::FrontendOptions o;
+  o.name = "bench";
+  o.queue_pairs = a.queues;
+  o.queue_size = a.queue_size;
+  o.buffer_size = a.buffer_size;
+  o.memory_size = 0;
+  o.notify = a.poll == "busy" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
+  o.socket_path = a.socket_path;
+  if (!a.server_path.empty()) {
+    auto l = vu::listen_unix(a.server_path);
+    if (!l) {
+      std::fprintf(stderr, "vhostkit-bench: listen on %s: %s\n", a.server_path.c_str(), l.error().message().c_str());
+      return 1;
+    }
+    auto ch = vu::accept(l->get());  // blocking: waits for the back-end
+    ::unlink(a.server_path.c_str());
+    if (!ch) {
+      std::fprintf(stderr, "vhostkit-bench: accept on %s: %s\n", a.server_path.c_str(), ch.error().message().c_str());
+      return 1;
+    }
+    o.channel = std::move(*ch);
+  }
+  auto s = vu::FrontendSession::connect(std::move(o));
+  if (!s) {
+    std::fprintf(stderr, "vhostkit-bench: %s\n", s.error().message().c_str());
+    return 1;
+  }
+  auto& f = **s;
+  if (!a.json_only) {
+    std::fprintf(stderr, "vhostkit-bench: %s, %u pair(s), ring %u, features %#llx, poll %s\n",
+                 std::string(vb::to_string(*mode)).c_str(), f.queue_pairs(), f.queue_size(),
+                 static_cast<unsigned long long>(f.features()), a.poll.c_str());
+  }
+
+  std::vector<vb::RunResult> results;
+  bool stopped = false;
+  for (std::uint32_t size : *sizes) {
+    if (stopped) break;
+    if (!a.json_only) std::fprintf(stderr, "-- %s size %u --\n", a.mode.c_str(), size);
+    results.push_back(run_one(f, a, *mode, size, cpus, sigfd->get(), stopped));
+  }
+  if (auto st = f.stop(); !st) spdlog::warn("stopping the rings: {}", st.error().message());
+
+  const std::string utc = utc_now();
+  if (!a.csv.empty()) {
+    if (auto w = vb::append_csv(a.csv, results, utc); !w) {
+      std::fprintf(stderr, "vhostkit-bench: %s\n", w.error().message().c_str());
+    }
+  }
+  if (!a.json_only) std::printf("%s", vb::format_table(results).c_str());
+  json out = {{"tool", "vhostkit-bench"}, {"utc", utc}, {"features", fmt::format("{:#x}", f.features())},
+              {"interrupted", stopped}, {"results", json::array()}};
+  for (const auto& r : results) out["results"].push_back(vb::to_json(r));
+  std::printf("%s\n", out.dump().c_str());
+  return 0;
+}

@@ -1,0 +1,137 @@
+#include "report.h"
+
+#include <fmt/format.h>
+
+#include <charconv>
+#include <cstdio>
+#include <fstream>
+#include <sys/stat.h>
+
+namespace vhostkit::bench {
+
+std::string_view to_string(Mode m) noexcept {
+  switch (m) {
+    case Mode::txonly: return "txonly";
+    case Mode::rxonly: return "rxonly";
+    case Mode::loop: return "loop";
+    case Mode::latency: return "latency";
+  }
+  return "?";
+}
+
+Result<Mode> parse_mode(std::string_view s) {
+  for (Mode m : {Mode::txonly, Mode::rxonly, Mode::loop, Mode::latency}) {
+    if (s == to_string(m)) return m;
+  }
+  return fail(Errc::invalid_argument,
+              fmt::format("mode '{}' is not one of txonly, rxonly, loop, latency", s));
+}
+
+Result<std::vector<std::uint32_t>> parse_sizes(std::string_view s, std::uint32_t min, std::uint32_t max) {
+  std::vector<std::uint32_t> out;
+  std::size_t pos = 0;
+  for (;;) {
+    const std::size_t comma = s.find(',', pos);
+    const std::string_view item = s.substr(pos, comma == std::string_view::npos ? s.npos : comma - pos);
+    std::uint32_t v = 0;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    if (item.empty() || ec != std::errc{} || end != item.data() + item.size()) {
+      return fail(Errc::invalid_argument, fmt::format("--size: '{}' is not a number", item));
+    }
+    if (v < min || v > max) {
+      return fail(Errc::out_of_range, fmt::format("--size: {} is outside {}..{}", v, min, max));
+    }
+    out.push_back(v);
+    if (comma == std::string_view::npos) break;
+    pos = comma + 1;
+  }
+  return out;
+}
+
+namespace {
+
+// RFC 4180: a field with a comma, quote or newline is quoted, quotes doubled.
+std::string csv_field(std::string_view s) {
+  if (s.find_first_of(",\"\n") == std::string_view::npos) return std::string(s);
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"') out += '"';
+    out += c;
+  }
+  return out + '"';
+}
+
+bool is_latency(const RunResult& r) { return r.mode == Mode::latency; }
+
+}  // namespace
+
+std::string csv_header() {
+  return "utc,label,mode,size,poll,burst,queues,seconds,pps,mpps,gbps,tx_pps,rx_pps,tx,rx,drops,"
+         "samples,p50_us,p99_us,p999_us,min_us,max_us,mean_us";
+}
+
+std::string csv_row(const RunResult& r, std::string_view utc) {
+  std::string row = fmt::format("{},{},{},{},{},{},{},{:.3f},{:.0f},{:.4f},{:.4f},{:.0f},{:.0f},{},{},{}",
+                                csv_field(utc), csv_field(r.label), to_string(r.mode), r.size,
+                                csv_field(r.poll), r.burst, r.queues, r.seconds, r.pps(),
+                                r.pps() / 1e6, r.gbps(), r.tx_pps, r.rx_pps, r.tx, r.rx, r.drops);
+  if (is_latency(r)) {
+    row += fmt::format(",{},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f}", r.samples, r.p50_us,
+                       r.p99_us, r.p999_us, r.min_us, r.max_us, r.mean_us);
+  } else {
+    row += ",,,,,,,";
+  }
+  return row;
+}
+
+Result<> append_csv(const std::string& path, const std::vector<RunResult>& results, std::string_view utc) {
+  struct stat st {};
+  const bool fresh = ::stat(path.c_str(), &st) != 0 || st.st_size == 0;
+  std::ofstream f(path, std::ios::app);
+  if (!f) return fail_errno(fmt::format("open {} for append", path));
+  if (fresh) f << csv_header() << '\n';
+  for (const RunResult& r : results) f << csv_row(r, utc) << '\n';
+  f.flush();
+  if (!f) return fail_errno(fmt::format("write {}", path));
+  return {};
+}
+
+nlohmann::json to_json(const RunResult& r) {
+  nlohmann::json j = {{"label", r.label}, {"mode", to_string(r.mode)}, {"size", r.size},
+                      {"poll", r.poll}, {"burst", r.burst}, {"queues", r.queues},
+                      {"seconds", r.seconds}, {"pps", r.pps()}, {"mpps", r.pps() / 1e6},
+                      {"gbps", r.gbps()}, {"tx_pps", r.tx_pps}, {"rx_pps", r.rx_pps},
+                      {"tx", r.tx}, {"rx", r.rx}, {"drops", r.drops}};
+  if (is_latency(r)) {
+    j["samples"] = r.samples;
+    j["p50_us"] = r.p50_us;
+    j["p99_us"] = r.p99_us;
+    j["p999_us"] = r.p999_us;
+    j["min_us"] = r.min_us;
+    j["max_us"] = r.max_us;
+    j["mean_us"] = r.mean_us;
+  }
+  return j;
+}
+
+std::string format_table(const std::vector<RunResult>& results) {
+  constexpr std::string_view kFmt = "{:<8} {:>5} {:>6} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}\n";
+  std::string out = fmt::format(fmt::runtime(kFmt), "mode", "size", "poll", "tx Mpps", "rx Mpps",
+                                "Gbit/s", "tx", "rx", "drops", "p50 us", "p99 us", "p99.9 us");
+  for (const RunResult& r : results) {
+    const auto us = [&](double v) { return is_latency(r) ? fmt::format("{:.2f}", v) : std::string("-"); };
+    out += fmt::format(fmt::runtime(kFmt), to_string(r.mode), r.size, r.poll,
+                       fmt::format("{:.3f}", r.tx_pps / 1e6), fmt::format("{:.3f}", r.rx_pps / 1e6),
+                       fmt::format("{:.3f}", r.gbps()), r.tx, r.rx, r.drops, us(r.p50_us),
+                       us(r.p99_us), us(r.p999_us));
+  }
+  return out;
+}
+
+std::string format_live(double t, double tx_pps, double rx_pps, std::uint32_t size, std::uint64_t lost) {
+  const double gbps = std::max(tx_pps, rx_pps) * size * 8.0 / 1e9;
+  return fmt::format("{:6.1f}s  tx {:7.3f} Mpps  rx {:7.3f} Mpps  {:7.3f} Gbit/s  drops {}", t,
+                     tx_pps / 1e6, rx_pps / 1e6, gbps, lost);
+}
+
+}  // namespace vhostkit::bench

@@ -1,0 +1,62 @@
+// What one benchmark run produced, and the ways it is written out: the CSV row bench/run.sh
+// collects, the summary table a person reads, the JSON a script parses. Pure functions, tested.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "vhostkit/error.h"
+
+namespace vhostkit::bench {
+
+enum class Mode : std::uint8_t { txonly, rxonly, loop, latency };
+
+std::string_view to_string(Mode m) noexcept;
+Result<Mode> parse_mode(std::string_view s);
+
+// "64" or "64,256,1518": frame lengths (bytes handed to the device, virtio-net header and CRC
+// not included, as testpmd's --txpkts), each in [min, max], at least one.
+Result<std::vector<std::uint32_t>> parse_sizes(std::string_view s, std::uint32_t min, std::uint32_t max);
+
+struct RunResult {
+  std::string label;        // --label: names the configuration in the CSV
+  Mode mode = Mode::loop;
+  std::uint32_t size = 0;   // frame bytes
+  std::string poll;         // event | busy
+  std::uint32_t burst = 0;
+  std::uint16_t queues = 1;
+  double seconds = 0;       // length of the measured window
+  // Totals over the whole run (warm-up and drain included): what drops is computed from.
+  std::uint64_t tx = 0;
+  std::uint64_t rx = 0;
+  std::uint64_t drops = 0;  // loop/latency: tx - rx after the drain; 0 for txonly/rxonly
+  // Rates inside the measured window.
+  double tx_pps = 0;
+  double rx_pps = 0;
+  // latency only, microseconds
+  std::uint64_t samples = 0;
+  double p50_us = 0, p99_us = 0, p999_us = 0, min_us = 0, max_us = 0, mean_us = 0;
+
+  // The headline rate: what the mode measures (tx for txonly, rx otherwise: for loop, frames
+  // that made the round trip; for latency, round trips per second).
+  double pps() const noexcept { return mode == Mode::txonly ? tx_pps : rx_pps; }
+  // Frame bits only (no preamble, CRC or inter-frame gap), as testpmd's sizes.
+  double gbps() const noexcept { return pps() * size * 8.0 / 1e9; }
+};
+
+std::string csv_header();
+std::string csv_row(const RunResult& r, std::string_view utc);
+// Appends one row per result to `path`, writing the header first if the file is new or empty.
+Result<> append_csv(const std::string& path, const std::vector<RunResult>& results, std::string_view utc);
+
+nlohmann::json to_json(const RunResult& r);
+// Fixed-width, one line per result under a header line; every line the same width.
+std::string format_table(const std::vector<RunResult>& results);
+// The live line printed each second: rates over the interval and drops so far.
+std::string format_live(double t, double tx_pps, double rx_pps, std::uint32_t size, std::uint64_t lost);
+
+}  // namespace vhostkit::bench
