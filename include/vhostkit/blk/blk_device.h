@@ -1,0 +1,105 @@
+// The virtio-blk device (virtio 1.2, 5.2) as a vhost::DeviceBackend, backed by a raw image file
+// or block device through io_uring.
+//
+// Each request queue has its own io_uring, created when the ring starts and owned by the queue's
+// worker thread. Requests are validated in one place (blk_request.cc), then submitted as one SQE
+// each, with the chain's guest buffers as the readv/writev iovecs (no copy). Completions arrive
+// out of order: io_uring's eventfd is watched by the worker (and the CQ is also reaped on every
+// handle_queue, so busy polling needs no wake-up). The status byte is written after the data, then
+// the used element is pushed. FLUSH carries IOSQE_IO_DRAIN, so it starts only after every earlier
+// request on its queue has completed.
+//
+// queue_stopped waits for every request in flight and answers it before the ring detaches: no
+// completion touches guest memory after the ring stops.
+//
+// Threading: the data path of a queue runs on its worker; stats() may be called from any thread.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "vhostkit/error.h"
+#include "vhostkit/unique_fd.h"
+#include "vhostkit/vhost/backend.h"
+
+namespace vhostkit::blk {
+
+struct BlkOptions {
+  std::string image;                 // raw image file or block device
+  bool read_only = false;            // VIRTIO_BLK_F_RO; writes answered with IOERR
+  std::uint16_t num_queues = 1;      // 1..kMaxQueues
+  std::uint32_t blk_size = 512;      // logical block size reported to the driver: 512 or 4096
+  std::string serial;                // GET_ID (up to 20 bytes); empty: "vhostkit-" + basename
+  bool try_direct = true;            // O_DIRECT when the file system allows it
+};
+
+// A snapshot of one queue's counters.
+struct BlkStats {
+  std::uint64_t reads = 0;           // IN requests completed OK
+  std::uint64_t writes = 0;          // OUT requests completed OK
+  std::uint64_t flushes = 0;
+  std::uint64_t discards = 0;        // DISCARD and WRITE_ZEROES completed OK
+  std::uint64_t get_ids = 0;
+  std::uint64_t bytes_read = 0;
+  std::uint64_t bytes_written = 0;
+  std::uint64_t io_errors = 0;       // the backing store failed a request (IOERR sent)
+  std::uint64_t bad_requests = 0;    // malformed requests answered with IOERR or UNSUPP
+  std::uint64_t no_status = 0;       // malformed chains with no status byte (used len 0)
+  std::uint64_t buffered = 0;        // requests sent through the buffered fd (misaligned)
+};
+
+class BlkDevice final : public vhost::DeviceBackend {
+ public:
+  static constexpr std::uint16_t kMaxQueues = 64;
+  // Data segments per request (config seg_max): a chain has at most this plus header and status.
+  static constexpr std::uint32_t kSegMax = 126;
+  // Requests in flight per queue (io_uring SQ depth).
+  static constexpr std::uint32_t kMaxInflight = 128;
+  // DISCARD / WRITE_ZEROES limits (config space): one segment of at most this many sectors.
+  static constexpr std::uint32_t kMaxDiscardSectors = 1u << 22;   // 2 GiB
+
+  // Opens the image (O_DIRECT if possible, falling back to buffered I/O) and checks the options:
+  // a size that is a positive multiple of 512, num_queues 1..kMaxQueues, blk_size 512 or 4096.
+  static Result<std::unique_ptr<BlkDevice>> open(BlkOptions opts);
+  ~BlkDevice() override;
+  BlkDevice(const BlkDevice&) = delete;
+  BlkDevice& operator=(const BlkDevice&) = delete;
+
+  // vhost::DeviceBackend
+  std::uint64_t features() const noexcept override;
+  std::uint16_t num_queues() const noexcept override;
+  Result<> read_config(std::uint32_t offset, std::span<std::uint8_t> out) const override;
+  void set_features(std::uint64_t acked) noexcept override;
+  void queue_started(vhost::Queue& q, vhost::Worker& w) override;
+  void queue_stopped(vhost::Queue& q, vhost::Worker& w) override;
+  bool handle_queue(vhost::Queue& q) noexcept override;
+
+  std::uint64_t capacity_sectors() const noexcept { return capacity_; }
+  bool read_only() const noexcept { return opts_.read_only; }
+  bool direct_io() const noexcept { return direct_; }
+  const std::string& serial() const noexcept { return serial_; }
+  BlkStats stats(std::uint16_t queue) const noexcept;
+  // Requests in flight on a queue (tests; any thread, approximate).
+  std::uint32_t inflight(std::uint16_t queue) const noexcept;
+
+  struct QueueState;  // per-queue data-path state (src/blk/blk_queue.h)
+  struct Backing;     // the backing store as the queues see it (src/blk/blk_queue.h)
+
+ private:
+  explicit BlkDevice(BlkOptions opts);
+
+  BlkOptions opts_;
+  UniqueFd fd_;           // O_DIRECT when direct_, else buffered
+  UniqueFd buffered_fd_;  // for requests whose buffers O_DIRECT can't take (invalid if !direct_)
+  bool direct_ = false;
+  std::uint64_t capacity_ = 0;  // 512-byte sectors
+  std::string serial_;
+  std::uint64_t offered_ = 0;
+  std::unique_ptr<Backing> backing_;
+  std::unique_ptr<QueueState[]> queues_;
+};
+
+}  // namespace vhostkit::blk

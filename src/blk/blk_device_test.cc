@@ -1,0 +1,331 @@
+// BlkDevice through a vhost::Device, driven by an in-process guest driver on memfd memory.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+
+#include "blk_test_rig.h"
+
+namespace vhostkit::blk::testing {
+namespace {
+
+using virtio::kBlkSIoErr;
+
+constexpr std::size_t kImage = 4 << 20;  // 8192 sectors
+
+struct Rig {
+  explicit Rig(bool ro = false, std::uint16_t queues = 1,
+               vhost::PollMode mode = vhost::PollMode::event, const char* dir = "/tmp",
+               bool direct = true, std::uint16_t ring_size = 128)
+      : img(kImage, dir), blk(open_device(img.path(), ro, queues, direct)),
+        dev(*blk, dev_opts(mode)), guest(queues, kFeatures, ring_size) {
+    guest.bring_up(dev);
+  }
+  TempImage img;
+  std::unique_ptr<BlkDevice> blk;
+  vhost::Device dev;
+  BlkGuest guest;
+};
+
+TEST(BlkDevice, OpenChecksImage) {
+  BlkOptions o;
+  o.image = "/nonexistent/vhostkit.img";
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  TempImage odd(1000);
+  o.image = odd.path();
+  auto r = BlkDevice::open(o);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().detail.find("multiple of 512"), std::string::npos);
+  TempImage good(8192);
+  o.image = good.path();
+  o.num_queues = 0;
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.num_queues = 1;
+  o.blk_size = 1024;
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.blk_size = 4096;
+  auto ok = BlkDevice::open(o);
+  ASSERT_TRUE(ok.has_value());
+  EXPECT_EQ((*ok)->capacity_sectors(), 16u);
+}
+
+TEST(BlkDevice, FeaturesAndConfig) {
+  TempImage img(kImage);
+  auto blk = open_device(img.path(), false, 2);
+  const std::uint64_t f = blk->features();
+  for (unsigned b : {bf::seg_max, bf::blk_size, bf::flush, bf::mq, bf::discard, bf::write_zeroes}) {
+    EXPECT_TRUE(virtio::has(f, b)) << b;
+  }
+  EXPECT_TRUE(virtio::has(f, virtio::feature::version_1));
+  EXPECT_FALSE(virtio::has(f, bf::ro));
+  EXPECT_FALSE(virtio::has(f, bf::size_max));
+  EXPECT_EQ(blk->num_queues(), 2);
+  virtio::VirtioBlkConfig c{};
+  ASSERT_TRUE(blk->read_config(0, {reinterpret_cast<std::uint8_t*>(&c), sizeof c}).has_value());
+  EXPECT_EQ(c.capacity, kImage / 512);
+  EXPECT_EQ(c.blk_size, 512u);
+  EXPECT_EQ(c.seg_max, BlkDevice::kSegMax);
+  EXPECT_EQ(c.num_queues, 2);
+  EXPECT_EQ(c.max_discard_seg, 1u);
+  EXPECT_GT(c.max_write_zeroes_sectors, 0u);
+  // A partial read at an offset, and a read past the end (zeros) both work.
+  std::uint16_t nq = 0;
+  ASSERT_TRUE(blk->read_config(34, {reinterpret_cast<std::uint8_t*>(&nq), 2}).has_value());
+  EXPECT_EQ(nq, 2);
+  std::uint8_t big[100];
+  std::memset(big, 0xff, sizeof big);
+  ASSERT_TRUE(blk->read_config(0, big).has_value());
+  EXPECT_EQ(big[99], 0);
+  EXPECT_FALSE(blk->read_config(200, big).has_value());
+
+  auto ro = open_device(img.path(), true);
+  EXPECT_TRUE(virtio::has(ro->features(), bf::ro));
+}
+
+TEST(BlkDevice, WriteThenReadBack) {
+  Rig r;
+  EXPECT_TRUE(r.blk->direct_io());  // /tmp takes O_DIRECT on this machine
+  const Bytes data = pattern(64 * 1024, 1);
+  auto w = r.guest.request(0, virtio::blk_type::out, 100, data, 0, 4);
+  ASSERT_TRUE(w);
+  auto [ws, wlen] = r.guest.run(0, *w);
+  EXPECT_EQ(ws, virtio::kBlkSOk);
+  EXPECT_EQ(wlen, 1u);
+  EXPECT_EQ(r.img.read(100 * 512, data.size()), data);
+
+  auto rd = r.guest.request(0, virtio::blk_type::in, 100, {}, 64 * 1024, 3);
+  ASSERT_TRUE(rd);
+  auto [rs, rlen] = r.guest.run(0, *rd);
+  EXPECT_EQ(rs, virtio::kBlkSOk);
+  EXPECT_EQ(rlen, 64u * 1024 + 1);
+  EXPECT_EQ(r.guest.data(0, *rd, data.size()), data);
+  auto st = r.blk->stats(0);
+  EXPECT_EQ(st.reads, 1u);
+  EXPECT_EQ(st.writes, 1u);
+  EXPECT_EQ(st.bytes_written, data.size());
+  EXPECT_EQ(st.buffered, 0u);
+}
+
+TEST(BlkDevice, ReadsTheLastSector) {
+  Rig r;
+  auto rd = r.guest.request(0, virtio::blk_type::in, kImage / 512 - 1, {}, 512);
+  auto [s, len] = r.guest.run(0, *rd);
+  EXPECT_EQ(s, virtio::kBlkSOk);
+  EXPECT_EQ(len, 513u);
+  EXPECT_EQ(r.guest.data(0, *rd, 512), r.img.read(kImage - 512, 512));
+}
+
+TEST(BlkDevice, MisalignedBuffersGoBuffered) {
+  Rig r;
+  const Bytes data = pattern(4096, 2);
+  auto w = r.guest.request(0, virtio::blk_type::out, 8, data, 0, 1, /*data_shift=*/3);
+  EXPECT_EQ(r.guest.run(0, *w).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(8 * 512, data.size()), data);
+  auto rd = r.guest.request(0, virtio::blk_type::in, 8, {}, 4096, 2, /*data_shift=*/5);
+  EXPECT_EQ(r.guest.run(0, *rd).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.guest.data(0, *rd, data.size(), 5), data);
+  EXPECT_EQ(r.blk->stats(0).buffered, 2u);
+}
+
+TEST(BlkDevice, BufferedImageWithoutODirect) {
+  Rig r(false, 1, vhost::PollMode::event, "/dev/shm", /*direct=*/false);
+  EXPECT_FALSE(r.blk->direct_io());
+  const Bytes data = pattern(8192, 3);
+  auto w = r.guest.request(0, virtio::blk_type::out, 1, data, 0, 2, 7);
+  EXPECT_EQ(r.guest.run(0, *w).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(512, data.size()), data);
+}
+
+TEST(BlkDevice, Flush) {
+  Rig r;
+  auto w = r.guest.request(0, virtio::blk_type::out, 0, pattern(512, 4));
+  auto f = r.guest.request(0, virtio::blk_type::flush, 0, {});
+  auto got = r.guest.complete(0, 2);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(r.guest.status(0, *w), virtio::kBlkSOk);
+  EXPECT_EQ(r.guest.status(0, *f), virtio::kBlkSOk);
+  EXPECT_EQ(got[*f], 1u);
+  EXPECT_EQ(r.blk->stats(0).flushes, 1u);
+}
+
+TEST(BlkDevice, GetId) {
+  Rig r;
+  auto g = r.guest.request(0, virtio::blk_type::get_id, 0, {}, 20);
+  auto [s, len] = r.guest.run(0, *g);
+  EXPECT_EQ(s, virtio::kBlkSOk);
+  EXPECT_EQ(len, 21u);
+  const Bytes id = r.guest.data(0, *g, 20);
+  const std::string expect = r.blk->serial();
+  EXPECT_EQ(expect.rfind("vhostkit-", 0), 0u);
+  EXPECT_EQ(std::string(id.begin(), id.begin() + expect.size()), expect);
+  EXPECT_LE(expect.size(), 20u);
+}
+
+Bytes discard_seg(std::uint64_t sector, std::uint32_t n, std::uint32_t flags = 0) {
+  virtio::VirtioBlkDiscardWriteZeroes s{sector, n, flags};
+  Bytes b(sizeof s);
+  std::memcpy(b.data(), &s, sizeof s);
+  return b;
+}
+
+TEST(BlkDevice, DiscardReadsBackZeros) {
+  Rig r;
+  ASSERT_NE(r.img.read(16 * 512, 4096), Bytes(4096, 0));
+  auto d = r.guest.request(0, virtio::blk_type::discard, 0, discard_seg(16, 8));
+  EXPECT_EQ(r.guest.run(0, *d).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(16 * 512, 4096), Bytes(4096, 0));
+  EXPECT_NE(r.img.read(24 * 512, 512), Bytes(512, 0));  // only the range
+  EXPECT_EQ(r.blk->stats(0).discards, 1u);
+}
+
+TEST(BlkDevice, WriteZeroesReadsBackZeros) {
+  Rig r;
+  auto z = r.guest.request(0, virtio::blk_type::write_zeroes, 0, discard_seg(40, 3));
+  EXPECT_EQ(r.guest.run(0, *z).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(40 * 512, 3 * 512), Bytes(3 * 512, 0));
+  EXPECT_NE(r.img.read(43 * 512, 512), Bytes(512, 0));
+  auto u = r.guest.request(0, virtio::blk_type::write_zeroes, 0,
+                           discard_seg(60, 8, virtio::kBlkWriteZeroesFUnmap));
+  EXPECT_EQ(r.guest.run(0, *u).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(60 * 512, 4096), Bytes(4096, 0));
+  // Read through the device too.
+  auto rd = r.guest.request(0, virtio::blk_type::in, 40, {}, 1536);
+  EXPECT_EQ(r.guest.run(0, *rd).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.guest.data(0, *rd, 1536), Bytes(1536, 0));
+}
+
+TEST(BlkDevice, WriteZeroesOnTmpfs) {
+  Rig r(false, 1, vhost::PollMode::event, "/dev/shm", false);
+  auto z = r.guest.request(0, virtio::blk_type::write_zeroes, 0, discard_seg(2, 5));
+  EXPECT_EQ(r.guest.run(0, *z).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(2 * 512, 5 * 512), Bytes(5 * 512, 0));
+  EXPECT_NE(r.img.read(7 * 512, 512), Bytes(512, 0));
+}
+
+TEST(BlkDevice, ReadOnlyRefusesWrites) {
+  Rig r(/*ro=*/true);
+  const Bytes before = r.img.read(0, 8192);
+  auto w = r.guest.request(0, virtio::blk_type::out, 0, pattern(4096, 5));
+  auto [s, len] = r.guest.run(0, *w);
+  EXPECT_EQ(s, kBlkSIoErr);
+  EXPECT_EQ(len, 1u);
+  auto d = r.guest.request(0, virtio::blk_type::discard, 0, discard_seg(0, 8));
+  EXPECT_EQ(r.guest.run(0, *d).first, kBlkSIoErr);
+  auto z = r.guest.request(0, virtio::blk_type::write_zeroes, 0, discard_seg(0, 8));
+  EXPECT_EQ(r.guest.run(0, *z).first, kBlkSIoErr);
+  EXPECT_EQ(r.img.read(0, 8192), before);
+  // Reads still work.
+  auto rd = r.guest.request(0, virtio::blk_type::in, 0, {}, 4096);
+  EXPECT_EQ(r.guest.run(0, *rd).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.guest.data(0, *rd, 4096), Bytes(before.begin(), before.begin() + 4096));
+}
+
+TEST(BlkDevice, TwoQueuesServeIndependently) {
+  Rig r(false, 2);
+  const Bytes a = pattern(4096, 6), b = pattern(4096, 7);
+  auto wa = r.guest.request(0, virtio::blk_type::out, 0, a);
+  auto wb = r.guest.request(1, virtio::blk_type::out, 8, b);
+  EXPECT_EQ(r.guest.run(0, *wa).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.guest.run(1, *wb).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(0, 4096), a);
+  EXPECT_EQ(r.img.read(4096, 4096), b);
+  EXPECT_EQ(r.blk->stats(0).writes, 1u);
+  EXPECT_EQ(r.blk->stats(1).writes, 1u);
+}
+
+TEST(BlkDevice, StopWaitsForRequestsInFlight) {
+  Rig r;
+  std::vector<std::uint16_t> slots;
+  for (int i = 0; i < 32; ++i) {
+    slots.push_back(*r.guest.request(0, virtio::blk_type::out, i * 64, pattern(32768, 10 + i)));
+  }
+  r.guest.kick(0);
+  // Stopping the ring (GET_VRING_BASE) answers every request before it returns.
+  auto base = r.dev.get_vring_base(0);
+  ASSERT_TRUE(base.has_value());
+  auto got = r.guest.reclaim(0);
+  EXPECT_EQ(*base, 32u);
+  EXPECT_EQ(got.size(), 32u);
+  for (auto s : slots) EXPECT_EQ(r.guest.status(0, s), virtio::kBlkSOk);
+  EXPECT_EQ(r.blk->inflight(0), 0u);
+}
+
+// 1000 random reads and writes at queue depth 32, checked against a shadow copy of the image.
+void random_io(vhost::PollMode mode, std::uint32_t seed) {
+  // 32 chains of up to 8 descriptors each fit a ring of 256.
+  Rig r(false, 1, mode, "/tmp", true, 256);
+  Bytes shadow = r.img.read(0, kImage);
+  std::mt19937 rng(seed);
+  struct InFlight {
+    bool write;
+    std::uint64_t sector;
+    std::size_t len;
+    std::size_t shift;
+  };
+  std::map<std::uint16_t, InFlight> inflight;
+  std::size_t issued = 0, done = 0, mismatches = 0;
+  auto overlaps = [&](std::uint64_t s, std::size_t len, bool write) {
+    for (auto& [k, f] : inflight) {
+      if (!write && !f.write) continue;
+      if (s * 512 < f.sector * 512 + f.len && f.sector * 512 < s * 512 + len) return true;
+    }
+    return false;
+  };
+  auto drain = [&](std::size_t want) {
+    auto got = r.guest.complete(0, want);
+    EXPECT_GE(got.size(), want);
+    if (got.size() < want) return false;
+    for (auto& [slot, len] : got) {
+      InFlight f = inflight.at(slot);
+      inflight.erase(slot);
+      ++done;
+      if (r.guest.status(0, slot) != virtio::kBlkSOk) { ++mismatches; continue; }
+      if (!f.write) {
+        if (len != f.len + 1) ++mismatches;
+        if (r.guest.data(0, slot, f.len, f.shift) !=
+            Bytes(shadow.begin() + f.sector * 512, shadow.begin() + f.sector * 512 + f.len)) {
+          ++mismatches;
+        }
+      }
+    }
+    return true;
+  };
+  while (issued < 1000) {
+    const bool write = rng() % 2;
+    const std::size_t len = (1 + rng() % 128) * 512;  // up to 64 KiB
+    const std::uint64_t sector = rng() % (kImage / 512 - len / 512 + 1);
+    const std::size_t shift = rng() % 8 == 0 ? 512 * (rng() % 4) + (rng() % 2) : 0;
+    const unsigned pieces = 1 + rng() % 6;
+    if (inflight.size() >= 32 || overlaps(sector, len, write)) {
+      if (!drain(1)) break;
+      continue;
+    }
+    std::optional<std::uint16_t> slot;
+    if (write) {
+      Bytes data = pattern(len, static_cast<std::uint32_t>(rng()));
+      std::copy(data.begin(), data.end(), shadow.begin() + sector * 512);
+      slot = r.guest.request(0, virtio::blk_type::out, sector, data, 0, pieces, shift);
+    } else {
+      slot = r.guest.request(0, virtio::blk_type::in, sector, {}, static_cast<std::uint32_t>(len),
+                             pieces, shift);
+    }
+    ASSERT_TRUE(slot);
+    inflight[*slot] = {write, sector, len, shift};
+    ++issued;
+    if (issued % 8 == 0) r.guest.kick(0);
+  }
+  while (!inflight.empty() && drain(inflight.size())) {}
+  EXPECT_EQ(done, 1000u);
+  EXPECT_EQ(mismatches, 0u);
+  EXPECT_EQ(r.img.read(0, kImage), shadow);
+  const auto st = r.blk->stats(0);
+  EXPECT_EQ(st.reads + st.writes, 1000u);
+  EXPECT_EQ(st.io_errors + st.bad_requests, 0u);
+}
+
+TEST(BlkDevice, RandomIoQueueDepth32) { random_io(vhost::PollMode::event, 42); }
+TEST(BlkDevice, RandomIoBusyPolling) { random_io(vhost::PollMode::busy, 7); }
+
+}  // namespace
+}  // namespace vhostkit::blk::testing

@@ -1,0 +1,103 @@
+// Per-queue data-path state of the virtio-blk device: the queue's io_uring, its completion
+// eventfd, and a fixed pool of request slots (each with the iovec array its chain is popped into,
+// which is also the readv/writev vector handed to the kernel: no copy of guest data).
+#pragma once
+
+#include <liburing.h>
+#include <sys/uio.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "vhostkit/blk/blk_device.h"
+#include "vhostkit/unique_fd.h"
+#include "vhostkit/vhost/queue.h"
+#include "vhostkit/vhost/worker.h"
+
+namespace vhostkit::blk {
+
+// What the device knows about its backing store, shared read-only by every queue.
+struct BlkDevice::Backing {
+  int fd = -1;            // O_DIRECT when direct
+  int buffered_fd = -1;   // always buffered (== fd when !direct)
+  bool direct = false;
+  bool block_device = false;
+  std::uint32_t dio_align = 512;
+  std::uint64_t capacity = 0;  // 512-byte sectors
+  bool read_only = false;
+  const std::string* serial = nullptr;
+  std::uint64_t acked = 0;     // negotiated features (set before any ring starts)
+  // WRITE_ZEROES without unmap uses FALLOC_FL_ZERO_RANGE until the file system refuses it once;
+  // then punching a hole (which also reads back as zeros) instead.
+  std::atomic<bool> zero_range_unsupported{false};
+};
+
+enum class Op : std::uint8_t { read, write, flush, discard, write_zeroes };
+
+struct Slot {
+  // A chain of header + kSegMax data buffers + status, with room for a header split in bytes.
+  static constexpr std::size_t kSegs = BlkDevice::kSegMax + 2 + 16;
+
+  std::uint16_t head = 0;
+  Op op = Op::read;
+  bool on_buffered = false;     // submitted through the buffered fd
+  std::uint8_t* status = nullptr;
+  std::uint32_t data_len = 0;   // bytes the request moves (read/write)
+  std::uint64_t offset = 0;     // bytes (read/write/discard/write_zeroes)
+  std::uint64_t length = 0;     // bytes (discard/write_zeroes)
+  bool unmap = false;           // write_zeroes may punch a hole
+  iovec* data = nullptr;        // into segs
+  unsigned ndata = 0;
+  iovec segs[kSegs];
+};
+
+struct Counters {
+  std::atomic<std::uint64_t> reads{0}, writes{0}, flushes{0}, discards{0}, get_ids{0};
+  std::atomic<std::uint64_t> bytes_read{0}, bytes_written{0};
+  std::atomic<std::uint64_t> io_errors{0}, bad_requests{0}, no_status{0}, buffered{0};
+  std::atomic<std::uint32_t> inflight{0};
+
+  // Written by the worker only.
+  static void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
+    c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  }
+};
+
+struct BlkDevice::QueueState {
+  Backing* backing = nullptr;
+
+  io_uring ring{};
+  bool ring_ok = false;
+  UniqueFd cq_event;            // io_uring's completion eventfd, watched by the worker
+  vhost::Worker::Id watch_id = 0;
+  std::unique_ptr<Slot[]> slots;
+  std::vector<std::uint32_t> free_slots;  // a stack of slot indices
+  std::uint32_t inflight = 0;   // SQEs submitted and not yet reaped
+  Counters counters;
+
+  // Starts (ring, eventfd, slot pool) / stops (waits for every request in flight) the queue.
+  void start(vhost::Queue& q, vhost::Worker& w);
+  void stop(vhost::Queue& q, vhost::Worker& w);
+
+  // Reaps completions and answers their requests (status byte, used element). Returns the
+  // number reaped. Does not publish.
+  unsigned reap(vhost::Queue& q) noexcept;
+  // Pops chains while slots are free, answers the bad and synchronous ones, submits the rest in
+  // one batch. Returns the number of chains popped.
+  unsigned pop_and_submit(vhost::Queue& q) noexcept;
+  // The completion eventfd fired.
+  void on_completion(vhost::Queue& q) noexcept;
+
+ private:
+  // Validates one popped chain and either answers it now (push_used) or fills an SQE for it.
+  // Returns true if an SQE was prepared (the slot is then in flight).
+  bool dispatch(vhost::Queue& q, Slot& s, std::uint32_t slot_index, std::uint64_t readable_len,
+                std::uint64_t writable_len, unsigned nreadable, unsigned nwritable) noexcept;
+  bool prep(Slot& s, std::uint32_t slot_index) noexcept;
+  void finish(vhost::Queue& q, Slot& s, std::uint8_t status, std::uint32_t used_len) noexcept;
+  void complete(vhost::Queue& q, std::uint32_t slot_index, int res) noexcept;
+};
+
+}  // namespace vhostkit::blk

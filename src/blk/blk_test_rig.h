@@ -1,0 +1,286 @@
+// Test rig for the blk device tests: a guest driver (virtq::DriverQueue per request queue) on
+// memfd memory that a vhost::Device maps through set_mem_table, as a vhost-user frontend would,
+// with real kick/call eventfds; and a temporary image file.
+//
+// Each queue owns ring_size request slots of kSlot bytes: header at +0, status at +kStatusOff,
+// data from +kDataOff. The slot index is the chain's token.
+#pragma once
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "vhostkit/blk/blk_device.h"
+#include "vhostkit/vhost/device.h"
+#include "vhostkit/virtio/blk.h"
+#include "vhostkit/virtio/features.h"
+#include "vhostkit/virtq/split_queue.h"
+
+namespace vhostkit::blk::testing {
+
+using Bytes = std::vector<std::uint8_t>;
+using Buffer = virtq::DriverQueue::Buffer;
+namespace bf = virtio::blk_feature;
+using virtio::bit;
+
+inline constexpr std::uint64_t kFeatures =
+    bit(virtio::feature::version_1) | bit(virtio::feature::ring_event_idx) | bit(bf::seg_max) |
+    bit(bf::blk_size) | bit(bf::flush) | bit(bf::mq) | bit(bf::discard) | bit(bf::write_zeroes);
+
+inline UniqueFd make_eventfd() { return UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }
+inline UniqueFd dup_fd(int fd) { return UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
+
+inline bool wait_fd(int fd, int timeout_ms) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, timeout_ms) != 1) return false;
+  std::uint64_t v;
+  return ::read(fd, &v, sizeof v) == sizeof v;
+}
+
+// A temporary image of `bytes` bytes filled with a known pattern, removed on destruction.
+class TempImage {
+ public:
+  explicit TempImage(std::size_t bytes, const char* dir = "/tmp") {
+    path_ = std::string(dir) + "/vhostkit-blk-test-XXXXXX";
+    const int fd = ::mkstemp(path_.data());
+    EXPECT_GE(fd, 0);
+    Bytes init(bytes);
+    for (std::size_t i = 0; i < bytes; ++i) init[i] = static_cast<std::uint8_t>(i * 7 + i / 512);
+    EXPECT_EQ(::pwrite(fd, init.data(), init.size(), 0), static_cast<ssize_t>(bytes));
+    ::close(fd);
+  }
+  ~TempImage() { ::unlink(path_.c_str()); }
+  const std::string& path() const { return path_; }
+  Bytes read(std::uint64_t off, std::size_t len) const {
+    Bytes b(len);
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_EQ(::pread(fd, b.data(), len, static_cast<off_t>(off)), static_cast<ssize_t>(len));
+    ::close(fd);
+    return b;
+  }
+
+ private:
+  std::string path_;
+};
+
+class BlkGuest {
+ public:
+  static constexpr std::uint64_t kRingStride = 0x40000;
+  static constexpr std::uint64_t kDataGpa = 0x400000;
+  static constexpr std::size_t kSlot = 0x40000;  // 256 KiB per request slot
+  static constexpr std::size_t kStatusOff = 64;
+  static constexpr std::size_t kDataOff = 4096;
+
+  BlkGuest(std::uint16_t queues, std::uint64_t features = kFeatures, std::uint16_t ring_size = 128)
+      : features_(features), size_(ring_size), queues_(queues),
+        mem_size_(kDataGpa + std::size_t{queues} * ring_size * kSlot) {
+    memfd_ = UniqueFd(::memfd_create("blk-test", MFD_CLOEXEC));
+    EXPECT_EQ(::ftruncate(memfd_.get(), static_cast<off_t>(mem_size_)), 0);
+    void* p = ::mmap(nullptr, mem_size_, PROT_READ | PROT_WRITE, MAP_SHARED, memfd_.get(), 0);
+    EXPECT_NE(p, MAP_FAILED);
+    base_ = static_cast<std::uint8_t*>(p);
+    drivers_.resize(queues);
+    kicks_.resize(queues);
+    calls_.resize(queues);
+    free_.resize(queues);
+    for (std::uint16_t q = 0; q < queues; ++q) {
+      for (std::uint16_t s = 0; s < ring_size; ++s) free_[q].push_back(ring_size - 1 - s);
+    }
+  }
+  ~BlkGuest() { ::munmap(base_, mem_size_); }
+
+  std::uint8_t* host(std::uint64_t gpa) { return base_ + gpa; }
+  std::uint64_t uva(std::uint64_t gpa) const { return reinterpret_cast<std::uint64_t>(base_) + gpa; }
+  std::uint64_t slot_gpa(std::uint16_t q, std::uint16_t slot) const {
+    return kDataGpa + (std::uint64_t{q} * size_ + slot) * kSlot;
+  }
+  std::uint8_t* slot_host(std::uint16_t q, std::uint16_t slot) { return host(slot_gpa(q, slot)); }
+  std::size_t free_slots(std::uint16_t q) const { return free_[q].size(); }
+
+  void bring_up(vhost::Device& dev) {
+    ASSERT_TRUE(dev.set_owner().has_value());
+    auto f = dev.set_features(features_);
+    ASSERT_TRUE(f.has_value()) << f.error().message();
+    std::vector<vhost::MemRegionFd> t;
+    t.push_back(vhost::MemRegionFd{memory::RegionSpec{0, mem_size_, uva(0), 0},
+                                   dup_fd(memfd_.get())});
+    auto m = dev.set_mem_table(std::move(t));
+    ASSERT_TRUE(m.has_value()) << m.error().message();
+    for (std::uint16_t q = 0; q < queues_; ++q) configure(dev, q);
+  }
+
+  void configure(vhost::Device& dev, std::uint16_t q) {
+    const std::uint64_t gpa = q * kRingStride;
+    auto layout = virtq::DriverRingLayout::for_size(size_);
+    auto r = drivers_[q].init(
+        std::span<std::byte>(reinterpret_cast<std::byte*>(host(gpa)), layout.total_bytes), gpa,
+        size_, features_);
+    ASSERT_TRUE(r.has_value()) << r.error().message();
+    ASSERT_TRUE(dev.set_vring_num(q, size_).has_value());
+    ASSERT_TRUE(dev.set_vring_base(q, 0).has_value());
+    vhost::VringAddr a;
+    a.desc_user_addr = uva(drivers_[q].desc_gpa());
+    a.avail_user_addr = uva(drivers_[q].avail_gpa());
+    a.used_user_addr = uva(drivers_[q].used_gpa());
+    ASSERT_TRUE(dev.set_vring_addr(q, a).has_value());
+    calls_[q] = make_eventfd();
+    ASSERT_TRUE(dev.set_vring_call(q, dup_fd(calls_[q].get())).has_value());
+    kicks_[q] = make_eventfd();
+    ASSERT_TRUE(dev.set_vring_kick(q, dup_fd(kicks_[q].get())).has_value());
+    auto e = dev.set_vring_enable(q, true);
+    ASSERT_TRUE(e.has_value()) << e.error().message();
+  }
+
+  void kick(std::uint16_t q) {
+    drivers_[q].publish();
+    if (drivers_[q].needs_kick()) {
+      const std::uint64_t one = 1;
+      [[maybe_unused]] auto r = ::write(kicks_[q].get(), &one, sizeof one);
+    }
+  }
+
+  // Takes a slot for a hand-built chain (the caller lays out its buffers in it).
+  std::optional<std::uint16_t> take_slot(std::uint16_t q) {
+    if (free_[q].empty()) return std::nullopt;
+    const std::uint16_t s = free_[q].back();
+    free_[q].pop_back();
+    std::memset(slot_host(q, s), 0, kDataOff);
+    slot_host(q, s)[kStatusOff] = 0xee;  // "not written"
+    return s;
+  }
+  bool add_raw(std::uint16_t q, std::uint16_t slot, std::span<const Buffer> out,
+               std::span<const Buffer> in) {
+    return drivers_[q].add(out, in, slot).has_value();
+  }
+
+  void write_hdr(std::uint16_t q, std::uint16_t slot, std::uint32_t type, std::uint64_t sector) {
+    virtio::VirtioBlkOutHdr h{type, 0, sector};
+    std::memcpy(slot_host(q, slot), &h, sizeof h);
+  }
+
+  // A well-formed request: header, data split into `pieces` buffers, status. For IN and GET_ID
+  // the data is writable (in_len bytes), for OUT/DISCARD/WRITE_ZEROES readable (`out` bytes).
+  std::optional<std::uint16_t> request(std::uint16_t q, std::uint32_t type, std::uint64_t sector,
+                                       const Bytes& out, std::uint32_t in_len = 0,
+                                       unsigned pieces = 1, std::size_t data_shift = 0) {
+    auto slot = take_slot(q);
+    if (!slot) return std::nullopt;
+    write_hdr(q, *slot, type, sector);
+    const std::uint64_t base = slot_gpa(q, *slot);
+    const std::uint64_t data = base + kDataOff + data_shift;
+    std::vector<Buffer> outs{{base, 16}}, ins;
+    auto split = [&](std::vector<Buffer>& v, std::uint64_t len) {
+      std::uint64_t off = 0;
+      for (unsigned i = 0; i < pieces && off < len; ++i) {
+        std::uint64_t n = i + 1 == pieces ? len - off : std::max<std::uint64_t>(len / pieces / 512 * 512, 512);
+        n = std::min(n, len - off);
+        v.push_back({data + off, static_cast<std::uint32_t>(n)});
+        off += n;
+      }
+    };
+    if (!out.empty()) {
+      std::memcpy(host(data), out.data(), out.size());
+      split(outs, out.size());
+    }
+    if (in_len != 0) {
+      std::memset(host(data), 0xa5, in_len);
+      split(ins, in_len);
+    }
+    ins.push_back({base + kStatusOff, 1});
+    EXPECT_LE(kDataOff + data_shift + std::max<std::size_t>(out.size(), in_len), kSlot);
+    if (!add_raw(q, *slot, outs, ins)) {
+      free_[q].push_back(*slot);
+      return std::nullopt;
+    }
+    return slot;
+  }
+
+  std::uint8_t status(std::uint16_t q, std::uint16_t slot) { return slot_host(q, slot)[kStatusOff]; }
+  Bytes data(std::uint16_t q, std::uint16_t slot, std::size_t len, std::size_t shift = 0) {
+    const std::uint8_t* p = slot_host(q, slot) + kDataOff + shift;
+    return Bytes(p, p + len);
+  }
+
+  // Reclaims used entries of queue q (token -> used len); slots are freed.
+  std::map<std::uint16_t, std::uint32_t> reclaim(std::uint16_t q) {
+    std::map<std::uint16_t, std::uint32_t> out;
+    while (auto u = drivers_[q].get_used()) {
+      out[static_cast<std::uint16_t>(u->token)] = u->len;
+      free_[q].push_back(static_cast<std::uint16_t>(u->token));
+    }
+    return out;
+  }
+
+  // Kicks and waits until `n` used entries came back (or the timeout).
+  std::map<std::uint16_t, std::uint32_t> complete(std::uint16_t q, std::size_t n,
+                                                  int timeout_ms = 5000) {
+    kick(q);
+    std::map<std::uint16_t, std::uint32_t> got;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (got.size() < n && std::chrono::steady_clock::now() < deadline) {
+      for (auto& [k, v] : reclaim(q)) got[k] = v;
+      if (got.size() < n) wait_fd(calls_[q].get(), 5);
+    }
+    return got;
+  }
+
+  // One request, waited for: returns {status, used len}.
+  std::pair<std::uint8_t, std::uint32_t> run(std::uint16_t q, std::uint16_t slot) {
+    auto got = complete(q, 1);
+    EXPECT_EQ(got.size(), 1u);
+    EXPECT_TRUE(got.count(slot));
+    return {status(q, slot), got.count(slot) ? got[slot] : 0xffffffffu};
+  }
+
+ private:
+  std::uint64_t features_;
+  std::uint16_t size_;
+  std::uint16_t queues_;
+  std::size_t mem_size_;
+  UniqueFd memfd_;
+  std::uint8_t* base_ = nullptr;
+  std::vector<virtq::DriverQueue> drivers_;
+  std::vector<UniqueFd> kicks_;
+  std::vector<UniqueFd> calls_;
+  std::vector<std::vector<std::uint16_t>> free_;
+};
+
+inline vhost::DeviceOptions dev_opts(vhost::PollMode mode = vhost::PollMode::event) {
+  vhost::DeviceOptions o;
+  o.name = "blk-test";
+  o.mode = mode;
+  o.adaptive_spin_us = 200;
+  return o;
+}
+
+inline std::unique_ptr<BlkDevice> open_device(const std::string& path, bool ro = false,
+                                              std::uint16_t queues = 1, bool direct = true) {
+  BlkOptions o;
+  o.image = path;
+  o.read_only = ro;
+  o.num_queues = queues;
+  o.try_direct = direct;
+  auto d = BlkDevice::open(o);
+  EXPECT_TRUE(d.has_value()) << (d ? "" : d.error().message());
+  return d ? std::move(*d) : nullptr;
+}
+
+inline Bytes pattern(std::size_t len, std::uint32_t seed) {
+  Bytes b(len);
+  std::mt19937 rng(seed);
+  for (auto& x : b) x = static_cast<std::uint8_t>(rng());
+  return b;
+}
+
+}  // namespace vhostkit::blk::testing
