@@ -245,7 +245,8 @@ write_report() {
   cores=$(nproc)
   kernel=$(uname -r)
   dpdk_ver=$(dpkg-query -W -f='${Version}' dpdk 2>/dev/null || echo unknown)
-  load1=${load_before%% *}
+  # The busier of the 1-minute load averages taken before and after the run.
+  load1=$(awk -v a="${load_before%% *}" -v b="${load_after%% *}" 'BEGIN { print (a > b ? a : b) }')
   cat <<EOT
 # Performance
 
@@ -259,8 +260,10 @@ EOT
     cat <<EOT
 
 > **The host was shared and loaded during this run (load average $load1 > 3 on $cores cores).**
-> Absolute figures are depressed and noisy; only the ratios between configurations measured
-> in this run mean anything, and even those carry scheduling noise.
+> Absolute figures are depressed and noisy (see host_probe below: a cache-line round trip far
+> above the 0.26-0.6 us such hosts show when quiet means the pinned threads were being
+> preempted); only ratios between configurations measured in this run mean anything, and even
+> those carry scheduling noise: a configuration that lost its core for a second looks slow.
 EOT
   fi
   [[ -n ${!FAILED[*]} ]] && printf '\n> Configurations with a failed step (figures may be 0 or missing): %s\n' "${!FAILED[*]}"
@@ -332,7 +335,7 @@ event mode), CPU time from /proc/PID/stat (utime + stime) over 5 s, as % of one 
 | vhostkit-net --poll | vhostkit-net % CPU | idle front-end % CPU |
 |---|---:|---:|
 EOT
-  awk -F, '$2 == "idle" { v[$6 SUBSEP $3] = $15; if (!($6 in s)) { s[$6] = 1; o[n++] = $6 } }
+  awk -F, '$2 == "idle" { v[$7 SUBSEP $3] = $15; if (!($7 in s)) { s[$7] = 1; o[n++] = $7 } }
     END { for (i = 0; i < n; i++) printf "| %s | %s | %s |\n", o[i], v[o[i] SUBSEP "vhostkit-net"], v[o[i] SUBSEP "vhostkit-bench"] }' "$csv"
   cat <<EOT
 
