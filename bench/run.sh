@@ -311,7 +311,9 @@ EOT
 Note on offered load: testpmd's \`--tx-first\` injects one burst (32 frames) that then circulates,
 so c1/c2 run with 32 frames in flight; vhostkit-bench keeps its transmit ring full (up to 256 in
 flight) and counts frames the back-end could not place on a full receive ring as drops. c2 vs c1
-isolates the back-end with the same DPDK front-end.
+isolates the back-end with the same DPDK front-end. c3/c4 ratios above 1 owe much to that deeper
+pipeline (on a loaded host, 32 frames ping-ponging between two processes stall whenever either
+loses its core), not to a cheaper data path: read them as "same host, same run", not as a win.
 
 ## Latency
 
