@@ -8,12 +8,16 @@
 #   3. testpmd's port counters now satisfy TX-packets == RX-packets + vhostkit-net's drops, to the
 #      frame, where drops are the exact per-interval drop counts of its --stats lines (printed for
 #      at least one more interval after the traffic ended).
+# VK_NET_QUEUES=N (net_multiqueue_test.sh uses 2): N queue pairs on both sides (testpmd
+# --rxq=N --txq=N, flowgen on every queue); each pair must show traffic both ways, and the
+# accounting holds over all pairs.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/dpdk.sh"
 source "$here/../../scripts/lib/vhostkit.sh"
 
 SECONDS_FWD=${VK_TEST_SECONDS:-4}
+QUEUES=${VK_NET_QUEUES:-1}
 t_start=$(vk_now)
 vk_require_root
 vk_require_cmd "$VK_TESTPMD" ss
@@ -24,8 +28,8 @@ nlog=$VK_TMP/vhostkit-net.log
 tlog=$VK_TMP/testpmd.log
 prefix=vk-$$-loop
 
-vk_check "vhostkit-net --loopback --stats=1 listens"
-vk_net_start "$nlog" -- --socket-path="$sock" --loopback --stats=1
+vk_check "vhostkit-net --loopback --queues=$QUEUES --stats=1 listens"
+vk_net_start "$nlog" -- --socket-path="$sock" --loopback --queues="$QUEUES" --stats=1
 net_pid=$VK_NET_PID
 vk_net_wait_listening "$sock" 10 || { cat "$nlog"; vk_fail "did not listen"; }
 vk_pass "listening on $sock"
@@ -35,7 +39,8 @@ mkfifo "$VK_TMP/cmd"
 exec 7<>"$VK_TMP/cmd"  # read-write: opening never blocks, and testpmd never sees EOF early
 vk_on_exit "exec 7>&-"
 "$VK_TESTPMD" --lcores 0@0,1@0 --no-pci --no-huge -m 1024 --file-prefix="$prefix" \
-  --vdev "net_virtio_user0,path=$sock,queues=1" -- -i --total-num-mbufs=16384 \
+  --vdev "net_virtio_user0,path=$sock,queues=$QUEUES" -- -i --total-num-mbufs=16384 \
+  --rxq="$QUEUES" --txq="$QUEUES" \
   --forward-mode=flowgen <"$VK_TMP/cmd" >"$tlog" 2>&1 &
 tpmd=$!
 vk_on_exit "vk_dpdk_stop $tpmd; rm -rf /var/run/dpdk/$prefix"
@@ -72,12 +77,18 @@ n0=$(grep -c '^qp0 ' "$nlog")
 vk_wait_for 5 bash -c "(( \$(grep -c '^qp0 ' '$nlog') >= $n0 + 2 ))" || vk_fail "stats lines stopped"
 vk_net_stop "$net_pid"; rc=$?
 ((rc == 0)) || { cat "$nlog"; vk_fail "vhostkit-net exit $rc"; }
-vk_net_stats_active "$nlog" 0 tx && vk_net_stats_active "$nlog" 0 rx ||
-  { grep '^qp0' "$nlog"; vk_fail "stats show no traffic both ways"; }
-read -r txm txg txd txe rxm rxg rxd rxe <<<"$(vk_net_stats_sum "$nlog" 0)"
-((txe == 0 && rxe == 0)) || vk_fail "errors counted: tx $txe rx $rxe"
-awk '$1 == "qp0" && ($3 > 0 || $13 > 0)' "$nlog" | sed 's/^/    /'
-vk_pass "drops: tx $txd rx $rxd; rates summed: tx $txm rx $rxm Mpps-s"
+txm=0 txd=0 rxd=0
+for ((qp = 0; qp < QUEUES; qp++)); do
+  vk_net_stats_active "$nlog" "$qp" tx && vk_net_stats_active "$nlog" "$qp" rx ||
+    { grep "^qp$qp" "$nlog"; vk_fail "stats show no traffic both ways on qp$qp"; }
+  read -r m _ d e _ _ rd re <<<"$(vk_net_stats_sum "$nlog" "$qp")"
+  ((e == 0 && re == 0)) || vk_fail "qp$qp errors counted: tx $e rx $re"
+  awk -v q="qp$qp" '$1 == q && ($3 > 0 || $13 > 0)' "$nlog" | sed 's/^/    /'
+  echo "  qp$qp: tx ${m} Mpps-s, drops tx $d rx $rd"
+  txm=$(awk -v a="$txm" -v b="$m" 'BEGIN { print a + b }')
+  txd=$((txd + d)) rxd=$((rxd + rd))
+done
+vk_pass "every one of $QUEUES queue pair(s) moved frames both ways; drops: tx $txd rx $rxd"
 
 vk_check "exact accounting: testpmd TX ($port_tx) == testpmd RX ($port_rx) + vhostkit-net drops ($((txd + rxd)))"
 ((port_tx == port_rx + txd + rxd)) ||
@@ -90,4 +101,4 @@ awk -v e="$est" -v t="$port_tx" 'BEGIN { d = e - t; if (d < 0) d = -d; exit !(d 
   vk_fail "vhostkit-net counted ~$est guest tx frames, testpmd sent $port_tx"
 vk_pass "~$est vs $port_tx"
 
-echo "net_dpdk_loopback_test: all checks passed in $(awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}') s"
+echo "${VK_SCRIPT_NAME%.sh} (queues=$QUEUES): all checks passed in $(awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}') s"
