@@ -157,6 +157,12 @@ void BlkDevice::queue_stopped(vhost::Queue& q, vhost::Worker& w) {
   queues_[q.index()].stop(q, w);
 }
 
+void BlkDevice::quiesce(vhost::Queue& q, vhost::Worker& w) {
+  (void)w;
+  if (q.index() >= opts_.num_queues) return;
+  queues_[q.index()].drain(q);
+}
+
 bool BlkDevice::handle_queue(vhost::Queue& q) noexcept {
   if (q.index() >= opts_.num_queues) [[unlikely]] return false;
   QueueState& s = queues_[q.index()];

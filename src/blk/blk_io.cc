@@ -117,7 +117,7 @@ void BlkDevice::QueueState::start(vhost::Queue& q, vhost::Worker& w) {
   ring_ok = true;
 }
 
-void BlkDevice::QueueState::stop(vhost::Queue& q, vhost::Worker& w) {
+void BlkDevice::QueueState::drain(vhost::Queue& q) {
   if (!ring_ok) return;
   // Every request in flight is finished and answered while the ring and memory are still
   // there; after this nothing the kernel completes can reach guest memory through us.
@@ -134,6 +134,11 @@ void BlkDevice::QueueState::stop(vhost::Queue& q, vhost::Worker& w) {
     reap(q);
   }
   q.publish_and_notify();
+}
+
+void BlkDevice::QueueState::stop(vhost::Queue& q, vhost::Worker& w) {
+  if (!ring_ok) return;
+  drain(q);
   if (watch_id != 0) w.unwatch(std::exchange(watch_id, 0));
   // Exiting the ring also cancels and waits for anything left (the error case above).
   io_uring_queue_exit(&ring);

@@ -79,6 +79,8 @@ struct BlkDevice::QueueState {
 
   // Starts (ring, eventfd, slot pool) / stops (waits for every request in flight) the queue.
   void start(vhost::Queue& q, vhost::Worker& w);
+  // Waits for every request in flight and answers it (stop, and before guest memory changes).
+  void drain(vhost::Queue& q);
   void stop(vhost::Queue& q, vhost::Worker& w);
 
   // Reaps completions and answers their requests (status byte, used element). Returns the

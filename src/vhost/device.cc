@@ -322,6 +322,13 @@ struct Device::Impl {
     w.run_sync([&] { stop_on_worker(q, w); });
   }
 
+  // Lets the backend finish requests that hold guest addresses; workers must be parked.
+  void quiesce_running() {
+    for (auto& q : queues) {
+      if (q->started()) backend.quiesce(*q, worker_of(q->index_));
+    }
+  }
+
   // Runs fn while every running worker is parked in a work item: nothing translates guest
   // memory meanwhile, so the table can be mutated.
   void with_workers_parked(const std::function<void()>& fn) {
@@ -491,6 +498,7 @@ Result<> Device::set_mem_table(std::vector<MemRegionFd> regions) {
     running.emplace_back(q.get(), *r);
   }
   d.with_workers_parked([&] {
+    d.quiesce_running();
     std::swap(d.mem, next);
     d.mem.set_dirty_log(d.log.get());
     next.set_dirty_log(nullptr);
@@ -526,7 +534,10 @@ Result<> Device::remove_mem_region(const memory::RegionSpec& spec) {
     }
   }
   Result<> res;
-  d.with_workers_parked([&] { res = d.mem.remove_region(spec); });
+  d.with_workers_parked([&] {
+    d.quiesce_running();
+    res = d.mem.remove_region(spec);
+  });
   return res;
 }
 

@@ -198,6 +198,8 @@ TEST(Device, SetMemTableWhileRunning) {
   auto r = dev.set_mem_table(rig.table());
   ASSERT_TRUE(r.has_value()) << r.error().message();
   EXPECT_NE(dev.memory().uva_to_host(rig.uva(0), 1), before);
+  // Each running ring's backend was told to finish what it holds before the old table went.
+  EXPECT_EQ(be.quiesce_calls.load(), 2);
   EXPECT_TRUE(dev.queue(0).started());
   echo_round_trips(rig, 0, 3, 3);
   echo_round_trips(rig, 1, 3);

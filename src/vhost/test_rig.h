@@ -36,6 +36,7 @@ class EchoBackend : public DeviceBackend {
   std::uint16_t num_queues() const noexcept override { return queues_; }
   void queue_started(Queue&, Worker&) override { started_calls++; }
   void queue_stopped(Queue&, Worker&) override { stopped_calls++; }
+  void quiesce(Queue&, Worker&) override { quiesce_calls++; }
 
   bool handle_queue(Queue& q) noexcept override {
     auto& vq = q.vq();
@@ -70,6 +71,7 @@ class EchoBackend : public DeviceBackend {
   }
 
   std::atomic<int> started_calls{0};
+  std::atomic<int> quiesce_calls{0};
   std::atomic<int> stopped_calls{0};
 
  private:

@@ -75,6 +75,7 @@ class BlkDevice final : public vhost::DeviceBackend {
   void set_features(std::uint64_t acked) noexcept override;
   void queue_started(vhost::Queue& q, vhost::Worker& w) override;
   void queue_stopped(vhost::Queue& q, vhost::Worker& w) override;
+  void quiesce(vhost::Queue& q, vhost::Worker& w) override;
   bool handle_queue(vhost::Queue& q) noexcept override;
 
   std::uint64_t capacity_sectors() const noexcept { return capacity_; }
