@@ -1,7 +1,5 @@
 #include "stats_printer.h"
 
-#include <vector>
-
 #include <fmt/format.h>
 
 namespace vhostkit::cli {
@@ -22,31 +20,21 @@ std::string format_pair_line(std::uint16_t qp, const net::NetStats& a, const net
 
 StatsPrinter::StatsPrinter(const net::NetDevice& dev, std::chrono::milliseconds interval,
                            std::function<void(const std::string&)> emit)
-    : dev_(dev), interval_(interval), emit_(std::move(emit)), thread_([this] { run(); }) {}
+    : dev_(dev), emit_(std::move(emit)), prev_(init(dev)), ticker_(interval, [this](double s) {
+        tick(s);
+      }) {}
 
-StatsPrinter::~StatsPrinter() {
-  {
-    std::lock_guard lk(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  thread_.join();
+std::vector<net::NetStats> StatsPrinter::init(const net::NetDevice& dev) {
+  std::vector<net::NetStats> v(dev.queue_pairs());
+  for (std::uint16_t qp = 0; qp < v.size(); ++qp) v[qp] = dev.stats(qp);
+  return v;
 }
 
-void StatsPrinter::run() {
-  std::vector<net::NetStats> prev(dev_.queue_pairs());
-  for (std::uint16_t qp = 0; qp < prev.size(); ++qp) prev[qp] = dev_.stats(qp);
-  auto last = std::chrono::steady_clock::now();
-  std::unique_lock lk(mu_);
-  while (!cv_.wait_for(lk, interval_, [this] { return stop_; })) {
-    auto now = std::chrono::steady_clock::now();
-    double secs = std::chrono::duration<double>(now - last).count();
-    last = now;
-    for (std::uint16_t qp = 0; qp < prev.size(); ++qp) {
-      auto cur = dev_.stats(qp);
-      emit_(format_pair_line(qp, prev[qp], cur, secs));
-      prev[qp] = cur;
-    }
+void StatsPrinter::tick(double seconds) {
+  for (std::uint16_t qp = 0; qp < prev_.size(); ++qp) {
+    const auto cur = dev_.stats(qp);
+    emit_(format_pair_line(qp, prev_[qp], cur, seconds));
+    prev_[qp] = cur;
   }
 }
 

@@ -1,14 +1,14 @@
-// --stats=SECONDS: one line per queue pair per interval with rates since the last line.
+// --stats=SECONDS for vhostkit-net: one line per queue pair per interval with the interval's
+// rates.
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <string>
-#include <thread>
+#include <vector>
 
+#include "backend_program.h"
 #include "vhostkit/net/net_device.h"
 
 namespace vhostkit::cli {
@@ -22,20 +22,15 @@ class StatsPrinter {
   // Prints through `emit` every `interval` until destroyed.
   StatsPrinter(const net::NetDevice& dev, std::chrono::milliseconds interval,
                std::function<void(const std::string&)> emit);
-  ~StatsPrinter();
-  StatsPrinter(const StatsPrinter&) = delete;
-  StatsPrinter& operator=(const StatsPrinter&) = delete;
 
  private:
-  void run();
+  static std::vector<net::NetStats> init(const net::NetDevice& dev);
+  void tick(double seconds);
 
   const net::NetDevice& dev_;
-  std::chrono::milliseconds interval_;
   std::function<void(const std::string&)> emit_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;
-  std::thread thread_;
+  std::vector<net::NetStats> prev_;
+  Ticker ticker_;  // last: starts after everything it reads is ready
 };
 
 }  // namespace vhostkit::cli
