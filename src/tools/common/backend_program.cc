@@ -31,7 +31,7 @@ BackendProgram::BackendProgram(std::string name, std::string type, std::string d
   app_.add_option("--cpu", a.cpu, "pin one worker per listed CPU, e.g. 1 or 0,2-3")
       ->option_text("LIST");
   app_.add_option("--stats", a.stats, "print per-queue rates every SECONDS")
-      ->check(CLI::PositiveNumber)->option_text("SECONDS");
+      ->check(CLI::Range(0.1, 3600.0))->option_text("SECONDS");
   app_.add_option("--log-level", a.log_level, "trace, debug, info, warn, error, critical or off")
       ->capture_default_str();
   app_.add_option("--spin-us", a.spin_us, "adaptive polling: spin this long before sleeping")
