@@ -23,6 +23,27 @@ bool tx_chain_ok(NetDevice::Pair& p, const virtq::Chain& c, std::size_t hdr_len)
   return false;
 }
 
+// What became of one pop from the transmitq.
+enum class TxPop : std::uint8_t { ok, skip, stop };
+
+// Pops the next tx chain into `out`. A malformed chain is answered (used len 0) and counted in
+// `errors` (skip); an error that breaks the queue ends the burst (stop).
+TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t hdr_len, virtq::Chain& out,
+             std::uint64_t& errors) noexcept {
+  auto c = vq.pop(p.tx_segs);
+  if (!c) {
+    ++errors;
+    return virtq::breaks_queue(c.error()) ? TxPop::stop : TxPop::skip;
+  }
+  if (!tx_chain_ok(p, *c, hdr_len)) {
+    vq.push_used(c->head, 0);
+    ++errors;
+    return TxPop::skip;
+  }
+  out = *c;
+  return TxPop::ok;
+}
+
 }  // namespace
 
 bool NetDevice::handle_tx(Pair& p, vhost::Queue& q) noexcept {
@@ -36,30 +57,23 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
   const std::span<iovec> io(p.io);
   for (std::uint16_t n = 0; n < burst_ && vq.pending() != 0; ++n) {
     ++chains;
-    auto c = vq.pop(p.tx_segs);
-    if (!c) {
-      ++errors;
-      if (virtq::breaks_queue(c.error())) break;
-      continue;
-    }
-    if (!tx_chain_ok(p, *c, hdr_len_)) {
-      vq.push_used(c->head, 0);
-      ++errors;
-      continue;
-    }
-    const std::size_t frame = c->readable_len - hdr_len_;
+    virtq::Chain c;
+    const TxPop r = pop_tx(p, vq, hdr_len_, c, errors);
+    if (r == TxPop::stop) break;
+    if (r == TxPop::skip) continue;
+    const std::size_t frame = c.readable_len - hdr_len_;
     std::span<const iovec> pieces;
     if (vnet && hdr_len_ == 12) {
-      pieces = c->readable;  // the guest's layout is the port's: no copy at all
+      pieces = c.readable;  // the guest's layout is the port's: no copy at all
     } else if (vnet) {
       // Legacy 10-byte header: the port wants 12 (num_buffers is meaningless on tx).
       p.hdr_scratch.fill(0);
-      detail::gather(c->readable, 0, p.hdr_scratch.data(), 10);
+      detail::gather(c.readable, 0, p.hdr_scratch.data(), 10);
       io[0] = iovec{p.hdr_scratch.data(), 12};
-      const std::size_t k = detail::skip(c->readable, 10, io.subspan(1));
+      const std::size_t k = detail::skip(c.readable, 10, io.subspan(1));
       pieces = io.first(k + 1);
     } else {
-      const std::size_t k = detail::skip(c->readable, hdr_len_, io);
+      const std::size_t k = detail::skip(c.readable, hdr_len_, io);
       pieces = io.first(k);
     }
     if (port_->send(p.qp, pieces)) {
@@ -68,7 +82,7 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
     } else {
       ++drops;
     }
-    vq.push_used(c->head, 0);
+    vq.push_used(c.head, 0);
   }
   if (chains == 0) return false;
   port_->flush(p.qp);
@@ -102,21 +116,14 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
   bool rx_touched = false;
   for (std::uint16_t n = 0; n < burst_ && vq.pending() != 0; ++n) {
     ++chains;
-    auto c = vq.pop(p.tx_segs);
-    if (!c) {
-      ++errors;
-      if (virtq::breaks_queue(c.error())) break;
-      continue;
-    }
-    if (!tx_chain_ok(p, *c, hdr_len_)) {
-      vq.push_used(c->head, 0);
-      ++errors;
-      continue;
-    }
-    const std::size_t frame = c->readable_len - hdr_len_;
+    virtq::Chain c;
+    const TxPop r = pop_tx(p, vq, hdr_len_, c, errors);
+    if (r == TxPop::stop) break;
+    if (r == TxPop::skip) continue;
+    const std::size_t frame = c.readable_len - hdr_len_;
     auto d = detail::Delivery::no_buffer;
     if (rxq != nullptr) {
-      d = detail::deliver_frame(p, rxq->vq(), hdr_len_, mrg_rxbuf_, kZeroHdr, c->readable,
+      d = detail::deliver_frame(p, rxq->vq(), hdr_len_, mrg_rxbuf_, kZeroHdr, c.readable,
                                 hdr_len_, frame, true, rx_touched);
     }
     if (d == detail::Delivery::delivered) {
@@ -125,7 +132,7 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
     } else {
       ++drops;  // every frame not delivered is a tx drop: sent == received + tx_drops
     }
-    vq.push_used(c->head, 0);
+    vq.push_used(c.head, 0);
   }
   if (chains == 0) return false;
   // Counters first: whoever sees the used entries also sees them counted.
