@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cassert>
 #include <cerrno>
 #include <condition_variable>
@@ -61,7 +62,8 @@ bool ranges_overlap(std::uint64_t a, std::uint64_t alen, std::uint64_t b, std::u
 
 struct Device::Impl {
   Impl(DeviceBackend& b, DeviceOptions o) : backend(b), opts(std::move(o)) {
-    const std::size_t nworkers = opts.cpus.empty() ? 1 : opts.cpus.size();
+    const std::size_t nworkers =
+        opts.cpus.empty() ? std::max<std::size_t>(1, opts.unpinned_workers) : opts.cpus.size();
     for (std::size_t i = 0; i < nworkers; ++i) {
       Worker::Options wo;
       wo.name = nworkers == 1 ? opts.name : opts.name + std::to_string(i);

@@ -226,6 +226,18 @@ TEST(Device, SetMemTableWhileRunningOnTwoWorkers) {
   echo_round_trips(rig, 1, 2, 6);
 }
 
+TEST(Device, UnpinnedWorkersSpreadQueuesWithoutCpuList) {
+  EchoBackend be;
+  auto o = opts(PollMode::event);
+  o.cpus.clear();
+  o.unpinned_workers = 2;
+  o.queues_per_worker = 1;
+  Device dev(be, o);
+  EXPECT_EQ(dev.worker_count(), 2u);
+  EXPECT_NE(&dev.worker_for(0), &dev.worker_for(1));
+  EXPECT_FALSE(dev.worker_for(0).options().cpu.has_value());
+}
+
 TEST(Device, BadChainCountedAsErrorRingKeepsRunning) {
   EchoBackend be;
   Device dev(be, opts(PollMode::event));

@@ -27,7 +27,8 @@ namespace vhostkit::vhost {
 struct DeviceOptions {
   std::string name = "dev";
   PollMode mode = PollMode::event;
-  std::vector<int> cpus;                 // one worker per entry (pinned); empty: one unpinned
+  std::vector<int> cpus;                 // one worker per entry (pinned); empty: see below
+  std::uint16_t unpinned_workers = 1;    // workers (not pinned) when cpus is empty; >= 1
   std::uint16_t queues_per_worker = 2;   // queue i runs on worker (i / queues_per_worker) % N
   std::uint32_t adaptive_spin_us = 100;
 };

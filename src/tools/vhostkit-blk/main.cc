@@ -84,6 +84,7 @@ int main(int argc, char** argv) {
   dopts.mode = cfg.poll;
   dopts.cpus = cfg.cpus;
   dopts.queues_per_worker = 1;  // queues are independent: spread them over the workers
+  dopts.unpinned_workers = dev.num_queues();  // without --cpu: a worker per queue
   dopts.adaptive_spin_us = prog.args().spin_us;
   vhost::Device device(dev, dopts);
 

@@ -102,6 +102,7 @@ int main(int argc, char** argv) {
   dopts.mode = cfg.poll;
   dopts.cpus = cfg.cpus;
   dopts.queues_per_worker = 2;  // a pair's rx and tx rings share a worker
+  dopts.unpinned_workers = dev.queue_pairs();  // without --cpu: a worker per queue pair
   dopts.adaptive_spin_us = prog.args().spin_us;
   vhost::Device device(dev, dopts);
 
