@@ -124,6 +124,7 @@ void NetDevice::queue_started(vhost::Queue& q, vhost::Worker& w) {
     return;
   }
   p.rx_mode = w.options().mode;
+  p.port_failed = false;  // a restarted ring tries the port again
   p.rx_worker.store(&w, std::memory_order_release);
   p.rxq.store(&q, std::memory_order_release);
   // Busy mode polls the port from handle_queue; the other modes sleep in epoll and need the

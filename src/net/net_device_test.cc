@@ -304,6 +304,27 @@ TEST(PortRxMerge, WithoutMrgRxbufTooLargeFrameIsDropped) {
   EXPECT_EQ(rx.empty_used, 1u);  // the chain the big frame consumed came back empty
 }
 
+// The port's rx side fails under a running device (its TAP interface was deleted): the worker
+// must not spin on the fd that stays readable, and transmit goes on (into drops).
+TEST(PortRxFlow, FailedPortIsNoLongerWatched) {
+  PortRig r(false, kBase | kEventIdx | kMrg);
+  Receiver rx(r.g, 1, {1526});
+  rx.refill();
+  r.port_ptr->fail_reads = true;
+  r.port_ptr->poke();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto w0 = r.dev.worker_for(1).wakeups();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_LT(r.dev.worker_for(1).wakeups() - w0, 5u) << "worker spins on a failed port's fd";
+  EXPECT_GE(r.net.stats(0).rx_errors, 1u);
+  // The guest's transmit side still works; the frames reach the (still writable) port.
+  std::mt19937 rng(12);
+  ASSERT_TRUE(r.g.send(0, random_frame(rng, 100)));
+  r.g.kick(0);
+  ASSERT_TRUE(wait_tx_done(r.g, 0));
+  EXPECT_FALSE(r.dev.broken());
+}
+
 // Frames wait but the guest has no buffers: the device must neither spin on the readable port
 // fd nor lose the wake-up when buffers are posted.
 TEST(PortRxFlow, EmptyRingStopsWatchingAndKickResumes) {

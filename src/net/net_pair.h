@@ -170,6 +170,9 @@ struct alignas(64) NetDevice::Pair {
   vhost::PollMode rx_mode = vhost::PollMode::event;
   bool watching = false;      // the port's rx fd is in the worker's epoll set
   vhost::Worker::Id watch_id = 0;
+  // The port's rx side failed (e.g. its TAP was deleted): its fd is no longer watched, since a
+  // level-triggered fd in error would wake the worker forever. Until the ring restarts.
+  bool port_failed = false;
 
   // Segment arrays: a tx chain, the rx chain being filled.
   std::array<iovec, detail::kMaxSegs> tx_segs{};

@@ -146,6 +146,12 @@ std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget
         continue;
       }
       ++errors;
+      if (!p.port_failed) {
+        p.port_failed = true;
+        spdlog::error("net: pair {}: reading {} {} failed (was the interface removed?); no more "
+                      "frames from it until the guest restarts the ring",
+                      p.qp, port_->kind(), port_->ifname());
+      }
       break;
     }
     if (*r == 0) break;  // the port is idle
@@ -193,6 +199,12 @@ void NetDevice::on_port_readable(std::uint16_t qp) noexcept {
   // A bounded batch: the fd is level-triggered, so frames left behind wake us again after the
   // other fds on this worker had their turn.
   rx_from_port(p, *q, 4u * burst_, &empty);
+  if (p.port_failed && p.watching) {
+    w->unwatch(p.watch_id);
+    p.watching = false;
+    p.watch_id = 0;
+    return;
+  }
   if (!empty || !p.watching) return;
   // Frames wait but the guest has no buffers. Watching the fd now would spin the worker on a
   // readable fd it cannot serve: stop watching and ask for an rx kick instead (vhost-net's
@@ -210,6 +222,7 @@ bool NetDevice::handle_rx_kick(Pair& p, vhost::Queue& q) noexcept {
     did = inject_announce(p, q);
   }
   if (!port_) return did;  // loopback fills rx from the tx side
+  if (p.port_failed) return did;
   if (!p.watching && p.rx_mode != vhost::PollMode::busy) {
     // The guest posted buffers after we ran dry: take the port's fd back.
     vhost::Worker* w = p.rx_worker.load(std::memory_order_acquire);

@@ -78,6 +78,7 @@ class FakePort final : public Port {
                                         std::span<const iovec> into) noexcept override {
     std::lock_guard lk(mu_);
     ++recv_calls;
+    if (fail_reads) return std::unexpected(Errc::system);  // like a TAP whose interface went away
     if (rx_[qp].empty()) return 0;
     Bytes f = std::move(rx_[qp].front());
     rx_[qp].pop_front();
@@ -104,6 +105,11 @@ class FakePort final : public Port {
     const std::uint64_t one = 1;
     [[maybe_unused]] auto r = ::write(fds_[qp].get(), &one, sizeof one);
   }
+  // Makes the rx fd readable without a frame (a failed port stays readable forever).
+  void poke(std::uint16_t qp = 0) {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto r = ::write(fds_[qp].get(), &one, sizeof one);
+  }
   std::size_t waiting(std::uint16_t qp = 0) {
     std::lock_guard lk(mu_);
     return rx_[qp].size();
@@ -116,6 +122,7 @@ class FakePort final : public Port {
   }
 
   std::atomic<bool> refuse_sends{false};
+  std::atomic<bool> fail_reads{false};
   std::atomic<std::uint64_t> offloads_set{0};
   std::uint64_t recv_calls = 0;  // under mu_
 
