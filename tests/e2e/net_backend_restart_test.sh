@@ -54,19 +54,21 @@ start_backend() {
 
 # ------------------------------------------------------------------ first backend, guest up
 log1=$VK_TMP/net1.log
-vk_check "vhostkit-net #1 listens; a QEMU guest (chardev reconnect=1) connects and pings the host"
+vk_check "vhostkit-net #1 listens; a QEMU guest (chardev reconnect=1) connects; the host pings it"
 start_backend "$log1"
 pid1=$net_pid
 glog=$VK_TMP/guest.log
+# no_timer_check: on a loaded host a TCG guest can miss the IO-APIC timer check at boot and panic.
 vk_qemu_start --log "$glog" --timeout 300 \
-  --cmdline "vk.ip=$GUEST/24 vk.peer=192.0.2.1 vk.cmd=ping,idle vk.count=3" -- \
+  --cmdline "no_timer_check vk.ip=$GUEST/24 vk.peer=192.0.2.1 vk.cmd=idle" -- \
   -chardev "socket,id=vkc0,path=$sock,reconnect=1" \
   -netdev "vhost-user,id=vkn0,chardev=vkc0,queues=1" \
   -device "virtio-net-pci,netdev=vkn0,vectors=0"
 qemu_pid=$VK_QEMU_PID
 vk_net_wait_connected "$log1" 30 || { cat "$log1"; vk_qemu_dump "$glog"; vk_fail "QEMU never connected"; }
-vk_guest_check_ping "$glog" 90
-vk_wait_for 10 host_ping || vk_fail "the host cannot ping the guest"
+vk_qemu_wait_marker "$glog" '^VK-IDLE' 120 || { vk_qemu_dump "$glog"; vk_fail "the guest did not come up"; }
+# The host pings the guest, before and after: the guest runs nothing but its kernel throughout.
+vk_wait_for 30 host_ping || { vk_qemu_dump "$glog"; vk_fail "the host cannot ping the guest"; }
 fds1=$(vk_net_fd_count "$pid1")
 vk_pass "host pings the guest; vhostkit-net #1 (pid $pid1) holds $fds1 fds in session"
 
@@ -75,9 +77,10 @@ vk_check "SIGKILL vhostkit-net #1 while the host pings the guest every 0.1 s"
 plog=$VK_TMP/ping.log
 vk_netns_spawn "$plog" ping -D -i 0.1 -W 1 "$GUEST"
 ping_pid=$VK_SPAWN_PID
-sleep 2
+# A TCG guest on a loaded host answers slowly: wait for a few replies rather than a fixed time.
+vk_wait_for 30 bash -c "(( \$(grep -c 'bytes from' '$plog') >= 5 ))" ||
+  vk_fail "only $(grep -c 'bytes from' "$plog") replies to the background ping in 30 s"
 before_kill=$(grep -c 'bytes from' "$plog")
-((before_kill > 5)) || vk_fail "only $before_kill replies before the kill"
 t_kill=$(vk_now)
 kill -KILL "$pid1"
 wait "$pid1" 2>/dev/null
