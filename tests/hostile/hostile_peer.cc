@@ -295,7 +295,10 @@ struct CycleResult {
 CycleResult cycles(Child& c, unsigned n) {
   CycleResult res;
   auto before = probe(c);
-  if (!before) return {0, {}, 0, before.error().message()};
+  if (!before) {
+    res.error = before.error().message();
+    return res;
+  }
   const auto t0 = Clock::now();
   for (; res.done < n; ++res.done) {
     const auto c0 = Clock::now();
