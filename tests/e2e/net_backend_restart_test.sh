@@ -114,7 +114,6 @@ wait "$ping_pid" 2>/dev/null
 after=$(awk -v t="$t_kill" -F'[][]' '/bytes from/ && $2 > t + 0.5 { n++ } END { print n + 0 }' "$plog")
 ((after > 0)) || vk_fail "the background ping got no reply after the restart"
 vk_pass "$(grep -o '[0-9]* received' "$VK_TMP/ping2.log") of 5; background ping: $before_kill replies before, $after after; traffic back $(awk -v a="$t_kill" -v b="$t_back" 'BEGIN{printf "%.1f", b-a}') s after the kill"
-grep -a 'VK-LINK\|virtio_net' "$glog" | tr -d '\r' | sed 's/^/  guest: /' | tail -5
 
 vk_check "vhostkit-net #2 holds as many fds in session as #1 did; SIGTERM -> exit 0"
 fds2=$(vk_net_fd_count "$pid2")
