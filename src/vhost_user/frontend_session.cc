@@ -15,6 +15,8 @@ namespace {
 constexpr std::size_t kPage = 4096;
 // The largest frame we gather from several mergeable rx buffers (a 64 KiB GSO frame).
 constexpr std::size_t kMaxMergedFrame = 65536 + 14 + 4;
+// The largest blk request buffer: 16 MiB of data plus a page for header and status.
+constexpr std::size_t kMaxBlkBuffer = (16u << 20) + 4096;
 
 constexpr std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
 
@@ -29,9 +31,9 @@ struct Layout {
 
 Layout layout_for(const FrontendOptions& o) {
   Layout l;
-  l.rings = 2u * o.queue_pairs;
+  l.rings = o.rings();
   l.ring_block = align_up(virtq::DriverRingLayout::for_size(o.queue_size).total_bytes, kPage);
-  l.buffer_block = align_up(std::size_t{o.queue_size} * o.buffer_size, kPage);
+  l.buffer_block = align_up(std::size_t{o.buffers_per_ring()} * o.buffer_size, kPage);
   return l;
 }
 
@@ -45,23 +47,35 @@ Result<> FrontendOptions::validate() const {
   if (socket_path.empty() && !channel.valid()) {
     return fail(Errc::invalid_argument, "no socket path and no connected channel");
   }
-  if (queue_pairs == 0 || queue_pairs > FrontendSession::kMaxQueuePairs) {
+  const bool blk = device == Device::blk;
+  if (!blk && (queue_pairs == 0 || queue_pairs > FrontendSession::kMaxQueuePairs)) {
     return fail(Errc::out_of_range, fmt::format("queue pairs {} not in 1..{}", queue_pairs,
+                                                FrontendSession::kMaxQueuePairs));
+  }
+  if (blk && (num_queues == 0 || num_queues > FrontendSession::kMaxQueuePairs)) {
+    return fail(Errc::out_of_range, fmt::format("num_queues {} not in 1..{}", num_queues,
                                                 FrontendSession::kMaxQueuePairs));
   }
   if (!virtio::is_valid_queue_size(queue_size) || queue_size < 2) {
     return fail(Errc::invalid_argument,
                 fmt::format("queue size {} is not a power of two in 2..32768", queue_size));
   }
-  if (buffer_size < 64 || buffer_size > kMaxMergedFrame + sizeof(virtio::VirtioNetHdrMrg)) {
-    return fail(Errc::out_of_range, fmt::format("buffer size {} not in 64..{}", buffer_size,
-                                                kMaxMergedFrame + sizeof(virtio::VirtioNetHdrMrg)));
+  const std::size_t min_buffer = blk ? virtio::kBlkSectorSize : 64;
+  const std::size_t max_buffer =
+      blk ? kMaxBlkBuffer : kMaxMergedFrame + sizeof(virtio::VirtioNetHdrMrg);
+  if (buffer_size < min_buffer || buffer_size > max_buffer) {
+    return fail(Errc::out_of_range, fmt::format("buffer size {} not in {}..{}", buffer_size,
+                                                min_buffer, max_buffer));
+  }
+  if (blk && ring_buffers > queue_size) {
+    return fail(Errc::out_of_range, fmt::format("{} buffers per ring exceed the ring size {}",
+                                                ring_buffers, queue_size));
   }
   const std::size_t need = layout_for(*this).total();
   if (memory_size != 0 && memory_size < need) {
     return fail(Errc::out_of_range,
                 fmt::format("memory size {} too small: {} rings of {} with {}-byte buffers need {}",
-                            memory_size, 2u * queue_pairs, queue_size, buffer_size, need));
+                            memory_size, rings(), queue_size, buffer_size, need));
   }
   if (timeout.count() <= 0) return fail(Errc::invalid_argument, "timeout must be positive");
   return {};
@@ -90,7 +104,7 @@ Result<std::unique_ptr<FrontendSession>> FrontendSession::connect(FrontendOption
   };
   if (auto r = s->negotiate(); !r) return fail_all(std::move(r.error()));
   if (auto r = s->setup_memory(); !r) return fail_all(std::move(r.error()));
-  s->rings_.resize(2u * s->opts_.queue_pairs);
+  s->rings_.resize(s->opts_.rings());
   for (std::uint16_t i = 0; i < s->rings_.size(); ++i) {
     if (auto r = s->setup_ring(i); !r) return fail_all(std::move(r.error()));
   }
@@ -174,9 +188,14 @@ Result<> FrontendSession::negotiate() {
   // REPLY_ACK is not negotiated yet: this one is fire-and-forget.
   if (auto r = request(owner, "SET_OWNER"); !r) return r;
 
-  std::uint64_t wanted = opts_.features.value_or(
-      kFrontendNetFeatures | (opts_.queue_pairs > 1 ? virtio::bit(virtio::net_feature::mq) : 0));
-  features_ = wanted & offered_features_ & kFrontendDrivableFeatures;
+  const bool blk = opts_.device == FrontendOptions::Device::blk;
+  // The feature that allows more than one queue (pair), and how many we want.
+  const unsigned mq_bit = blk ? virtio::blk_feature::mq : virtio::net_feature::mq;
+  const std::uint16_t queues = blk ? opts_.num_queues : opts_.queue_pairs;
+  const std::uint64_t wanted = opts_.features.value_or(
+      (blk ? kFrontendBlkFeatures : kFrontendNetFeatures) | (queues > 1 ? virtio::bit(mq_bit) : 0));
+  features_ = wanted & offered_features_ &
+              (blk ? kFrontendBlkDrivableFeatures : kFrontendDrivableFeatures);
   const bool proto = virtio::has(offered_features_, virtio::feature::protocol_features);
   if (proto) {
     features_ |= virtio::bit(virtio::feature::protocol_features);
@@ -191,32 +210,35 @@ Result<> FrontendSession::negotiate() {
     features_ &= ~virtio::bit(virtio::feature::protocol_features);
   }
 
-  if (opts_.queue_pairs > 1) {
-    if (!virtio::has(features_, virtio::net_feature::mq)) {
-      return fail(Errc::unsupported, fmt::format("{} queue pairs wanted but VIRTIO_NET_F_MQ is "
-                                                 "not offered (or not wanted)", opts_.queue_pairs));
+  const std::string_view unit = blk ? "queues" : "queue pairs";
+  if (queues > 1) {
+    if (!virtio::has(features_, mq_bit)) {
+      return fail(Errc::unsupported,
+                  fmt::format("{} {} wanted but {} is not offered (or not wanted)", queues, unit,
+                              blk ? "VIRTIO_BLK_F_MQ" : "VIRTIO_NET_F_MQ"));
     }
     if (!has_protocol(protocol_feature::mq)) {
       return fail(Errc::unsupported,
-                  fmt::format("{} queue pairs wanted but the back-end lacks protocol feature MQ",
-                              opts_.queue_pairs));
+                  fmt::format("{} {} wanted but the back-end lacks protocol feature MQ", queues,
+                              unit));
     }
   }
   if (has_protocol(protocol_feature::mq)) {
     auto n = query_u64(Request::get_queue_num);
     if (!n) return std::unexpected(std::move(n.error()));
     backend_queue_num_ = *n;
-    // Back-ends disagree on the unit (QEMU and DPDK: queue pairs; some: virtqueues); either way
-    // fewer than our pairs can't work.
-    if (backend_queue_num_ < opts_.queue_pairs) {
+    // Back-ends disagree on the unit for net (QEMU and DPDK: queue pairs; some: virtqueues);
+    // either way fewer than our pairs can't work. For blk it is request queues.
+    if (backend_queue_num_ < queues) {
       return fail(Errc::unsupported,
-                  fmt::format("GET_QUEUE_NUM: the back-end has {} queues, {} pairs wanted",
-                              backend_queue_num_, opts_.queue_pairs));
+                  fmt::format("GET_QUEUE_NUM: the back-end has {} queues, {} {} wanted",
+                              backend_queue_num_, queues, unit));
     }
   }
 
   SetFeatures sf{.value = features_};
   if (auto r = request(sf, "SET_FEATURES"); !r) return r;
+  if (blk) return {};
   mrg_rxbuf_ = virtio::has(features_, virtio::net_feature::mrg_rxbuf);
   hdr_len_ = virtio::net_hdr_size(virtio::has(features_, virtio::feature::version_1), mrg_rxbuf_);
   if (opts_.buffer_size < hdr_len_ + 60) {
@@ -255,7 +277,8 @@ Result<> FrontendSession::setup_ring(std::uint16_t i) {
   const Layout l = layout_for(opts_);
   FrontendRing& r = rings_[i];
   r.index = i;
-  r.is_rx = (i % 2) == 0;  // receiveq first in each pair
+  // net: receiveq first in each pair. blk: every ring is a request queue, driven like a transmitq.
+  r.is_rx = opts_.device == FrontendOptions::Device::net && (i % 2) == 0;
   const std::size_t roff = l.ring_offset(i);
   if (auto v = r.vq.init(std::span<std::byte>(reinterpret_cast<std::byte*>(base_ + roff),
                                               l.ring_block),
@@ -267,8 +290,8 @@ Result<> FrontendSession::setup_ring(std::uint16_t i) {
   r.buffers = base_ + boff;
   r.buffers_gpa = boff;
   r.buffer_size = opts_.buffer_size;
-  r.buffer_count = opts_.queue_size;
-  r.free.assign(opts_.queue_size, 0);
+  r.buffer_count = opts_.buffers_per_ring();
+  r.free.assign(r.buffer_count, 0);
   r.used.resize(std::min<std::size_t>(kBurst, opts_.queue_size));
   r.free_top = 0;
   if (r.is_rx) {

@@ -2,6 +2,10 @@
 // to any vhost-user back-end, negotiates features, shares one memfd as "guest" memory, sets up
 // the rings with kick/call eventfds and drives the driver side of every ring.
 //
+// The same session also drives a virtio-blk back-end (FrontendOptions::device = blk): then the
+// rings are num_queues request queues, each with a pool of request buffers that nothing is
+// posted from at setup; BlkFrontend (blk_frontend.h) builds requests on it.
+//
 // Memory: one memfd region mapped MAP_SHARED at guest-physical address 0, so a GPA is an offset
 // into our mapping. Rings come first (one page-aligned DriverRingLayout block per ring), then a
 // packet buffer pool: `queue_size` fixed-size buffers per ring, owned by that ring for the whole
@@ -40,6 +44,7 @@
 #include "vhostkit/vhost_user/channel.h"
 #include "vhostkit/vhost_user/message.h"
 #include "vhostkit/vhost_user/protocol.h"
+#include "vhostkit/virtio/blk.h"
 #include "vhostkit/virtio/features.h"
 #include "vhostkit/virtio/net.h"
 #include "vhostkit/virtq/split_queue.h"
@@ -59,6 +64,16 @@ inline constexpr std::uint64_t kFrontendDrivableFeatures =
     virtio::bit(virtio::net_feature::mtu) | virtio::bit(virtio::feature::any_layout) |
     virtio::bit(virtio::feature::protocol_features);
 
+// The same for a blk back-end (MQ is added when num_queues > 1). SEG_MAX, BLK_SIZE and RO only
+// let the device tell us its limits (RO: writes will fail); FLUSH lets us ask for one.
+inline constexpr std::uint64_t kFrontendBlkFeatures =
+    virtio::bit(virtio::feature::version_1) | virtio::bit(virtio::feature::ring_event_idx) |
+    virtio::bit(virtio::blk_feature::seg_max) | virtio::bit(virtio::blk_feature::blk_size) |
+    virtio::bit(virtio::blk_feature::ro) | virtio::bit(virtio::blk_feature::flush);
+inline constexpr std::uint64_t kFrontendBlkDrivableFeatures =
+    kFrontendBlkFeatures | virtio::bit(virtio::blk_feature::mq) |
+    virtio::bit(virtio::feature::protocol_features);
+
 // Protocol features we use when the back-end offers them.
 inline constexpr std::uint64_t kFrontendProtocolFeatures =
     (std::uint64_t{1} << protocol_feature::mq) | (std::uint64_t{1} << protocol_feature::reply_ack) |
@@ -70,17 +85,25 @@ struct FrontendOptions {
     poll,   // "no fd" for kick and call: the back-end polls the avail ring, we poll used
   };
 
+  enum class Device : std::uint8_t { net, blk };
+
+  Device device = Device::net;
   // Where to connect, unless `channel` is already connected (tests, or a front-end that listens
   // and lets the back-end connect as a client).
   std::string socket_path;
   Channel channel;
 
-  std::uint16_t queue_pairs = 1;       // 1..128; rings = 2 * queue_pairs
+  std::uint16_t queue_pairs = 1;       // net: 1..128; rings = 2 * queue_pairs
+  std::uint16_t num_queues = 1;        // blk: request queues, 1..128; rings = num_queues
   std::uint16_t queue_size = 256;      // power of two, 2..32768
   std::size_t memory_size = 64u << 20; // the shared region; 0: just what rings + buffers need
-  std::uint32_t buffer_size = 2048;    // per packet buffer, >= 64 (header + a minimal frame)
-  // Feature bits wanted (acked = wanted & offered & drivable). Unset: kFrontendNetFeatures,
-  // plus MQ when queue_pairs > 1.
+  // net: per packet buffer, >= 64 (header + a minimal frame). blk: per request buffer, 512 B..
+  // 16 MiB + 4 KiB; a multiple of 4096 keeps every buffer page-aligned (O_DIRECT back-ends).
+  std::uint32_t buffer_size = 2048;
+  // Buffers per ring; 0: queue_size. (net always has queue_size.)
+  std::uint16_t ring_buffers = 0;
+  // Feature bits wanted (acked = wanted & offered & drivable). Unset: kFrontendNetFeatures plus
+  // MQ when queue_pairs > 1 (blk: kFrontendBlkFeatures plus MQ when num_queues > 1).
   std::optional<std::uint64_t> features;
   std::uint64_t protocol_features = kFrontendProtocolFeatures;
   Notify notify = Notify::event;
@@ -90,6 +113,12 @@ struct FrontendOptions {
 
   // Checks everything above that does not need the back-end. connect() calls it.
   Result<> validate() const;
+  std::uint16_t rings() const noexcept {
+    return device == Device::blk ? num_queues : static_cast<std::uint16_t>(2u * queue_pairs);
+  }
+  std::uint16_t buffers_per_ring() const noexcept {
+    return device == Device::blk && ring_buffers != 0 ? ring_buffers : queue_size;
+  }
 };
 
 // Per-ring counters; written by the ring's data-path thread only.
@@ -156,6 +185,7 @@ class FrontendSession {
   // GET_QUEUE_NUM's answer (0 if MQ was not negotiated).
   std::uint64_t backend_queue_num() const noexcept { return backend_queue_num_; }
   std::uint16_t queue_pairs() const noexcept { return opts_.queue_pairs; }
+  FrontendOptions::Device device() const noexcept { return opts_.device; }
   std::uint16_t num_rings() const noexcept { return static_cast<std::uint16_t>(rings_.size()); }
   std::uint16_t queue_size() const noexcept { return opts_.queue_size; }
   std::size_t net_hdr_len() const noexcept { return hdr_len_; }

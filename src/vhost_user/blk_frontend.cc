@@ -1,0 +1,135 @@
+// The vhost-user-blk front-end's control path: options, connect, config space.
+#include "vhostkit/vhost_user/blk_frontend.h"
+
+#include <fmt/format.h>
+
+#include <bit>
+#include <utility>
+
+namespace vhostkit::vhost_user {
+namespace {
+
+constexpr std::size_t kPage = 4096;
+constexpr std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
+
+// A slot: data, then header and status, rounded up to a page so every slot's data is aligned.
+std::uint32_t slot_bytes(std::uint32_t max_data) {
+  return static_cast<std::uint32_t>(
+      align_up(std::size_t{max_data} + sizeof(virtio::VirtioBlkOutHdr) + 1, kPage));
+}
+
+template <typename T>
+T load(std::span<const std::uint8_t> c, std::size_t off) {
+  T v;
+  std::memcpy(&v, c.data() + off, sizeof v);
+  return v;
+}
+
+}  // namespace
+
+Result<FrontendOptions> BlkFrontendOptions::session_options() && {
+  if (depth == 0 || depth > BlkFrontend::kMaxDepth) {
+    return fail(Errc::out_of_range, fmt::format("depth {} not in 1..{}", depth, BlkFrontend::kMaxDepth));
+  }
+  if (max_data < virtio::kBlkSectorSize || max_data > BlkFrontend::kMaxData ||
+      max_data % virtio::kBlkSectorSize != 0) {
+    return fail(Errc::out_of_range, fmt::format("max_data {} is not a multiple of 512 in 512..{}",
+                                                max_data, BlkFrontend::kMaxData));
+  }
+  // Three descriptors per request.
+  const std::uint32_t need = 3u * depth;
+  std::uint32_t size = queue_size;
+  if (size == 0) size = std::max<std::uint32_t>(64, std::bit_ceil(need));
+  if (size > virtio::kMaxQueueSize) {
+    return fail(Errc::out_of_range,
+                fmt::format("depth {} needs a ring of {} descriptors, more than {}", depth, need,
+                            virtio::kMaxQueueSize));
+  }
+  if (size < need) {
+    return fail(Errc::out_of_range, fmt::format("a ring of {} holds {} three-descriptor requests, "
+                                                "{} wanted in flight", size, size / 3, depth));
+  }
+  FrontendOptions o;
+  o.device = FrontendOptions::Device::blk;
+  o.socket_path = std::move(socket_path);
+  o.channel = std::move(channel);
+  o.num_queues = num_queues;
+  o.queue_size = static_cast<std::uint16_t>(size);
+  o.buffer_size = slot_bytes(max_data);
+  o.ring_buffers = depth;
+  o.memory_size = 0;
+  o.features = features;
+  o.notify = notify;
+  o.timeout = timeout;
+  o.name = std::move(name);
+  if (auto v = o.validate(); !v) return std::unexpected(std::move(v.error()));
+  return o;
+}
+
+Result<BlkInfo> BlkFrontend::parse_config(std::span<const std::uint8_t> c, std::uint64_t features) {
+  using virtio::VirtioBlkConfig;
+  namespace bf = virtio::blk_feature;
+  if (c.size() < kConfigBytes) {
+    return fail(Errc::invalid_argument, fmt::format("config of {} bytes, {} needed", c.size(),
+                                                    kConfigBytes));
+  }
+  BlkInfo info;
+  info.capacity = load<std::uint64_t>(c, offsetof(VirtioBlkConfig, capacity));
+  if (info.capacity == 0) return fail(Errc::broken, "config: capacity is 0 sectors");
+  // A byte size that overflows 64 bits is no disk we can address.
+  if (info.capacity > (std::uint64_t{1} << 54)) {
+    return fail(Errc::broken, fmt::format("config: capacity {} sectors is beyond 2^63 bytes",
+                                          info.capacity));
+  }
+  if (virtio::has(features, bf::blk_size)) {
+    info.blk_size = load<std::uint32_t>(c, offsetof(VirtioBlkConfig, blk_size));
+    if (info.blk_size < 512 || info.blk_size > 65536 || !std::has_single_bit(info.blk_size)) {
+      return fail(Errc::broken, fmt::format("config: blk_size {} is not a power of two in "
+                                            "512..65536", info.blk_size));
+    }
+  }
+  if (virtio::has(features, bf::seg_max)) {
+    info.seg_max = load<std::uint32_t>(c, offsetof(VirtioBlkConfig, seg_max));
+  }
+  if (virtio::has(features, bf::mq)) {
+    info.num_queues = load<std::uint16_t>(c, offsetof(VirtioBlkConfig, num_queues));
+    if (info.num_queues == 0) return fail(Errc::broken, "config: num_queues is 0");
+  }
+  info.read_only = virtio::has(features, bf::ro);
+  info.flush = virtio::has(features, bf::flush);
+  return info;
+}
+
+Result<std::unique_ptr<BlkFrontend>> BlkFrontend::connect(BlkFrontendOptions opts) {
+  const std::uint16_t depth = opts.depth;
+  const std::uint32_t max_data = opts.max_data;
+  const std::uint16_t queues = opts.num_queues;
+  auto so = std::move(opts).session_options();
+  if (!so) return std::unexpected(std::move(so.error()));
+  auto s = FrontendSession::connect(std::move(*so));
+  if (!s) return std::unexpected(std::move(s.error()));
+  std::unique_ptr<BlkFrontend> f(new BlkFrontend());
+  f->session_ = std::move(*s);
+  f->depth_ = depth;
+  f->max_data_ = max_data;
+  // Without CONFIG there is no capacity to stay within: a driver can't use such a disk.
+  auto raw = f->session_->get_config(0, kConfigBytes);
+  if (!raw) return std::unexpected(std::move(raw.error()));
+  auto info = parse_config(*raw, f->session_->features());
+  if (!info) {
+    return fail(info.error().code, fmt::format("GET_CONFIG: {}", info.error().detail));
+  }
+  if (info->num_queues < queues) {
+    return fail(Errc::unsupported, fmt::format("config: the device has {} request queues, {} "
+                                               "wanted", info->num_queues, queues));
+  }
+  f->info_ = *info;
+  return f;
+}
+
+Result<std::vector<std::uint32_t>> BlkFrontend::stop() {
+  stopped_ = true;
+  return session_->stop();
+}
+
+}  // namespace vhostkit::vhost_user

@@ -1,0 +1,138 @@
+// BlkFrontend without a back-end: option checks and the config space a hostile back-end may send.
+// (Against a real vhostkit-blk device: src/tools/vhostkit-bench/blk_frontend_pair_test.cc.)
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "vhostkit/vhost_user/blk_frontend.h"
+
+namespace vhostkit::vhost_user {
+namespace {
+
+namespace bf = virtio::blk_feature;
+using virtio::bit;
+
+std::vector<std::uint8_t> config(std::uint64_t capacity, std::uint32_t blk_size = 512,
+                                 std::uint16_t num_queues = 1, std::uint32_t seg_max = 126) {
+  virtio::VirtioBlkConfig c{};
+  c.capacity = capacity;
+  c.blk_size = blk_size;
+  c.num_queues = num_queues;
+  c.seg_max = seg_max;
+  std::vector<std::uint8_t> out(BlkFrontend::kConfigBytes);
+  std::memcpy(out.data(), &c, out.size());
+  return out;
+}
+
+constexpr std::uint64_t kAll = bit(bf::blk_size) | bit(bf::seg_max) | bit(bf::mq) | bit(bf::flush);
+
+BlkFrontendOptions opts() {
+  BlkFrontendOptions o;
+  o.socket_path = "/nonexistent/x.sock";
+  return o;
+}
+
+TEST(BlkFrontendConfig, ReadsWhatTheFeaturesAllow) {
+  auto i = BlkFrontend::parse_config(config(2048, 4096, 4, 126), kAll);
+  ASSERT_TRUE(i) << i.error().message();
+  EXPECT_EQ(i->capacity, 2048u);
+  EXPECT_EQ(i->blk_size, 4096u);
+  EXPECT_EQ(i->num_queues, 4u);
+  EXPECT_EQ(i->seg_max, 126u);
+  EXPECT_TRUE(i->flush);
+  EXPECT_FALSE(i->read_only);
+}
+
+TEST(BlkFrontendConfig, FieldsOfUnackedFeaturesAreIgnored) {
+  // Garbage in blk_size and num_queues does not matter when BLK_SIZE and MQ are not acked.
+  auto i = BlkFrontend::parse_config(config(8, 12345, 0, 7), bit(bf::ro));
+  ASSERT_TRUE(i) << i.error().message();
+  EXPECT_EQ(i->blk_size, 512u);
+  EXPECT_EQ(i->num_queues, 1u);
+  EXPECT_EQ(i->seg_max, 0u);
+  EXPECT_TRUE(i->read_only);
+  EXPECT_FALSE(i->flush);
+}
+
+TEST(BlkFrontendConfig, ZeroCapacityIsRefused) {
+  EXPECT_FALSE(BlkFrontend::parse_config(config(0), kAll));
+}
+
+TEST(BlkFrontendConfig, CapacityBeyondAddressableBytesIsRefused) {
+  EXPECT_FALSE(BlkFrontend::parse_config(config(~std::uint64_t{0}), kAll));
+  EXPECT_TRUE(BlkFrontend::parse_config(config(std::uint64_t{1} << 54), kAll));
+}
+
+TEST(BlkFrontendConfig, BlkSizeNotAPowerOfTwoOrOutOfRangeIsRefused) {
+  for (std::uint32_t b : {0u, 256u, 511u, 1000u, 3072u, 131072u}) {
+    EXPECT_FALSE(BlkFrontend::parse_config(config(8, b), kAll)) << b;
+  }
+  for (std::uint32_t b : {512u, 1024u, 4096u, 65536u}) {
+    EXPECT_TRUE(BlkFrontend::parse_config(config(8, b), kAll)) << b;
+  }
+}
+
+TEST(BlkFrontendConfig, ZeroQueuesWithMqIsRefused) {
+  EXPECT_FALSE(BlkFrontend::parse_config(config(8, 512, 0), kAll));
+}
+
+TEST(BlkFrontendConfig, ShortConfigIsRefused) {
+  auto c = config(8);
+  c.pop_back();
+  EXPECT_FALSE(BlkFrontend::parse_config(c, kAll));
+}
+
+TEST(BlkFrontendOptions, RingIsSizedForThreeDescriptorsPerRequest) {
+  auto o = opts();
+  o.depth = 32;
+  auto s = std::move(o).session_options();
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_EQ(s->queue_size, 128u);
+  EXPECT_EQ(s->ring_buffers, 32u);
+  EXPECT_EQ(s->device, FrontendOptions::Device::blk);
+  EXPECT_EQ(s->rings(), 1u);
+  // 4 KiB of data plus header and status round up to two pages per slot.
+  EXPECT_EQ(s->buffer_size, 8192u);
+
+  auto small = opts();
+  small.depth = 1;
+  EXPECT_EQ(std::move(small).session_options()->queue_size, 64u);  // the floor
+}
+
+TEST(BlkFrontendOptions, BadDepthDataOrRingAreRefused) {
+  auto o = opts();
+  o.depth = 0;
+  EXPECT_FALSE(std::move(o).session_options());
+  o = opts();
+  o.depth = BlkFrontend::kMaxDepth + 1;
+  EXPECT_FALSE(std::move(o).session_options());
+  o = opts();
+  o.max_data = 1000;
+  EXPECT_FALSE(std::move(o).session_options());
+  o = opts();
+  o.max_data = 0;
+  EXPECT_FALSE(std::move(o).session_options());
+  o = opts();
+  o.max_data = BlkFrontend::kMaxData + 512;
+  EXPECT_FALSE(std::move(o).session_options());
+  o = opts();
+  o.depth = 64;
+  o.queue_size = 128;  // holds 42 requests
+  EXPECT_FALSE(std::move(o).session_options());
+  o = opts();
+  o.num_queues = 0;
+  EXPECT_FALSE(std::move(o).session_options());
+  o = opts();
+  o.depth = 20000;  // needs 60000 descriptors
+  EXPECT_FALSE(std::move(o).session_options());
+}
+
+TEST(BlkFrontendOptions, ConnectFailsCleanlyWithoutABackEnd) {
+  auto f = BlkFrontend::connect(opts());
+  ASSERT_FALSE(f);
+  EXPECT_NE(f.error().message().find("/nonexistent/x.sock"), std::string::npos) << f.error().message();
+}
+
+}  // namespace
+}  // namespace vhostkit::vhost_user
