@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <fstream>
@@ -257,4 +258,140 @@ TEST(Frame, TooSmallIsPaddedTooLargeIsRefused) {
   std::array<std::uint8_t, 100> buf{};
   EXPECT_EQ(vb::write_frame(buf, 10, 0, 0), vb::kMinFrame);
   EXPECT_GT(vb::write_frame(buf, 200, 0, 0), buf.size());
+}
+
+// ---- blk mode ----
+
+namespace {
+
+vb::BlkResult blk_result() {
+  vb::BlkResult r;
+  r.label = "vhostkit-busy";
+  r.rw = vb::BlkRw::randwrite;
+  r.bs = 4096;
+  r.iodepth = 32;
+  r.queues = 1;
+  r.poll = "busy";
+  r.seconds = 2.0;
+  r.requests = 500000;
+  r.total = 600000;
+  r.errors = 3;
+  r.iops = 250000;
+  r.samples = 500000;
+  r.p50_us = 12.5;
+  r.p99_us = 40.25;
+  r.p999_us = 90.125;
+  r.min_us = 3;
+  r.max_us = 400;
+  r.mean_us = 14;
+  return r;
+}
+
+}  // namespace
+
+TEST(ParseMode, BlkIsAModeButNotANetMode) {
+  EXPECT_EQ(vb::parse_mode("blk").value(), vb::Mode::blk);
+  EXPECT_FALSE(vb::is_net(vb::Mode::blk));
+  EXPECT_TRUE(vb::is_net(vb::Mode::loop));
+  EXPECT_NE(vb::parse_mode("disk").error().message().find("blk"), std::string::npos);
+}
+
+TEST(BlkArgs, RwParses) {
+  EXPECT_EQ(vb::parse_rw("randread").value(), vb::BlkRw::randread);
+  EXPECT_EQ(vb::parse_rw("randwrite").value(), vb::BlkRw::randwrite);
+  EXPECT_FALSE(vb::parse_rw("read"));
+  EXPECT_FALSE(vb::parse_rw(""));
+  EXPECT_NE(vb::parse_rw("rw").error().message().find("--rw"), std::string::npos);
+}
+
+TEST(BlkArgs, BsMustBeWholeSectorsInRange) {
+  EXPECT_TRUE(vb::check_bs(512, 1u << 20));
+  EXPECT_TRUE(vb::check_bs(4096, 1u << 20));
+  EXPECT_TRUE(vb::check_bs(1u << 20, 1u << 20));
+  EXPECT_FALSE(vb::check_bs(0, 1u << 20));
+  EXPECT_FALSE(vb::check_bs(256, 1u << 20));
+  EXPECT_FALSE(vb::check_bs(4000, 1u << 20));
+  EXPECT_FALSE(vb::check_bs((1u << 20) + 512, 1u << 20));
+}
+
+TEST(BlkArgs, OptionsOfTheOtherModeFamilyAreRefused) {
+  EXPECT_TRUE(vb::check_mode_options(vb::Mode::blk, {"--rw", "--iodepth", "--bs"}));
+  EXPECT_TRUE(vb::check_mode_options(vb::Mode::loop, {"--size", "--burst"}));
+  EXPECT_TRUE(vb::check_mode_options(vb::Mode::blk, {}));
+  for (const char* o : {"--size", "--burst", "--buffer-size", "--reply-timeout"}) {
+    auto r = vb::check_mode_options(vb::Mode::blk, {"--bs", o});
+    ASSERT_FALSE(r) << o;
+    EXPECT_NE(r.error().message().find(o), std::string::npos) << r.error().message();
+    EXPECT_EQ(r.error().message().find('\n'), std::string::npos);
+  }
+  for (const char* o : {"--rw", "--iodepth", "--bs"}) {
+    for (vb::Mode m : {vb::Mode::txonly, vb::Mode::rxonly, vb::Mode::loop, vb::Mode::latency}) {
+      auto r = vb::check_mode_options(m, {o});
+      ASSERT_FALSE(r) << o;
+      EXPECT_NE(r.error().message().find(o), std::string::npos) << r.error().message();
+    }
+  }
+}
+
+TEST(BlkCsv, RowHasAColumnPerHeaderField) {
+  const auto count = [](const std::string& s) { return std::count(s.begin(), s.end(), ','); };
+  const std::string row = vb::blk_csv_row(blk_result(), "2024-01-01T00:00:00Z");
+  EXPECT_EQ(count(row), count(vb::blk_csv_header()));
+  EXPECT_EQ(row,
+            "2024-01-01T00:00:00Z,vhostkit-busy,blk,randwrite,4096,32,1,busy,2.000,250000,1024.00,"
+            "500000,600000,3,500000,12.500,40.250,90.125,3.000,400.000,14.000");
+}
+
+TEST(BlkCsv, AppendWritesHeaderOnlyOnce) {
+  char path[] = "/tmp/vk-blk-csv-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  ASSERT_TRUE(vb::append_blk_csv(path, {blk_result()}, "t1"));
+  ASSERT_TRUE(vb::append_blk_csv(path, {blk_result(), blk_result()}, "t2"));
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  ::unlink(path);
+  const auto lines = lines_of(ss.str());
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_EQ(lines[0], vb::blk_csv_header());
+  EXPECT_EQ(lines[1].rfind("t1,", 0), 0u);
+  EXPECT_EQ(lines[3].rfind("t2,", 0), 0u);
+}
+
+TEST(BlkJson, CarriesRatesLatencyAndErrors) {
+  const auto j = vb::to_json(blk_result());
+  EXPECT_EQ(j["mode"], "blk");
+  EXPECT_EQ(j["rw"], "randwrite");
+  EXPECT_EQ(j["iops"], 250000.0);
+  EXPECT_DOUBLE_EQ(j["mb_per_s"].get<double>(), 1024.0);
+  EXPECT_EQ(j["errors"], 3u);
+  EXPECT_EQ(j["iodepth"], 32u);
+  EXPECT_DOUBLE_EQ(j["p999_us"].get<double>(), 90.125);
+}
+
+TEST(BlkTable, OneAlignedLinePerResult) {
+  auto a = blk_result();
+  auto b = blk_result();
+  b.rw = vb::BlkRw::randread;
+  b.iops = 1234567;
+  b.errors = 0;
+  const auto lines = lines_of(vb::format_blk_table({a, b}));
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_EQ(lines[0].size(), lines[1].size());
+  EXPECT_EQ(lines[1].size(), lines[2].size());
+  EXPECT_NE(lines[0].find("IOPS"), std::string::npos);
+  EXPECT_NE(lines[0].find("p99.9 us"), std::string::npos);
+  EXPECT_NE(lines[1].find("randwrite"), std::string::npos);
+  EXPECT_NE(lines[1].find("1024.0"), std::string::npos);  // MB/s
+  EXPECT_NE(lines[1].find("40.25"), std::string::npos);
+  EXPECT_NE(lines[2].find("1234567"), std::string::npos);
+}
+
+TEST(BlkLive, LineShowsIopsMbAndErrors) {
+  const std::string l = vb::format_blk_live(3.0, 200000, 4096, 7);
+  EXPECT_NE(l.find("200000 IOPS"), std::string::npos) << l;
+  EXPECT_NE(l.find("819.2 MB/s"), std::string::npos) << l;
+  EXPECT_NE(l.find("errors 7"), std::string::npos) << l;
 }

@@ -8,9 +8,11 @@
 //   loop     keep the transmitq full and count what the back-end reflects (a MAC-swapping
 //            back-end: vhostkit-net --loopback, testpmd macswap)
 //   latency  one frame in flight: round-trip histogram (p50, p99, p99.9, min, max)
+//   blk      a vhost-user-blk back-end instead: random reads or writes (--rw, --bs), --iodepth
+//            requests in flight per queue, IOPS and latency percentiles (blk_traffic.h)
 //
 // Exit codes: 0 done (also after SIGINT/SIGTERM, with what was measured); 1 the back-end could
-// not be reached or set up; 2 bad arguments.
+// not be reached or set up, or (blk) a request completed with an error; 2 bad arguments.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -25,13 +27,17 @@
 #include <cstdio>
 #include <ctime>
 #include <memory>
+#include <optional>
+#include <span>
 #include <thread>
 #include <vector>
 
+#include "blk_traffic.h"
 #include "cli_util.h"
 #include "histogram.h"
 #include "report.h"
 #include "traffic.h"
+#include "vhostkit/vhost_user/blk_frontend.h"
 #include "vhostkit/vhost_user/channel.h"
 #include "vhostkit/vhost_user/frontend_session.h"
 
@@ -58,6 +64,11 @@ struct Args {
   bool json_only = false;
   unsigned reply_timeout_ms = 200;
   std::string log_level = "warn";
+  // blk
+  std::string rw = "randread";
+  std::uint16_t iodepth = 32;
+  std::uint32_t bs = 4096;
+  bool queue_size_given = false;
 };
 
 std::string utc_now() {
@@ -198,13 +209,89 @@ vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std:
   return r;
 }
 
+// blk mode, after the arguments were checked: connect, run, report. Returns the exit code.
+int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::Channel channel) {
+  vu::BlkFrontendOptions o;
+  o.name = "bench";
+  o.socket_path = a.socket_path;
+  o.channel = std::move(channel);
+  o.num_queues = a.queues;
+  o.depth = a.iodepth;
+  o.queue_size = a.queue_size_given ? a.queue_size : 0;
+  o.max_data = a.bs;
+  // Kicks stay eventfds even when we busy-poll: a back-end such as qemu-storage-daemon only
+  // looks at a ring when kicked (and asks for no kicks itself when it polls).
+  o.notify = vu::FrontendOptions::Notify::event;
+  auto f = vu::BlkFrontend::connect(std::move(o));
+  if (!f) {
+    std::fprintf(stderr, "vhostkit-bench: %s\n", f.error().message().c_str());
+    return 1;
+  }
+  vu::BlkFrontend& blk = **f;
+  const vu::BlkInfo& info = blk.info();
+  if (a.bs % info.blk_size != 0) {
+    std::fprintf(stderr, "vhostkit-bench: --bs %u is not a multiple of the disk's block size %u\n",
+                 a.bs, info.blk_size);
+    return 2;
+  }
+  if (info.capacity * vhostkit::virtio::kBlkSectorSize < a.bs) {
+    std::fprintf(stderr, "vhostkit-bench: the disk (%llu sectors) is smaller than --bs %u\n",
+                 static_cast<unsigned long long>(info.capacity), a.bs);
+    return 2;
+  }
+  if (rw == vb::BlkRw::randwrite && info.read_only) {
+    std::fprintf(stderr, "vhostkit-bench: --rw=randwrite on a read-only disk\n");
+    return 2;
+  }
+  if (!a.json_only) {
+    std::fprintf(stderr, "vhostkit-bench: blk %s, bs %u, iodepth %u x %u queue(s), ring %u, "
+                 "disk %llu sectors (blk_size %u), features %#llx, poll %s\n",
+                 std::string(vb::to_string(rw)).c_str(), a.bs, a.iodepth, blk.num_queues(),
+                 blk.session().queue_size(), static_cast<unsigned long long>(info.capacity),
+                 info.blk_size, static_cast<unsigned long long>(blk.session().features()),
+                 a.poll.c_str());
+  }
+  vb::BlkRunConfig rc{.label = a.label,
+                      .rw = rw,
+                      .bs = a.bs,
+                      .duration = a.duration,
+                      .warmup = a.warmup,
+                      .busy = a.poll == "busy",
+                      .cpus = std::move(cpus),
+                      .live = !a.json_only};
+  bool stopped = false;
+  std::vector<vb::BlkResult> results{vb::run_blk(blk, rc, sigfd, stopped)};
+  if (auto st = blk.stop(); !st) spdlog::warn("stopping the rings: {}", st.error().message());
+
+  const std::string utc = utc_now();
+  if (!a.csv.empty()) {
+    if (auto w = vb::append_blk_csv(a.csv, results, utc); !w) {
+      std::fprintf(stderr, "vhostkit-bench: %s\n", w.error().message().c_str());
+    }
+  }
+  if (!a.json_only) std::printf("%s", vb::format_blk_table(results).c_str());
+  json out = {{"tool", "vhostkit-bench"}, {"utc", utc},
+              {"features", fmt::format("{:#x}", blk.session().features())},
+              {"capacity_sectors", info.capacity}, {"blk_size", info.blk_size},
+              {"interrupted", stopped}, {"results", json::array()}};
+  for (const auto& r : results) out["results"].push_back(vb::to_json(r));
+  std::printf("%s\n", out.dump().c_str());
+  std::fflush(stdout);
+  if (results[0].errors != 0) {
+    std::fprintf(stderr, "vhostkit-bench: %llu request(s) failed\n",
+                 static_cast<unsigned long long>(results[0].errors));
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"vhostkit-bench: drive a vhost-user net back-end as a front-end and measure it"};
   Args a;
-  app.add_option("mode", a.mode, "txonly, rxonly, loop (default) or latency")
-      ->check(CLI::IsMember({"txonly", "rxonly", "loop", "latency"}));
+  app.add_option("mode", a.mode, "txonly, rxonly, loop (default), latency; blk for a block back-end")
+      ->check(CLI::IsMember({"txonly", "rxonly", "loop", "latency", "blk"}));
   auto* sp = app.add_option("--socket-path", a.socket_path, "connect to the back-end listening here");
   auto* sv = app.add_option("--server", a.server_path,
                             "listen here and wait for the back-end to connect (its client mode)");
@@ -213,8 +300,10 @@ int main(int argc, char** argv) {
   app.add_option("--burst", a.burst, "frames per burst")->check(CLI::Range(1u, 256u));
   app.add_option("--duration", a.duration, "measured seconds per size")->check(CLI::Range(0.1, 86400.0));
   app.add_option("--warmup", a.warmup, "seconds of traffic before measuring")->check(CLI::Range(0.0, 3600.0));
-  app.add_option("--queues", a.queues, "queue pairs (one data thread each)")->check(CLI::Range(1, 128));
-  app.add_option("--queue-size", a.queue_size, "ring size (power of two)")
+  app.add_option("--queues", a.queues, "queue pairs; blk: request queues (one data thread each)")
+      ->check(CLI::Range(1, 128));
+  auto* qs = app.add_option("--queue-size", a.queue_size,
+                            "ring size (power of two; blk default: room for --iodepth requests)")
       ->check(CLI::IsMember({2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768}));
   app.add_option("--buffer-size", a.buffer_size, "packet buffer size")->check(CLI::Range(128u, 65536u));
   app.add_option("--poll", a.poll, "busy (spin; no kick/call eventfds) or event (sleep on call eventfds)")
@@ -226,6 +315,10 @@ int main(int argc, char** argv) {
   app.add_option("--reply-timeout", a.reply_timeout_ms, "latency: ms before a probe counts as lost")
       ->check(CLI::Range(1u, 60000u));
   app.add_option("--log-level", a.log_level, "trace, debug, info, warn (default), error, off");
+  app.add_option("--rw", a.rw, "blk: randread (default) or randwrite");
+  app.add_option("--iodepth", a.iodepth, "blk: requests in flight per queue (default 32)")
+      ->check(CLI::Range(1, 1024));
+  app.add_option("--bs", a.bs, "blk: bytes per request, a multiple of 512 (default 4096)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -240,6 +333,24 @@ int main(int argc, char** argv) {
   if (a.socket_path.empty() == a.server_path.empty()) return bad("one of --socket-path or --server is required");
   const auto mode = vb::parse_mode(a.mode);
   if (!mode) return bad(mode.error().message());
+  {
+    std::vector<std::string> given;
+    for (auto names : {std::span<const std::string_view>(vb::kNetOnlyOptions),
+                       std::span<const std::string_view>(vb::kBlkOnlyOptions)}) {
+      for (std::string_view n : names) {
+        if (app.get_option(std::string(n))->count() > 0) given.emplace_back(n);
+      }
+    }
+    if (auto c = vb::check_mode_options(*mode, given); !c) return bad(c.error().message());
+  }
+  a.queue_size_given = qs->count() > 0;
+  std::optional<vb::BlkRw> rw;
+  if (*mode == vb::Mode::blk) {
+    auto r = vb::parse_rw(a.rw);
+    if (!r) return bad(r.error().message());
+    rw = *r;
+    if (auto b = vb::check_bs(a.bs, vu::BlkFrontend::kMaxData); !b) return bad(b.error().message());
+  }
   // The largest virtio-net header is 12 bytes.
   const auto sizes = vb::parse_sizes(a.sizes, vb::kMinFrame, a.buffer_size - 12);
   if (!sizes) return bad(sizes.error().message());
@@ -258,14 +369,7 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  vu::FrontendOptions o;
-  o.name = "bench";
-  o.queue_pairs = a.queues;
-  o.queue_size = a.queue_size;
-  o.buffer_size = a.buffer_size;
-  o.memory_size = 0;
-  o.notify = a.poll == "busy" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
-  o.socket_path = a.socket_path;
+  vu::Channel accepted;
   if (!a.server_path.empty()) {
     auto l = vu::listen_unix(a.server_path);
     if (!l) {
@@ -278,8 +382,19 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "vhostkit-bench: accept on %s: %s\n", a.server_path.c_str(), ch.error().message().c_str());
       return 1;
     }
-    o.channel = std::move(*ch);
+    accepted = std::move(*ch);
   }
+  if (*mode == vb::Mode::blk) return blk_main(a, *rw, std::move(cpus), sigfd->get(), std::move(accepted));
+
+  vu::FrontendOptions o;
+  o.name = "bench";
+  o.queue_pairs = a.queues;
+  o.queue_size = a.queue_size;
+  o.buffer_size = a.buffer_size;
+  o.memory_size = 0;
+  o.notify = a.poll == "busy" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
+  o.socket_path = a.socket_path;
+  o.channel = std::move(accepted);
   auto s = vu::FrontendSession::connect(std::move(o));
   if (!s) {
     std::fprintf(stderr, "vhostkit-bench: %s\n", s.error().message().c_str());

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <charconv>
+#include <span>
 #include <cstdio>
 #include <fstream>
 #include <sys/stat.h>
@@ -15,16 +16,50 @@ std::string_view to_string(Mode m) noexcept {
     case Mode::rxonly: return "rxonly";
     case Mode::loop: return "loop";
     case Mode::latency: return "latency";
+    case Mode::blk: return "blk";
   }
   return "?";
 }
 
 Result<Mode> parse_mode(std::string_view s) {
-  for (Mode m : {Mode::txonly, Mode::rxonly, Mode::loop, Mode::latency}) {
+  for (Mode m : {Mode::txonly, Mode::rxonly, Mode::loop, Mode::latency, Mode::blk}) {
     if (s == to_string(m)) return m;
   }
   return fail(Errc::invalid_argument,
-              fmt::format("mode '{}' is not one of txonly, rxonly, loop, latency", s));
+              fmt::format("mode '{}' is not one of txonly, rxonly, loop, latency, blk", s));
+}
+
+Result<> check_mode_options(Mode m, const std::vector<std::string>& given) {
+  const auto& wrong = is_net(m) ? std::span<const std::string_view>(kBlkOnlyOptions)
+                                : std::span<const std::string_view>(kNetOnlyOptions);
+  for (const std::string& g : given) {
+    for (std::string_view w : wrong) {
+      if (g == w) {
+        return fail(Errc::invalid_argument,
+                    fmt::format("{} is for {} only, not for mode {}", w,
+                                is_net(m) ? "mode blk" : "the net modes", to_string(m)));
+      }
+    }
+  }
+  return {};
+}
+
+std::string_view to_string(BlkRw rw) noexcept {
+  return rw == BlkRw::randread ? "randread" : "randwrite";
+}
+
+Result<BlkRw> parse_rw(std::string_view s) {
+  for (BlkRw rw : {BlkRw::randread, BlkRw::randwrite}) {
+    if (s == to_string(rw)) return rw;
+  }
+  return fail(Errc::invalid_argument, fmt::format("--rw: '{}' is not randread or randwrite", s));
+}
+
+Result<> check_bs(std::uint32_t bs, std::uint32_t max) {
+  if (bs < 512 || bs > max || bs % 512 != 0) {
+    return fail(Errc::out_of_range, fmt::format("--bs: {} is not a multiple of 512 in 512..{}", bs, max));
+  }
+  return {};
 }
 
 Result<std::vector<std::uint32_t>> parse_sizes(std::string_view s, std::uint32_t min, std::uint32_t max) {
@@ -63,6 +98,20 @@ std::string csv_field(std::string_view s) {
 
 bool is_latency(const RunResult& r) { return r.mode == Mode::latency; }
 
+template <typename R, typename Row>
+Result<> append_rows(const std::string& path, const std::string& header,
+                     const std::vector<R>& results, Row&& row) {
+  struct stat st {};
+  const bool fresh = ::stat(path.c_str(), &st) != 0 || st.st_size == 0;
+  std::ofstream f(path, std::ios::app);
+  if (!f) return fail_errno(fmt::format("open {} for append", path));
+  if (fresh) f << header << '\n';
+  for (const R& r : results) f << row(r) << '\n';
+  f.flush();
+  if (!f) return fail_errno(fmt::format("write {}", path));
+  return {};
+}
+
 }  // namespace
 
 std::string csv_header() {
@@ -85,15 +134,55 @@ std::string csv_row(const RunResult& r, std::string_view utc) {
 }
 
 Result<> append_csv(const std::string& path, const std::vector<RunResult>& results, std::string_view utc) {
-  struct stat st {};
-  const bool fresh = ::stat(path.c_str(), &st) != 0 || st.st_size == 0;
-  std::ofstream f(path, std::ios::app);
-  if (!f) return fail_errno(fmt::format("open {} for append", path));
-  if (fresh) f << csv_header() << '\n';
-  for (const RunResult& r : results) f << csv_row(r, utc) << '\n';
-  f.flush();
-  if (!f) return fail_errno(fmt::format("write {}", path));
-  return {};
+  return append_rows(path, csv_header(), results, [&](const RunResult& r) { return csv_row(r, utc); });
+}
+
+std::string blk_csv_header() {
+  return "utc,label,mode,rw,bs,iodepth,queues,poll,seconds,iops,mb_per_s,requests,total,errors,"
+         "samples,p50_us,p99_us,p999_us,min_us,max_us,mean_us";
+}
+
+std::string blk_csv_row(const BlkResult& r, std::string_view utc) {
+  return fmt::format("{},{},blk,{},{},{},{},{},{:.3f},{:.0f},{:.2f},{},{},{},{},{:.3f},{:.3f},{:.3f},"
+                     "{:.3f},{:.3f},{:.3f}",
+                     csv_field(utc), csv_field(r.label), to_string(r.rw), r.bs, r.iodepth, r.queues,
+                     csv_field(r.poll), r.seconds, r.iops, r.mb_per_s(), r.requests, r.total,
+                     r.errors, r.samples, r.p50_us, r.p99_us, r.p999_us, r.min_us, r.max_us,
+                     r.mean_us);
+}
+
+Result<> append_blk_csv(const std::string& path, const std::vector<BlkResult>& results,
+                        std::string_view utc) {
+  return append_rows(path, blk_csv_header(), results,
+                     [&](const BlkResult& r) { return blk_csv_row(r, utc); });
+}
+
+nlohmann::json to_json(const BlkResult& r) {
+  return {{"label", r.label}, {"mode", "blk"}, {"rw", to_string(r.rw)}, {"bs", r.bs},
+          {"iodepth", r.iodepth}, {"queues", r.queues}, {"poll", r.poll},
+          {"seconds", r.seconds}, {"iops", r.iops}, {"mb_per_s", r.mb_per_s()},
+          {"requests", r.requests}, {"total", r.total}, {"errors", r.errors},
+          {"samples", r.samples}, {"p50_us", r.p50_us}, {"p99_us", r.p99_us},
+          {"p999_us", r.p999_us}, {"min_us", r.min_us}, {"max_us", r.max_us},
+          {"mean_us", r.mean_us}};
+}
+
+std::string format_blk_table(const std::vector<BlkResult>& results) {
+  constexpr std::string_view kFmt = "{:<9} {:>7} {:>7} {:>6} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}\n";
+  std::string out = fmt::format(fmt::runtime(kFmt), "rw", "bs", "iodepth", "queues", "poll", "IOPS",
+                                "MB/s", "errors", "p50 us", "p99 us", "p99.9 us");
+  for (const BlkResult& r : results) {
+    out += fmt::format(fmt::runtime(kFmt), to_string(r.rw), r.bs, r.iodepth, r.queues, r.poll,
+                       fmt::format("{:.0f}", r.iops), fmt::format("{:.1f}", r.mb_per_s()), r.errors,
+                       fmt::format("{:.2f}", r.p50_us), fmt::format("{:.2f}", r.p99_us),
+                       fmt::format("{:.2f}", r.p999_us));
+  }
+  return out;
+}
+
+std::string format_blk_live(double t, double iops, std::uint32_t bs, std::uint64_t errors) {
+  return fmt::format("{:6.1f}s  {:10.0f} IOPS  {:9.1f} MB/s  errors {}", t, iops, iops * bs / 1e6,
+                     errors);
 }
 
 nlohmann::json to_json(const RunResult& r) {

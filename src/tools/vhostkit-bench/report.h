@@ -13,10 +13,25 @@
 
 namespace vhostkit::bench {
 
-enum class Mode : std::uint8_t { txonly, rxonly, loop, latency };
+enum class Mode : std::uint8_t { txonly, rxonly, loop, latency, blk };
 
 std::string_view to_string(Mode m) noexcept;
 Result<Mode> parse_mode(std::string_view s);
+constexpr bool is_net(Mode m) noexcept { return m != Mode::blk; }
+
+// Options that make sense for one family of modes only. check_mode_options fails (one line,
+// naming the option and the mode) when `given` holds one of the other family's.
+inline constexpr std::string_view kNetOnlyOptions[] = {"--size", "--burst", "--buffer-size",
+                                                       "--reply-timeout"};
+inline constexpr std::string_view kBlkOnlyOptions[] = {"--rw", "--iodepth", "--bs"};
+Result<> check_mode_options(Mode m, const std::vector<std::string>& given);
+
+// blk mode: what each request does.
+enum class BlkRw : std::uint8_t { randread, randwrite };
+std::string_view to_string(BlkRw rw) noexcept;
+Result<BlkRw> parse_rw(std::string_view s);
+// --bs: a multiple of 512 in 512..max.
+Result<> check_bs(std::uint32_t bs, std::uint32_t max);
 
 // "64" or "64,256,1518": frame lengths (bytes handed to the device, virtio-net header and CRC
 // not included, as testpmd's --txpkts), each in [min, max], at least one.
@@ -47,6 +62,34 @@ struct RunResult {
   // Frame bits only (no preamble, CRC or inter-frame gap), as testpmd's sizes.
   double gbps() const noexcept { return pps() * size * 8.0 / 1e9; }
 };
+
+// One blk run: IOPS and latency (submit -> used) of `queues` x `iodepth` requests in flight.
+struct BlkResult {
+  std::string label;
+  BlkRw rw = BlkRw::randread;
+  std::uint32_t bs = 4096;
+  std::uint16_t iodepth = 1;
+  std::uint16_t queues = 1;
+  std::string poll;
+  double seconds = 0;         // measured window
+  std::uint64_t requests = 0; // completed inside the measured window
+  std::uint64_t total = 0;    // completed over the whole run (warm-up and drain included)
+  std::uint64_t errors = 0;   // whole run: completed with a status other than OK
+  double iops = 0;
+  std::uint64_t samples = 0;
+  double p50_us = 0, p99_us = 0, p999_us = 0, min_us = 0, max_us = 0, mean_us = 0;
+
+  double mb_per_s() const noexcept { return iops * bs / 1e6; }  // MB = 10^6 bytes
+};
+
+std::string blk_csv_header();
+std::string blk_csv_row(const BlkResult& r, std::string_view utc);
+Result<> append_blk_csv(const std::string& path, const std::vector<BlkResult>& results,
+                        std::string_view utc);
+nlohmann::json to_json(const BlkResult& r);
+std::string format_blk_table(const std::vector<BlkResult>& results);
+// The live line: IOPS and MB/s over the last interval, errors so far.
+std::string format_blk_live(double t, double iops, std::uint32_t bs, std::uint64_t errors);
 
 std::string csv_header();
 std::string csv_row(const RunResult& r, std::string_view utc);

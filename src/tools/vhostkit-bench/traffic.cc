@@ -21,20 +21,6 @@ constexpr std::uint8_t kDstMac[6] = {0x02, 0x00, 0x00, 0x00, 0x00, 0x02};
 constexpr std::uint8_t kSrcMac[6] = {0x02, 0x00, 0x00, 0x00, 0x00, 0x01};
 constexpr std::size_t kMagicOff = 14, kSeqOff = 18, kTimeOff = 26;
 
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#endif
-}
-
-void pin_to(int cpu) noexcept {
-  if (cpu < 0) return;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu, &set);
-  ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
-}
-
 // Event mode, nothing to do: arm call notifications on the given rings, sleep in poll() until
 // one fires (or timeout), consume the eventfd counts and disarm again, so the back-end does not
 // pay a write() per batch while we are awake anyway.
@@ -165,6 +151,20 @@ void run_latency(vu::FrontendSession& s, const PairConfig& cfg, const Control& c
 }
 
 }  // namespace
+
+void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+void pin_to(int cpu) noexcept {
+  if (cpu < 0) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  ::pthread_setaffinity_np(::pthread_self(), sizeof set, &set);
+}
 
 std::uint64_t now_ns() noexcept {
   // CLOCK_MONOTONIC through the vDSO: no system call.

@@ -59,6 +59,10 @@ std::size_t write_frame(std::span<std::uint8_t> room, std::size_t len, std::uint
 bool read_frame(std::span<const std::uint8_t> f, std::uint64_t& seq, std::uint64_t& t_ns) noexcept;
 
 std::uint64_t now_ns() noexcept;
+// Pins the calling thread to `cpu` (-1: leaves it).
+void pin_to(int cpu) noexcept;
+// A spin-wait hint to the CPU (PAUSE on x86).
+void cpu_relax() noexcept;
 
 // Runs the pair's loop until ctl says done. `hist` receives round-trip times (ns) in latency
 // mode during Phase::measure.
