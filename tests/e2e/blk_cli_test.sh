@@ -91,6 +91,7 @@ bad_bench "blk with a net option (--size)" blk --socket-path="$sock" --size=64
 bad_bench "blk with a net option (--burst)" blk --socket-path="$sock" --burst=8
 bad_bench "loop with a blk option (--iodepth)" loop --socket-path="$sock" --iodepth=4
 bad_bench "txonly with a blk option (--rw)" txonly --socket-path="$sock" --rw=randread
+bad_bench "blk --queue-size too small for --iodepth" blk --socket-path="$sock" --iodepth=32 --queue-size=64
 bad_bench "blk without --socket-path" blk
 
 vk_check "vhostkit-bench blk (2 s, randwrite then randread) against vhostkit-blk: 0 errors, IOPS > 0"

@@ -15,6 +15,7 @@ namespace vu = vhostkit::vhost_user;
 void run_blk_queue(vu::BlkFrontend& f, const BlkQueueConfig& cfg, const Control& ctl,
                    BlkCounters& out, Histogram& hist) noexcept {
   pin_to(cfg.cpu);
+  if (cfg.blocks == 0) return;  // a disk smaller than one request: nothing to do
   const std::uint16_t q = cfg.q;
   const std::uint32_t type =
       cfg.rw == BlkRw::randread ? virtio::blk_type::in : virtio::blk_type::out;

@@ -350,6 +350,11 @@ int main(int argc, char** argv) {
     if (!r) return bad(r.error().message());
     rw = *r;
     if (auto b = vb::check_bs(a.bs, vu::BlkFrontend::kMaxData); !b) return bad(b.error().message());
+    // Three descriptors per request (header, data, status).
+    if (qs->count() > 0 && a.queue_size < 3u * a.iodepth) {
+      return bad(fmt::format("--queue-size {} holds {} requests, --iodepth {} wanted", a.queue_size,
+                             a.queue_size / 3, a.iodepth));
+    }
   }
   // The largest virtio-net header is 12 bytes.
   const auto sizes = vb::parse_sizes(a.sizes, vb::kMinFrame, a.buffer_size - 12);
