@@ -28,6 +28,8 @@ inline constexpr std::size_t kMaxSegs = 1024;
 inline constexpr std::size_t kMaxMergeChains = 256;
 // Host staging for a frame from a port: the largest GSO frame plus slack.
 inline constexpr std::size_t kBounceBytes = 65536 + 64;
+// Chains one tx burst may pop before delivering any (NetOptions::burst's upper bound).
+inline constexpr std::size_t kMaxBurst = 256;
 
 // A counter written by one worker at a time and read by anyone.
 struct Counter {
@@ -174,14 +176,17 @@ struct alignas(64) NetDevice::Pair {
   // level-triggered fd in error would wake the worker forever. Until the ring restarts.
   bool port_failed = false;
 
-  // Segment arrays: a tx chain, the rx chain being filled.
-  std::array<iovec, detail::kMaxSegs> tx_segs{};
+  // Segment arrays: a tx chain (loopback: a whole burst of them, each popped only while a
+  // full chain's worth of room is left, so no chain is refused for lack of room), the rx chain
+  // being filled.
+  std::array<iovec, 2 * detail::kMaxSegs> tx_segs{};
   std::array<iovec, detail::kMaxSegs> rx_segs{};
   std::array<iovec, detail::kMaxSegs> extra_segs{};  // MRG_RXBUF: the 2nd, 3rd... rx chain
   std::array<iovec, detail::kMaxSegs + 1> io{};    // what we hand the port; loopback source
   std::array<std::uint16_t, detail::kMaxMergeChains> merge_head{};
   std::array<std::uint32_t, detail::kMaxMergeChains> merge_len{};
   std::array<std::uint8_t, 16> hdr_scratch{};
+  std::array<virtq::Chain, detail::kMaxBurst> tx_batch{};  // loopback: the burst popped
   std::unique_ptr<std::uint8_t[]> bounce;          // kBounceBytes, port rx staging
 
   detail::Counter tx_frames, tx_bytes, tx_drops, tx_errors;
