@@ -91,8 +91,11 @@ std::expected<std::uint16_t, Errc> DriverQueue::add(std::span<const Buffer> out,
     const bool is_in = out.empty();
     const Buffer& b = is_in ? in[0] : out[0];
     const std::uint16_t head = free_[--free_count_];
-    desc_[head] = virtio::VirtqDesc{b.gpa, b.len, is_in ? virtio::kDescFWrite : std::uint16_t{0},
-                                    0};
+    const virtio::VirtqDesc d{b.gpa, b.len, is_in ? virtio::kDescFWrite : std::uint16_t{0}, 0};
+    // A pool that gives each buffer the same descriptor every time (our rx refill and tx free
+    // stacks do) finds it already right. Storing it anyway would take the line away from the
+    // device's core, which would then miss on reading it; comparing keeps it shared.
+    if (std::memcmp(&desc_[head], &d, sizeof d) != 0) desc_[head] = d;
     slots_[head] = Slot{token, is_in ? b.len : 0, 1, 0};
     avail_->ring[avail_idx_ & mask_] = head;
     ++avail_idx_;

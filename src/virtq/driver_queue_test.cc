@@ -50,6 +50,41 @@ TEST(DriverQueue, RunsOutOfDescriptorsWithWouldBlock) {
   EXPECT_EQ(rig.driver.free_count(), 1);  // nothing leaked by the failed add
 }
 
+// add() skips the store when the descriptor already says the same (a buffer that keeps its
+// descriptor); one the device scribbled on while it was free is written again.
+TEST(DriverQueue, ReusedDescriptorIsRightEvenIfTheDeviceScribbledOnIt) {
+  Rig rig(4);
+  const Buf b{Rig::kDataGpa, 128};
+  auto h = rig.driver.add({}, std::span(&b, 1), 7);
+  ASSERT_TRUE(h.has_value());
+  virtio::VirtqDesc& d = rig.driver.desc()[*h];
+  EXPECT_EQ(d.addr, b.gpa);
+  EXPECT_EQ(d.len, b.len);
+  EXPECT_EQ(d.flags, virtio::kDescFWrite);
+  // The device returns it; the descriptor goes back to the free list.
+  rig.driver.used()->ring[0] = virtio::VirtqUsedElem{*h, 0};
+  rig.driver.used()->idx = 1;
+  ASSERT_TRUE(rig.driver.get_used().has_value());
+  // Same buffer again on the same (most recently freed) descriptor: unchanged.
+  auto h2 = rig.driver.add({}, std::span(&b, 1), 8);
+  ASSERT_TRUE(h2.has_value());
+  EXPECT_EQ(*h2, *h);
+  EXPECT_EQ(d.addr, b.gpa);
+  rig.driver.used()->ring[1] = virtio::VirtqUsedElem{*h, 0};
+  rig.driver.used()->idx = 2;
+  ASSERT_TRUE(rig.driver.get_used().has_value());
+  // A device that rewrote the free descriptor: the next add puts the driver's values back.
+  d = virtio::VirtqDesc{0xdead0000, 1, virtio::kDescFNext, 3};
+  const Buf out{Rig::kDataGpa + 256, 60};
+  auto h3 = rig.driver.add(std::span(&out, 1), {}, 9);
+  ASSERT_TRUE(h3.has_value());
+  EXPECT_EQ(*h3, *h);
+  EXPECT_EQ(d.addr, out.gpa);
+  EXPECT_EQ(d.len, out.len);
+  EXPECT_EQ(d.flags, 0);
+  EXPECT_EQ(d.next, 0);
+}
+
 TEST(DriverQueue, ChainLongerThanRingWithoutIndirectIsInvalid) {
   Rig rig(2);
   const Buf out[] = {{Rig::kDataGpa, 1}, {Rig::kDataGpa + 8, 1}, {Rig::kDataGpa + 16, 1}};
