@@ -25,7 +25,11 @@ done
 [[ -n $VK_NET_BIN ]] || vk_skip "vhostkit-blk or vhostkit-bench is not built in ${VHOSTKIT_BUILD_DIR:-build}"
 vk_tmpdir
 sock=$VK_TMP/blk.sock
-img=$VK_TMP/disk.img
+# The image the bench writes to lives in tmpfs: on a busy build host, O_DIRECT writes to the disk
+# under /tmp can stall for most of a second.
+shm=$(mktemp -d /dev/shm/vk-blk-cli.XXXXXX)
+vk_on_exit "rm -rf '$shm'"
+img=$shm/disk.img
 truncate -s 16M "$img"
 truncate -s 1000 "$VK_TMP/odd.img"   # not a whole number of sectors
 : >"$VK_TMP/empty.img"

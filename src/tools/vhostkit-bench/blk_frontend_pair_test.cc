@@ -31,6 +31,9 @@ namespace vb = vhostkit::bench;
 
 constexpr std::size_t kImageBytes = 8u << 20;  // 16384 sectors
 constexpr std::uint32_t kBs = 4096;
+// tmpfs: the image's speed must not depend on what else writes to the disk under /tmp (a loaded
+// build host made O_DIRECT writes there take most of a second).
+constexpr const char* kImageDir = "/dev/shm";
 
 // A vhostkit-blk device served over one end of a socketpair on its own thread.
 struct Backend {
@@ -83,7 +86,7 @@ std::map<std::uint16_t, std::uint8_t> wait_all(BlkFrontend& f, std::uint16_t q) 
 }
 
 TEST(BlkFrontendPair, ReadsGeometryFromConfigSpace) {
-  TempImage img(kImageBytes);
+  TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 2);
   auto f = connect(b, 2);
   ASSERT_TRUE(f);
@@ -100,7 +103,7 @@ TEST(BlkFrontendPair, ReadsGeometryFromConfigSpace) {
 }
 
 TEST(BlkFrontendPair, RandomWritesThenReadsReturnTheData) {
-  TempImage img(kImageBytes);
+  TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 1);
   auto f = connect(b, 1, 32);
   ASSERT_TRUE(f);
@@ -163,7 +166,7 @@ TEST(BlkFrontendPair, RandomWritesThenReadsReturnTheData) {
 }
 
 TEST(BlkFrontendPair, BadSubmissionsAreRefusedLocally) {
-  TempImage img(kImageBytes);
+  TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 1);
   auto f = connect(b, 1, 4);
   ASSERT_TRUE(f);
@@ -181,7 +184,7 @@ TEST(BlkFrontendPair, BadSubmissionsAreRefusedLocally) {
 }
 
 TEST(BlkFrontendPair, OutOfRangeSectorCompletesWithIoErr) {
-  TempImage img(kImageBytes);
+  TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 1);
   auto f = connect(b);
   ASSERT_TRUE(f);
@@ -202,7 +205,7 @@ class BlkBenchRun : public ::testing::TestWithParam<std::tuple<vb::BlkRw, bool>>
 
 TEST_P(BlkBenchRun, CompletesWithoutErrorsAndMeasuresLatency) {
   const auto [rw, busy] = GetParam();
-  TempImage img(kImageBytes);
+  TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 2, false, busy ? vhost::PollMode::busy : vhost::PollMode::event);
   auto f = connect(b, 2, 8);
   ASSERT_TRUE(f);
@@ -239,7 +242,7 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 TEST(BlkBenchRunErrors, WritesToAReadOnlyDiskCountAsErrors) {
-  TempImage img(kImageBytes);
+  TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 1, /*ro=*/true);
   auto f = connect(b, 1, 4);
   ASSERT_TRUE(f);
