@@ -349,13 +349,19 @@ int run(const Options& opt) {
                    dir + "/net.sock", dir + "/net.log");
     if (c) children.push_back(*c);
   }
+  // The image goes to /dev/shm when there is one: O_DIRECT writes to a disk-backed /tmp can
+  // stall for most of a second on a loaded host, which would only slow the run down.
+  const std::string image =
+      std::filesystem::is_directory("/dev/shm")
+          ? fmt::format("/dev/shm/vk-hostile-{}.img", ::getpid())
+          : dir + "/disk.img";
   if (!opt.blk_bin.empty()) {
-    if (!write_image(dir + "/disk.img")) {
-      std::fprintf(stderr, "hostile_peer: cannot write %s/disk.img\n", dir.c_str());
+    if (!write_image(image)) {
+      std::fprintf(stderr, "hostile_peer: cannot write %s\n", image.c_str());
       return 1;
     }
     auto c = spawn(Target::blk, opt.blk_bin,
-                   {"--socket-path=" + dir + "/blk.sock", "--image=" + dir + "/disk.img"},
+                   {"--socket-path=" + dir + "/blk.sock", "--image=" + image},
                    dir + "/blk.sock", dir + "/blk.log");
     if (c) children.push_back(*c);
   }
@@ -455,6 +461,7 @@ int run(const Options& opt) {
   std::printf("\n%zu cases, %zu survived, %zu passed every check; max |fd delta| %ld, max RSS delta %ld KiB "
               "(bound %ld), max |maps delta| %ld; %.1f s\n",
               rows.size(), survived, passed, max_fd, max_rss, opt.rss_bound_kib, max_maps, secs);
+  std::filesystem::remove(image);
   if (ok) {
     std::filesystem::remove_all(dir);
   } else {
