@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "backend_test_util.h"
+#include "raw_send.h"
 #include "vhostkit/vhost_user/backend_session.h"
 
 namespace vhostkit::vhost_user {
@@ -19,29 +20,7 @@ using namespace std::chrono_literals;
 using test::EchoBackend;
 using test::TestFrontend;
 
-// Sends header + payload + fds exactly as given (the Channel refuses more than 8 fds and
-// mismatched sizes; a hostile peer doesn't).
-bool send_raw(int sock, const Header& h, std::span<const std::uint8_t> payload,
-              std::span<const int> fds = {}) {
-  std::vector<std::uint8_t> buf(sizeof(Header) + payload.size());
-  std::memcpy(buf.data(), &h, sizeof(Header));
-  if (!payload.empty()) std::memcpy(buf.data() + sizeof(Header), payload.data(), payload.size());
-  iovec iov{buf.data(), buf.size()};
-  msghdr mh{};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  std::vector<std::uint8_t> cbuf(CMSG_SPACE(sizeof(int) * std::max<std::size_t>(fds.size(), 1)));
-  if (!fds.empty()) {
-    mh.msg_control = cbuf.data();
-    mh.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  }
-  return ::sendmsg(sock, &mh, MSG_NOSIGNAL) == static_cast<ssize_t>(buf.size());
-}
+using test::send_raw;
 
 template <typename T>
 std::span<const std::uint8_t> bytes_of(const T& v) {

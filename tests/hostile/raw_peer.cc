@@ -10,6 +10,7 @@
 #include <cstring>
 #include <thread>
 
+#include "raw_send.h"
 #include "vhostkit/vhost_user/backend_session.h"
 #include "vhostkit/virtio/features.h"
 
@@ -60,24 +61,7 @@ bool RawPeer::send_bytes(std::span<const std::uint8_t> bytes) {
 
 bool RawPeer::send_raw(const Header& h, std::span<const std::uint8_t> payload,
                        std::span<const int> fds) {
-  std::vector<std::uint8_t> buf(sizeof(Header) + payload.size());
-  std::memcpy(buf.data(), &h, sizeof(Header));
-  if (!payload.empty()) std::memcpy(buf.data() + sizeof(Header), payload.data(), payload.size());
-  iovec iov{buf.data(), buf.size()};
-  msghdr mh{};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  std::vector<std::uint8_t> cbuf(CMSG_SPACE(sizeof(int) * std::max<std::size_t>(fds.size(), 1)));
-  if (!fds.empty()) {
-    mh.msg_control = cbuf.data();
-    mh.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  }
-  return ::sendmsg(sock(), &mh, MSG_NOSIGNAL) == static_cast<ssize_t>(buf.size());
+  return test::send_raw(sock(), h, payload, fds);
 }
 
 Answer RawPeer::raw_request(Request r, std::span<const std::uint8_t> payload,
