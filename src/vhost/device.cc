@@ -154,6 +154,17 @@ struct Device::Impl {
   Result<> start_on_worker(Queue& q, Worker& w, const virtq::SplitRing& r) {
     if (q.started()) return {};
     q.vq_.attach(&mem, r, acked, static_cast<std::uint16_t>(q.base));
+    if (!q.vq_.broken() && q.vq_.used_idx() != q.vq_.last_avail_idx()) {
+      // The driver restarted the ring at a base that is not where the used ring stands. DPDK's
+      // virtio-user does this when it reconnects to a restarted back-end (base 0, its ring and
+      // indices kept); QEMU reads the used index and sends that. Resume from the used index, as
+      // DPDK's vhost library does: every chain before it was answered, and one between it and
+      // the base was taken by a device that is gone, so it is served again (a tx frame may go
+      // out twice; an rx buffer is simply filled).
+      spdlog::warn("vhost {}: vring {} base {} but used index {}; resuming from the used index",
+                   opts.name, q.index_, q.base, q.vq_.used_idx());
+      q.vq_.attach(&mem, r, acked, q.vq_.used_idx());
+    }
     q.errors_seen = errors_total(q.vq_);
     q.broken_.store(false, std::memory_order_relaxed);
     q.rekick_pending = false;

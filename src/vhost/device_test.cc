@@ -185,6 +185,33 @@ TEST(Device, RestartFromBaseServesPendingRequest) {
   EXPECT_EQ(*dev.get_vring_base(0), 8u);
 }
 
+// A driver that restarts a ring at base 0 while its used ring stands further on (DPDK's
+// virtio-user reconnecting to a restarted back-end): served from the used index, the old
+// chains are not taken again.
+TEST(Device, RestartWithABaseBehindTheUsedIndexResumesFromIt) {
+  EchoBackend be;
+  Device dev(be, opts(PollMode::event));
+  Rig rig;
+  bring_up(dev, rig);
+  rig.configure(dev, 0);
+  echo_round_trips(rig, 0, 4);
+  ASSERT_EQ(*dev.get_vring_base(0), 4u);
+  ASSERT_TRUE(dev.set_vring_base(0, 0).has_value());
+  auto kick = testing::make_eventfd();
+  ASSERT_TRUE(dev.set_vring_kick(0, testing::dup_fd(kick.get())).has_value());
+  rig.set_kick(0, std::move(kick));
+  ASSERT_TRUE(dev.queue(0).started());
+  rig.post(0, "after restart", 4);
+  auto u = rig.wait_used(0);
+  ASSERT_TRUE(u.has_value());
+  EXPECT_EQ(u->token, 4u);
+  EXPECT_EQ(rig.reply(0, 4, 13), "after restart");
+  EXPECT_EQ(*dev.get_vring_base(0), 5u);
+  // One used entry for the one new chain; none for the four answered before the restart.
+  EXPECT_EQ(rig.driver(0).used()->idx, 5u);
+  EXPECT_EQ(rig.driver(0).bad_used(), 0u);
+}
+
 TEST(Device, SetMemTableWhileRunning) {
   EchoBackend be;
   Device dev(be, opts(PollMode::event));

@@ -427,7 +427,6 @@ TEST_P(BeforeOwner, IsRefused) {
 }
 
 const RingCase kBeforeOwner[] = {
-    {"SetFeatures", [](Hostile& h) { h.expect_refused(SetFeatures{0}); }},
     {"SetMemTable",
      [](Hostile& h) {
        SetMemTable t;
@@ -479,6 +478,23 @@ const RingCase kBeforeOwner[] = {
 
 INSTANTIATE_TEST_SUITE_P(BackendHostile, BeforeOwner, ::testing::ValuesIn(kBeforeOwner),
                          [](const auto& info) { return std::string(info.param.name); });
+
+// SET_FEATURES without SET_OWNER (a reconnecting DPDK virtio-user) makes the sender the owner;
+// the features are checked as always, and a second SET_OWNER is then refused.
+TEST(BackendHostile, SetFeaturesWithoutSetOwnerStartsTheSession) {
+  hostile([](Hostile& h) {
+    ASSERT_NO_FATAL_FAILURE(h.protocol_only());
+    auto bad = h.fe->request(SetFeatures{~std::uint64_t{0}}, true);
+    ASSERT_TRUE(bad.has_value());
+    EXPECT_NE(*bad, 0u);  // bits we never offered: refused, but the session has begun
+    EXPECT_TRUE(h.device.has_owner());
+    EXPECT_TRUE(h.fe->ok(SetFeatures{h.device.offered_features()}));
+    auto again = h.fe->request(SetOwner{}, true);
+    ASSERT_TRUE(again.has_value());
+    EXPECT_NE(*again, 0u);
+    h.expect_alive();
+  });
+}
 
 // ---- memory tables ----------------------------------------------------------------------
 

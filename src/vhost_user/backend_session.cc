@@ -241,6 +241,17 @@ BackendSession::Outcome BackendSession::on(GetFeatures&) {
 }
 
 BackendSession::Outcome BackendSession::on(SetFeatures& m) {
+  if (!device_.has_owner()) {
+    // DPDK's virtio-user in server mode sends no SET_OWNER when a restarted back-end
+    // reconnects to it (22.11: GET_FEATURES, ..., SET_FEATURES, SET_MEM_TABLE). SET_FEATURES
+    // starts a session as surely as SET_OWNER does, and the connection is the unit of trust
+    // either way, so it makes this front-end the owner. Ring and memory messages before it are
+    // still refused.
+    if (auto r = device_.set_owner(); !r) return Outcome::err(r.error());
+    spdlog::info("vhost-user {}: SET_FEATURES without SET_OWNER; taking it as the start of the "
+                 "session (a reconnecting DPDK virtio-user does this)",
+                 opts_.name);
+  }
   return Outcome::from(device_.set_features(m.value));
 }
 
