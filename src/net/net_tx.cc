@@ -120,9 +120,9 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
   static constexpr std::uint8_t kZeroHdr[10] = {};
   std::uint64_t frames = 0, bytes = 0, drops = 0, errors = 0, chains = 0;
   bool rx_touched = false;
-  // Two passes. First the whole burst is popped, each frame's first line prefetched: the
-  // driver's core wrote those lines last, and asking for all of them at once overlaps their
-  // transfers instead of paying one after the other in the copy loop.
+  // Two passes. First the whole burst is popped and each frame prefetched: the driver's core
+  // wrote those lines last, and asking for all of them at once overlaps their transfers
+  // instead of paying one after the other in the copy loop.
   const std::span<iovec> segs(p.tx_segs);
   std::size_t used_segs = 0, batched = 0;
   while (chains < burst_ && vq.pending() != 0 && segs.size() - used_segs >= detail::kMaxSegs) {
