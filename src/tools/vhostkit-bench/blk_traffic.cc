@@ -92,10 +92,6 @@ Sums sum(const std::unique_ptr<BlkCounters[]>& c, std::uint16_t n) {
   return s;
 }
 
-double since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
 }  // namespace
 
 BlkResult run_blk(vu::BlkFrontend& f, const BlkRunConfig& cfg, int sigfd, bool& stopped) {
@@ -142,12 +138,12 @@ BlkResult run_blk(vu::BlkFrontend& f, const BlkRunConfig& cfg, int sigfd, bool& 
     tick = now;
   }
   const Sums end = sum(counters, queues);
-  const double window = since(t0);
+  const double window = seconds_since(t0);
 
   // Drain: no new requests; wait until every request in flight came back (at most 2 s).
   ctl.set(Phase::drain);
   const auto d0 = std::chrono::steady_clock::now();
-  while (since(d0) < 2.0) {
+  while (seconds_since(d0) < 2.0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
     if (sum(counters, queues).inflight == 0) break;
   }

@@ -102,10 +102,6 @@ Totals sum(const std::unique_ptr<vb::PairCounters[]>& c, std::uint16_t n) {
   return t;
 }
 
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
 // One size: start a data thread per pair, warm up, measure, drain, stop. `stopped` is set when
 // a stop signal cut the run short.
 vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std::uint32_t size,
@@ -159,7 +155,7 @@ vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std:
     tick = now;
   }
   const Totals end = sum(counters, pairs);
-  const double window = seconds_since(t0);
+  const double window = vb::seconds_since(t0);
 
   // Drain: stop sending; wait until everything sent came back, or nothing moved for 200 ms,
   // or 2 s passed.
@@ -168,12 +164,12 @@ vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std:
   Totals last = sum(counters, pairs);
   auto moved = d0;
   const bool reflects = mode == vb::Mode::loop || mode == vb::Mode::latency;
-  while (seconds_since(d0) < 2.0) {
+  while (vb::seconds_since(d0) < 2.0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     const Totals cur = sum(counters, pairs);
     if (reflects && cur.rx >= cur.tx) break;
     if (cur.rx != last.rx) moved = std::chrono::steady_clock::now();
-    if (seconds_since(moved) > 0.2) break;
+    if (vb::seconds_since(moved) > 0.2) break;
     last = cur;
   }
   ctl.set(vb::Phase::done);

@@ -59,6 +59,11 @@ std::size_t write_frame(std::span<std::uint8_t> room, std::size_t len, std::uint
 bool read_frame(std::span<const std::uint8_t> f, std::uint64_t& seq, std::uint64_t& t_ns) noexcept;
 
 std::uint64_t now_ns() noexcept;
+
+// Seconds from t to now (steady clock): the control threads' measuring and drain windows.
+inline double seconds_since(std::chrono::steady_clock::time_point t) noexcept {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
 // Pins the calling thread to `cpu` (-1: leaves it).
 void pin_to(int cpu) noexcept;
 // A spin-wait hint to the CPU (PAUSE on x86).
