@@ -5,7 +5,10 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <linux/magic.h>
+#include <sched.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -31,6 +34,16 @@ std::string default_serial(const std::string& path) {
   if (s.size() > virtio::kBlkIdBytes) s.resize(virtio::kBlkIdBytes);
   return s;
 }
+
+// File systems whose reads and writes are copies to and from the page cache, never a device wait.
+bool on_memory_fs(int fd) {
+  struct statfs fs{};
+  if (::fstatfs(fd, &fs) != 0) return false;
+  const auto t = static_cast<unsigned long>(fs.f_type);
+  return t == TMPFS_MAGIC || t == RAMFS_MAGIC || t == HUGETLBFS_MAGIC;
+}
+
+const char* io_name(IoPath p) { return p == IoPath::inline_call ? "inline" : "io_uring"; }
 
 }  // namespace
 
@@ -90,6 +103,16 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
   } else {
     d->fd_ = std::move(buffered);
   }
+  d->memory_backed_ = !block_device && on_memory_fs(d->fd_.get());
+  switch (o.io) {
+    case IoPath::automatic:
+      d->io_ = d->memory_backed_ ? IoPath::inline_call : IoPath::uring;
+      break;
+    case IoPath::uring:
+    case IoPath::inline_call:
+      d->io_ = o.io;
+      break;
+  }
   d->capacity_ = bytes / virtio::kBlkSectorSize;
   d->serial_ = o.serial.empty() ? default_serial(o.image) : o.serial;
 
@@ -108,11 +131,13 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
   b.dio_align = dio_align;
   b.capacity = d->capacity_;
   b.read_only = o.read_only;
+  b.inline_io = d->io_ == IoPath::inline_call;
   b.serial = &d->serial_;
   d->queues_ = std::make_unique<QueueState[]>(o.num_queues);
   for (std::uint16_t i = 0; i < o.num_queues; ++i) d->queues_[i].backing = &b;
-  spdlog::debug("blk: image {} ({} sectors, {}{})", o.image, d->capacity_,
-                d->direct_ ? "O_DIRECT" : "buffered", o.read_only ? ", read-only" : "");
+  spdlog::debug("blk: image {} ({} sectors, {}, {}{}{})", o.image, d->capacity_,
+                d->direct_ ? "O_DIRECT" : "buffered", io_name(d->io_),
+                d->memory_backed_ ? ", memory file system" : "", o.read_only ? ", read-only" : "");
   return d;
 }
 
@@ -168,8 +193,15 @@ bool BlkDevice::handle_queue(vhost::Queue& q) noexcept {
   QueueState& s = queues_[q.index()];
   unsigned work = s.reap(q);
   work += s.pop_and_submit(q);
-  if (work != 0) q.publish_and_notify();
-  return work != 0;
+  if (work != 0) {
+    q.publish_and_notify();
+    return true;
+  }
+  // Waiting on io_uring with nothing else to do. Whatever io_uring cannot finish at submission
+  // runs in a kernel worker thread (iou-wrk) that may share this core; a busy poller that keeps
+  // the core would hold that thread off until the scheduler preempts it (milliseconds).
+  if (s.inflight != 0) ::sched_yield();
+  return false;
 }
 
 BlkStats BlkDevice::stats(std::uint16_t queue) const noexcept {

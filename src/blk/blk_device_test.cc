@@ -5,6 +5,9 @@
 #include <cstring>
 #include <deque>
 
+#include <linux/magic.h>
+#include <sys/vfs.h>
+
 #include "blk_test_rig.h"
 
 namespace vhostkit::blk::testing {
@@ -14,12 +17,20 @@ using virtio::kBlkSIoErr;
 
 constexpr std::size_t kImage = 4 << 20;  // 8192 sectors
 
+struct RigOpts {
+  bool ro = false;
+  std::uint16_t queues = 1;
+  vhost::PollMode mode = vhost::PollMode::event;
+  const char* dir = "/tmp";
+  bool direct = true;
+  std::uint16_t ring_size = 128;
+  IoPath io = IoPath::automatic;
+};
+
 struct Rig {
-  explicit Rig(bool ro = false, std::uint16_t queues = 1,
-               vhost::PollMode mode = vhost::PollMode::event, const char* dir = "/tmp",
-               bool direct = true, std::uint16_t ring_size = 128)
-      : img(kImage, dir), blk(open_device(img.path(), ro, queues, direct)),
-        dev(*blk, dev_opts(mode)), guest(queues, kFeatures, ring_size) {
+  explicit Rig(RigOpts o = {})
+      : img(kImage, o.dir), blk(open_device(img.path(), o.ro, o.queues, o.direct, o.io)),
+        dev(*blk, dev_opts(o.mode)), guest(o.queues, kFeatures, o.ring_size) {
     guest.bring_up(dev);
   }
   TempImage img;
@@ -83,9 +94,45 @@ TEST(BlkDevice, FeaturesAndConfig) {
   EXPECT_TRUE(virtio::has(ro->features(), bf::ro));
 }
 
-TEST(BlkDevice, WriteThenReadBack) {
-  Rig r;
+// The request tests run on both I/O paths: io_uring and plain calls on the worker.
+class BlkIo : public ::testing::TestWithParam<IoPath> {
+ protected:
+  RigOpts opts() const {
+    RigOpts o;
+    o.io = GetParam();
+    return o;
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Path, BlkIo, ::testing::Values(IoPath::uring, IoPath::inline_call),
+                         [](const auto& i) {
+                           return i.param == IoPath::uring ? "uring" : "inline";
+                         });
+
+bool fs_is_tmpfs(const char* dir) {
+  struct statfs fs{};
+  return ::statfs(dir, &fs) == 0 && static_cast<unsigned long>(fs.f_type) == TMPFS_MAGIC;
+}
+
+TEST(BlkDevice, AutomaticIoPathFollowsTheFileSystem) {
+  TempImage shm(kImage, "/dev/shm");
+  auto a = open_device(shm.path());
+  EXPECT_TRUE(a->memory_backed());
+  EXPECT_EQ(a->io_path(), IoPath::inline_call);
+  TempImage tmp(kImage, "/tmp");
+  auto b = open_device(tmp.path());
+  EXPECT_EQ(b->memory_backed(), fs_is_tmpfs("/tmp"));
+  EXPECT_EQ(b->io_path(), fs_is_tmpfs("/tmp") ? IoPath::inline_call : IoPath::uring);
+  // Asked for, either path is taken wherever the image is.
+  EXPECT_EQ(open_device(shm.path(), false, 1, true, IoPath::uring)->io_path(), IoPath::uring);
+  EXPECT_EQ(open_device(tmp.path(), false, 1, true, IoPath::inline_call)->io_path(),
+            IoPath::inline_call);
+}
+
+TEST_P(BlkIo, WriteThenReadBack) {
+  Rig r(opts());
   EXPECT_TRUE(r.blk->direct_io());  // /tmp takes O_DIRECT on this machine
+  EXPECT_EQ(r.blk->io_path(), GetParam());
   const Bytes data = pattern(64 * 1024, 1);
   auto w = r.guest.request(0, virtio::blk_type::out, 100, data, 0, 4);
   ASSERT_TRUE(w);
@@ -107,8 +154,8 @@ TEST(BlkDevice, WriteThenReadBack) {
   EXPECT_EQ(st.buffered, 0u);
 }
 
-TEST(BlkDevice, ReadsTheLastSector) {
-  Rig r;
+TEST_P(BlkIo, ReadsTheLastSector) {
+  Rig r(opts());
   auto rd = r.guest.request(0, virtio::blk_type::in, kImage / 512 - 1, {}, 512);
   auto [s, len] = r.guest.run(0, *rd);
   EXPECT_EQ(s, virtio::kBlkSOk);
@@ -116,8 +163,8 @@ TEST(BlkDevice, ReadsTheLastSector) {
   EXPECT_EQ(r.guest.data(0, *rd, 512), r.img.read(kImage - 512, 512));
 }
 
-TEST(BlkDevice, MisalignedBuffersGoBuffered) {
-  Rig r;
+TEST_P(BlkIo, MisalignedBuffersGoBuffered) {
+  Rig r(opts());
   const Bytes data = pattern(4096, 2);
   auto w = r.guest.request(0, virtio::blk_type::out, 8, data, 0, 1, /*data_shift=*/3);
   EXPECT_EQ(r.guest.run(0, *w).first, virtio::kBlkSOk);
@@ -128,8 +175,11 @@ TEST(BlkDevice, MisalignedBuffersGoBuffered) {
   EXPECT_EQ(r.blk->stats(0).buffered, 2u);
 }
 
-TEST(BlkDevice, BufferedImageWithoutODirect) {
-  Rig r(false, 1, vhost::PollMode::event, "/dev/shm", /*direct=*/false);
+TEST_P(BlkIo, BufferedImageWithoutODirect) {
+  RigOpts o = opts();
+  o.dir = "/dev/shm";
+  o.direct = false;
+  Rig r(o);
   EXPECT_FALSE(r.blk->direct_io());
   const Bytes data = pattern(8192, 3);
   auto w = r.guest.request(0, virtio::blk_type::out, 1, data, 0, 2, 7);
@@ -137,8 +187,8 @@ TEST(BlkDevice, BufferedImageWithoutODirect) {
   EXPECT_EQ(r.img.read(512, data.size()), data);
 }
 
-TEST(BlkDevice, Flush) {
-  Rig r;
+TEST_P(BlkIo, Flush) {
+  Rig r(opts());
   auto w = r.guest.request(0, virtio::blk_type::out, 0, pattern(512, 4));
   auto f = r.guest.request(0, virtio::blk_type::flush, 0, {});
   auto got = r.guest.complete(0, 2);
@@ -169,8 +219,8 @@ Bytes discard_seg(std::uint64_t sector, std::uint32_t n, std::uint32_t flags = 0
   return b;
 }
 
-TEST(BlkDevice, DiscardReadsBackZeros) {
-  Rig r;
+TEST_P(BlkIo, DiscardReadsBackZeros) {
+  Rig r(opts());
   ASSERT_NE(r.img.read(16 * 512, 4096), Bytes(4096, 0));
   auto d = r.guest.request(0, virtio::blk_type::discard, 0, discard_seg(16, 8));
   EXPECT_EQ(r.guest.run(0, *d).first, virtio::kBlkSOk);
@@ -179,8 +229,8 @@ TEST(BlkDevice, DiscardReadsBackZeros) {
   EXPECT_EQ(r.blk->stats(0).discards, 1u);
 }
 
-TEST(BlkDevice, WriteZeroesReadsBackZeros) {
-  Rig r;
+TEST_P(BlkIo, WriteZeroesReadsBackZeros) {
+  Rig r(opts());
   auto z = r.guest.request(0, virtio::blk_type::write_zeroes, 0, discard_seg(40, 3));
   EXPECT_EQ(r.guest.run(0, *z).first, virtio::kBlkSOk);
   EXPECT_EQ(r.img.read(40 * 512, 3 * 512), Bytes(3 * 512, 0));
@@ -195,16 +245,21 @@ TEST(BlkDevice, WriteZeroesReadsBackZeros) {
   EXPECT_EQ(r.guest.data(0, *rd, 1536), Bytes(1536, 0));
 }
 
-TEST(BlkDevice, WriteZeroesOnTmpfs) {
-  Rig r(false, 1, vhost::PollMode::event, "/dev/shm", false);
+TEST_P(BlkIo, WriteZeroesOnTmpfs) {
+  RigOpts o = opts();
+  o.dir = "/dev/shm";
+  o.direct = false;
+  Rig r(o);
   auto z = r.guest.request(0, virtio::blk_type::write_zeroes, 0, discard_seg(2, 5));
   EXPECT_EQ(r.guest.run(0, *z).first, virtio::kBlkSOk);
   EXPECT_EQ(r.img.read(2 * 512, 5 * 512), Bytes(5 * 512, 0));
   EXPECT_NE(r.img.read(7 * 512, 512), Bytes(512, 0));
 }
 
-TEST(BlkDevice, ReadOnlyRefusesWrites) {
-  Rig r(/*ro=*/true);
+TEST_P(BlkIo, ReadOnlyRefusesWrites) {
+  RigOpts o = opts();
+  o.ro = true;
+  Rig r(o);
   const Bytes before = r.img.read(0, 8192);
   auto w = r.guest.request(0, virtio::blk_type::out, 0, pattern(4096, 5));
   auto [s, len] = r.guest.run(0, *w);
@@ -221,8 +276,10 @@ TEST(BlkDevice, ReadOnlyRefusesWrites) {
   EXPECT_EQ(r.guest.data(0, *rd, 4096), Bytes(before.begin(), before.begin() + 4096));
 }
 
-TEST(BlkDevice, TwoQueuesServeIndependently) {
-  Rig r(false, 2);
+TEST_P(BlkIo, TwoQueuesServeIndependently) {
+  RigOpts o = opts();
+  o.queues = 2;
+  Rig r(o);
   const Bytes a = pattern(4096, 6), b = pattern(4096, 7);
   auto wa = r.guest.request(0, virtio::blk_type::out, 0, a);
   auto wb = r.guest.request(1, virtio::blk_type::out, 8, b);
@@ -234,8 +291,8 @@ TEST(BlkDevice, TwoQueuesServeIndependently) {
   EXPECT_EQ(r.blk->stats(1).writes, 1u);
 }
 
-TEST(BlkDevice, StopWaitsForRequestsInFlight) {
-  Rig r;
+TEST_P(BlkIo, StopWaitsForRequestsInFlight) {
+  Rig r(opts());
   std::vector<std::uint16_t> slots;
   for (int i = 0; i < 32; ++i) {
     slots.push_back(*r.guest.request(0, virtio::blk_type::out, i * 64, pattern(32768, 10 + i)));
@@ -252,9 +309,13 @@ TEST(BlkDevice, StopWaitsForRequestsInFlight) {
 }
 
 // 1000 random reads and writes at queue depth 32, checked against a shadow copy of the image.
-void random_io(vhost::PollMode mode, std::uint32_t seed) {
+void random_io(vhost::PollMode mode, std::uint32_t seed, IoPath io) {
   // 32 chains of up to 8 descriptors each fit a ring of 256.
-  Rig r(false, 1, mode, "/tmp", true, 256);
+  RigOpts o;
+  o.mode = mode;
+  o.ring_size = 256;
+  o.io = io;
+  Rig r(o);
   Bytes shadow = r.img.read(0, kImage);
   std::mt19937 rng(seed);
   struct InFlight {
@@ -324,8 +385,8 @@ void random_io(vhost::PollMode mode, std::uint32_t seed) {
   EXPECT_EQ(st.io_errors + st.bad_requests, 0u);
 }
 
-TEST(BlkDevice, RandomIoQueueDepth32) { random_io(vhost::PollMode::event, 42); }
-TEST(BlkDevice, RandomIoBusyPolling) { random_io(vhost::PollMode::busy, 7); }
+TEST_P(BlkIo, RandomIoQueueDepth32) { random_io(vhost::PollMode::event, 42, GetParam()); }
+TEST_P(BlkIo, RandomIoBusyPolling) { random_io(vhost::PollMode::busy, 7, GetParam()); }
 
 }  // namespace
 }  // namespace vhostkit::blk::testing

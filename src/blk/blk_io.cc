@@ -1,5 +1,7 @@
-// The virtio-blk request path: validate a popped chain (virtio 1.2, 5.2.6), submit it to the
-// queue's io_uring, and answer it when its completion arrives (in any order).
+// The virtio-blk request path: validate a popped chain (virtio 1.2, 5.2.6), then either submit
+// it to the queue's io_uring and answer it when its completion arrives (in any order), or, on the
+// inline path (an image in memory, see IoPath), run its system call on the worker and answer it
+// at once.
 //
 // A chain is: the 16-byte header in the first readable bytes (possibly split over descriptors),
 // then data (readable for OUT/DISCARD/WRITE_ZEROES, writable for IN/GET_ID), then one status byte,
@@ -93,6 +95,7 @@ void BlkDevice::QueueState::start(vhost::Queue& q, vhost::Worker& w) {
   inflight = 0;
   counters.inflight.store(0, std::memory_order_relaxed);
   ring_ok = false;
+  if (backing->inline_io) return;  // requests are answered by plain calls on the worker
   if (int r = io_uring_queue_init(BlkDevice::kMaxInflight, &ring, 0); r < 0) {
     spdlog::error("blk: vring {}: io_uring setup failed ({}); requests get IOERR", q.index(),
                   std::strerror(-r));
@@ -332,6 +335,12 @@ bool BlkDevice::QueueState::dispatch(vhost::Queue& q, Slot& s, std::uint32_t slo
     // O_DIRECT takes only aligned buffers and offsets; anything else goes the buffered way.
     s.on_buffered = !b.direct || s.offset % b.dio_align != 0 || !aligned(s.data, s.ndata, b.dio_align);
   }
+  if (b.inline_io) {
+    int res = run_inline(s);
+    while (second_chance(s, res)) res = run_inline(s);
+    answer(q, s, res);
+    return false;
+  }
   if (!ring_ok) {
     Counters::add(counters.io_errors);
     finish(q, s, virtio::kBlkSIoErr, 1);
@@ -378,29 +387,66 @@ bool BlkDevice::QueueState::prep(Slot& s, std::uint32_t slot_index) noexcept {
   return true;
 }
 
-void BlkDevice::QueueState::complete(vhost::Queue& q, std::uint32_t slot_index, int res) noexcept {
-  Slot& s = slots[slot_index];
+int BlkDevice::QueueState::run_inline(const Slot& s) noexcept {
+  const Backing& b = *backing;
+  const int fd = s.on_buffered ? b.buffered_fd : b.fd;
+  for (;;) {
+    long r = 0;
+    switch (s.op) {
+      case Op::read:
+        r = ::preadv(fd, s.data, static_cast<int>(s.ndata), static_cast<off_t>(s.offset));
+        break;
+      case Op::write:
+        r = ::pwritev(fd, s.data, static_cast<int>(s.ndata), static_cast<off_t>(s.offset));
+        break;
+      case Op::flush:
+        // Every earlier request on this queue has already been answered: nothing to order.
+        r = ::fdatasync(b.fd);
+        break;
+      case Op::discard:
+      case Op::write_zeroes: {
+        const bool punch = s.op == Op::discard || s.unmap ||
+                           b.zero_range_unsupported.load(std::memory_order_relaxed);
+        const int mode =
+            (punch ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE;
+        r = ::fallocate(b.fd, mode, static_cast<off_t>(s.offset), static_cast<off_t>(s.length));
+        break;
+      }
+    }
+    if (r >= 0) return static_cast<int>(r);  // at most kMaxTransfer bytes
+    if (errno != EINTR) return -errno;
+  }
+}
+
+bool BlkDevice::QueueState::second_chance(Slot& s, int res) noexcept {
   Backing& b = *backing;
-  // Second chances, resubmitted from the same slot: O_DIRECT refusing these buffers (a device
-  // with larger sectors than we assumed), and a file system without ZERO_RANGE.
   if (res == -EINVAL && (s.op == Op::read || s.op == Op::write) && !s.on_buffered && b.direct) {
     s.on_buffered = true;
-    if (prep(s, slot_index)) {
-      ++inflight;
-      return;
-    }
+    return true;
   }
   if (res == -EOPNOTSUPP && s.op == Op::write_zeroes && !s.unmap) {
     if (!b.zero_range_unsupported.exchange(true, std::memory_order_relaxed)) {
       spdlog::info("blk: the image's file system has no ZERO_RANGE; WRITE_ZEROES punches holes");
     }
     s.unmap = true;
-    if (prep(s, slot_index)) {
-      ++inflight;
-      return;
-    }
+    return true;
+  }
+  return false;
+}
+
+void BlkDevice::QueueState::complete(vhost::Queue& q, std::uint32_t slot_index, int res) noexcept {
+  Slot& s = slots[slot_index];
+  // A second chance is resubmitted from the same slot.
+  if (second_chance(s, res) && prep(s, slot_index)) {
+    ++inflight;
+    return;
   }
   free_slots.push_back(slot_index);
+  answer(q, s, res);
+}
+
+void BlkDevice::QueueState::answer(vhost::Queue& q, Slot& s, int res) noexcept {
+  const Backing& b = *backing;
   const bool data_op = s.op == Op::read || s.op == Op::write;
   // A short transfer (the image shrank under us) is an error, not a partial success.
   const bool ok = data_op ? res >= 0 && static_cast<std::uint32_t>(res) == s.data_len : res >= 0;

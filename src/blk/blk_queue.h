@@ -27,6 +27,7 @@ struct BlkDevice::Backing {
   std::uint32_t dio_align = 512;
   std::uint64_t capacity = 0;  // 512-byte sectors
   bool read_only = false;
+  bool inline_io = false;      // IoPath::inline_call: no io_uring, every request answered at once
   const std::string* serial = nullptr;
   std::uint64_t acked = 0;     // negotiated features (set before any ring starts)
   // WRITE_ZEROES without unmap uses FALLOC_FL_ZERO_RANGE until the file system refuses it once;
@@ -69,7 +70,8 @@ struct BlkDevice::QueueState {
   Backing* backing = nullptr;
 
   io_uring ring{};
-  bool ring_ok = false;
+  bool ring_ok = false;         // the io_uring path is set up (always false on the inline path)
+  bool started = false;         // start() ran; requests can be served (by the ring or inline)
   UniqueFd cq_event;            // io_uring's completion eventfd, watched by the worker
   vhost::Worker::Id watch_id = 0;
   std::unique_ptr<Slot[]> slots;
@@ -98,8 +100,16 @@ struct BlkDevice::QueueState {
   bool dispatch(vhost::Queue& q, Slot& s, std::uint32_t slot_index, std::uint64_t readable_len,
                 std::uint64_t writable_len, unsigned nreadable, unsigned nwritable) noexcept;
   bool prep(Slot& s, std::uint32_t slot_index) noexcept;
+  // The inline path: runs the request's system call(s) now; returns what a CQE would say.
+  int run_inline(const Slot& s) noexcept;
+  // A failed request that deserves a second try with changed parameters (O_DIRECT refusing the
+  // buffers; a file system without ZERO_RANGE): changes s and returns true.
+  bool second_chance(Slot& s, int res) noexcept;
   void finish(vhost::Queue& q, Slot& s, std::uint8_t status, std::uint32_t used_len) noexcept;
+  // An io_uring completion: a second chance, or the answer.
   void complete(vhost::Queue& q, std::uint32_t slot_index, int res) noexcept;
+  // Counts the result and answers the request (status byte, used element).
+  void answer(vhost::Queue& q, Slot& s, int res) noexcept;
 };
 
 }  // namespace vhostkit::blk

@@ -265,8 +265,10 @@ inline vhost::DeviceOptions dev_opts(vhost::PollMode mode = vhost::PollMode::eve
 }
 
 inline std::unique_ptr<BlkDevice> open_device(const std::string& path, bool ro = false,
-                                              std::uint16_t queues = 1, bool direct = true) {
+                                              std::uint16_t queues = 1, bool direct = true,
+                                              IoPath io = IoPath::automatic) {
   BlkOptions o;
+  o.io = io;
   o.image = path;
   o.read_only = ro;
   o.num_queues = queues;

@@ -66,6 +66,7 @@ bad_blk "--queues=65" --socket-path="$sock" --image="$img" --queues=65
 bad_blk "--queues=abc" --socket-path="$sock" --image="$img" --queues=abc
 bad_blk "--blk-size=1000" --socket-path="$sock" --image="$img" --blk-size=1000
 bad_blk "--poll=foo" --socket-path="$sock" --image="$img" --poll=foo
+bad_blk "--io=aio" --socket-path="$sock" --image="$img" --io=aio
 bad_blk "--stats=-1" --socket-path="$sock" --image="$img" --stats=-1
 bad_blk "--cpu=x" --socket-path="$sock" --image="$img" --cpu=x
 

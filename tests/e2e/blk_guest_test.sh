@@ -2,8 +2,9 @@
 # vhostkit-blk serving a raw image to a QEMU guest (vhost-user-blk-pci, 2 queues). The host fills
 # the image with a known pattern; the guest reads it back from /dev/vda (sha256 equal), writes
 # random data and reads it back, and the host finds the guest's data in the image file (sha256
-# equal). Then the same image served --read-only: the guest's write fails and the image is
-# unchanged. On SIGTERM vhostkit-blk exits 0 and removes its socket.
+# equal), once on the io_uring path and once with --io=inline. Then the same image served
+# --read-only: the guest's write fails and the image is unchanged. On SIGTERM vhostkit-blk exits 0
+# and removes its socket.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/qemu.sh"
@@ -80,6 +81,29 @@ vk_net_stop "$blk_pid"; rc=$?
 ((rc == 0)) || { cat "$blog"; vk_fail "exit status $rc"; }
 [[ ! -e $sock ]] || vk_fail "socket $sock left behind"
 vk_pass "exit 0, socket removed"
+
+vk_check "--io=inline (the path --io=auto takes for an image in tmpfs): the guest reads the image and writes it again"
+cur_sum=$(dd if="$img" bs=1048576 count="$MIB" 2>/dev/null | sha256sum | cut -d' ' -f1)
+blog=$VK_TMP/vhostkit-blk-inline.log
+vk_net_start "$blog" -- --socket-path="$sock" --image="$img" --queues=2 --io=inline
+blk_pid=$VK_NET_PID
+vk_net_wait_listening "$sock" 10 || { cat "$blog"; vk_fail "no listening socket $sock"; }
+grep -q 'I/O inline' "$blog" || { cat "$blog"; vk_fail "the start-up line does not say 'I/O inline'"; }
+log=$VK_TMP/console-inline.log
+boot "$log" "vk.cmd=blk-read,blk-write vk.mb=$MIB"
+res=$(vk_guest_result "$log" blk-read) || { vk_qemu_dump "$log"; vk_fail "no blk-read result"; }
+[[ $res == ok* ]] || { vk_qemu_dump "$log"; vk_fail "inline blk-read: $res"; }
+gsum=$(vk_guest_field "$log" blk-read sha256)
+[[ $gsum == "$cur_sum" ]] || vk_fail "inline: guest read sha256 $gsum, image has $cur_sum"
+res=$(vk_guest_result "$log" blk-write) || { vk_qemu_dump "$log"; vk_fail "no blk-write result"; }
+[[ $res == ok* ]] || { vk_qemu_dump "$log"; vk_fail "inline blk-write: $res"; }
+wsum=$(vk_guest_field "$log" blk-write sha256)
+hsum=$(dd if="$img" bs=1048576 count="$MIB" 2>/dev/null | sha256sum | cut -d' ' -f1)
+[[ $wsum == "$hsum" ]] || vk_fail "inline: guest wrote sha256 $wsum, the image file has $hsum"
+[[ $wsum != "$cur_sum" ]] || vk_fail "inline: the guest's write did not change the image"
+vk_net_stop "$blk_pid"; rc=$?
+((rc == 0)) || { cat "$blog"; vk_fail "exit status $rc"; }
+vk_pass "read sha256 equals the image's; written sha256 $wsum is in the image file"
 
 vk_check "--read-only: the guest's write fails and the image is unchanged"
 before=$(sha256sum "$img" | cut -d' ' -f1)

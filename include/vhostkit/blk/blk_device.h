@@ -1,13 +1,15 @@
 // The virtio-blk device (virtio 1.2, 5.2) as a vhost::DeviceBackend, backed by a raw image file
-// or block device through io_uring.
+// or block device through io_uring, or by plain calls on the worker when the image is in memory
+// (see IoPath).
 //
-// Each request queue has its own io_uring, created when the ring starts and owned by the queue's
-// worker thread. Requests are validated in one place (blk_request.cc), then submitted as one SQE
-// each, with the chain's guest buffers as the readv/writev iovecs (no copy). Completions arrive
-// out of order: io_uring's eventfd is watched by the worker (and the CQ is also reaped on every
-// handle_queue, so busy polling needs no wake-up). The status byte is written after the data, then
-// the used element is pushed. FLUSH carries IOSQE_IO_DRAIN, so it starts only after every earlier
-// request on its queue has completed.
+// Requests are validated in one place (src/blk/blk_io.cc), with the chain's guest buffers as the
+// readv/writev iovecs (no copy). On the io_uring path each request queue has its own ring, created
+// when the vring starts and owned by the queue's worker; a request is one SQE, completions arrive
+// out of order (io_uring's eventfd is watched by the worker, and the CQ is also reaped on every
+// handle_queue, so busy polling needs no wake-up), and FLUSH carries IOSQE_IO_DRAIN so it starts
+// only after every earlier request on its queue has completed. On the inline path the worker
+// makes the system call and answers the request before popping the next. Either way the status
+// byte is written after the data, then the used element is pushed.
 //
 // queue_stopped waits for every request in flight and answers it before the ring detaches: no
 // completion touches guest memory after the ring stops.
@@ -27,6 +29,14 @@
 
 namespace vhostkit::blk {
 
+// How requests reach the backing store.
+//   uring   through the queue's io_uring (completions out of order, many in flight)
+//   inline  a preadv/pwritev/fdatasync/fallocate call on the queue's worker, answered at once
+//   auto    inline when the image lives on a memory file system (tmpfs, ramfs, hugetlbfs), where
+//           the call is a page-cache copy that never waits for a device and io_uring would hand
+//           every request to a kernel worker thread (no non-blocking path there); uring otherwise
+enum class IoPath : std::uint8_t { automatic, uring, inline_call };
+
 struct BlkOptions {
   std::string image;                 // raw image file or block device
   bool read_only = false;            // VIRTIO_BLK_F_RO; writes answered with IOERR
@@ -34,6 +44,7 @@ struct BlkOptions {
   std::uint32_t blk_size = 512;      // logical block size reported to the driver: 512 or 4096
   std::string serial;                // GET_ID (up to 20 bytes); empty: "vhostkit-" + basename
   bool try_direct = true;            // O_DIRECT when the file system allows it
+  IoPath io = IoPath::automatic;
 };
 
 // A snapshot of one queue's counters.
@@ -81,6 +92,10 @@ class BlkDevice final : public vhost::DeviceBackend {
   std::uint64_t capacity_sectors() const noexcept { return capacity_; }
   bool read_only() const noexcept { return opts_.read_only; }
   bool direct_io() const noexcept { return direct_; }
+  // The path chosen at open (never automatic): uring or inline_call.
+  IoPath io_path() const noexcept { return io_; }
+  // True if the image is on a memory file system (what IoPath::automatic looks at).
+  bool memory_backed() const noexcept { return memory_backed_; }
   const std::string& serial() const noexcept { return serial_; }
   BlkStats stats(std::uint16_t queue) const noexcept;
   // Requests in flight on a queue (tests; any thread, approximate).
@@ -96,6 +111,8 @@ class BlkDevice final : public vhost::DeviceBackend {
   UniqueFd fd_;           // O_DIRECT when direct_, else buffered
   UniqueFd buffered_fd_;  // for requests whose buffers O_DIRECT can't take (invalid if !direct_)
   bool direct_ = false;
+  bool memory_backed_ = false;
+  IoPath io_ = IoPath::uring;
   std::uint64_t capacity_ = 0;  // 512-byte sectors
   std::string serial_;
   std::uint64_t offered_ = 0;

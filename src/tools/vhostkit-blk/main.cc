@@ -1,6 +1,6 @@
 // vhostkit-blk: a vhost-user virtio-blk backend. QEMU connects to its socket
 // (-device vhost-user-blk-pci) and the guest gets a disk backed by a raw image file or block
-// device, served through io_uring.
+// device, served through io_uring (or by plain calls when the image is in memory: --io).
 // Conventions and exit codes: see backend_program.h.
 #include <cstdio>
 #include <optional>
@@ -24,6 +24,7 @@ struct BlkArgs {
   unsigned queues = 1;
   unsigned blk_size = 512;
   std::string serial;
+  std::string io = "auto";
 };
 
 void add_blk_options(CLI::App& app, BlkArgs& a) {
@@ -34,6 +35,11 @@ void add_blk_options(CLI::App& app, BlkArgs& a) {
   app.add_option("--blk-size", a.blk_size, "logical block size reported to the guest: 512 or 4096")
       ->check(CLI::IsMember({512u, 4096u}))->capture_default_str();
   app.add_option("--serial", a.serial, "GET_ID serial (up to 20 bytes; default vhostkit-IMAGE)");
+  app.add_option("--io", a.io,
+                 "how requests reach the image: uring (io_uring, many in flight), inline (plain "
+                 "calls on the queue's worker), auto (inline for an image on tmpfs, ramfs or "
+                 "hugetlbfs, where a request is a memory copy; uring otherwise)")
+      ->check(CLI::IsMember({"auto", "uring", "inline"}))->capture_default_str();
 }
 
 // One --stats line for one queue over an interval.
@@ -58,7 +64,8 @@ int main(int argc, char** argv) {
   cli::BackendProgram prog(
       "vhostkit-blk", "blk",
       "vhostkit-blk: a vhost-user virtio-blk backend. A QEMU guest connects to the socket and "
-      "gets a disk backed by a raw image file or block device, served through io_uring.");
+      "gets a disk backed by a raw image file or block device, served through io_uring (or by "
+      "plain calls on the worker for an image in memory, see --io).");
   BlkArgs a;
   add_blk_options(prog.app(), a);
   if (auto done = prog.parse(argc, argv)) return *done;
@@ -72,6 +79,9 @@ int main(int argc, char** argv) {
   bopts.num_queues = static_cast<std::uint16_t>(a.queues);
   bopts.blk_size = a.blk_size;
   bopts.serial = a.serial;
+  bopts.io = a.io == "uring"    ? blk::IoPath::uring
+             : a.io == "inline" ? blk::IoPath::inline_call
+                                : blk::IoPath::automatic;
   auto blkdev = blk::BlkDevice::open(std::move(bopts));
   if (!blkdev) prog.die_usage(blkdev.error().message());
   blk::BlkDevice& dev = **blkdev;
@@ -91,8 +101,11 @@ int main(int argc, char** argv) {
   vhost_user::ServerOptions sopts = std::move(cfg.server);
   sopts.session.name = "blk";
 
-  spdlog::info("vhostkit-blk: {}, image {} ({} sectors, {}{}), {} queue(s), poll {}", cfg.where,
-               a.image, dev.capacity_sectors(), dev.direct_io() ? "O_DIRECT" : "buffered",
+  spdlog::info("vhostkit-blk: {}, image {} ({} sectors, {}, I/O {}{}{}), {} queue(s), poll {}",
+               cfg.where, a.image, dev.capacity_sectors(),
+               dev.direct_io() ? "O_DIRECT" : "buffered",
+               dev.io_path() == blk::IoPath::inline_call ? "inline" : "io_uring",
+               a.io == "auto" && dev.memory_backed() ? " (memory file system)" : "",
                dev.read_only() ? ", read-only" : "", dev.num_queues(), prog.args().poll);
 
   std::optional<cli::Ticker> stats;
