@@ -104,6 +104,11 @@ struct Device::Impl {
 
   Result<Queue*> ring(std::string_view op, std::uint32_t index) {
     if (auto r = need_owner(op); !r) return std::unexpected(r.error());
+    return any_ring(op, index);
+  }
+
+  // The ring, owner or not (notification fds: see set_vring_call).
+  Result<Queue*> any_ring(std::string_view op, std::uint32_t index) {
     if (index >= queues.size()) {
       return fail(Errc::out_of_range,
                   fmt::format("{}: vring index {} out of range (device has {} queues)", op, index,
@@ -653,9 +658,13 @@ Result<> Device::set_vring_kick(std::uint32_t index, UniqueFd fd) {
   return d.try_start(q);
 }
 
+// Call and err fds are taken before SET_OWNER too: they are eventfds we only ever signal, they
+// give the front-end nothing, and reset() closes them with the session. DPDK's virtio-user, when
+// it reconnects to a restarted back-end, sends SET_VRING_CALL for every ring first, then
+// SET_FEATURES, and no SET_OWNER at all; refusing the calls would leave those rings silent.
 Result<> Device::set_vring_call(std::uint32_t index, UniqueFd fd) {
   Impl& d = *impl_;
-  auto qr = d.ring("SET_VRING_CALL", index);
+  auto qr = d.any_ring("SET_VRING_CALL", index);
   if (!qr) return std::unexpected(qr.error());
   Queue& q = **qr;
   if (fd) {
@@ -668,7 +677,7 @@ Result<> Device::set_vring_call(std::uint32_t index, UniqueFd fd) {
 
 Result<> Device::set_vring_err(std::uint32_t index, UniqueFd fd) {
   Impl& d = *impl_;
-  auto qr = d.ring("SET_VRING_ERR", index);
+  auto qr = d.any_ring("SET_VRING_ERR", index);
   if (!qr) return std::unexpected(qr.error());
   Queue& q = **qr;
   if (fd) {

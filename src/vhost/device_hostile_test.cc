@@ -148,10 +148,30 @@ TEST(HostileOwner, VringOpsBeforeSetOwner) {
   check(dev.set_vring_addr(0, VringAddr{}));
   check(dev.set_vring_base(0, 0));
   check(dev.set_vring_kick(0, testing::make_eventfd()));
-  check(dev.set_vring_call(0, testing::make_eventfd()));
-  check(dev.set_vring_err(0, testing::make_eventfd()));
   check(dev.set_vring_enable(0, true));
   EXPECT_FALSE(dev.get_vring_base(0).has_value());
+}
+// Call and err fds are notification fds only: taken before SET_OWNER (a reconnecting DPDK
+// virtio-user sends them first), still range-checked, and closed by reset().
+TEST(HostileOwner, CallAndErrFdsBeforeSetOwner) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  UniqueFd call = testing::make_eventfd();
+  UniqueFd seen = testing::dup_fd(call.get());
+  const std::size_t fds_before = testing::count_fds();
+  EXPECT_TRUE(dev.set_vring_call(0, std::move(call)).has_value());
+  EXPECT_TRUE(dev.set_vring_err(0, testing::make_eventfd()).has_value());
+  EXPECT_FALSE(dev.has_owner());
+  auto out = dev.set_vring_call(99, testing::make_eventfd());
+  ASSERT_FALSE(out.has_value());
+  EXPECT_EQ(out.error().code, Errc::out_of_range);
+  ASSERT_TRUE(dev.set_owner().has_value());
+  dev.queue(0).signal();  // SET_OWNER kept the call fd
+  EXPECT_TRUE(testing::wait_fd(seen.get(), 1000));
+  dev.reset();            // the session's end closes both
+  EXPECT_EQ(testing::count_fds(), fds_before - 1);
+  dev.queue(0).signal();
+  EXPECT_FALSE(testing::wait_fd(seen.get(), 50));
 }
 TEST(HostileOwner, MemTableBeforeSetOwner) {
   EchoBackend be;

@@ -249,6 +249,27 @@ TEST(BackendHostile, NineFdsAreAllClosed) {
   });
 }
 
+// With NEED_REPLY, too many fds still get an answer: the header survives, the fds do not.
+TEST(BackendHostile, NineFdsWithNeedReplyAreRefusedWithAnAck) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    std::vector<UniqueFd> owned;
+    std::vector<int> raw;
+    for (int i = 0; i < 9; ++i) {
+      owned.push_back(test::make_eventfd());
+      raw.push_back(owned.back().get());
+    }
+    const std::size_t fds_before = test::open_fd_count();
+    const std::uint64_t v = 0;
+    h.raw(Request::set_vring_call, kNeedReplyFlag, bytes_of(v), raw);
+    EXPECT_TRUE(h.last);
+    EXPECT_NE(h.ack(Request::set_vring_call), 0u);
+    EXPECT_EQ(h.session->last_error().code, Errc::too_many);
+    EXPECT_EQ(test::open_fd_count(), fds_before);
+    h.expect_alive();
+  });
+}
+
 TEST(BackendHostile, FdOnARequestThatTakesNone) {
   hostile([](Hostile& h) {
     ASSERT_TRUE(h.fe->handshake());
@@ -437,13 +458,6 @@ const RingCase kBeforeOwner[] = {
     {"SetVringAddr", [](Hostile& h) { h.expect_refused(addr_for(h, 0)); }},
     {"SetVringBase", [](Hostile& h) { h.expect_refused(SetVringBase{0, 0}); }},
     {"SetVringKick", [](Hostile& h) { h.expect_refused(kick_for(0)); }},
-    {"SetVringCall",
-     [](Hostile& h) {
-       SetVringCall c;
-       c.fd = test::make_eventfd();
-       h.expect_refused(c);
-     }},
-    {"SetVringErr", [](Hostile& h) { h.expect_refused(SetVringErr{}); }},
     {"SetVringEnable", [](Hostile& h) { h.expect_refused(SetVringEnable{0, 1}); }},
     {"SetLogFd",
      [](Hostile& h) {
@@ -492,6 +506,30 @@ TEST(BackendHostile, SetFeaturesWithoutSetOwnerStartsTheSession) {
     auto again = h.fe->request(SetOwner{}, true);
     ASSERT_TRUE(again.has_value());
     EXPECT_NE(*again, 0u);
+    h.expect_alive();
+  });
+}
+
+// DPDK's virtio-user reconnecting to a restarted back-end: SET_VRING_CALL for the rings first,
+// then SET_FEATURES, no SET_OWNER. The call fds are taken (acked 0), not refused.
+TEST(BackendHostile, CallFdsBeforeSetOwnerAreTaken) {
+  hostile([](Hostile& h) {
+    ASSERT_NO_FATAL_FAILURE(h.protocol_only());
+    for (std::uint32_t i = 0; i < h.device.num_queues(); ++i) {
+      SetVringCall c;
+      c.index = i;
+      c.fd = test::make_eventfd();
+      EXPECT_TRUE(h.fe->ok(c)) << "ring " << i;
+    }
+    EXPECT_FALSE(h.device.has_owner());
+    SetVringCall out;
+    out.index = 200;
+    out.fd = test::make_eventfd();
+    auto a = h.fe->request(out, true);
+    ASSERT_TRUE(a.has_value());
+    EXPECT_NE(*a, 0u);  // still range-checked
+    EXPECT_TRUE(h.fe->ok(SetFeatures{h.device.offered_features()}));
+    EXPECT_TRUE(h.device.has_owner());
     h.expect_alive();
   });
 }

@@ -160,12 +160,6 @@ Result<> BackendSession::serve_one() {
     switch (received.error().code) {
       case Errc::would_block:
         return {};  // nothing arrived within the timeout; the stream is still in sync
-      case Errc::too_many:
-        // Too many fds: all closed, payload consumed, stream in sync. We can't tell which
-        // request it was, so there's nobody to ack.
-        ++stats_.requests;
-        note_failure(Request::none, received.error());
-        return {};
       default:
         return std::unexpected(std::move(received.error()));
     }

@@ -139,10 +139,8 @@ Result<Received> Channel::recv() {
     }
   }
   if (overflow) {
-    return fail(Errc::too_many,
-                fmt::format("request {} came with more than {} fds (control message truncated); "
-                            "all were closed",
-                            msg.header.request, kMaxFds));
+    msg.fds.clear();
+    msg.fds_truncated = true;
   }
   return msg;
 }

@@ -131,6 +131,12 @@ Result<Received> FrontendSession::recv_reply(Request req, std::string_view what)
     return std::unexpected(step_error(what, msg.error()));
   }
   (void)req;
+  if (msg->fds_truncated) {
+    healthy_ = false;
+    return fail(Errc::too_many, fmt::format("{}: the back-end's reply came with more than {} fds; "
+                                            "all were closed",
+                                            what, kMaxFds));
+  }
   return msg;
 }
 

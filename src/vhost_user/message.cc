@@ -483,7 +483,19 @@ Result<FrontendMessage> decode(const Header& header, std::span<const std::uint8_
   return decode_request(req, c, payload, fds);
 }
 
+namespace {
+Error truncated_fds(std::string_view what) {
+  return Error{Errc::too_many, 0,
+               fmt::format("{} came with more than {} fds (control message truncated); all were "
+                           "closed",
+                           what, kMaxFds)};
+}
+}  // namespace
+
 Result<FrontendMessage> decode(Received&& msg) {
+  if (msg.fds_truncated) {
+    return std::unexpected(truncated_fds(to_string(static_cast<Request>(msg.header.request))));
+  }
   return decode(msg.header, msg.payload(), std::move(msg.fds));
 }
 
@@ -496,6 +508,10 @@ Result<BackendMessage> decode_backend(const Header& header, std::span<const std:
 }
 
 Result<BackendMessage> decode_backend(Received&& msg) {
+  if (msg.fds_truncated) {
+    return std::unexpected(
+        truncated_fds(to_string(static_cast<BackendRequest>(msg.header.request))));
+  }
   return decode_backend(msg.header, msg.payload(), std::move(msg.fds));
 }
 

@@ -47,12 +47,12 @@ Outcome any(Answer a) { return std::string(to_string(a)); }
 
 Result<> up(RawPeer& p) { return p.handshake(); }
 
-// More than 8 fds: the channel closes them all and consumes the message without handing the
-// session its header, so no ack comes (a documented choice, channel.h); what must hold is that
-// nothing was accepted and the session still serves.
+// More than 8 fds: the channel closes them all and the session refuses the message; since the
+// header survives, a NEED_REPLY gets its failure ack. Then the session still serves.
 Outcome too_many_fds(RawPeer& p, Answer a) {
   if (a == Answer::ack) return fail(Errc::invalid_argument, "accepted");
   if (a == Answer::closed) return std::string("closed");
+  if (a != Answer::nack) return fail(Errc::invalid_argument, fmt::format("{}, not refused", to_string(a)));
   auto f = p.get_u64(Request::get_features);
   if (!f) return fail(Errc::broken, "session no longer answers: " + f.error().message());
   return fmt::format("{}, serves on", to_string(a));

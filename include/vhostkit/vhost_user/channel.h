@@ -11,8 +11,10 @@
 //     resynchronised, drop the connection.
 //   - a size field over kMaxPayloadSize -> Errc::broken, for the same reason.
 //   - the peer closed -> Errc::disconnected (mid-message or between messages).
-//   - more than 8 fds, or a truncated control message (MSG_CTRUNC) -> Errc::too_many. Every fd
-//     that did arrive is closed. The payload is still consumed so the stream stays in sync.
+//   - more than 8 fds, or a truncated control message (MSG_CTRUNC) -> the message is returned
+//     with fds_truncated set and no fds: every fd that did arrive is closed, the payload is
+//     consumed so the stream stays in sync, and decode() refuses it (Errc::too_many) knowing its
+//     header, so the session can still answer a NEED_REPLY.
 // Channel is not thread-safe; one session owns it.
 #pragma once
 

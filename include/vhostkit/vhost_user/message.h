@@ -272,6 +272,10 @@ struct Received {
   Header header;
   std::array<std::uint8_t, kMaxPayloadSize> payload_buf{};
   FdList fds;
+  // More fds came than kMaxFds (or the control message was truncated): every one that arrived
+  // was closed, `fds` is empty, and decode refuses the message (Errc::too_many) with its header
+  // known, so a NEED_REPLY request can still be answered.
+  bool fds_truncated = false;
 
   std::span<const std::uint8_t> payload() const noexcept {
     return {payload_buf.data(), header.size <= kMaxPayloadSize ? header.size : 0};
