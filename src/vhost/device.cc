@@ -107,7 +107,8 @@ struct Device::Impl {
     return any_ring(op, index);
   }
 
-  // The ring, owner or not (notification fds: see set_vring_call).
+  // The ring, owner or not (notification fds, stopping a ring: see set_vring_call and
+  // get_vring_base).
   Result<Queue*> any_ring(std::string_view op, std::uint32_t index) {
     if (index >= queues.size()) {
       return fail(Errc::out_of_range,
@@ -631,8 +632,11 @@ Result<> Device::set_vring_base(std::uint32_t index, std::uint32_t base) {
   return {};
 }
 
+// Stopping a ring (GET_VRING_BASE, SET_VRING_ENABLE 0) is answered before SET_OWNER too: no ring
+// can run without an owner, so it only reports the base of a stopped ring. DPDK's virtio-user
+// resets the device (stops every ring) first thing when it reconnects to a new back-end.
 Result<std::uint32_t> Device::get_vring_base(std::uint32_t index) {
-  auto qr = impl_->ring("GET_VRING_BASE", index);
+  auto qr = impl_->any_ring("GET_VRING_BASE", index);
   if (!qr) return std::unexpected(qr.error());
   Queue& q = **qr;
   impl_->stop_ring(q);
@@ -689,7 +693,7 @@ Result<> Device::set_vring_err(std::uint32_t index, UniqueFd fd) {
 
 Result<> Device::set_vring_enable(std::uint32_t index, bool enable) {
   Impl& d = *impl_;
-  auto qr = d.ring("SET_VRING_ENABLE", index);
+  auto qr = enable ? d.ring("SET_VRING_ENABLE", index) : d.any_ring("SET_VRING_ENABLE", index);
   if (!qr) return std::unexpected(qr.error());
   Queue& q = **qr;
   q.enabled = enable;

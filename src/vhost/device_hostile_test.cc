@@ -149,7 +149,19 @@ TEST(HostileOwner, VringOpsBeforeSetOwner) {
   check(dev.set_vring_base(0, 0));
   check(dev.set_vring_kick(0, testing::make_eventfd()));
   check(dev.set_vring_enable(0, true));
-  EXPECT_FALSE(dev.get_vring_base(0).has_value());
+}
+// Stopping a ring needs no owner: no ring runs without one, so it reports a stopped ring's base.
+TEST(HostileOwner, StoppingRingsBeforeSetOwner) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  EXPECT_TRUE(dev.set_vring_enable(0, false).has_value());
+  auto base = dev.get_vring_base(0);
+  ASSERT_TRUE(base.has_value());
+  EXPECT_EQ(*base, 0u);
+  EXPECT_FALSE(dev.get_vring_base(99).has_value());
+  EXPECT_FALSE(dev.set_vring_enable(99, false).has_value());
+  EXPECT_FALSE(dev.has_owner());
+  EXPECT_FALSE(dev.queue(0).started());
 }
 // Call and err fds are notification fds only: taken before SET_OWNER (a reconnecting DPDK
 // virtio-user sends them first), still range-checked, and closed by reset().

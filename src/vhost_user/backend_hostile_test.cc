@@ -458,7 +458,7 @@ const RingCase kBeforeOwner[] = {
     {"SetVringAddr", [](Hostile& h) { h.expect_refused(addr_for(h, 0)); }},
     {"SetVringBase", [](Hostile& h) { h.expect_refused(SetVringBase{0, 0}); }},
     {"SetVringKick", [](Hostile& h) { h.expect_refused(kick_for(0)); }},
-    {"SetVringEnable", [](Hostile& h) { h.expect_refused(SetVringEnable{0, 1}); }},
+    {"SetVringEnableOn", [](Hostile& h) { h.expect_refused(SetVringEnable{0, 1}); }},
     {"SetLogFd",
      [](Hostile& h) {
        SetLogFd m;
@@ -482,9 +482,9 @@ const RingCase kBeforeOwner[] = {
      }},
     {"SetStatus", [](Hostile& h) { h.expect_refused(SetStatus{1}); }},
     {"SendRarp", [](Hostile& h) { h.expect_refused(SendRarp{}); }},
-    {"GetVringBase",
+    {"GetVringBaseOutOfRange",
      [](Hostile& h) {
-       ASSERT_TRUE(h.fe->channel().send_message(GetVringBase{0, 0}));
+       ASSERT_TRUE(h.fe->channel().send_message(GetVringBase{77, 0}));
        h.last = h.session->serve_one();
        EXPECT_NE(h.ack(Request::get_vring_base), 0u);
      }},
@@ -510,11 +510,18 @@ TEST(BackendHostile, SetFeaturesWithoutSetOwnerStartsTheSession) {
   });
 }
 
-// DPDK's virtio-user reconnecting to a restarted back-end: SET_VRING_CALL for the rings first,
-// then SET_FEATURES, no SET_OWNER. The call fds are taken (acked 0), not refused.
-TEST(BackendHostile, CallFdsBeforeSetOwnerAreTaken) {
+// DPDK's virtio-user reconnecting to a restarted back-end, with no SET_OWNER: it stops every ring
+// (SET_VRING_ENABLE 0, GET_VRING_BASE), hands over the call fds, then SET_FEATURES. All of it is
+// answered as for a fresh device; a ring still cannot be turned on before the session starts.
+TEST(BackendHostile, DpdkReconnectOrderBeforeSetOwner) {
   hostile([](Hostile& h) {
     ASSERT_NO_FATAL_FAILURE(h.protocol_only());
+    for (std::uint32_t i = 0; i < h.device.num_queues(); ++i) {
+      EXPECT_TRUE(h.fe->ok(SetVringEnable{i, 0})) << "ring " << i;
+      ASSERT_TRUE(h.fe->channel().send_message(GetVringBase{i, 0}));
+      h.last = h.session->serve_one();
+      EXPECT_EQ(h.ack(Request::get_vring_base), i);  // the state {index i, base 0} as a u64
+    }
     for (std::uint32_t i = 0; i < h.device.num_queues(); ++i) {
       SetVringCall c;
       c.index = i;
