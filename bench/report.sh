@@ -3,7 +3,7 @@
 # bench/run.sh calls it at the end of a run; run it by hand to regenerate the report after
 # editing bench/cycles.md or rerunning bench/blk.sh, without measuring again.
 #
-#   bench/report.sh [CSV]     default: bench/results/latest.csv
+#   bench/report.sh [CSV]     default: the newest bench/results/run-<UTC>.csv (= latest.csv)
 #
 # The CSV's meta rows (written by run.sh) give the load, durations, CPUs and failed steps.
 set -uo pipefail
@@ -13,7 +13,9 @@ root=$(cd "$here/.." && pwd)
 case ${1:-} in
   -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
-csv_path=${1:-$root/bench/results/latest.csv}
+newest_run() { compgen -G "$root/bench/results/run-*.csv" | sort | tail -1; }
+csv_path=${1:-$(newest_run)}
+[[ -n $csv_path ]] || { echo "report.sh: no bench/results/run-*.csv yet (run bench/run.sh)" >&2; exit 2; }
 [[ -f $csv_path ]] || { echo "report.sh: no such CSV: $csv_path" >&2; exit 2; }
 head -1 "$csv_path" | grep -q '^utc,section,config,' ||
   { echo "report.sh: $csv_path is not a bench/run.sh CSV" >&2; exit 2; }
