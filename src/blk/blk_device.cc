@@ -119,7 +119,7 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
   d->offered_ = bit(virtio::feature::version_1) | bit(virtio::feature::ring_event_idx) |
                 bit(virtio::feature::ring_indirect_desc) | bit(bf::seg_max) |
                 bit(bf::blk_size) | bit(bf::flush) | bit(bf::mq) | bit(bf::discard) |
-                bit(bf::write_zeroes);
+                bit(bf::write_zeroes) | bit(bf::size_max);
   if (o.read_only) d->offered_ |= bit(bf::ro);
 
   d->backing_ = std::make_unique<Backing>();
@@ -149,6 +149,7 @@ Result<> BlkDevice::read_config(std::uint32_t offset, std::span<std::uint8_t> ou
   virtio::VirtioBlkConfig c{};
   c.capacity = capacity_;
   c.seg_max = kSegMax;
+  c.size_max = kMaxTransfer;
   c.blk_size = opts_.blk_size;
   c.num_queues = opts_.num_queues;
   const std::uint32_t sectors_per_block = opts_.blk_size / virtio::kBlkSectorSize;

@@ -70,13 +70,14 @@ TEST(BlkDevice, FeaturesAndConfig) {
   }
   EXPECT_TRUE(virtio::has(f, virtio::feature::version_1));
   EXPECT_FALSE(virtio::has(f, bf::ro));
-  EXPECT_FALSE(virtio::has(f, bf::size_max));
+  EXPECT_TRUE(virtio::has(f, bf::size_max));
   EXPECT_EQ(blk->num_queues(), 2);
   virtio::VirtioBlkConfig c{};
   ASSERT_TRUE(blk->read_config(0, {reinterpret_cast<std::uint8_t*>(&c), sizeof c}).has_value());
   EXPECT_EQ(c.capacity, kImage / 512);
   EXPECT_EQ(c.blk_size, 512u);
   EXPECT_EQ(c.seg_max, BlkDevice::kSegMax);
+  EXPECT_EQ(c.size_max, BlkDevice::kMaxTransfer);
   EXPECT_EQ(c.num_queues, 2);
   EXPECT_EQ(c.max_discard_seg, 1u);
   EXPECT_GT(c.max_write_zeroes_sectors, 0u);

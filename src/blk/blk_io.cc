@@ -31,8 +31,7 @@ using virtio::kBlkSectorSize;
 
 // Chains popped per handle_queue call: one submit per batch.
 constexpr unsigned kBatch = 32;
-// The most one readv/writev moves (Linux's MAX_RW_COUNT); a bigger request would come back short.
-constexpr std::uint64_t kMaxTransfer = 0x7ffff000;
+constexpr std::uint64_t kMaxTransfer = BlkDevice::kMaxTransfer;
 
 // Copies the first out.size() bytes of `v` into out (guest memory read once). False if short.
 bool gather(std::span<const iovec> v, std::uint8_t* out, std::size_t len, std::size_t skip = 0) {

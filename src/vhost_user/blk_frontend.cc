@@ -91,6 +91,13 @@ Result<BlkInfo> BlkFrontend::parse_config(std::span<const std::uint8_t> c, std::
   if (virtio::has(features, bf::seg_max)) {
     info.seg_max = load<std::uint32_t>(c, offsetof(VirtioBlkConfig, seg_max));
   }
+  if (virtio::has(features, bf::size_max)) {
+    info.size_max = load<std::uint32_t>(c, offsetof(VirtioBlkConfig, size_max));
+    if (info.size_max < 512) {
+      return fail(Errc::broken, fmt::format("config: size_max {} is less than a sector",
+                                            info.size_max));
+    }
+  }
   if (virtio::has(features, bf::mq)) {
     info.num_queues = load<std::uint16_t>(c, offsetof(VirtioBlkConfig, num_queues));
     if (info.num_queues == 0) return fail(Errc::broken, "config: num_queues is 0");
@@ -122,6 +129,12 @@ Result<std::unique_ptr<BlkFrontend>> BlkFrontend::connect(BlkFrontendOptions opt
   if (info->num_queues < queues) {
     return fail(Errc::unsupported, fmt::format("config: the device has {} request queues, {} "
                                                "wanted", info->num_queues, queues));
+  }
+  // Each request's data is one segment.
+  if (info->size_max != 0 && max_data > info->size_max) {
+    return fail(Errc::unsupported, fmt::format("config: the device takes data segments of at most "
+                                               "{} bytes (size_max), {} wanted",
+                                               info->size_max, max_data));
   }
   f->info_ = *info;
   return f;

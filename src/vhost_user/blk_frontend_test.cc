@@ -14,8 +14,10 @@ namespace bf = virtio::blk_feature;
 using virtio::bit;
 
 std::vector<std::uint8_t> config(std::uint64_t capacity, std::uint32_t blk_size = 512,
-                                 std::uint16_t num_queues = 1, std::uint32_t seg_max = 126) {
+                                 std::uint16_t num_queues = 1, std::uint32_t seg_max = 126,
+                                 std::uint32_t size_max = 1u << 20) {
   virtio::VirtioBlkConfig c{};
+  c.size_max = size_max;
   c.capacity = capacity;
   c.blk_size = blk_size;
   c.num_queues = num_queues;
@@ -25,7 +27,8 @@ std::vector<std::uint8_t> config(std::uint64_t capacity, std::uint32_t blk_size 
   return out;
 }
 
-constexpr std::uint64_t kAll = bit(bf::blk_size) | bit(bf::seg_max) | bit(bf::mq) | bit(bf::flush);
+constexpr std::uint64_t kAll =
+    bit(bf::blk_size) | bit(bf::seg_max) | bit(bf::mq) | bit(bf::flush) | bit(bf::size_max);
 
 BlkFrontendOptions opts() {
   BlkFrontendOptions o;
@@ -40,6 +43,7 @@ TEST(BlkFrontendConfig, ReadsWhatTheFeaturesAllow) {
   EXPECT_EQ(i->blk_size, 4096u);
   EXPECT_EQ(i->num_queues, 4u);
   EXPECT_EQ(i->seg_max, 126u);
+  EXPECT_EQ(i->size_max, 1u << 20);
   EXPECT_TRUE(i->flush);
   EXPECT_FALSE(i->read_only);
 }
@@ -51,8 +55,15 @@ TEST(BlkFrontendConfig, FieldsOfUnackedFeaturesAreIgnored) {
   EXPECT_EQ(i->blk_size, 512u);
   EXPECT_EQ(i->num_queues, 1u);
   EXPECT_EQ(i->seg_max, 0u);
+  EXPECT_EQ(i->size_max, 0u);
   EXPECT_TRUE(i->read_only);
   EXPECT_FALSE(i->flush);
+}
+
+TEST(BlkFrontendConfig, SizeMaxBelowASectorIsRefused) {
+  auto i = BlkFrontend::parse_config(config(8, 512, 1, 126, 511), kAll);
+  ASSERT_FALSE(i);
+  EXPECT_NE(i.error().detail.find("size_max 511"), std::string::npos) << i.error().detail;
 }
 
 TEST(BlkFrontendConfig, ZeroCapacityIsRefused) {

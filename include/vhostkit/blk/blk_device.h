@@ -69,6 +69,9 @@ class BlkDevice final : public vhost::DeviceBackend {
   static constexpr std::uint32_t kSegMax = 126;
   // Requests in flight per queue (io_uring SQ depth).
   static constexpr std::uint32_t kMaxInflight = 128;
+  // The most one request moves, and so the largest segment (config size_max): what one
+  // readv/writev transfers (Linux's MAX_RW_COUNT); a bigger request would come back short.
+  static constexpr std::uint32_t kMaxTransfer = 0x7ffff000;
   // DISCARD / WRITE_ZEROES limits (config space): one segment of at most this many sectors.
   static constexpr std::uint32_t kMaxDiscardSectors = 1u << 22;   // 2 GiB
 

@@ -69,7 +69,8 @@ inline constexpr std::uint64_t kFrontendDrivableFeatures =
 inline constexpr std::uint64_t kFrontendBlkFeatures =
     virtio::bit(virtio::feature::version_1) | virtio::bit(virtio::feature::ring_event_idx) |
     virtio::bit(virtio::blk_feature::seg_max) | virtio::bit(virtio::blk_feature::blk_size) |
-    virtio::bit(virtio::blk_feature::ro) | virtio::bit(virtio::blk_feature::flush);
+    virtio::bit(virtio::blk_feature::ro) | virtio::bit(virtio::blk_feature::flush) |
+    virtio::bit(virtio::blk_feature::size_max);
 inline constexpr std::uint64_t kFrontendBlkDrivableFeatures =
     kFrontendBlkFeatures | virtio::bit(virtio::blk_feature::mq) |
     virtio::bit(virtio::feature::protocol_features);

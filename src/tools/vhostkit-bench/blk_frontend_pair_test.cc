@@ -94,6 +94,7 @@ TEST(BlkFrontendPair, ReadsGeometryFromConfigSpace) {
   EXPECT_EQ(f->info().blk_size, 512u);
   EXPECT_EQ(f->info().num_queues, 2u);
   EXPECT_EQ(f->info().seg_max, blk::BlkDevice::kSegMax);
+  EXPECT_EQ(f->info().size_max, blk::BlkDevice::kMaxTransfer);
   EXPECT_TRUE(f->info().flush);
   EXPECT_FALSE(f->info().read_only);
   EXPECT_EQ(f->num_queues(), 2u);
