@@ -31,7 +31,6 @@ using virtio::kBlkSectorSize;
 
 // Chains popped per handle_queue call: one submit per batch.
 constexpr unsigned kBatch = 32;
-constexpr std::uint64_t kMaxTransfer = BlkDevice::kMaxTransfer;
 
 // Copies the first out.size() bytes of `v` into out (guest memory read once). False if short.
 bool gather(std::span<const iovec> v, std::uint8_t* out, std::size_t len, std::size_t skip = 0) {
