@@ -21,6 +21,8 @@
 #                                                   -> VK-RESULT tcp-rx ok|fail bytes=N sha256=H
 #       blk-read   sha256 of the first vk.mb MiB of /dev/vda (whole disk if vk.mb=0)
 #       blk-write  write vk.mb MiB of random data to /dev/vda, read it back, compare
+#       blk-discard  discard the 1 MiB of /dev/vda after the first vk.mb MiB (blkdiscard)
+#                                                   -> VK-RESULT blk-discard ok|fail offset=N bytes=M
 #       idle     stay up until killed (vk.idle=SECONDS to bound it)
 #       shell    interactive busybox shell on the console
 #   vk.peer_mac=02:00:00:00:00:01   static neighbour entry for vk.peer (for reflectors that
@@ -260,6 +262,16 @@ sc_blk_write() {
   rm -f /tmp/blk
 }
 
+sc_blk_discard() {
+  [ -b /dev/vda ] || { result blk-discard fail no-/dev/vda; return; }
+  off=$((MB * 1048576))
+  if blkdiscard -o "$off" -l 1048576 /dev/vda 2>/tmp/discard.err; then
+    result blk-discard ok offset=$off bytes=1048576
+  else
+    result blk-discard fail offset=$off error=$(head -1 /tmp/discard.err | tr ' ' '_')
+  fi
+}
+
 need_net() { [ "$NET_OK" = 1 ] || { result "$1" fail no-network; return 1; }; }
 
 NET_OK=0
@@ -275,6 +287,7 @@ for c in $(echo "$CMDS" | tr ',' ' '); do
     tcp-rx) need_net tcp-rx && sc_tcp_rx ;;
     blk-read) sc_blk_read ;;
     blk-write) sc_blk_write ;;
+    blk-discard) sc_blk_discard ;;
     idle)
       echo "VK-IDLE"
       if [ "$IDLE" -gt 0 ]; then sleep "$IDLE"; else while :; do sleep 3600; done; fi ;;

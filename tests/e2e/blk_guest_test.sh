@@ -2,7 +2,8 @@
 # vhostkit-blk serving a raw image to a QEMU guest (vhost-user-blk-pci, 2 queues). The host fills
 # the image with a known pattern; the guest reads it back from /dev/vda (sha256 equal), writes
 # random data and reads it back, and the host finds the guest's data in the image file (sha256
-# equal), once on the io_uring path and once with --io=inline. Then the same image served
+# equal), then discards the next MiB (the host reads zeros there; FLUSH and DISCARD are counted),
+# once on the io_uring path and once with --io=inline. Then the same image served
 # --read-only: the guest's write fails and the image is unchanged. On SIGTERM vhostkit-blk exits 0
 # and removes its socket.
 set -uo pipefail
@@ -57,9 +58,23 @@ blk_pid=$VK_NET_PID
 vk_net_wait_listening "$sock" 10 || { cat "$blog"; vk_fail "no listening socket $sock"; }
 vk_pass "listening"
 
-vk_check "the guest reads the host's pattern from /dev/vda, then writes $MIB MiB and reads it back"
+# discarded_ok TAG LOG: the guest's blk-discard succeeded and the host reads zeros there, while
+# the sector just after still holds the pattern.
+discarded_ok() {
+  local res off zeros after
+  res=$(vk_guest_result "$2" blk-discard) || { vk_qemu_dump "$2"; vk_fail "$1: no blk-discard result"; }
+  [[ $res == ok* ]] || { vk_qemu_dump "$2"; vk_fail "$1: blk-discard: $res"; }
+  off=$((MIB * 1048576))
+  zeros=$(dd if="$img" bs=1048576 skip="$MIB" count=1 2>/dev/null | tr -d '\0' | wc -c)
+  ((zeros == 0)) || vk_fail "$1: $zeros non-zero bytes in the discarded MiB at $off"
+  after=$(dd if="$img" bs=512 skip=$(((off + 1048576) / 512)) count=1 2>/dev/null | head -c 24)
+  [[ $after == "vhostkit sector $(printf %08d $(((off + 1048576) / 512)))"* ]] ||
+    vk_fail "$1: the sector after the discarded range changed ('$after')"
+}
+
+vk_check "the guest reads the host's pattern from /dev/vda, writes $MIB MiB and reads it back, then discards the next MiB"
 log=$VK_TMP/console.log
-boot "$log" "vk.cmd=blk-read,blk-write vk.mb=$MIB"
+boot "$log" "vk.cmd=blk-read,blk-write,blk-discard vk.mb=$MIB"
 res=$(vk_guest_result "$log" blk-read) || { vk_qemu_dump "$log"; vk_fail "no blk-read result"; }
 [[ $res == ok* ]] || { vk_qemu_dump "$log"; vk_fail "blk-read: $res"; }
 gsum=$(vk_guest_field "$log" blk-read sha256)
@@ -71,26 +86,35 @@ wsum=$(vk_guest_field "$log" blk-write sha256)
 hsum=$(dd if="$img" bs=1048576 count="$MIB" 2>/dev/null | sha256sum | cut -d' ' -f1)
 [[ $wsum == "$hsum" ]] || vk_fail "guest wrote sha256 $wsum, the image file has $hsum"
 vk_pass "blk-write sha256 $wsum is in the image file"
+discarded_ok uring "$log"
+vk_pass "blk-discard: the host reads zeros in the discarded MiB, the pattern right after it"
 
-vk_check "vhostkit-blk saw the guest go, counted no I/O errors, and exits 0 on SIGTERM"
+vk_check "vhostkit-blk counted FLUSH and DISCARD requests and no I/O errors, saw the guest go, and exits 0 on SIGTERM"
 vk_net_wait_log "$blog" 'front-end disconnected' 10 || { cat "$blog"; vk_fail "no disconnect logged"; }
 sleep 1.2
 grep -E '^q[01] ' "$blog" | awk '$3 > 0 || $9 > 0' | head -4 | sed 's/^/    /'
 grep -qE '^q[01] .*ioerr [1-9]' "$blog" && { grep -E '^q[01] ' "$blog"; vk_fail "I/O errors counted"; }
+# dd conv=fsync in the guest flushes its write cache: FLUSH requests must have reached us.
+flushes=$(grep -oE '^q[01] .* flush [0-9]+' "$blog" | awk '{ n += $NF } END { print n + 0 }')
+((flushes > 0)) || { grep -E '^q[01] ' "$blog"; vk_fail "no FLUSH request counted"; }
+discards=$(grep -oE '^q[01] .* discard [0-9]+' "$blog" | awk '{ n += $NF } END { print n + 0 }')
+((discards > 0)) || { grep -E '^q[01] ' "$blog"; vk_fail "no DISCARD request counted"; }
 vk_net_stop "$blk_pid"; rc=$?
 ((rc == 0)) || { cat "$blog"; vk_fail "exit status $rc"; }
 [[ ! -e $sock ]] || vk_fail "socket $sock left behind"
-vk_pass "exit 0, socket removed"
+vk_pass "$flushes flush(es), $discards discard(s); exit 0, socket removed"
 
 vk_check "--io=inline (the path --io=auto takes for an image in tmpfs): the guest reads the image and writes it again"
 cur_sum=$(dd if="$img" bs=1048576 count="$MIB" 2>/dev/null | sha256sum | cut -d' ' -f1)
+# The MiB discarded above gets non-zero bytes again, for this phase's discard.
+head -c 1048576 /dev/urandom | dd of="$img" bs=1048576 seek="$MIB" conv=notrunc 2>/dev/null
 blog=$VK_TMP/vhostkit-blk-inline.log
 vk_net_start "$blog" -- --socket-path="$sock" --image="$img" --queues=2 --io=inline
 blk_pid=$VK_NET_PID
 vk_net_wait_listening "$sock" 10 || { cat "$blog"; vk_fail "no listening socket $sock"; }
 grep -q 'I/O inline' "$blog" || { cat "$blog"; vk_fail "the start-up line does not say 'I/O inline'"; }
 log=$VK_TMP/console-inline.log
-boot "$log" "vk.cmd=blk-read,blk-write vk.mb=$MIB"
+boot "$log" "vk.cmd=blk-read,blk-write,blk-discard vk.mb=$MIB"
 res=$(vk_guest_result "$log" blk-read) || { vk_qemu_dump "$log"; vk_fail "no blk-read result"; }
 [[ $res == ok* ]] || { vk_qemu_dump "$log"; vk_fail "inline blk-read: $res"; }
 gsum=$(vk_guest_field "$log" blk-read sha256)
@@ -101,9 +125,10 @@ wsum=$(vk_guest_field "$log" blk-write sha256)
 hsum=$(dd if="$img" bs=1048576 count="$MIB" 2>/dev/null | sha256sum | cut -d' ' -f1)
 [[ $wsum == "$hsum" ]] || vk_fail "inline: guest wrote sha256 $wsum, the image file has $hsum"
 [[ $wsum != "$cur_sum" ]] || vk_fail "inline: the guest's write did not change the image"
+discarded_ok inline "$log"
 vk_net_stop "$blk_pid"; rc=$?
 ((rc == 0)) || { cat "$blog"; vk_fail "exit status $rc"; }
-vk_pass "read sha256 equals the image's; written sha256 $wsum is in the image file"
+vk_pass "read sha256 equals the image's; written sha256 $wsum is in the image file; the discarded MiB reads as zeros"
 
 vk_check "--read-only: the guest's write fails and the image is unchanged"
 before=$(sha256sum "$img" | cut -d' ' -f1)
