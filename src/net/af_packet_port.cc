@@ -348,6 +348,14 @@ std::expected<std::size_t, Errc> AfPacketPort::recv(std::uint16_t qp,
   // the socket queue instead. Either way the guest never gets part of a frame.
   if (snap < h->tp_len || (status & TP_STATUS_COPY) != 0 || mac > fs || snap > fs - mac ||
       snap < kMacAddrsLen) {
+    if (snap < h->tp_len && !oversize_warned_.exchange(true, std::memory_order_relaxed)) {
+      // Once per port: the usual cause is offloads, and nothing else would say so.
+      spdlog::warn("af-packet {}: a {}-byte frame does not fit the ring's {}-byte slots and is "
+                   "dropped (counted as truncated rx). Frames beyond the MTU are GSO/GRO "
+                   "super-frames: turn off GRO here and TSO/GSO on the sender, e.g. "
+                   "`ethtool -K {} gro off` and `ethtool -K PEER tso off gso off`",
+                   ifname_, h->tp_len, fs - mac, ifname_);
+    }
     give_back();
     p.counters.rx_truncated();
     return std::unexpected(Errc::too_many);

@@ -5,8 +5,9 @@
 # ends).
 # Offloads: by default veth-b's TSO/GSO are turned off, so the host sends MTU-sized frames. With
 # them on (VK_AFP_GSO=1) the port receives 64 KiB GSO super-frames that no MTU-sized guest
-# buffer takes: vhostkit-net counts them as rx drops and host -> guest TCP stalls (AfPacketPort
-# does not use PACKET_VNET_HDR / segment; reported, not fixed here).
+# buffer takes: vhostkit-net counts them as rx drops, logs once which offloads to turn off, and
+# host -> guest TCP stalls (AfPacketPort does not use PACKET_VNET_HDR / segment, like DPDK's
+# af_packet PMD).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/qemu.sh"

@@ -7,6 +7,7 @@
 
 #include <sys/uio.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -93,6 +94,7 @@ class AfPacketPort final : public Port {
   unsigned mtu_ = 1500;
   std::size_t max_tx_frame_ = 0;
   std::unique_ptr<Pair[]> pairs_;
+  std::atomic<bool> oversize_warned_{false};  // the "frame beyond the ring's slots" log, once
 };
 
 }  // namespace vhostkit::net
