@@ -102,7 +102,8 @@ discards=$(grep -oE '^q[01] .* discard [0-9]+' "$blog" | awk '{ n += $NF } END {
 vk_net_stop "$blk_pid"; rc=$?
 ((rc == 0)) || { cat "$blog"; vk_fail "exit status $rc"; }
 [[ ! -e $sock ]] || vk_fail "socket $sock left behind"
-vk_pass "$flushes flush(es), $discards discard(s); exit 0, socket removed"
+grep -qE 'totals q0 reads [1-9][0-9]* ' "$blog" || { tail -5 "$blog"; vk_fail "no totals line with q0's reads at exit"; }
+vk_pass "$flushes flush(es), $discards discard(s); exit 0, socket removed; $(grep -oE 'totals q0 reads [0-9]+ \([0-9]+ bytes\) writes [0-9]+' "$blog")"
 
 vk_check "--io=inline (the path --io=auto takes for an image in tmpfs): the guest reads the image and writes it again"
 cur_sum=$(dd if="$img" bs=1048576 count="$MIB" 2>/dev/null | sha256sum | cut -d' ' -f1)

@@ -80,12 +80,15 @@ echo "  stats lines with traffic:"
 awk '$1 == "qp0" && ($3 > 0 || $5 > 0 || $13 > 0 || $15 > 0)' "$nlog" | sed 's/^/    /'
 vk_pass "stats sums: tx ${txm} Mpps-s ${txg} Gbit drops $txd | rx ${rxm} Mpps-s ${rxg} Gbit drops $rxd"
 
-vk_check "SIGTERM: vhostkit-net exits 0, removes its socket, its TAP disappears"
+vk_check "SIGTERM: vhostkit-net exits 0, removes its socket, its TAP disappears, logs its totals"
 vk_net_stop "$net_pid"; rc=$?
 ((rc == 0)) || { cat "$nlog"; vk_fail "exit status $rc"; }
 [[ ! -e $sock ]] || vk_fail "socket $sock left behind"
 vk_wait_for 3 bash -c "! ip netns exec '$VK_NETNS' ip link show '$TAP' >/dev/null 2>&1" ||
   vk_fail "TAP $TAP still exists after exit"
-vk_pass "exit 0, clean"
+# The exit summary counts what the guest sent and received (ping requests and replies at least).
+totals=$(grep -oE 'totals qp0 tx [0-9]+ frames .*' "$nlog")
+[[ $totals =~ tx\ [1-9][0-9]*\ frames.*rx\ [1-9][0-9]*\ frames ]] || { tail -5 "$nlog"; vk_fail "no exit totals with frames both ways: '$totals'"; }
+vk_pass "exit 0, clean; $totals"
 
 echo "net_tap_ping_test: all checks passed in $(awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}') s"

@@ -123,5 +123,13 @@ int main(int argc, char** argv) {
   }
   const int rc = prog.serve(device, std::move(sopts));
   stats.reset();
+  // What this process served, for whoever reads the log after it is gone.
+  for (std::uint16_t q = 0; q < dev.num_queues(); ++q) {
+    const blk::BlkStats t = dev.stats(q);
+    spdlog::info("vhostkit-blk: totals q{} reads {} ({} bytes) writes {} ({} bytes) flushes {} "
+                 "discards {} get_ids {} | ioerr {} bad {}",
+                 q, t.reads, t.bytes_read, t.writes, t.bytes_written, t.flushes, t.discards,
+                 t.get_ids, t.io_errors, t.bad_requests + t.no_status);
+  }
   return rc;
 }

@@ -133,5 +133,9 @@ int main(int argc, char** argv) {
   }
   const int rc = prog.serve(device, std::move(sopts));
   stats.reset();
+  // What this process moved, for whoever reads the log after it is gone.
+  for (std::uint16_t qp = 0; qp < dev.queue_pairs(); ++qp) {
+    spdlog::info("vhostkit-net: totals {}", cli::format_pair_totals(qp, dev.stats(qp)));
+  }
   return rc;
 }

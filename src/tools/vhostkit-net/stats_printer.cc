@@ -18,6 +18,13 @@ std::string format_pair_line(std::uint16_t qp, const net::NetStats& a, const net
       b.rx_errors - a.rx_errors);
 }
 
+std::string format_pair_totals(std::uint16_t qp, const net::NetStats& t) {
+  return fmt::format("qp{} tx {} frames {} bytes drops {} err {} | rx {} frames {} bytes drops {} "
+                     "err {}",
+                     qp, t.tx_frames, t.tx_bytes, t.tx_drops, t.tx_errors, t.rx_frames,
+                     t.rx_bytes, t.rx_drops, t.rx_errors);
+}
+
 StatsPrinter::StatsPrinter(const net::NetDevice& dev, std::chrono::milliseconds interval,
                            std::function<void(const std::string&)> emit)
     : dev_(dev), emit_(std::move(emit)), prev_(init(dev)), ticker_(interval, [this](double s) {

@@ -17,6 +17,9 @@ namespace vhostkit::cli {
 std::string format_pair_line(std::uint16_t qp, const net::NetStats& prev, const net::NetStats& now,
                              double seconds);
 
+// Formats one queue pair's totals since start: frames, bytes, drops, errors, both directions.
+std::string format_pair_totals(std::uint16_t qp, const net::NetStats& total);
+
 class StatsPrinter {
  public:
   // Prints through `emit` every `interval` until destroyed.
