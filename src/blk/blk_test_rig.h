@@ -1,6 +1,6 @@
 // Test rig for the blk device tests: a guest driver (virtq::DriverQueue per request queue) on
 // memfd memory that a vhost::Device maps through set_mem_table, as a vhost-user frontend would,
-// with real kick/call eventfds; and a temporary image file.
+// with real kick/call eventfds (vhost::testing::GuestRings); and a temporary image file.
 //
 // Each queue owns ring_size request slots of kSlot bytes: header at +0, status at +kStatusOff,
 // data from +kDataOff. The slot index is the chain's token.
@@ -8,9 +8,6 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
-#include <poll.h>
-#include <sys/eventfd.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -21,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "../vhost/guest_rig.h"
 #include "vhostkit/blk/blk_device.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/blk.h"
@@ -38,15 +36,9 @@ inline constexpr std::uint64_t kFeatures =
     bit(virtio::feature::version_1) | bit(virtio::feature::ring_event_idx) | bit(bf::seg_max) |
     bit(bf::blk_size) | bit(bf::flush) | bit(bf::mq) | bit(bf::discard) | bit(bf::write_zeroes);
 
-inline UniqueFd make_eventfd() { return UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }
-inline UniqueFd dup_fd(int fd) { return UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
-
-inline bool wait_fd(int fd, int timeout_ms) {
-  pollfd p{fd, POLLIN, 0};
-  if (::poll(&p, 1, timeout_ms) != 1) return false;
-  std::uint64_t v;
-  return ::read(fd, &v, sizeof v) == sizeof v;
-}
+using vhost::testing::dup_fd;
+using vhost::testing::make_eventfd;
+using vhost::testing::wait_fd;
 
 // A temporary image of `bytes` bytes filled with a known pattern, removed on destruction.
 class TempImage {
@@ -74,81 +66,29 @@ class TempImage {
   std::string path_;
 };
 
-class BlkGuest {
+// The guest: memfd memory, one DriverQueue per request queue (vhost::testing::GuestRings), and
+// the request slots.
+class BlkGuest : public vhost::testing::GuestRings {
  public:
-  static constexpr std::uint64_t kRingStride = 0x40000;
   static constexpr std::uint64_t kDataGpa = 0x400000;
   static constexpr std::size_t kSlot = 0x40000;  // 256 KiB per request slot
   static constexpr std::size_t kStatusOff = 64;
   static constexpr std::size_t kDataOff = 4096;
 
   BlkGuest(std::uint16_t queues, std::uint64_t features = kFeatures, std::uint16_t ring_size = 128)
-      : features_(features), size_(ring_size), queues_(queues),
-        mem_size_(kDataGpa + std::size_t{queues} * ring_size * kSlot) {
-    memfd_ = UniqueFd(::memfd_create("blk-test", MFD_CLOEXEC));
-    EXPECT_EQ(::ftruncate(memfd_.get(), static_cast<off_t>(mem_size_)), 0);
-    void* p = ::mmap(nullptr, mem_size_, PROT_READ | PROT_WRITE, MAP_SHARED, memfd_.get(), 0);
-    EXPECT_NE(p, MAP_FAILED);
-    base_ = static_cast<std::uint8_t*>(p);
-    drivers_.resize(queues);
-    kicks_.resize(queues);
-    calls_.resize(queues);
+      : GuestRings("blk-test", kDataGpa + std::size_t{queues} * ring_size * kSlot, queues,
+                   ring_size, features) {
     free_.resize(queues);
     for (std::uint16_t q = 0; q < queues; ++q) {
       for (std::uint16_t s = 0; s < ring_size; ++s) free_[q].push_back(ring_size - 1 - s);
     }
   }
-  ~BlkGuest() { ::munmap(base_, mem_size_); }
 
-  std::uint8_t* host(std::uint64_t gpa) { return base_ + gpa; }
-  std::uint64_t uva(std::uint64_t gpa) const { return reinterpret_cast<std::uint64_t>(base_) + gpa; }
   std::uint64_t slot_gpa(std::uint16_t q, std::uint16_t slot) const {
-    return kDataGpa + (std::uint64_t{q} * size_ + slot) * kSlot;
+    return kDataGpa + (std::uint64_t{q} * ring_size() + slot) * kSlot;
   }
   std::uint8_t* slot_host(std::uint16_t q, std::uint16_t slot) { return host(slot_gpa(q, slot)); }
   std::size_t free_slots(std::uint16_t q) const { return free_[q].size(); }
-
-  void bring_up(vhost::Device& dev) {
-    ASSERT_TRUE(dev.set_owner().has_value());
-    auto f = dev.set_features(features_);
-    ASSERT_TRUE(f.has_value()) << f.error().message();
-    std::vector<vhost::MemRegionFd> t;
-    t.push_back(vhost::MemRegionFd{memory::RegionSpec{0, mem_size_, uva(0), 0},
-                                   dup_fd(memfd_.get())});
-    auto m = dev.set_mem_table(std::move(t));
-    ASSERT_TRUE(m.has_value()) << m.error().message();
-    for (std::uint16_t q = 0; q < queues_; ++q) configure(dev, q);
-  }
-
-  void configure(vhost::Device& dev, std::uint16_t q) {
-    const std::uint64_t gpa = q * kRingStride;
-    auto layout = virtq::DriverRingLayout::for_size(size_);
-    auto r = drivers_[q].init(
-        std::span<std::byte>(reinterpret_cast<std::byte*>(host(gpa)), layout.total_bytes), gpa,
-        size_, features_);
-    ASSERT_TRUE(r.has_value()) << r.error().message();
-    ASSERT_TRUE(dev.set_vring_num(q, size_).has_value());
-    ASSERT_TRUE(dev.set_vring_base(q, 0).has_value());
-    vhost::VringAddr a;
-    a.desc_user_addr = uva(drivers_[q].desc_gpa());
-    a.avail_user_addr = uva(drivers_[q].avail_gpa());
-    a.used_user_addr = uva(drivers_[q].used_gpa());
-    ASSERT_TRUE(dev.set_vring_addr(q, a).has_value());
-    calls_[q] = make_eventfd();
-    ASSERT_TRUE(dev.set_vring_call(q, dup_fd(calls_[q].get())).has_value());
-    kicks_[q] = make_eventfd();
-    ASSERT_TRUE(dev.set_vring_kick(q, dup_fd(kicks_[q].get())).has_value());
-    auto e = dev.set_vring_enable(q, true);
-    ASSERT_TRUE(e.has_value()) << e.error().message();
-  }
-
-  void kick(std::uint16_t q) {
-    drivers_[q].publish();
-    if (drivers_[q].needs_kick()) {
-      const std::uint64_t one = 1;
-      [[maybe_unused]] auto r = ::write(kicks_[q].get(), &one, sizeof one);
-    }
-  }
 
   // Takes a slot for a hand-built chain (the caller lays out its buffers in it).
   std::optional<std::uint16_t> take_slot(std::uint16_t q) {
@@ -161,7 +101,7 @@ class BlkGuest {
   }
   bool add_raw(std::uint16_t q, std::uint16_t slot, std::span<const Buffer> out,
                std::span<const Buffer> in) {
-    return drivers_[q].add(out, in, slot).has_value();
+    return driver(q).add(out, in, slot).has_value();
   }
 
   void write_hdr(std::uint16_t q, std::uint16_t slot, std::uint32_t type, std::uint64_t sector) {
@@ -215,7 +155,7 @@ class BlkGuest {
   // Reclaims used entries of queue q (token -> used len); slots are freed.
   std::map<std::uint16_t, std::uint32_t> reclaim(std::uint16_t q) {
     std::map<std::uint16_t, std::uint32_t> out;
-    while (auto u = drivers_[q].get_used()) {
+    while (auto u = driver(q).get_used()) {
       out[static_cast<std::uint16_t>(u->token)] = u->len;
       free_[q].push_back(static_cast<std::uint16_t>(u->token));
     }
@@ -230,7 +170,7 @@ class BlkGuest {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     while (got.size() < n && std::chrono::steady_clock::now() < deadline) {
       for (auto& [k, v] : reclaim(q)) got[k] = v;
-      if (got.size() < n) wait_fd(calls_[q].get(), 5);
+      if (got.size() < n) wait_call(q, 5);
     }
     return got;
   }
@@ -244,15 +184,6 @@ class BlkGuest {
   }
 
  private:
-  std::uint64_t features_;
-  std::uint16_t size_;
-  std::uint16_t queues_;
-  std::size_t mem_size_;
-  UniqueFd memfd_;
-  std::uint8_t* base_ = nullptr;
-  std::vector<virtq::DriverQueue> drivers_;
-  std::vector<UniqueFd> kicks_;
-  std::vector<UniqueFd> calls_;
   std::vector<std::vector<std::uint16_t>> free_;
 };
 

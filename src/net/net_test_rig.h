@@ -1,13 +1,10 @@
 // Test rig for the net device tests: a guest driver (virtq::DriverQueue per ring) on memfd
 // memory that a vhost::Device maps through set_mem_table, the way a vhost-user frontend and
-// backend would, with real kick/call eventfds; and FakePort, an in-memory host port.
+// backend would, with real kick/call eventfds (vhost::testing::GuestRings); and FakePort, an
+// in-memory host port.
 #pragma once
 
-#include <fcntl.h>
 #include <gtest/gtest.h>
-#include <poll.h>
-#include <sys/eventfd.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -19,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "../vhost/guest_rig.h"
 #include "vhostkit/net/net_device.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/features.h"
@@ -36,15 +34,9 @@ inline constexpr std::uint64_t kEventIdx = bit(virtio::feature::ring_event_idx);
 inline constexpr std::uint64_t kMrg = bit(nf::mrg_rxbuf);
 inline constexpr std::uint64_t kCtrl = bit(nf::ctrl_vq) | bit(nf::ctrl_rx);
 
-inline UniqueFd make_eventfd() { return UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }
-inline UniqueFd dup_fd(int fd) { return UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
-
-inline bool wait_fd(int fd, int timeout_ms) {
-  pollfd p{fd, POLLIN, 0};
-  if (::poll(&p, 1, timeout_ms) != 1) return false;
-  std::uint64_t v;
-  return ::read(fd, &v, sizeof v) == sizeof v;
-}
+using vhost::testing::dup_fd;
+using vhost::testing::make_eventfd;
+using vhost::testing::wait_fd;
 
 // A host port in memory: frames the device sends are collected in `sent`; frames pushed with
 // inject() are handed to recv(); rx_fd is an eventfd readable while frames wait.
@@ -152,100 +144,35 @@ inline Bytes mac_swapped(const Bytes& f) {
 }
 
 // The guest: memfd memory, one DriverQueue per device queue, slot-allocated buffers.
-class Guest {
+//
+// The tests name a pair's rings by role: rig queue 2p is pair p's transmitq, 2p+1 its
+// receiveq. The device numbers them as the spec does (2p receiveq, 2p+1 transmitq); the
+// device_index given to GuestRings is the one place the two meet. The control queue (last) is
+// the same on both sides.
+class Guest : public vhost::testing::GuestRings {
  public:
-  static constexpr std::uint64_t kRingStride = 0x40000;
   static constexpr std::uint64_t kDataGpa = 0x400000;
   static constexpr std::size_t kSlot = 0x10000;  // 64 KiB per buffer slot
 
   Guest(std::uint16_t queues, std::uint64_t features, std::uint16_t ring_size = 256)
-      : features_(features), size_(ring_size), queues_(queues),
-        mem_size_(kDataGpa + std::size_t{queues} * ring_size * kSlot) {
-    memfd_ = UniqueFd(::memfd_create("net-test", MFD_CLOEXEC));
-    EXPECT_EQ(::ftruncate(memfd_.get(), mem_size_), 0);
-    void* p = ::mmap(nullptr, mem_size_, PROT_READ | PROT_WRITE, MAP_SHARED, memfd_.get(), 0);
-    EXPECT_NE(p, MAP_FAILED);
-    base_ = static_cast<std::uint8_t*>(p);
-    drivers_.resize(queues);
-    kicks_.resize(queues);
-    calls_.resize(queues);
+      : GuestRings("net-test", kDataGpa + std::size_t{queues} * ring_size * kSlot, queues,
+                   ring_size, features,
+                   [queues](std::uint16_t q) {
+                     return q < (queues & ~1u) ? static_cast<std::uint16_t>(q ^ 1u) : q;
+                   }) {
     // Each queue owns ring_size slots (the slot index is the token).
-    slots_per_queue_ = ring_size;
     free_slots_.resize(queues);
     for (std::uint16_t q = 0; q < queues; ++q) {
       for (std::uint16_t s = 0; s < ring_size; ++s) free_slots_[q].push_back(ring_size - 1 - s);
     }
   }
-  ~Guest() { ::munmap(base_, mem_size_); }
 
   std::size_t hdr_len() const {
-    return virtio::net_hdr_size(virtio::has(features_, virtio::feature::version_1),
-                                virtio::has(features_, nf::mrg_rxbuf));
-  }
-  std::uint8_t* host(std::uint64_t gpa) { return base_ + gpa; }
-  std::uint64_t uva(std::uint64_t gpa) const {
-    return reinterpret_cast<std::uint64_t>(base_) + gpa;
+    return virtio::net_hdr_size(virtio::has(features(), virtio::feature::version_1),
+                                virtio::has(features(), nf::mrg_rxbuf));
   }
   std::uint64_t slot_gpa(std::uint16_t q, std::uint64_t slot) const {
-    return kDataGpa + (std::uint64_t{q} * slots_per_queue_ + slot) * kSlot;
-  }
-  virtq::DriverQueue& driver(std::uint16_t q) { return drivers_[q]; }
-  int call_fd(std::uint16_t q) const { return calls_[q].get(); }
-
-  void bring_up(vhost::Device& dev, bool use_kick = true) {
-    ASSERT_TRUE(dev.set_owner().has_value());
-    auto f = dev.set_features(features_);
-    ASSERT_TRUE(f.has_value()) << f.error().message();
-    std::vector<vhost::MemRegionFd> t;
-    t.push_back(vhost::MemRegionFd{memory::RegionSpec{0, mem_size_, uva(0), 0},
-                                   dup_fd(memfd_.get())});
-    auto m = dev.set_mem_table(std::move(t));
-    ASSERT_TRUE(m.has_value()) << m.error().message();
-    for (std::uint16_t q = 0; q < queues_; ++q) configure(dev, q, use_kick);
-  }
-
-  // The tests name a pair's rings by role: rig queue 2p is pair p's transmitq, 2p+1 its
-  // receiveq. The device numbers them as the spec does (2p receiveq, 2p+1 transmitq); this is
-  // the one place the two meet. The control queue (last) is the same on both sides.
-  std::uint16_t device_index(std::uint16_t q) const {
-    return q < (queues_ & ~1u) ? static_cast<std::uint16_t>(q ^ 1u) : q;
-  }
-
-  void configure(vhost::Device& dev, std::uint16_t rig_q, bool use_kick) {
-    const std::uint16_t q = rig_q;
-    const std::uint16_t dq = device_index(rig_q);
-    const std::uint64_t gpa = q * kRingStride;
-    auto layout = virtq::DriverRingLayout::for_size(size_);
-    auto r = drivers_[q].init(
-        std::span<std::byte>(reinterpret_cast<std::byte*>(host(gpa)), layout.total_bytes), gpa,
-        size_, features_);
-    ASSERT_TRUE(r.has_value()) << r.error().message();
-    ASSERT_TRUE(dev.set_vring_num(dq, size_).has_value());
-    ASSERT_TRUE(dev.set_vring_base(dq, 0).has_value());
-    vhost::VringAddr a;
-    a.desc_user_addr = uva(drivers_[q].desc_gpa());
-    a.avail_user_addr = uva(drivers_[q].avail_gpa());
-    a.used_user_addr = uva(drivers_[q].used_gpa());
-    auto ra = dev.set_vring_addr(dq, a);
-    ASSERT_TRUE(ra.has_value()) << ra.error().message();
-    calls_[q] = make_eventfd();
-    ASSERT_TRUE(dev.set_vring_call(dq, dup_fd(calls_[q].get())).has_value());
-    if (use_kick) {
-      kicks_[q] = make_eventfd();
-      ASSERT_TRUE(dev.set_vring_kick(dq, dup_fd(kicks_[q].get())).has_value());
-    } else {
-      ASSERT_TRUE(dev.set_vring_kick(dq, UniqueFd()).has_value());
-    }
-    auto e = dev.set_vring_enable(dq, true);
-    ASSERT_TRUE(e.has_value()) << e.error().message();
-  }
-
-  void kick(std::uint16_t q) {
-    drivers_[q].publish();
-    if (drivers_[q].needs_kick() && kicks_[q]) {
-      const std::uint64_t one = 1;
-      [[maybe_unused]] auto r = ::write(kicks_[q].get(), &one, sizeof one);
-    }
+    return kDataGpa + (std::uint64_t{q} * ring_size() + slot) * kSlot;
   }
 
   std::size_t free_slots(std::uint16_t q) const { return free_slots_[q].size(); }
@@ -275,7 +202,7 @@ class Guest {
       gpa += (s + 63) & ~std::uint64_t{63};
     }
     EXPECT_LE(gpa - slot_gpa(q, slot), kSlot);
-    auto h = drivers_[q].add(outs, ins, slot);
+    auto h = driver(q).add(outs, ins, slot);
     if (!h) return std::nullopt;
     free_slots_[q].pop_back();
     return slot;
@@ -298,7 +225,7 @@ class Guest {
   // Reclaims used entries of queue q, returning them (slots are freed).
   std::vector<virtq::DriverQueue::Used> reclaim(std::uint16_t q) {
     std::vector<virtq::DriverQueue::Used> out;
-    while (auto u = drivers_[q].get_used()) {
+    while (auto u = driver(q).get_used()) {
       out.push_back(*u);
       free_slots_[q].push_back(static_cast<std::uint16_t>(u->token));
     }
@@ -320,19 +247,7 @@ class Guest {
     return b;
   }
 
-  void wait_call(std::uint16_t q, int ms) { wait_fd(calls_[q].get(), ms); }
-
  private:
-  std::uint64_t features_;
-  std::uint16_t size_;
-  std::uint16_t queues_;
-  std::size_t mem_size_;
-  UniqueFd memfd_;
-  std::uint8_t* base_ = nullptr;
-  std::vector<virtq::DriverQueue> drivers_;
-  std::vector<UniqueFd> kicks_;
-  std::vector<UniqueFd> calls_;
-  std::size_t slots_per_queue_;
   std::vector<std::vector<std::uint16_t>> free_slots_;
 };
 

@@ -1,0 +1,185 @@
+// The guest half of the in-process device tests (vhost, net, blk): memfd memory mapped into the
+// test process, one virtq::DriverQueue per ring, and the vhost-user bring-up of a vhost::Device
+// over them, with real kick/call eventfds. The frontend and backend live in one process, so the
+// guest's "uva" is simply its own mapping address; gpa starts at 0 and is one region.
+//
+// Each rig (vhost Rig, net Guest, blk BlkGuest) derives from GuestRings and adds only what its
+// device needs on top: how buffers are laid out in memory and how answers are read back.
+#pragma once
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <dirent.h>
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "vhostkit/vhost/device.h"
+#include "vhostkit/virtq/split_queue.h"
+
+namespace vhostkit::vhost::testing {
+
+inline UniqueFd make_eventfd() { return UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }
+
+inline UniqueFd dup_fd(int fd) { return UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
+
+// Waits up to timeout_ms for fd to become readable; reads (drains) it. True if it fired.
+inline bool wait_fd(int fd, int timeout_ms) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, timeout_ms) != 1) return false;
+  std::uint64_t v;
+  return ::read(fd, &v, sizeof v) == sizeof v;
+}
+
+inline std::size_t count_fds() {
+  std::size_t n = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  while (dirent* e = ::readdir(d)) {
+    if (e->d_name[0] != '.') ++n;
+  }
+  ::closedir(d);
+  return n - 1;  // the DIR's own fd
+}
+
+class GuestRings {
+ public:
+  // One 256 KiB slot of guest memory per ring, from gpa 0: room for a ring of 4096 entries.
+  static constexpr std::uint64_t kRingStride = 0x40000;
+
+  // Maps a rig's ring number to the device's queue index. Rigs may name rings by role rather
+  // than by the spec's numbering (net does); the default is the identity.
+  using DeviceIndex = std::function<std::uint16_t(std::uint16_t)>;
+
+  GuestRings(const char* memfd_name, std::size_t mem_size, std::uint16_t queues,
+             std::uint16_t ring_size, std::uint64_t features, DeviceIndex device_index = {})
+      : features_(features), size_(ring_size), queues_(queues), mem_size_(mem_size),
+        device_index_(std::move(device_index)) {
+    memfd_ = UniqueFd(::memfd_create(memfd_name, MFD_CLOEXEC));
+    EXPECT_TRUE(memfd_.valid());
+    EXPECT_EQ(::ftruncate(memfd_.get(), static_cast<off_t>(mem_size_)), 0);
+    void* p = ::mmap(nullptr, mem_size_, PROT_READ | PROT_WRITE, MAP_SHARED, memfd_.get(), 0);
+    EXPECT_NE(p, MAP_FAILED);
+    base_ = static_cast<std::uint8_t*>(p);
+    drivers_.resize(queues);
+    kicks_.resize(queues);
+    calls_.resize(queues);
+  }
+  ~GuestRings() { ::munmap(base_, mem_size_); }
+  // The mapping and the drivers' ring pointers belong to this object alone.
+  GuestRings(const GuestRings&) = delete;
+  GuestRings& operator=(const GuestRings&) = delete;
+
+  std::uint64_t features() const { return features_; }
+  std::uint16_t ring_size() const { return size_; }
+  std::uint16_t queues() const { return queues_; }
+  std::size_t mem_size() const { return mem_size_; }
+
+  std::uint8_t* host(std::uint64_t gpa) { return base_ + gpa; }
+  std::uint64_t uva(std::uint64_t gpa) const { return reinterpret_cast<std::uint64_t>(base_) + gpa; }
+  int memfd() const { return memfd_.get(); }
+
+  // The memory table as SET_MEM_TABLE takes it: the one region, with its own fd.
+  memory::RegionSpec spec() const { return memory::RegionSpec{0, mem_size_, uva(0), 0}; }
+  MemRegionFd region() const { return MemRegionFd{spec(), dup_fd(memfd_.get())}; }
+  std::vector<MemRegionFd> table() const {
+    std::vector<MemRegionFd> t;
+    t.push_back(region());
+    return t;
+  }
+
+  std::uint16_t device_index(std::uint16_t q) const {
+    return device_index_ ? device_index_(q) : q;
+  }
+  virtq::DriverQueue& driver(std::uint16_t q) { return drivers_[q]; }
+  int kick_fd(std::uint16_t q) const { return kicks_[q].get(); }
+  int call_fd(std::uint16_t q) const { return calls_[q].get(); }
+  void set_kick(std::uint16_t q, UniqueFd fd) { kicks_[q] = std::move(fd); }
+
+  // (Re)initializes ring q's driver side (zeroed) at q * kRingStride.
+  void init_driver(std::uint16_t q) { init_driver(q, features_); }
+  void init_driver(std::uint16_t q, std::uint64_t features) {
+    const std::uint64_t gpa = q * kRingStride;
+    auto layout = virtq::DriverRingLayout::for_size(size_);
+    auto r = drivers_[q].init(
+        std::span<std::byte>(reinterpret_cast<std::byte*>(host(gpa)), layout.total_bytes), gpa,
+        size_, features);
+    ASSERT_TRUE(r.has_value()) << r.error().message();
+  }
+
+  VringAddr addr(std::uint16_t q) const {
+    VringAddr a;
+    a.desc_user_addr = uva(drivers_[q].desc_gpa());
+    a.avail_user_addr = uva(drivers_[q].avail_gpa());
+    a.used_user_addr = uva(drivers_[q].used_gpa());
+    return a;
+  }
+
+  // The vhost-user start sequence: owner, features, the memory table, then every ring.
+  void bring_up(Device& dev, bool use_kick = true) {
+    ASSERT_TRUE(dev.set_owner().has_value());
+    auto f = dev.set_features(features_);
+    ASSERT_TRUE(f.has_value()) << f.error().message();
+    auto m = dev.set_mem_table(table());
+    ASSERT_TRUE(m.has_value()) << m.error().message();
+    for (std::uint16_t q = 0; q < queues_; ++q) configure(dev, q, use_kick);
+  }
+
+  // The start sequence for ring q (device queue device_index(q)). use_kick=false: no kick fd,
+  // so the device must poll.
+  void configure(Device& dev, std::uint16_t q, bool use_kick = true) {
+    const std::uint16_t dq = device_index(q);
+    init_driver(q);
+    if (::testing::Test::HasFatalFailure()) return;  // no ring to give the device
+    ASSERT_TRUE(dev.set_vring_num(dq, size_).has_value());
+    ASSERT_TRUE(dev.set_vring_base(dq, 0).has_value());
+    auto a = dev.set_vring_addr(dq, addr(q));
+    ASSERT_TRUE(a.has_value()) << a.error().message();
+    calls_[q] = make_eventfd();
+    ASSERT_TRUE(dev.set_vring_call(dq, dup_fd(calls_[q].get())).has_value());
+    if (use_kick) {
+      kicks_[q] = make_eventfd();
+      ASSERT_TRUE(dev.set_vring_kick(dq, dup_fd(kicks_[q].get())).has_value());
+    } else {
+      kicks_[q].reset();
+      ASSERT_TRUE(dev.set_vring_kick(dq, UniqueFd()).has_value());
+    }
+    auto e = dev.set_vring_enable(dq, true);
+    ASSERT_TRUE(e.has_value()) << e.error().message();
+  }
+
+  // Publishes ring q's new avail entries and kicks when the device asked for it (and a kick fd
+  // is set). False only if writing the kick failed.
+  bool kick(std::uint16_t q) {
+    drivers_[q].publish();
+    if (drivers_[q].needs_kick() && kicks_[q]) {
+      const std::uint64_t one = 1;
+      return ::write(kicks_[q].get(), &one, sizeof one) == sizeof one;
+    }
+    return true;
+  }
+
+  // Waits up to ms for ring q's call eventfd (draining it). True if it fired.
+  bool wait_call(std::uint16_t q, int ms) { return wait_fd(calls_[q].get(), ms); }
+
+ private:
+  std::uint64_t features_;
+  std::uint16_t size_;
+  std::uint16_t queues_;
+  std::size_t mem_size_;
+  DeviceIndex device_index_;
+  UniqueFd memfd_;
+  std::uint8_t* base_ = nullptr;
+  std::vector<virtq::DriverQueue> drivers_;
+  std::vector<UniqueFd> kicks_;
+  std::vector<UniqueFd> calls_;
+};
+
+}  // namespace vhostkit::vhost::testing
