@@ -197,8 +197,10 @@ TEST(BlkFrontendPair, OutOfRangeSectorCompletesWithIoErr) {
   EXPECT_EQ(done[static_cast<std::uint16_t>(slot)], virtio::kBlkSIoErr);
 }
 
+// Long enough that a loaded 2-core CI host (busy pollers, ASan, ctest -j2) still completes
+// requests in the measured window; once it measured none in 0.5 s with the host at load 8.
 vb::BlkRunConfig short_run(vb::BlkRw rw, bool busy) {
-  return vb::BlkRunConfig{.label = "test", .rw = rw, .bs = kBs, .duration = 0.5, .warmup = 0.1,
+  return vb::BlkRunConfig{.label = "test", .rw = rw, .bs = kBs, .duration = 1.0, .warmup = 0.1,
                           .busy = busy, .cpus = {}, .live = false};
 }
 
