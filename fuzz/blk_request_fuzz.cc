@@ -18,7 +18,6 @@
 //     u8   next (as is: may be out of range)
 //   then per request one byte: its head (below 0xf8: modulo the queue size; else out of range)
 //   rest     copied to guest memory at kData (request headers, discard segments, indirect tables)
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -40,6 +39,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "fuzz_util.h"
 #include "vhostkit/blk/blk_device.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/blk.h"
@@ -51,6 +51,7 @@ namespace {
 using namespace vhostkit;
 using virtio::bit;
 namespace bf = virtio::blk_feature;
+using fuzz::Reader;
 
 constexpr std::size_t kGuestBytes = 512 << 10;
 constexpr std::uint64_t kDescGpa = 0x0000;
@@ -73,28 +74,6 @@ constexpr std::uint32_t kOddLens[] = {
     0, 1, 15, 16, 17, 511, 513, 4096 + 1, 0x7ffff000, 0x80000000u, 0xffffffffu, kGuestBytes,
     kGuestBytes + 1, 1u << 20, 3, 520,
 };
-
-struct Reader {
-  const std::uint8_t* p;
-  std::size_t n;
-  std::uint8_t u8() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-  std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
-};
-
-std::size_t count_fds() {
-  std::size_t n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  if (d == nullptr) return 0;
-  while (const dirent* e = ::readdir(d)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(d);
-  return n - 1;
-}
 
 [[noreturn]] void finding(const char* what) {
   std::fprintf(stderr, "blk_request_fuzz: %s\n", what);
@@ -197,7 +176,7 @@ std::uint16_t used_idx(const World& w) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   World& w = world();
-  const std::size_t fds_before = count_fds();
+  const std::size_t fds_before = fuzz::fd_count();
   Reader in{data, size};
   const std::uint8_t mode = in.u8();
   const std::uint16_t qsize = static_cast<std::uint16_t>(8u << (mode & 3));
@@ -298,6 +277,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (w.image_size() != kImageBytes) finding("the image changed size");
   if (read_only && !w.image_is_pristine()) finding("a read-only image was written");
   if (!read_only) w.restore();
-  if (count_fds() != fds_before) finding("fd count changed across one input");
+  if (fuzz::fd_count() != fds_before) finding("fd count changed across one input");
   return 0;
 }

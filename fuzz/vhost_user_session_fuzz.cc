@@ -7,7 +7,6 @@
 //   u16 payload length (little-endian; over 300 is clamped)
 //   u8  fd selector: bits 0-3 fd count (0..9), bit 4 eventfds instead of 64 KiB memfds
 //   payload bytes (as many as remain, up to the length)
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -25,6 +24,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "fuzz_util.h"
 #include "vhostkit/vhost/backend.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost_user/backend_session.h"
@@ -113,28 +113,6 @@ void drain(int sock) {
   }
 }
 
-// Open fds of the kinds a session handles (sockets, eventfds, epoll, memfds). libFuzzer opens
-// and closes pipes and /dev/null of its own between inputs, so those are not counted.
-std::size_t fd_count(bool print = false) {
-  std::size_t n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  if (d == nullptr) return 0;
-  while (const dirent* e = ::readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    char path[300], target[256];
-    std::snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
-    const ssize_t len = ::readlink(path, target, sizeof target - 1);
-    if (len <= 0) continue;
-    const std::string_view t(target, static_cast<std::size_t>(len));
-    if (t.starts_with("socket:") || t.starts_with("anon_inode:") || t.starts_with("/memfd:")) {
-      ++n;
-      if (print) std::fprintf(stderr, "  fd %s -> %.*s\n", e->d_name, static_cast<int>(len), target);
-    }
-  }
-  ::closedir(d);
-  return n;
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -182,11 +160,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     session.close();
   }
   // After the session: the device is reset, every fd it got is closed.
-  const std::size_t now = fd_count();
+  const std::size_t now = fuzz::fd_count();
   if (baseline == 0) baseline = now;
   if (now > baseline) {
     fprintf(stderr, "fd leak: %zu open fds after the input, %zu after the first\n", now, baseline);
-    fd_count(true);
+    fuzz::fd_count(true);
     __builtin_trap();
   }
   return 0;

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fuzz_util.h"
 #include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/virtio/features.h"
 #include "vhostkit/virtq/split_queue.h"
@@ -26,27 +27,10 @@
 namespace {
 
 using namespace vhostkit;
+using fuzz::Reader;
 
 constexpr std::size_t kBlock = 1 << 16;
 alignas(4096) std::uint8_t g_block[kBlock];
-
-struct Reader {
-  const std::uint8_t* p;
-  std::size_t n;
-  std::uint8_t u8() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-  std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
-  void bytes(void* dst, std::size_t len) {
-    const std::size_t k = std::min(len, n);
-    std::memcpy(dst, p, k);
-    std::memset(static_cast<std::uint8_t*>(dst) + k, 0, len - k);
-    p += k;
-    n -= k;
-  }
-};
 
 bool inside_memory(const memory::GuestMemory& mem, const iovec& v) {
   const auto* b = static_cast<const std::uint8_t*>(v.iov_base);

@@ -232,15 +232,23 @@ TEST(BackendHostile, FloodOfBadRequestsIsCountedNotFatal) {
 
 // ---- fds --------------------------------------------------------------------------------
 
-TEST(BackendHostile, NineFdsAreAllClosed) {
-  hostile([](Hostile& h) {
-    ASSERT_TRUE(h.fe->handshake());
-    std::vector<UniqueFd> owned;
-    std::vector<int> raw;
+// Nine eventfds: one more than a message may carry.
+struct NineFds {
+  std::vector<UniqueFd> owned;
+  std::vector<int> raw;
+  NineFds() {
     for (int i = 0; i < 9; ++i) {
       owned.push_back(test::make_eventfd());
       raw.push_back(owned.back().get());
     }
+  }
+};
+
+TEST(BackendHostile, NineFdsAreAllClosed) {
+  hostile([](Hostile& h) {
+    ASSERT_TRUE(h.fe->handshake());
+    const NineFds nine;
+    const std::vector<int>& raw = nine.raw;
     const std::uint64_t v = 0;
     h.raw(Request::set_vring_kick, 0, bytes_of(v), raw);
     EXPECT_TRUE(h.last);
@@ -253,12 +261,8 @@ TEST(BackendHostile, NineFdsAreAllClosed) {
 TEST(BackendHostile, NineFdsWithNeedReplyAreRefusedWithAnAck) {
   hostile([](Hostile& h) {
     ASSERT_TRUE(h.fe->handshake());
-    std::vector<UniqueFd> owned;
-    std::vector<int> raw;
-    for (int i = 0; i < 9; ++i) {
-      owned.push_back(test::make_eventfd());
-      raw.push_back(owned.back().get());
-    }
+    const NineFds nine;
+    const std::vector<int>& raw = nine.raw;
     const std::size_t fds_before = test::open_fd_count();
     const std::uint64_t v = 0;
     h.raw(Request::set_vring_call, kNeedReplyFlag, bytes_of(v), raw);
