@@ -13,6 +13,11 @@ function(vhostkit_module name)
   add_library(vhostkit::${name} ALIAS vhostkit_${name})
 endfunction()
 
+# Test code is compiled at this optimisation level whatever the build type: the code under test
+# is the module libraries, built with the build type's flags, and gtest-heavy test files compile
+# in about 60% of the time at -O1 than at -O3. Empty: the build type's own level.
+set(VHOSTKIT_TEST_OPT "-O1" CACHE STRING "Optimisation flag for test code (empty: the build type's)")
+
 # vhostkit_test(NAME SOURCES ... DEPS ... [LABELS ...] [TIMEOUT s]): a gtest binary,
 # each test case registered with CTest.
 function(vhostkit_test name)
@@ -27,6 +32,7 @@ function(vhostkit_test name)
     set(T_TIMEOUT 120)
   endif()
   add_executable(${name} ${T_SOURCES})
+  target_compile_options(${name} PRIVATE ${VHOSTKIT_TEST_OPT})
   target_link_libraries(${name} PRIVATE ${T_DEPS} GTest::gtest GTest::gtest_main GTest::gmock Threads::Threads)
   gtest_discover_tests(${name}
     PROPERTIES LABELS "${T_LABELS}" TIMEOUT ${T_TIMEOUT}

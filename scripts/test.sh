@@ -59,7 +59,10 @@ run_stage() {
 mkdir -p build
 run_stage release build/release -- -DCMAKE_BUILD_TYPE=Release
 if ((asan)); then
+  # -O1 -g1: what ASan recommends, line tables for its reports, and half the compile time of
+  # -O2 -g (the biggest share of this script's run time on 2 cores).
   run_stage asan+ubsan build/asan -LE e2e -- -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG" \
     -DVHOSTKIT_SANITIZE=address,undefined -DVHOSTKIT_BENCH=OFF
 fi
 if ((fuzz)); then
