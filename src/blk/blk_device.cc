@@ -43,9 +43,16 @@ bool on_memory_fs(int fd) {
   return t == TMPFS_MAGIC || t == RAMFS_MAGIC || t == HUGETLBFS_MAGIC;
 }
 
-const char* io_name(IoPath p) { return p == IoPath::inline_call ? "inline" : "io_uring"; }
-
 }  // namespace
+
+const char* to_string(IoPath p) noexcept {
+  switch (p) {
+    case IoPath::automatic: return "auto";
+    case IoPath::uring: return "uring";
+    case IoPath::inline_call: return "inline";
+  }
+  return "?";
+}
 
 BlkDevice::BlkDevice(BlkOptions opts) : opts_(std::move(opts)) {}
 
@@ -104,15 +111,9 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
     d->fd_ = std::move(buffered);
   }
   d->memory_backed_ = !block_device && on_memory_fs(d->fd_.get());
-  switch (o.io) {
-    case IoPath::automatic:
-      d->io_ = d->memory_backed_ ? IoPath::inline_call : IoPath::uring;
-      break;
-    case IoPath::uring:
-    case IoPath::inline_call:
-      d->io_ = o.io;
-      break;
-  }
+  d->io_ = o.io != IoPath::automatic ? o.io
+          : d->memory_backed_         ? IoPath::inline_call
+                                      : IoPath::uring;
   d->capacity_ = bytes / virtio::kBlkSectorSize;
   d->serial_ = o.serial.empty() ? default_serial(o.image) : o.serial;
 
@@ -136,7 +137,7 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
   d->queues_ = std::make_unique<QueueState[]>(o.num_queues);
   for (std::uint16_t i = 0; i < o.num_queues; ++i) d->queues_[i].backing = &b;
   spdlog::debug("blk: image {} ({} sectors, {}, {}{}{})", o.image, d->capacity_,
-                d->direct_ ? "O_DIRECT" : "buffered", io_name(d->io_),
+                d->direct_ ? "O_DIRECT" : "buffered", to_string(d->io_),
                 d->memory_backed_ ? ", memory file system" : "", o.read_only ? ", read-only" : "");
   return d;
 }

@@ -71,7 +71,6 @@ struct BlkDevice::QueueState {
 
   io_uring ring{};
   bool ring_ok = false;         // the io_uring path is set up (always false on the inline path)
-  bool started = false;         // start() ran; requests can be served (by the ring or inline)
   UniqueFd cq_event;            // io_uring's completion eventfd, watched by the worker
   vhost::Worker::Id watch_id = 0;
   std::unique_ptr<Slot[]> slots;

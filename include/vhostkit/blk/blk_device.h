@@ -36,6 +36,8 @@ namespace vhostkit::blk {
 //           the call is a page-cache copy that never waits for a device and io_uring would hand
 //           every request to a kernel worker thread (no non-blocking path there); uring otherwise
 enum class IoPath : std::uint8_t { automatic, uring, inline_call };
+// "auto", "uring", "inline": the --io spelling.
+const char* to_string(IoPath p) noexcept;
 
 struct BlkOptions {
   std::string image;                 // raw image file or block device

@@ -73,15 +73,17 @@ int main(int argc, char** argv) {
   if (a.image.empty()) prog.die_usage("give the disk image: --image=FILE");
   cli::BackendConfig cfg = prog.check();
 
+  blk::IoPath io = blk::IoPath::automatic;  // --io, checked by CLI11 to be one of the three
+  for (blk::IoPath p : {blk::IoPath::automatic, blk::IoPath::uring, blk::IoPath::inline_call}) {
+    if (a.io == blk::to_string(p)) io = p;
+  }
   blk::BlkOptions bopts;
   bopts.image = a.image;
   bopts.read_only = a.read_only;
   bopts.num_queues = static_cast<std::uint16_t>(a.queues);
   bopts.blk_size = a.blk_size;
   bopts.serial = a.serial;
-  bopts.io = a.io == "uring"    ? blk::IoPath::uring
-             : a.io == "inline" ? blk::IoPath::inline_call
-                                : blk::IoPath::automatic;
+  bopts.io = io;
   auto blkdev = blk::BlkDevice::open(std::move(bopts));
   if (!blkdev) prog.die_usage(blkdev.error().message());
   blk::BlkDevice& dev = **blkdev;
@@ -104,8 +106,8 @@ int main(int argc, char** argv) {
   spdlog::info("vhostkit-blk: {}, image {} ({} sectors, {}, I/O {}{}{}), {} queue(s), poll {}",
                cfg.where, a.image, dev.capacity_sectors(),
                dev.direct_io() ? "O_DIRECT" : "buffered",
-               dev.io_path() == blk::IoPath::inline_call ? "inline" : "io_uring",
-               a.io == "auto" && dev.memory_backed() ? " (memory file system)" : "",
+               blk::to_string(dev.io_path()),
+               io == blk::IoPath::automatic && dev.memory_backed() ? " (memory file system)" : "",
                dev.read_only() ? ", read-only" : "", dev.num_queues(), prog.args().poll);
 
   std::optional<cli::Ticker> stats;
