@@ -78,6 +78,108 @@ TEST(NetHostile, TxChainWithWritableOnlyDescriptors) {
   expect_still_serving(r, rx, 0);
 }
 
+// A port device for the tx cases where "nothing reached the port" must be seen directly.
+struct PortRig {
+  PortRig() : port(new FakePort(false)), net(make(port)), dev(net, dev_opts(PollMode::event)),
+              g(3, kBase | kEventIdx | kMrg) {
+    g.bring_up(dev);
+  }
+  static NetOptions make(FakePort* p) {
+    NetOptions o;
+    o.port.reset(p);
+    return o;
+  }
+  FakePort* port;  // owned by net
+  NetDevice net;
+  vhost::Device dev;
+  Guest g;
+};
+
+// A whole header and frame, readable, then a writable descriptor: the transmitq is for
+// device-readable buffers only, so the chain is a driver error and none of it is sent.
+Bytes header_and_frame(const Guest& g, std::size_t frame_len, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  Bytes out(g.hdr_len(), 0);
+  const Bytes fr = random_frame(rng, frame_len);
+  out.insert(out.end(), fr.begin(), fr.end());
+  return out;
+}
+
+// The good frame after a refused chain reaches the port intact, and the refused one is not
+// there before it.
+void expect_port_still_serving(PortRig& r) {
+  std::mt19937 rng(77);
+  const Bytes fr = random_frame(rng, 300);
+  ASSERT_TRUE(r.g.send(0, fr));
+  r.g.kick(0);
+  ASSERT_TRUE(wait_tx_done(r.g, 0));
+  const auto sent = r.port->take_sent();
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent[0], fr);
+  EXPECT_EQ(r.net.stats(0).tx_frames, 1u);
+  EXPECT_FALSE(r.dev.broken());
+}
+
+TEST(NetHostile, TxChainWithReadableFrameThenWritableDescriptorToPort) {
+  PortRig r;
+  ASSERT_TRUE(r.g.add_raw(0, header_and_frame(r.g, 200, 11), {64}).has_value());
+  r.g.kick(0);
+  EXPECT_EQ(one_used_len(r.g, 0), 0u);
+  const NetStats s = r.net.stats(0);
+  EXPECT_EQ(s.tx_errors, 1u);
+  EXPECT_EQ(s.tx_frames, 0u);
+  EXPECT_EQ(s.tx_drops, 0u);
+  EXPECT_TRUE(r.port->take_sent().empty());
+  expect_port_still_serving(r);
+  EXPECT_EQ(r.net.stats(0).tx_errors, 1u);
+}
+
+TEST(NetHostile, TxChainWithReadableFrameThenWritableDescriptorOnLoopback) {
+  LoopRig r;
+  Receiver rx(r.g, 1, {1526});
+  rx.refill();
+  ASSERT_TRUE(r.g.add_raw(0, header_and_frame(r.g, 200, 12), {64}).has_value());
+  r.g.kick(0);
+  EXPECT_EQ(one_used_len(r.g, 0), 0u);
+  EXPECT_EQ(r.net.stats(0).tx_errors, 1u);
+  EXPECT_EQ(r.net.stats(0).tx_frames, 0u);
+  rx.poll();
+  EXPECT_TRUE(rx.frames.empty());
+  expect_still_serving(r, rx, 0);  // the good frame is the first and only one the guest gets
+  EXPECT_EQ(rx.frames.size(), 1u);
+  EXPECT_EQ(r.net.stats(0).tx_errors, 1u);
+}
+
+// The same two descriptors in the other order: a writable one first, then the readable header
+// and frame (readable after writable, which the chain walker refuses).
+TEST(NetHostile, TxChainWithWritableDescriptorThenReadableFrame) {
+  PortRig r;
+  // The rig writes readable-then-writable; the first 64 bytes become the writable part, the
+  // header and frame (written into the second buffer, 64 bytes on) the readable part.
+  const Bytes out = header_and_frame(r.g, 200, 13);
+  const auto slot = r.g.add_raw(0, Bytes(64, 0), {static_cast<std::uint32_t>(out.size())});
+  ASSERT_TRUE(slot.has_value());
+  const std::uint64_t gpa = r.g.slot_gpa(0, *slot);
+  std::memcpy(r.g.host(gpa + 64), out.data(), out.size());
+  virtio::VirtqDesc* desc = r.g.driver(0).desc();
+  virtio::VirtqDesc* d0 = nullptr;
+  for (std::uint16_t i = 0; i < r.g.ring_size(); ++i) {
+    if (desc[i].addr == gpa && (desc[i].flags & virtio::kDescFNext) != 0) d0 = &desc[i];
+  }
+  ASSERT_NE(d0, nullptr);
+  virtio::VirtqDesc& d1 = desc[d0->next];
+  ASSERT_EQ(d1.addr, gpa + 64);
+  d0->flags = static_cast<std::uint16_t>(d0->flags | virtio::kDescFWrite);
+  d1.flags = static_cast<std::uint16_t>(d1.flags & ~virtio::kDescFWrite);
+  r.g.kick(0);
+  EXPECT_EQ(one_used_len(r.g, 0), 0u);
+  EXPECT_EQ(r.net.stats(0).tx_errors, 1u);
+  EXPECT_EQ(r.net.stats(0).tx_frames, 0u);
+  EXPECT_TRUE(r.port->take_sent().empty());
+  expect_port_still_serving(r);
+  EXPECT_EQ(r.net.stats(0).tx_errors, 1u);
+}
+
 TEST(NetHostile, RxChainWithNoWritablePart) {
   LoopRig r;
   // A readable-only chain on the rx ring, then a good buffer.

@@ -11,14 +11,18 @@ namespace {
 
 // Checks a tx chain's shape; logs (rate-limited) and returns false for a malformed one.
 bool tx_chain_ok(NetDevice::Pair& p, const virtq::Chain& c, std::size_t hdr_len) noexcept {
-  // A header and at least an Ethernet header; no more than a GSO frame. A writable part is
-  // ignored (the device writes nothing into a tx chain).
-  if (c.readable_len >= hdr_len + 14 && c.readable_len <= hdr_len + NetDevice::kMaxFrame) {
+  // A header and at least an Ethernet header; no more than a GSO frame; nothing writable. The
+  // device writes nothing into a tx chain, so a writable descriptor there is a driver error
+  // (Linux vhost-net's handle_tx refuses one too); a driver that gets the layout wrong may have
+  // the frame wrong as well, so none of the chain is sent.
+  if (c.readable_len >= hdr_len + 14 && c.readable_len <= hdr_len + NetDevice::kMaxFrame &&
+      c.writable_len == 0) {
     return true;
   }
   if (p.log_limit.allow()) {
-    spdlog::warn("net: pair {}: malformed tx chain (head {}, {} readable bytes, header {})", p.qp,
-                 c.head, c.readable_len, hdr_len);
+    spdlog::warn(
+        "net: pair {}: malformed tx chain (head {}, {} readable bytes, {} writable, header {})",
+        p.qp, c.head, c.readable_len, c.writable_len, hdr_len);
   }
   return false;
 }
@@ -38,6 +42,10 @@ TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::span<iovec> segs,
   auto c = vq.pop(segs);
   if (!c) {
     ++errors;
+    // The walker answered the chain (used len 0) and counted it by kind; say which.
+    if (c.error() != virtq::ChainError::empty && p.log_limit.allow()) {
+      spdlog::warn("net: pair {}: bad tx chain: {}", p.qp, virtq::to_string(c.error()));
+    }
     return virtq::breaks_queue(c.error()) ? TxPop::stop : TxPop::skip;
   }
   if (!tx_chain_ok(p, *c, hdr_len)) {
