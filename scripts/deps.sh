@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
 # Installs every Debian package vhostkit needs to build, test, fuzz, benchmark and run its demo.
-# Idempotent: installs only what is missing, runs `apt-get update` at most once.
+# Idempotent: checks first and installs only what is missing, running `apt-get update` at most
+# once. Needs root only when something is missing: as any other user it checks, says what is
+# missing and how to install it, and exits 2.
+#   scripts/deps.sh [--check]     --check: only report, never install (exit 1 when incomplete)
 set -euo pipefail
 
 packages=(
   # build
-  cmake ninja-build g++ pkg-config
+  cmake ninja-build g++ pkg-config git ca-certificates
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev liburing-dev
   # fuzzing and sanitizers with clang
   clang-19 libclang-rt-19-dev
-  # real peers: QEMU guests and DPDK
-  qemu-system-x86 dpdk dpdk-dev
-  # guest image: kernel from Debian, busybox initramfs
-  busybox-static cpio kmod
-  # network namespaces, TAP, veth; process tools used by tests
-  iproute2 iputils-ping procps ethtool psmisc
-  # benchmark plots
-  gnuplot-nox
+  # real peers: QEMU guests (qemu-system-common holds qemu-storage-daemon), DPDK
+  qemu-system-x86 qemu-system-common qemu-utils dpdk dpdk-dev
+  # guest image: kernel from Debian (zstd-compressed modules), busybox initramfs
+  busybox-static cpio kmod zstd gzip
+  # network namespaces, TAP, veth; process tools used by tests and scripts
+  iproute2 iputils-ping procps ethtool psmisc util-linux coreutils findutils gawk
+  python3 curl
+  # benchmarks: plots and profiles (bench/profile.sh)
+  gnuplot-nox linux-perf
 )
 
-if [[ $(id -u) -ne 0 ]]; then
-  echo "deps.sh: needs root to install packages (run as root or with sudo)" >&2
-  exit 2
-fi
+check_only=0
+case "${1:-}" in
+  --check) check_only=1 ;;
+  -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) echo "deps.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${packages[@]}"; do
@@ -35,6 +42,15 @@ done
 if ((${#missing[@]} == 0)); then
   echo "deps: all ${#packages[@]} packages present"
   exit 0
+fi
+
+if ((check_only)); then
+  echo "deps: missing ${missing[*]}"
+  exit 1
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "deps.sh: missing ${missing[*]}; installing them needs root: run 'sudo scripts/deps.sh'" >&2
+  exit 2
 fi
 
 echo "deps: installing ${missing[*]}"
