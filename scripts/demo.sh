@@ -42,10 +42,22 @@ say "installing missing Debian packages (scripts/deps.sh)..."
 
 say "building vhostkit-net (Release, $build)..."
 t=$(vk_now)
-cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release >"$repo/build/demo-cmake.log" 2>&1 ||
-  { tail -20 "$repo/build/demo-cmake.log"; die "cmake configure failed (log: build/demo-cmake.log)"; }
-cmake --build "$build" --target vhostkit-net -j "${VK_JOBS:-$(nproc)}" >>"$repo/build/demo-cmake.log" 2>&1 ||
-  { tail -30 "$repo/build/demo-cmake.log"; die "build failed (log: build/demo-cmake.log)"; }
+mkdir -p "$build"
+blog=$repo/build/demo-cmake.log
+configure() { cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release >"$blog" 2>&1; }
+if ! configure; then
+  # A build tree left by another generator, another source path or an older CMake can't be
+  # reconfigured in place: start that tree afresh once, then give up with the log.
+  if [[ -f $build/CMakeCache.txt ]]; then
+    say "the old build tree in $build does not configure; starting it afresh"
+    rm -rf "$build"; mkdir -p "$build"
+    configure || { tail -20 "$blog"; die "cmake configure failed (log: $blog)"; }
+  else
+    tail -20 "$blog"; die "cmake configure failed (log: $blog)"
+  fi
+fi
+cmake --build "$build" --target vhostkit-net -j "${VK_JOBS:-$(nproc)}" >>"$blog" 2>&1 ||
+  { tail -30 "$blog"; die "build failed (log: $blog)"; }
 VK_NET_BIN=$build/src/tools/vhostkit-net/vhostkit-net
 [[ -x $VK_NET_BIN ]] || die "no $VK_NET_BIN after the build"
 say "built in $(took "$t") s"
