@@ -3,7 +3,8 @@
 # the image with a known pattern; the guest reads it back from /dev/vda (sha256 equal), writes
 # random data and reads it back, and the host finds the guest's data in the image file (sha256
 # equal), then discards the next MiB (the host reads zeros there; FLUSH and DISCARD are counted),
-# once on the io_uring path and once with --io=inline. Then the same image served
+# once on the io_uring path (--io=uring) and once with --io=inline, each confirmed from the
+# start-up line. Then the same image served
 # --read-only: the guest's write fails and the image is unchanged. On SIGTERM vhostkit-blk exits 0
 # and removes its socket.
 set -uo pipefail
@@ -51,12 +52,15 @@ boot() {  # boot LOG CMDLINE: one guest run against the listening backend
   vk_qemu_wait_exit "$VK_QEMU_PID" 30
 }
 
-vk_check "vhostkit-blk --image (2 queues) listens on its socket"
+vk_check "vhostkit-blk --image --io=uring (2 queues) listens on its socket, on the io_uring path"
 blog=$VK_TMP/vhostkit-blk.log
-vk_net_start "$blog" -- --socket-path="$sock" --image="$img" --queues=2 --stats=1
+# --io=uring, not auto: auto takes the inline path when $VK_TMP is on tmpfs, and this phase is
+# the io_uring one whatever /tmp is.
+vk_net_start "$blog" -- --socket-path="$sock" --image="$img" --queues=2 --stats=1 --io=uring
 blk_pid=$VK_NET_PID
 vk_net_wait_listening "$sock" 10 || { cat "$blog"; vk_fail "no listening socket $sock"; }
-vk_pass "listening"
+grep -q 'I/O uring' "$blog" || { cat "$blog"; vk_fail "the start-up line does not say 'I/O uring'"; }
+vk_pass "listening, I/O uring"
 
 # discarded_ok TAG LOG: the guest's blk-discard succeeded and the host reads zeros there, while
 # the sector just after still holds the pattern.
