@@ -267,9 +267,9 @@ answers it at once: the copy is then the whole cost. On any other file or a bloc
 
 Busy polling with io_uring (\`--poll=busy --io=uring\`): while requests are in flight and the ring
 has nothing new, the worker yields its core (\`sched_yield\`), because the io-wq thread that
-completes them may share that core. Without the yield, QD32 randread on this host had a p99 of
-3.7 ms (the io-wq thread got the core only when the scheduler preempted the spinner); with it,
-136 us.
+completes them may share that core: without the yield the io-wq thread gets the core only when
+the scheduler preempts the spinner. (The before/after figures measured when the yield went in
+were not kept as a result file; bench/blk.sh has no busy io_uring point.)
 
 ## How to reproduce
 

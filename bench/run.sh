@@ -237,6 +237,10 @@ awk -F, -v utc="$utc" 'NR > 1 { printf "%s,host,host_probe,%s,%s,%s,,,,,,,,,%s,%
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 # What bench/report.sh needs besides the figures.
 meta() { row "meta,$1,,,,,,,,,,,,$2,"; }
+meta cpu_model "$(lscpu | sed -n 's/^Model name: *//p' | head -1 | tr -d ,)"
+meta cores "$(nproc)"
+meta kernel "$(uname -r)"
+meta dpdk "$(dpkg-query -W -f='${Version}' dpdk 2>/dev/null || echo unknown)"
 meta load_before "$load_before"
 meta load_after "$load_after"
 meta duration "$duration"
