@@ -313,11 +313,13 @@ struct Device::Impl {
 
   // --- control thread -------------------------------------------------------------------
 
+  // Everything a ring needs to start but memory.
+  bool startable(const Queue& q) const {
+    return owner && !q.started() && q.num != 0 && q.has_addr && q.kick_set && q.enabled;
+  }
+
   Result<> try_start(Queue& q) {
-    if (!owner || q.started()) return {};
-    if (mem.region_count() == 0 || q.num == 0 || !q.has_addr || !q.kick_set || !q.enabled) {
-      return {};
-    }
+    if (!startable(q) || mem.region_count() == 0) return {};
     auto r = translate(mem, q.addr, q.num, q.index_);
     if (!r) return std::unexpected(r.error());
     Worker& w = worker_of(q.index_);
@@ -498,6 +500,10 @@ Result<> Device::set_features(std::uint64_t features) {
 Result<> Device::set_mem_table(std::vector<MemRegionFd> regions) {
   Impl& d = *impl_;
   if (auto r = d.need_owner("SET_MEM_TABLE"); !r) return r;
+  // A transaction, as Linux's VHOST_SET_MEM_TABLE (this request's equivalent ioctl) is: the
+  // whole new table is validated and mapped, and every ring checked against it, before anything
+  // changes. A refused table leaves the old one mapped and every ring running on it; what this
+  // attempt mapped is unmapped and its fds closed on the way out.
   memory::GuestMemory next;
   for (std::size_t i = 0; i < regions.size(); ++i) {
     if (auto r = next.add_region(regions[i].spec, std::move(regions[i].fd)); !r) {
@@ -505,16 +511,19 @@ Result<> Device::set_mem_table(std::vector<MemRegionFd> regions) {
                   r.error().sys_errno);
     }
   }
-  // Every running ring must still be covered; check before anything changes.
+  // Running rings move to the new table, and rings waiting only for memory start on it: both
+  // must lie inside it.
   std::vector<std::pair<Queue*, virtq::SplitRing>> running;
   for (auto& q : d.queues) {
-    if (!q->started()) continue;
+    const bool now = q->started();
+    if (!now && !d.startable(*q)) continue;
     auto r = Impl::translate(next, q->addr, q->num, q->index_);
     if (!r) {
       return fail(r.error().code,
-                  "SET_MEM_TABLE: the new table does not cover a running ring: " + r.error().detail);
+                  fmt::format("SET_MEM_TABLE: the new table does not cover {} ring: {}",
+                              now ? "a running" : "a ready", r.error().detail));
     }
-    running.emplace_back(q.get(), *r);
+    if (now) running.emplace_back(q.get(), *r);
   }
   d.with_workers_parked([&] {
     d.quiesce_running();
@@ -524,6 +533,8 @@ Result<> Device::set_mem_table(std::vector<MemRegionFd> regions) {
     for (auto& [q, r] : running) d.reattach(*q, r);
   });
   // `next` (the old table) is unmapped when it goes out of scope: no ring points into it now.
+  // Every ready ring was checked against the table above, so a start can fail here only on a
+  // system error (watching its kick fd); the table stays installed and that error is returned.
   return d.try_start_all();
 }
 

@@ -248,6 +248,33 @@ TEST_F(Hostile, BadMemTableLeavesOldIntact) {
   ASSERT_TRUE(u.has_value());
   EXPECT_EQ(rig.reply(0, 0, 10), "still here");
 }
+// Bad, then good: the refused table leaves the ring running on the old one (same mapping); the
+// good one replaces it under the running ring.
+TEST_F(Hostile, BadMemTableThenGoodTable) {
+  rig.configure(dev, 0);
+  const std::uint8_t* host = dev.memory().gpa_to_host(Rig::kDataGpa, 16);
+  ASSERT_NE(host, nullptr);
+  std::vector<MemRegionFd> bad;
+  bad.push_back(rig.region());
+  // A second region past the end of the memfd: the first maps, the second fails.
+  const memory::RegionSpec past{Rig::kMemSize, 4096, rig.uva(0) + Rig::kMemSize * 2, Rig::kMemSize};
+  bad.push_back(MemRegionFd{past, testing::dup_fd(rig.memfd())});
+  ASSERT_FALSE(dev.set_mem_table(std::move(bad)).has_value());
+  ASSERT_EQ(dev.memory().region_count(), 1u);
+  EXPECT_EQ(dev.memory().gpa_to_host(Rig::kDataGpa, 16), host);
+  EXPECT_NE(dev.memory().uva_to_host(rig.addr(0).used_user_addr, 4), nullptr);
+  EXPECT_TRUE(dev.queue(0).started());
+  rig.post(0, "old table", 1);
+  ASSERT_TRUE(rig.wait_used(0, 20000).has_value());
+  EXPECT_EQ(rig.reply(0, 1, 9), "old table");
+  auto good = dev.set_mem_table(rig.table());
+  ASSERT_TRUE(good.has_value()) << good.error().message();
+  ASSERT_EQ(dev.memory().region_count(), 1u);
+  EXPECT_TRUE(dev.queue(0).started());
+  rig.post(0, "new table", 2);
+  ASSERT_TRUE(rig.wait_used(0, 20000).has_value());
+  EXPECT_EQ(rig.reply(0, 2, 9), "new table");
+}
 TEST_F(Hostile, MemTableNotCoveringRunningRingRefused) {
   rig.configure(dev, 0);
   std::vector<MemRegionFd> t;
@@ -259,6 +286,57 @@ TEST_F(Hostile, MemTableNotCoveringRunningRingRefused) {
   ASSERT_FALSE(r.has_value());
   EXPECT_NE(r.error().detail.find("running ring"), std::string::npos) << r.error().message();
   EXPECT_EQ(dev.memory().regions()[0].spec.size, Rig::kMemSize);
+}
+// A ring that has everything but memory covering it (its addresses came before its size, so
+// nothing checked them then) starts with the first table that covers it. A table that does not
+// is refused whole, like one that drops a running ring: it must not be installed with only the
+// ring's start failing.
+TEST(HostileMemTable, TableNotCoveringAReadyRingChangesNothing) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  Rig rig;
+  ASSERT_TRUE(dev.set_owner().has_value());
+  ASSERT_TRUE(dev.set_features(kEchoFeatures).has_value());
+  // Memory from `from` up; the rings (from gpa 0) lie below the data area.
+  auto from = [&](std::uint64_t gpa) {
+    std::vector<MemRegionFd> t;
+    t.push_back(MemRegionFd{memory::RegionSpec{gpa, Rig::kMemSize - gpa, rig.uva(gpa), gpa},
+                            testing::dup_fd(rig.memfd())});
+    return t;
+  };
+  ASSERT_TRUE(dev.set_mem_table(from(Rig::kDataGpa)).has_value());
+  rig.init_driver(0);
+  ASSERT_TRUE(dev.set_vring_addr(0, rig.addr(0)).has_value());  // no size yet: not checked
+  ASSERT_TRUE(dev.set_vring_num(0, rig.ring_size()).has_value());
+  ASSERT_TRUE(dev.set_vring_base(0, 0).has_value());
+  UniqueFd call = testing::make_eventfd();
+  ASSERT_TRUE(dev.set_vring_call(0, testing::dup_fd(call.get())).has_value());
+  ASSERT_TRUE(dev.set_vring_enable(0, true).has_value());
+  rig.set_kick(0, testing::make_eventfd());
+  EXPECT_FALSE(dev.set_vring_kick(0, testing::dup_fd(rig.kick_fd(0))).has_value());
+  ASSERT_FALSE(dev.queue(0).started());
+  const std::uint8_t* host = dev.memory().gpa_to_host(Rig::kDataGpa, 16);
+
+  auto r = dev.set_mem_table(from(Rig::kDataGpa + 0x100000));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().detail.find("ready ring"), std::string::npos) << r.error().message();
+  ASSERT_EQ(dev.memory().region_count(), 1u);
+  EXPECT_EQ(dev.memory().regions()[0].spec.guest_phys_addr, Rig::kDataGpa);
+  EXPECT_EQ(dev.memory().gpa_to_host(Rig::kDataGpa, 16), host);
+  EXPECT_FALSE(dev.queue(0).started());
+
+  // A table that covers the ring: taken, and the ring starts on it.
+  auto ok = dev.set_mem_table(rig.table());
+  ASSERT_TRUE(ok.has_value()) << ok.error().message();
+  ASSERT_TRUE(dev.queue(0).started());
+  rig.post(0, "started", 3);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  std::optional<virtq::DriverQueue::Used> u;
+  while (!(u = rig.driver(0).get_used()) && std::chrono::steady_clock::now() < deadline) {
+    testing::wait_fd(call.get(), 50);
+  }
+  ASSERT_TRUE(u.has_value()) << "the ring did not serve within 20 s";
+  EXPECT_EQ(rig.reply(0, 3, 7), "started");
 }
 TEST_F(Hostile, RemoveRegionUnderRunningRingRefused) {
   rig.configure(dev, 0);

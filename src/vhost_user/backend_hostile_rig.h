@@ -104,7 +104,7 @@ struct Hostile {
     ASSERT_TRUE(e.has_value()) << e.error().message();
     auto e1 = fe->echo(1, 1000);
     ASSERT_TRUE(e1.has_value()) << e1.error().message();
-    EXPECT_FALSE(session->broken());
+    EXPECT_FALSE(device.broken());
   }
 
   EchoBackend backend;

@@ -103,25 +103,6 @@ void BackendSession::note_failure(Request request, const Error& err) {
   }
 }
 
-void BackendSession::stop_all_rings() noexcept {
-  for (std::uint32_t i = 0; i < device_.num_queues(); ++i) {
-    (void)device_.get_vring_base(i);  // stops the ring and forgets its kick
-  }
-}
-
-void BackendSession::mark_broken(const Error& why) {
-  // The front-end believes in a memory table we could not map: running rings would read and
-  // write memory it may already have reused. Stop them and drop what we mapped.
-  stop_all_rings();
-  (void)device_.set_mem_table({});
-  if (!broken_) {
-    spdlog::error("vhost-user {}: device unusable ({}); rings stopped until a valid memory table "
-                  "or RESET_DEVICE",
-                  opts_.name, why.message());
-  }
-  broken_ = true;
-}
-
 // ---- the loop ---------------------------------------------------------------------------
 
 Result<> BackendSession::run(int stop_fd) {
@@ -265,16 +246,12 @@ BackendSession::Outcome BackendSession::on(SetMemTable& m) {
   std::vector<vhost::MemRegionFd> regions;
   regions.reserve(m.regions.size());
   for (auto& r : m.regions) regions.push_back({r.spec, std::move(r.fd)});
-  auto r = device_.set_mem_table(std::move(regions));
-  if (!r) {
-    mark_broken(r.error());
-    return Outcome::from(std::move(r));
-  }
-  if (broken_) {
-    broken_ = false;
-    spdlog::info("vhost-user {}: new memory table accepted; device usable again", opts_.name);
-  }
-  return Outcome::ok();
+  // A refused table changed nothing (vhost::Device::set_mem_table): the old one and the rings
+  // on it stay as they were, and the front-end hears of the failure like any other (a failure
+  // ack with NEED_REPLY, which QEMU sets for this request; a log line otherwise). QEMU only logs
+  // a refused update of a running device and carries on: rings still served on the old table
+  // keep the guest's device working, where dropping the table would stop it with QEMU unaware.
+  return Outcome::from(device_.set_mem_table(std::move(regions)));
 }
 
 BackendSession::Outcome BackendSession::on(SetLogBase& m) {
@@ -432,7 +409,6 @@ BackendSession::Outcome BackendSession::on(ResetDevice&) {
   device_.reset();
   log_fd_.reset();
   status_ = 0;
-  broken_ = false;
   return Outcome::from(device_.set_owner());
 }
 
@@ -449,11 +425,6 @@ BackendSession::Outcome BackendSession::on(AddMemReg& m) {
     return Outcome::err(Error{Errc::too_many, 0,
                               fmt::format("ADD_MEM_REG: all {} memory slots are in use",
                                           opts_.max_mem_slots)});
-  }
-  if (broken_) {
-    return Outcome::err(Error{Errc::bad_state, 0,
-                              "ADD_MEM_REG after a failed memory table; send SET_MEM_TABLE or "
-                              "RESET_DEVICE"});
   }
   return Outcome::from(device_.add_mem_region({m.region.spec, std::move(m.region.fd)}));
 }

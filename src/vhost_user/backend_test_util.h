@@ -351,11 +351,9 @@ struct ThreadedSession {
     return std::thread([this, ch = std::move(ch), opts = std::move(opts)]() mutable {
       BackendSession s(device, std::move(ch), std::move(opts));
       result = s.run(stop.get());
-      broken = s.broken();
     });
   }
   Result<> result;
-  bool broken = false;
 };
 
 // One connect / negotiate / traffic / disconnect cycle against `ts`.

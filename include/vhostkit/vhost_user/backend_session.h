@@ -8,9 +8,8 @@
 //     rate-limited log line. The session keeps serving.
 //   - requests that have their own reply body always get a reply, so a front-end never waits
 //     forever: GET_CONFIG fails with an empty config, the others with a non-zero u64.
-//   - a request that leaves the device unusable (a memory table we can't map) additionally
-//     stops every ring, drops guest memory and marks the session broken(); a later valid
-//     SET_MEM_TABLE or RESET_DEVICE recovers it.
+//   - a refused memory table (one we can't validate or map, or that does not cover a ring)
+//     changes nothing: the old table stays mapped and its rings keep running.
 //   - stream-level errors (a message the channel can't frame, a header with the wrong version
 //     bits, a socket error) and a front-end that hangs up end the session.
 // When the session ends the device is reset: every ring stopped, memory unmapped, fds closed.
@@ -91,8 +90,6 @@ class BackendSession {
   void close() noexcept;
   bool open() const noexcept { return channel_.valid(); }
 
-  // A request left the device unusable (see the file comment).
-  bool broken() const noexcept { return broken_; }
   std::uint64_t offered_protocol_features() const noexcept { return offered_protocol_; }
   std::uint64_t protocol_features() const noexcept { return protocol_; }  // negotiated
   std::uint8_t status() const noexcept { return status_; }
@@ -111,8 +108,6 @@ class BackendSession {
     return (protocol_ & protocol_bit(protocol_feature)) != 0;
   }
   bool reply_ack_on() const noexcept { return has(protocol_feature::reply_ack); }
-  void mark_broken(const Error& why);
-  void stop_all_rings() noexcept;
 
   // The handlers: each returns what the front-end should hear.
   Outcome on(GetFeatures&);
@@ -152,7 +147,6 @@ class BackendSession {
   std::uint64_t offered_protocol_ = 0;
   std::uint64_t protocol_ = 0;
   std::uint8_t status_ = 0;
-  bool broken_ = false;
   bool closed_ = false;
   UniqueFd log_fd_;  // SET_LOG_FD: kept (and closed on reset); we never signal it
   SessionStats stats_;
