@@ -208,15 +208,34 @@ TEST(BackendHostile, KickNoFdBitWithAnFd) {
 TEST(BackendHostile, KickFdThatIsASocketHangingUp) {
   hostile([](Hostile& h) {
     ASSERT_TRUE(h.fe->negotiate());
-    // A "kick fd" that is a socket whose peer is gone: readable forever, yields EOF.
+    // Ring 0's err fd, set first, so the ring breaking is seen as it happens.
+    UniqueFd err = test::make_eventfd();
+    SetVringErr e;
+    e.index = 0;
+    e.fd = UniqueFd(::fcntl(err.get(), F_DUPFD_CLOEXEC, 0));
+    ASSERT_TRUE(h.fe->ok(e));
+    // A "kick fd" that is a socket whose peer is gone: readable forever, yields EOF. It is a
+    // valid fd, so the request is accepted; serving it would spin the worker, so the ring must
+    // break instead: stopped, flagged, and its err fd signalled.
     int sv[2];
     ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
     ::close(sv[1]);
     SetVringKick k;
     k.index = 0;
     k.fd = UniqueFd(sv[0]);
-    (void)h.fe->request(k, true);
-    std::this_thread::sleep_for(50ms);
+    auto a = h.fe->request(k, true);
+    ASSERT_TRUE(a.has_value()) << a.error().message();
+    EXPECT_EQ(*a, 0u);
+    // Generous: the worker normally sees the hang-up within a millisecond.
+    pollfd p{err.get(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 20000), 1) << "the err fd was not signalled";
+    EXPECT_TRUE(h.device.queue(0).broken());
+    EXPECT_TRUE(h.device.broken());
+    EXPECT_FALSE(h.device.queue(0).started());
+    // The other ring goes on, and so does the session.
+    auto echoed = h.fe->echo(1, 200, 3, 20s);
+    EXPECT_TRUE(echoed.has_value()) << echoed.error().message();
+    EXPECT_FALSE(h.device.queue(1).broken());
     h.expect_alive();
   });
 }
