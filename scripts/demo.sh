@@ -56,8 +56,12 @@ if ! configure; then
     tail -20 "$blog"; die "cmake configure failed (log: $blog)"
   fi
 fi
-cmake --build "$build" --target vhostkit-net -j "${VK_JOBS:-$(nproc)}" >>"$blog" 2>&1 ||
-  { tail -30 "$blog"; die "build failed (log: $blog)"; }
+# The compiler's output goes to the log; the terminal gets a progress line every quarter.
+cmake --build "$build" --target vhostkit-net -j "${VK_JOBS:-$(nproc)}" 2>&1 | tee -a "$blog" |
+  gawk -v t0="$(date +%s)" 'match($0, /^\[([0-9]+)\/([0-9]+)\]/, m) {
+      q = int(4 * m[1] / m[2]); if (q > last) { last = q
+        printf "[demo]   compiled %d of %d steps (%d s)\n", m[1], m[2], systime() - t0; fflush() } }'
+((PIPESTATUS[0] == 0)) || { tail -30 "$blog"; die "build failed (log: $blog)"; }
 VK_NET_BIN=$build/src/tools/vhostkit-net/vhostkit-net
 [[ -x $VK_NET_BIN ]] || die "no $VK_NET_BIN after the build"
 say "built in $(took "$t") s"
