@@ -96,6 +96,11 @@ struct Case {
   std::size_t frame;
 };
 
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << (c.loopback ? "loopback" : "port") << ", " << c.frame << "-byte frame, chain of";
+  for (auto s : c.sizes) *os << " " << s;
+}
+
 class Mergeable : public ::testing::TestWithParam<Case> {};
 
 // One frame over exactly as many chains as it needs: every used entry, every byte.
