@@ -10,8 +10,8 @@
 #    boots a QEMU guest (TCG, no KVM needed) whose NIC is vhost-user served by vhostkit-net;
 #    the guest (192.0.2.2) pings the host, sends 8 MiB over TCP and receives 8 MiB back, and
 #    both ends compare sha256;
-# 5. prints vhostkit-net's per-second stats lines and a summary, and removes everything it made
-#    (namespace, TAP, processes, socket), also on Ctrl-C.
+# 5. prints vhostkit-net's per-second stats lines and its exact totals at exit, and removes
+#    everything it made (namespace, TAP, processes, socket), also on Ctrl-C.
 #
 # Environment: VK_DEMO_MIB (default 8) MiB each way, VK_JOBS build parallelism (default: nproc),
 # VK_KEEP=1 keeps the logs directory. Exit 0 when the guest's traffic went through intact.
@@ -111,12 +111,17 @@ vk_qemu_wait_exit "$VK_QEMU_PID" 30; rc=$?
 grep -q '^VK-DONE failed=0' "$log" || { vk_qemu_dump "$log"; die "the guest reported a failed step"; }
 ((rc == 0)) || die "QEMU exited with status $rc"
 
-sleep 1.2  # one more stats interval
 say "vhostkit-net stats lines with traffic (tx = guest -> TAP, rx = TAP -> guest, per second):"
 awk '$1 ~ /^qp/ && ($3 > 0 || $5 > 0 || $13 > 0 || $15 > 0)' "$nlog" | sed 's/^/[demo]   /'
-read -r txm txg txd txe rxm rxg rxd rxe <<<"$(vk_net_stats_sum "$nlog" 0)"
 vk_net_stop "$net_pid"; nrc=$?
 ((nrc == 0)) || die "vhostkit-net exited with status $nrc on SIGTERM"
+# The exact per-queue totals vhostkit-net logs as it exits:
+# "totals qp0 tx F frames B bytes drops D err E | rx F frames B bytes drops D err E".
+totals=$(grep -oE 'totals qp0 tx [0-9]+ frames .*' "$nlog" | tail -1)
+[[ -n $totals ]] || { tail -5 "$nlog"; die "vhostkit-net logged no totals at exit"; }
+read -r txf txb txd txe rxf rxb rxd rxe <<<"$(awk '{print $4, $6, $9, $11, $14, $16, $19, $21}' <<<"$totals")"
+((txf > 0 && rxf > 0)) || die "vhostkit-net's totals show no traffic both ways: $totals"
+mb() { awk -v b="$1" 'BEGIN{printf "%.1f", b / 1e6}'; }
 
 ping_res=$(vk_guest_result "$log" ping)
 cat <<EOF
@@ -126,10 +131,9 @@ cat <<EOF
 [demo]              virtio-net-pci over vhost-user socket $sock
 [demo]   guest:     ping 192.0.2.1 ${ping_res%% *} (${ping_res#* });
 [demo]              sent $MIB MiB, received $MIB MiB, sha256 equal on both ends
-[demo]   moved:     guest -> host ~$(awk -v m="$txm" 'BEGIN{printf "%.0f", m * 1e6}') frames, ~$(awk -v g="$txg" 'BEGIN{printf "%.0f", g * 1000 / 8}') MB;
-[demo]              host -> guest ~$(awk -v m="$rxm" 'BEGIN{printf "%.0f", m * 1e6}') frames, ~$(awk -v g="$rxg" 'BEGIN{printf "%.0f", g * 1000 / 8}') MB
-[demo]              (from vhostkit-net's per-second rates, 3 decimals: +-1000 frames; TSO frames
-[demo]              carry up to 64 KiB each; drops tx $txd rx $rxd, errors $((txe + rxe)))
+[demo]   moved:     guest -> host $txf frames, $(mb "$txb") MB; host -> guest $rxf frames, $(mb "$rxb") MB
+[demo]              (vhostkit-net's totals at exit; TSO frames carry up to 64 KiB each);
+[demo]              drops tx $txd rx $rxd, errors $((txe + rxe))
 [demo]   vhostkit-net exited 0 on SIGTERM; total $(took "$t0") s; cleaning up
 [demo] ------------------------------------------------------------------------------------
 EOF
