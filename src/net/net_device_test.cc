@@ -336,6 +336,14 @@ TEST(PortRxMerge, WithoutMrgRxbufTooLargeFrameIsDropped) {
   EXPECT_EQ(rx.empty_used, 1u);  // the chain the big frame consumed came back empty
 }
 
+// Returns once the worker has been through its loop twice after this call: anything that was
+// ready when it was called (a readable fd, a posted announce) has been handled. A barrier, where
+// a sleep would only make it likely.
+void settle(vhost::Worker& w) {
+  w.run_sync([] {});
+  w.run_sync([] {});
+}
+
 // The port's rx side fails under a running device (its TAP interface was deleted): the worker
 // must not spin on the fd that stays readable, and transmit goes on (into drops).
 TEST(PortRxFlow, FailedPortIsNoLongerWatched) {
@@ -344,8 +352,13 @@ TEST(PortRxFlow, FailedPortIsNoLongerWatched) {
   rx.refill();
   r.port_ptr->fail_reads = true;
   r.port_ptr->poke();
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (r.net.stats(0).rx_errors == 0 && std::chrono::steady_clock::now() < deadline) {
+    settle(r.dev.worker_for(1));
+  }
+  settle(r.dev.worker_for(1));
   const auto w0 = r.dev.worker_for(1).wakeups();
+  // A spinning worker would wake thousands of times in 100 ms; a negative is watched a while.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_LT(r.dev.worker_for(1).wakeups() - w0, 5u) << "worker spins on a failed port's fd";
   EXPECT_GE(r.net.stats(0).rx_errors, 1u);
@@ -367,8 +380,9 @@ TEST(PortRxFlow, EmptyRingStopsWatchingAndKickResumes) {
     frames.push_back(random_frame(rng, 100));
     r.port_ptr->inject(frames.back());
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  settle(r.dev.worker_for(1));
   const auto w0 = r.dev.worker_for(1).wakeups();
+  // A spinning worker would wake thousands of times in 100 ms; a negative is watched a while.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_LT(r.dev.worker_for(1).wakeups() - w0, 5u) << "worker spins on a readable port fd";
   EXPECT_EQ(r.port_ptr->waiting(), 10u);
@@ -377,7 +391,7 @@ TEST(PortRxFlow, EmptyRingStopsWatchingAndKickResumes) {
   r.g.kick(1);
   ASSERT_TRUE(rx.wait_frames(4));
   // Ring empty again with 6 frames waiting; once more.
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  settle(r.dev.worker_for(1));
   EXPECT_EQ(r.port_ptr->waiting(), 6u);
   rx.refill();
   ASSERT_TRUE(rx.wait_frames(10));
@@ -480,7 +494,7 @@ TEST(Announce, RarpFrameReachesPairZero) {
   const std::uint8_t mac[6] = {0x52, 0x54, 0, 0xab, 0xcd, 0xef};
   Receiver rx(g, 1, {1526});
   net.announce(mac);  // no buffer yet: delivered when the guest posts one
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  settle(dev.worker_for(1));
   rx.refill();
   ASSERT_TRUE(rx.wait_frames(1));
   const Bytes& f = rx.frames[0].data;
@@ -496,7 +510,7 @@ TEST(Announce, RarpFrameReachesPairZero) {
   // Once only.
   net.announce(mac);
   ASSERT_TRUE(rx.wait_frames(2));
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  settle(dev.worker_for(1));
   rx.poll();
   EXPECT_EQ(rx.frames.size(), 2u);
 }
