@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <fstream>
+#include <thread>
 
 #include "test_rig.h"
 
@@ -15,6 +17,20 @@ namespace {
 using testing::EchoBackend;
 using testing::Rig;
 using testing::kEchoFeatures;
+
+// How long a test waits for an event it caused (a used entry, a call, the err eventfd). Generous:
+// a loaded 2-core host can leave the worker unscheduled for seconds; a passing test takes ms.
+constexpr int kWaitMs = 20000;
+
+template <typename F>
+bool eventually(F&& pred, std::chrono::milliseconds limit = std::chrono::milliseconds(kWaitMs)) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return pred();
+}
 
 DeviceOptions opts(PollMode mode, std::string name = "t") {
   DeviceOptions o;
@@ -36,7 +52,7 @@ void echo_round_trips(Rig& rig, std::uint16_t q, int count, int first_token = 0)
   for (int i = first_token; i < first_token + count; ++i) {
     const std::string msg = "ping " + std::to_string(i);
     rig.post(q, msg, i);
-    auto u = rig.wait_used(q);
+    auto u = rig.wait_used(q, kWaitMs);
     ASSERT_TRUE(u.has_value()) << "no used element for request " << i;
     EXPECT_EQ(u->token, static_cast<std::uint64_t>(i));
     EXPECT_EQ(u->len, msg.size());
@@ -69,7 +85,7 @@ TEST(Device, EventModeCallArrivesOnEventfd) {
   rig.configure(dev, 0);
   rig.post(0, "hello", 1);
   // The driver sleeps on the call eventfd, as a guest would on its interrupt.
-  ASSERT_TRUE(testing::wait_fd(rig.call_fd(0), 1000))
+  ASSERT_TRUE(testing::wait_fd(rig.call_fd(0), kWaitMs))
       << "kicks " << dev.queue(0).stats().kicks.load() << " calls "
       << dev.queue(0).stats().calls.load() << " chains " << dev.queue(0).stats().chains.load();
   auto u = rig.driver(0).get_used();
@@ -99,7 +115,7 @@ TEST(Device, BusyModeTellsDriverNotToKick) {
   // Notifications are disabled at start and never re-enabled: the driver stops kicking.
   rig.post(0, "x", 100);
   EXPECT_FALSE(rig.driver(0).needs_kick());
-  ASSERT_TRUE(rig.wait_used(0).has_value());
+  ASSERT_TRUE(rig.wait_used(0, kWaitMs).has_value());
 }
 
 TEST(Device, AdaptiveModeSleepsAndWakesOnKick) {
@@ -109,9 +125,13 @@ TEST(Device, AdaptiveModeSleepsAndWakesOnKick) {
   bring_up(dev, rig);
   rig.configure(dev, 0);
   echo_round_trips(rig, 0, 10);
-  // Well past the spin budget the worker is asleep with notifications on: the next request
-  // must be kicked and must wake it.
-  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  // Past the spin budget the worker turns notifications on (avail_event = the 10 chains it has
+  // seen) and, with nothing new on the ring, sleeps: the next request must be kicked and must
+  // wake it. avail_event reaches 10 only in that last arm, after the 10th chain was taken.
+  auto* avail_event = virtq::avail_event_word(rig.driver(0).used(), rig.driver(0).size());
+  ASSERT_TRUE(eventually([&] {
+    return std::atomic_ref<std::uint16_t>(*avail_event).load(std::memory_order_acquire) == 10;
+  })) << "avail_event " << *avail_event;
   const auto wakeups = dev.worker_for(0).wakeups();
   echo_round_trips(rig, 0, 5, 10);
   EXPECT_GT(dev.worker_for(0).wakeups(), wakeups);
@@ -143,9 +163,11 @@ TEST(Device, GetVringBaseReturnsIndexAndStopsProcessing) {
   EXPECT_EQ(*base, 7u);
   EXPECT_FALSE(dev.queue(0).started());
   EXPECT_EQ(be.stopped_calls.load(), 1);
-  // Stopped: a request made now is not served.
+  // Stopped: a request made now is not served. Its kick (on the rig's copy of the old kick fd)
+  // would be ready before flush()'s wake-up, and the worker runs fd handlers before work items:
+  // once the flush is through, a ring still watched would have answered.
   rig.post(0, "late", 7);
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  dev.worker_for(0).flush();
   EXPECT_FALSE(rig.driver(0).get_used().has_value());
   EXPECT_EQ(dev.queue(0).stats().chains.load(), 7u);
 }
@@ -177,7 +199,7 @@ TEST(Device, RestartFromBaseServesPendingRequest) {
   ASSERT_TRUE(dev.set_vring_kick(0, testing::dup_fd(kick.get())).has_value());
   rig.set_kick(0, std::move(kick));
   ASSERT_TRUE(dev.queue(0).started());
-  auto u = rig.wait_used(0);
+  auto u = rig.wait_used(0, kWaitMs);
   ASSERT_TRUE(u.has_value());
   EXPECT_EQ(u->token, 4u);
   EXPECT_EQ(rig.reply(0, 4, 13), "while stopped");
@@ -202,7 +224,7 @@ TEST(Device, RestartWithABaseBehindTheUsedIndexResumesFromIt) {
   rig.set_kick(0, std::move(kick));
   ASSERT_TRUE(dev.queue(0).started());
   rig.post(0, "after restart", 4);
-  auto u = rig.wait_used(0);
+  auto u = rig.wait_used(0, kWaitMs);
   ASSERT_TRUE(u.has_value());
   EXPECT_EQ(u->token, 4u);
   EXPECT_EQ(rig.reply(0, 4, 13), "after restart");
@@ -278,13 +300,12 @@ TEST(Device, BadChainCountedAsErrorRingKeepsRunning) {
   rig.driver(0).publish();
   const std::uint64_t one = 1;
   ASSERT_EQ(::write(rig.kick_fd(0), &one, 8), 8);
-  auto u = rig.wait_used(0);
+  auto u = rig.wait_used(0, kWaitMs);
   ASSERT_TRUE(u.has_value());
   EXPECT_EQ(u->len, 0u);
-  // The worker adds the counter right after the handler returns (after the used publish).
-  for (int i = 0; i < 200 && dev.queue(0).stats().errors.load() == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  // The worker adds the counter right after the handler that published the used entry returns,
+  // on the same thread: a work item queued now runs after it.
+  dev.worker_for(0).flush();
   EXPECT_EQ(dev.queue(0).stats().errors.load(), 1u);
   EXPECT_FALSE(dev.broken());
   echo_round_trips(rig, 0, 2, 1);
@@ -305,14 +326,16 @@ TEST(Device, BrokenRingStopsSignalsErrAndOthersLiveOn) {
       .store(static_cast<std::uint16_t>(rig.driver(0).avail()->idx + 1000), std::memory_order_release);
   const std::uint64_t one = 1;
   ASSERT_EQ(::write(rig.kick_fd(0), &one, 8), 8);
-  ASSERT_TRUE(testing::wait_fd(err.get(), 1000)) << "err eventfd not signalled";
+  ASSERT_TRUE(testing::wait_fd(err.get(), kWaitMs)) << "err eventfd not signalled";
   EXPECT_TRUE(dev.broken());
   EXPECT_TRUE(dev.queue(0).broken());
   EXPECT_FALSE(dev.queue(0).started());
   EXPECT_EQ(be.stopped_calls.load(), 1);
-  // Kicking again is harmless: the ring is no longer watched.
+  // Kicking again is harmless: the ring is no longer watched. Were it watched, the kick would be
+  // handled no later than the flush (fd handlers run before work items), signalling err again.
   ASSERT_EQ(::write(rig.kick_fd(0), &one, 8), 8);
-  EXPECT_FALSE(testing::wait_fd(err.get(), 30));
+  dev.worker_for(0).flush();
+  EXPECT_FALSE(testing::wait_fd(err.get(), 0));
   // The other ring and the process live on.
   echo_round_trips(rig, 1, 3);
   EXPECT_TRUE(dev.get_vring_base(0).has_value());
@@ -372,7 +395,7 @@ TEST(Device, SetVringCallWhileRunningSwitchesFd) {
   auto call2 = testing::make_eventfd();
   ASSERT_TRUE(dev.set_vring_call(0, testing::dup_fd(call2.get())).has_value());
   rig.post(0, "abc", 1);
-  ASSERT_TRUE(testing::wait_fd(call2.get(), 1000));
+  ASSERT_TRUE(testing::wait_fd(call2.get(), kWaitMs));
   EXPECT_FALSE(testing::wait_fd(rig.call_fd(0), 0));
 }
 
@@ -386,10 +409,12 @@ TEST(Device, DisableStopsRingEnableResumes) {
   ASSERT_TRUE(dev.set_vring_enable(0, false).has_value());
   EXPECT_FALSE(dev.queue(0).started());
   rig.post(0, "queued", 2);
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  // Its kick would be ready before flush()'s wake-up, and fd handlers run before work items: a
+  // ring still served would have answered by the time the flush is through.
+  dev.worker_for(0).flush();
   EXPECT_FALSE(rig.driver(0).get_used().has_value());
   ASSERT_TRUE(dev.set_vring_enable(0, true).has_value());
-  auto u = rig.wait_used(0);
+  auto u = rig.wait_used(0, kWaitMs);
   ASSERT_TRUE(u.has_value());
   EXPECT_EQ(u->token, 2u);
 }
@@ -421,7 +446,7 @@ TEST(Device, UsedRingWritesMarkedInDirtyLog) {
   const std::uint64_t used_page = rig.driver(0).used_gpa() / 4096;
   EXPECT_EQ(bits[used_page / 8] & (1u << (used_page % 8)), 0);
   rig.post(0, "log me", 0);
-  ASSERT_TRUE(rig.wait_used(0).has_value());
+  ASSERT_TRUE(rig.wait_used(0, kWaitMs).has_value());
   EXPECT_NE(bits[used_page / 8] & (1u << (used_page % 8)), 0);
   ::munmap(bits, kLogBytes);
 }
