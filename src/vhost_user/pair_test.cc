@@ -31,6 +31,18 @@ using test::open_fd_count;
 
 constexpr std::array<std::uint8_t, 6> kMac{0x02, 0x11, 0x22, 0x33, 0x44, 0x55};
 
+// Polls `done` until it holds or `limit` passes: the limit only bounds a failure (the other side
+// is a thread of this process; on a loaded host it may be off its core for a while).
+template <class F>
+bool eventually(F&& done, std::chrono::milliseconds limit = 20s) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(1ms);
+  }
+  return true;
+}
+
 // Each pair's transmitq chains are copied (header and all) into a receiveq buffer of the same
 // pair, num_buffers set to 1. Both rings of a pair run on one worker (queues_per_worker 2).
 class LoopbackBackend : public vhost::DeviceBackend {
@@ -310,7 +322,7 @@ TEST(FrontendPair, ServerSocketPathAndReconnect) {
   StopFd stop;
   BackendServer server(rig.device, ServerOptions::listen(path));
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
-  for (int i = 0; i < 200 && !std::filesystem::exists(path); ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
   for (int round = 0; round < 2; ++round) {
     FrontendOptions o;
     o.socket_path = path;
@@ -338,10 +350,11 @@ TEST(FrontendPair, BackendClientReconnectsToListeningFrontend) {
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
   for (int round = 0; round < 3; ++round) {
     auto ch = accept(listener->get());
-    for (int i = 0; i < 500 && !ch && ch.error().code == Errc::would_block; ++i) {
-      std::this_thread::sleep_for(10ms);
+    eventually([&] {
+      if (ch || ch.error().code != Errc::would_block) return true;
       ch = accept(listener->get());
-    }
+      return false;
+    });
     ASSERT_TRUE(ch) << ch.error().message();
     auto s = FrontendSession::connect(opts_on(std::move(*ch)));
     ASSERT_TRUE(s) << s.error().message();
@@ -360,7 +373,7 @@ TEST(FrontendPair, DisconnectMidTrafficThenReconnect) {
   StopFd stop;
   BackendServer server(rig.device, ServerOptions::listen(path));
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
-  for (int i = 0; i < 200 && !std::filesystem::exists(path); ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
   {
     FrontendOptions o;
     o.socket_path = path;
@@ -392,7 +405,7 @@ TEST(FrontendPair, FdCountStableAcrossHundredCycles) {
   StopFd stop;
   BackendServer server(rig.device, ServerOptions::listen(path));
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
-  for (int i = 0; i < 200 && !std::filesystem::exists(path); ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
   auto cycle = [&] {
     FrontendOptions o;
     o.socket_path = path;
@@ -405,9 +418,7 @@ TEST(FrontendPair, FdCountStableAcrossHundredCycles) {
   cycle();  // warm up: lazily created worker fds etc.
   // The back-end ends each session on its own thread: wait for it to settle.
   auto settled = [&](std::uint64_t sessions) {
-    for (int i = 0; i < 300 && (server.sessions() < sessions || rig.device.has_owner()); ++i) {
-      std::this_thread::sleep_for(10ms);
-    }
+    eventually([&] { return server.sessions() >= sessions && !rig.device.has_owner(); });
   };
   settled(1);
   const std::size_t before = open_fd_count();
@@ -417,10 +428,7 @@ TEST(FrontendPair, FdCountStableAcrossHundredCycles) {
   }
   settled(101);
   std::size_t after = open_fd_count();
-  for (int i = 0; i < 100 && after != before; ++i) {
-    std::this_thread::sleep_for(10ms);
-    after = open_fd_count();
-  }
+  eventually([&] { return (after = open_fd_count()) == before; });
   EXPECT_EQ(after, before);
   stop.fire();
   t.join();
