@@ -235,9 +235,10 @@ TEST(BackendSession, RingDisabledUntilEnableWithProtocolFeatures) {
   EXPECT_TRUE(s.device.queue(0).started());
   // The chain added while disabled is served now; a new one too.
   std::optional<virtq::DriverQueue::Used> first;
-  for (int i = 0; i < 300 && !first; ++i) {
+  const auto used_deadline = std::chrono::steady_clock::now() + 20s;  // bounds a failure only
+  while (!first && std::chrono::steady_clock::now() < used_deadline) {
     first = s.fe->driver_queue(0).get_used();
-    if (!first) std::this_thread::sleep_for(10ms);
+    if (!first) std::this_thread::sleep_for(1ms);
   }
   ASSERT_TRUE(first.has_value()) << "the chain queued while disabled was not served";
   EXPECT_EQ(first->len, 64u);
@@ -430,7 +431,7 @@ std::string temp_socket_path(const char* name) {
   return (dir / name).string();
 }
 
-Result<Channel> connect_retry(const std::string& path, std::chrono::milliseconds total = 3000ms) {
+Result<Channel> connect_retry(const std::string& path, std::chrono::milliseconds total = 20000ms) {
   const auto deadline = std::chrono::steady_clock::now() + total;
   for (;;) {
     auto ch = connect_unix(path);
@@ -500,13 +501,17 @@ TEST(BackendServer, ClientModeConnectsLateAndReconnects) {
   UniqueFd stop = test::make_eventfd();
   Result<> result;
   std::thread t([&] { result = server.run(stop.get()); });
-  std::this_thread::sleep_for(150ms);  // nobody listening yet: the back-end retries
+  // Nobody listening yet: the back-end retries (the deadline bounds a failure only).
+  const auto retry_deadline = std::chrono::steady_clock::now() + 20s;
+  while (server.failed_connects() == 0 && std::chrono::steady_clock::now() < retry_deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
   EXPECT_GT(server.failed_connects(), 0u);
   auto listener = listen_unix(path);
   ASSERT_TRUE(listener) << listener.error().message();
   for (int i = 0; i < 2; ++i) {
     pollfd p{listener->get(), POLLIN, 0};
-    ASSERT_EQ(::poll(&p, 1, 3000), 1) << "back-end (re)connected, round " << i;
+    ASSERT_EQ(::poll(&p, 1, 20000), 1) << "back-end (re)connected, round " << i;
     auto ch = accept(listener->get());
     ASSERT_TRUE(ch);
     negotiate_and_echo(std::move(*ch));  // then the front-end drops the connection

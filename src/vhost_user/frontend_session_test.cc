@@ -245,8 +245,9 @@ TEST(FrontendNegotiation, RequestSequenceAndNeedReplyFlags) {
   ASSERT_TRUE(b.session);
   (*b.session)->close();
   auto seen = b.fake->seen();
-  for (int i = 0; i < 100 && seen.size() < want.size(); ++i) {
-    std::this_thread::sleep_for(10ms);
+  const auto deadline = std::chrono::steady_clock::now() + 20s;  // bounds a failure only
+  while (seen.size() < want.size() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
     seen = b.fake->seen();
   }
   ASSERT_EQ(seen.size(), want.size());
