@@ -155,7 +155,8 @@ Result<> put(Builder& b, const SetConfig& m) {
   w.offset = m.offset;
   w.size = static_cast<std::uint32_t>(m.data.size());
   w.flags = m.flags;
-  std::memcpy(w.region, m.data.data(), m.data.size());
+  // An empty vector's data() may be null, and memcpy from null is undefined even for 0 bytes.
+  if (!m.data.empty()) std::memcpy(w.region, m.data.data(), m.data.size());
   b.put(w, wire::kConfigHeaderSize + m.data.size());
   return {};
 }
