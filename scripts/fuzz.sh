@@ -24,6 +24,11 @@ if ((${#targets[@]} == 0)); then
   for f in fuzz/*_fuzz.cc; do targets+=("$(basename "$f" .cc)"); done
 fi
 
+# Any sanitizer report, undefined behaviour included, stops the target with an abort (libFuzzer
+# saves the input as crash-*); the same settings as the ctest smoke runs (fuzz/CMakeLists.txt).
+export ASAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1:detect_leaks=1
+export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
+
 status=0
 for t in "${targets[@]}"; do
   bin=$build/fuzz/$t
