@@ -1,6 +1,7 @@
 // Fuzzes the vhost-user decoder: arbitrary header + payload + a fuzzed number of real fds.
 // Must never crash, and every fd handed to the codec must be closed once the decoded message is
-// gone (no leaks on any error path). A message that decodes must re-encode and decode again.
+// gone (no leaks on any error path). A message that decodes must re-encode, and that encoding
+// must decode to an equal message (every field; each fd naming the same file, in the same place).
 //
 // Input layout: [fd count byte][mode byte][12-byte header][payload...]
 //   fd count % 9 memfds are attached (FdList holds at most 8, as the channel guarantees).
@@ -8,12 +9,16 @@
 //   mode bit 2: keep the header's own size field (else it is set to the payload length).
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <concepts>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "vhostkit/vhost_user/message.h"
@@ -35,6 +40,60 @@ FdList dup_all(std::span<const int> fds) {
   return out;
 }
 
+// The second decode holds dups of the first one's fds: equal means both absent, or both open on
+// the same file (each fuzz fd is its own memfd, so a swapped pair of fds is caught too).
+bool same(const UniqueFd& a, const UniqueFd& b) {
+  if (a.valid() != b.valid()) return false;
+  if (!a.valid()) return true;
+  struct stat sa{}, sb{};
+  return ::fstat(a.get(), &sa) == 0 && ::fstat(b.get(), &sb) == 0 && sa.st_dev == sb.st_dev &&
+         sa.st_ino == sb.st_ino;
+}
+
+bool same(const memory::RegionSpec& a, const memory::RegionSpec& b) {
+  return a.guest_phys_addr == b.guest_phys_addr && a.size == b.size &&
+         a.userspace_addr == b.userspace_addr && a.mmap_offset == b.mmap_offset;
+}
+
+// Messages without fds have a defaulted ==; each kind with an fd is compared here. A message
+// type with neither fails to compile, so a new one can't slip past the check.
+template <typename T>
+  requires std::equality_comparable<T>
+bool same(const T& a, const T& b) {
+  return a == b;
+}
+template <auto R>
+bool same(const VringFdPayload<R>& a, const VringFdPayload<R>& b) {
+  return a.index == b.index && same(a.fd, b.fd);
+}
+template <auto R>
+bool same(const FdPayload<R>& a, const FdPayload<R>& b) {
+  return same(a.fd, b.fd);
+}
+bool same(const MemRegion& a, const MemRegion& b) { return same(a.spec, b.spec) && same(a.fd, b.fd); }
+bool same(const SetMemTable& a, const SetMemTable& b) {
+  if (a.regions.size() != b.regions.size()) return false;
+  for (std::size_t i = 0; i < a.regions.size(); ++i) {
+    if (!same(a.regions[i], b.regions[i])) return false;
+  }
+  return true;
+}
+bool same(const SetLogBase& a, const SetLogBase& b) {
+  return a.mmap_size == b.mmap_size && a.mmap_offset == b.mmap_offset && same(a.fd, b.fd);
+}
+bool same(const SetInflightFd& a, const SetInflightFd& b) {
+  return a.inflight == b.inflight && same(a.fd, b.fd);
+}
+bool same(const AddMemReg& a, const AddMemReg& b) { return same(a.region, b.region); }
+bool same(const RemMemReg& a, const RemMemReg& b) { return same(a.spec, b.spec); }
+bool same(const SetDeviceStateFd& a, const SetDeviceStateFd& b) {
+  return a.direction == b.direction && a.phase == b.phase && same(a.fd, b.fd);
+}
+bool same(const BackendVringHostNotifier& a, const BackendVringHostNotifier& b) {
+  return a.index == b.index && a.size == b.size && a.offset == b.offset && same(a.fd, b.fd);
+}
+
+// encode(msg) must decode again, to a message equal to msg.
 template <typename Decoded, typename DecodeAgain>
 void reencode(const Decoded& msg, DecodeAgain again) {
   auto out = encode<Decoded>(msg);
@@ -42,6 +101,13 @@ void reencode(const Decoded& msg, DecodeAgain again) {
   check(out->header.size <= kMaxPayloadSize);
   auto back = again(out->header, out->payload(), dup_all(out->fds()));
   check(back.has_value());
+  const Decoded* decoded = std::get_if<Decoded>(&*back);
+  if (decoded == nullptr || !same(msg, *decoded)) {
+    std::fprintf(stderr, "vhost_user_decode_fuzz: request %u decoded, re-encoded and decoded to %s\n",
+                 out->header.request,
+                 decoded == nullptr ? "another message type" : "a different message");
+    __builtin_trap();
+  }
 }
 
 }  // namespace

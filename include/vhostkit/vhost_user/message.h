@@ -52,17 +52,21 @@ class FdList {
 };
 
 // ---- Front-end requests (front-end -> back-end) ------------------------------------------
-// Every message type has `static constexpr ... kRequest`, its request number.
+// Every message type has `static constexpr ... kRequest`, its request number. Those without an
+// fd compare with == (field by field); those with one do not, as two fds naming one file are
+// still two numbers.
 
 template <auto R>
 struct NoPayload {
   static constexpr auto kRequest = R;
+  bool operator==(const NoPayload&) const = default;
 };
 
 template <auto R>
 struct U64Payload {
   static constexpr auto kRequest = R;
   std::uint64_t value = 0;
+  bool operator==(const U64Payload&) const = default;
 };
 
 template <auto R>
@@ -70,6 +74,7 @@ struct VringStatePayload {
   static constexpr auto kRequest = R;
   std::uint32_t index = 0;
   std::uint32_t num = 0;
+  bool operator==(const VringStatePayload&) const = default;
 };
 
 // SET_VRING_KICK / CALL / ERR. `fd` is invalid when the front-end set the "no fd" bit (bit 8):
@@ -146,11 +151,13 @@ struct SetVringAddr {
   std::uint64_t avail_user_addr = 0;
   std::uint64_t log_guest_addr = 0;
   bool log_used() const noexcept { return (flags & wire::kVringFlagLog) != 0; }
+  bool operator==(const SetVringAddr&) const = default;
 };
 
 struct SendRarp {
   static constexpr auto kRequest = Request::send_rarp;
   std::array<std::uint8_t, 6> mac{};
+  bool operator==(const SendRarp&) const = default;
 };
 
 struct Iotlb {
@@ -159,6 +166,7 @@ struct Iotlb {
   std::uint64_t uaddr = 0;
   std::uint8_t perm = 0;  // 0 none, 1 read, 2 write, 3 read/write
   std::uint8_t type = 0;  // 1 miss, 2 update, 3 invalidate, 4 access fail
+  bool operator==(const Iotlb&) const = default;
 };
 
 struct IotlbMsg : Iotlb {
@@ -171,6 +179,7 @@ struct GetConfig {
   std::uint32_t offset = 0;
   std::uint32_t size = 0;  // <= kMaxConfigSize
   std::uint32_t flags = 0;
+  bool operator==(const GetConfig&) const = default;
 };
 
 struct SetConfig {
@@ -178,6 +187,7 @@ struct SetConfig {
   std::uint32_t offset = 0;
   std::uint32_t flags = 0;  // wire::kConfigFlagWritable or kConfigFlagLiveMigration
   std::vector<std::uint8_t> data;  // <= kMaxConfigSize bytes
+  bool operator==(const SetConfig&) const = default;
 };
 
 struct Inflight {
@@ -185,11 +195,13 @@ struct Inflight {
   std::uint64_t mmap_offset = 0;
   std::uint16_t num_queues = 0;
   std::uint16_t queue_size = 0;
+  bool operator==(const Inflight&) const = default;
 };
 
 struct GetInflightFd {
   static constexpr auto kRequest = Request::get_inflight_fd;
   Inflight inflight;
+  bool operator==(const GetInflightFd&) const = default;
 };
 
 struct SetInflightFd {
@@ -215,6 +227,7 @@ using Uuid = std::array<std::uint8_t, 16>;
 struct GetSharedObject {
   static constexpr auto kRequest = Request::get_shared_object;
   Uuid uuid{};
+  bool operator==(const GetSharedObject&) const = default;
 };
 
 struct SetDeviceStateFd {
@@ -255,6 +268,7 @@ template <auto R>
 struct UuidPayload {
   static constexpr auto kRequest = R;
   Uuid uuid{};
+  bool operator==(const UuidPayload&) const = default;
 };
 using BackendSharedObjectAdd = UuidPayload<BackendRequest::shared_object_add>;
 using BackendSharedObjectRemove = UuidPayload<BackendRequest::shared_object_remove>;
