@@ -66,10 +66,12 @@ Outcome ring_case(RawPeer& p, Target t, Expect e,
   const std::uint16_t before = p.used_idx(ring);
   p.post_head(ring, post.head, post.idx_step);
   p.kick(ring);
-  const auto ev = p.wait_ring(ring, static_cast<std::uint16_t>(before + 1), 1000ms);
+  // Generous: the answer normally comes in microseconds, but a loaded host may not run the
+  // back-end's worker for a while; what this catches is a chain never answered.
+  const auto ev = p.wait_ring(ring, static_cast<std::uint16_t>(before + 1), 20s);
   switch (ev) {
     case RawPeer::RingEvent::nothing:
-      return fail(Errc::broken, "no used entry and no error signal within 1 s");
+      return fail(Errc::broken, "no used entry and no error signal within 20 s");
     case RawPeer::RingEvent::error:
       if (e != Expect::broken) return fail(Errc::invalid_argument, "ring marked broken for a bad chain");
       return std::string("ring broken (err fd)");
@@ -234,8 +236,10 @@ void net_cases(std::vector<Case>& c) {
     p.desc(1)[0] = {p.gpa(kData), request_head(p, t), 0, 0};
     p.post_head(1, 0);
     p.kick(1);
-    if (p.wait_ring(1, 1, 1000ms) != RawPeer::RingEvent::used) return fail(Errc::broken, "tx not answered");
-    std::this_thread::sleep_for(50ms);
+    if (p.wait_ring(1, 1, 20s) != RawPeer::RingEvent::used) return fail(Errc::broken, "tx not answered");
+    // The loopback refuses the eight short buffers while delivering that frame; wait for their
+    // used entries (bounded: fewer shows in the outcome).
+    (void)p.wait_ring(0, 8, 20s);
     const std::uint16_t n = p.used_idx(0);
     for (std::uint16_t i = 0; i < n; ++i) {
       if (p.used_elem(0, i).len > 4) {
