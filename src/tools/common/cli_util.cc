@@ -1,8 +1,13 @@
 #include "cli_util.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <charconv>
@@ -102,6 +107,61 @@ Result<UniqueFd> block_stop_signals() {
   int fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
   if (fd < 0) return fail_errno("signalfd");
   return UniqueFd(fd);
+}
+
+Result<std::optional<vhost_user::Channel>> accept_unless_stopped(int listen_fd, int stop_fd) {
+  // Non-blocking, so that accept after a readable poll can never block past a signal.
+  const int flags = ::fcntl(listen_fd, F_GETFL);
+  if (flags < 0 || ::fcntl(listen_fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    return fail_errno("fcntl O_NONBLOCK on the listening socket");
+  }
+  for (;;) {
+    pollfd p[2] = {{stop_fd, POLLIN, 0}, {listen_fd, POLLIN, 0}};
+    const int n = ::poll(p, 2, -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return fail_errno("poll");
+    }
+    if (p[0].revents != 0) return std::nullopt;
+    if (p[1].revents == 0) continue;
+    auto ch = vhost_user::accept(listen_fd);
+    // The peer that knocked may have gone again before accept: wait for the next one.
+    if (!ch && ch.error().code == Errc::would_block) continue;
+    if (!ch) return std::unexpected(std::move(ch.error()));
+    return std::optional<vhost_user::Channel>(std::move(*ch));
+  }
+}
+
+Result<std::unique_ptr<ShutdownOnStop>> ShutdownOnStop::start(int stop_fd, int socket_fd) {
+  UniqueFd socket(::fcntl(socket_fd, F_DUPFD_CLOEXEC, 0));
+  if (!socket) return fail_errno(fmt::format("dup of socket fd {}", socket_fd));
+  UniqueFd done(::eventfd(0, EFD_CLOEXEC));
+  if (!done) return fail_errno("eventfd");
+  std::unique_ptr<ShutdownOnStop> w(new ShutdownOnStop(stop_fd, std::move(socket), std::move(done)));
+  w->thread_ = std::thread([p = w.get()] { p->run(); });
+  return w;
+}
+
+ShutdownOnStop::~ShutdownOnStop() {
+  const std::uint64_t one = 1;
+  // An eventfd write of 1 cannot fail short of overflow, which one write can't reach.
+  (void)!::write(done_.get(), &one, sizeof one);
+  thread_.join();
+}
+
+void ShutdownOnStop::run() noexcept {
+  for (;;) {
+    pollfd p[2] = {{done_.get(), POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+    const int n = ::poll(p, 2, -1);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 || p[0].revents != 0) return;
+    if (p[1].revents != 0) {
+      // Published before the shutdown, so whoever sees the socket closed also sees why.
+      stopped_.store(true, std::memory_order_release);
+      ::shutdown(socket_.get(), SHUT_RDWR);
+      return;
+    }
+  }
 }
 
 }  // namespace vhostkit::cli

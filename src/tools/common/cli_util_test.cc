@@ -1,5 +1,14 @@
 #include "cli_util.h"
 
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
+
 #include <gtest/gtest.h>
 
 namespace vhostkit::cli {
@@ -40,6 +49,97 @@ TEST(LogLevel, KnownLevelsOnly) {
   EXPECT_TRUE(set_log_level("off"));
   EXPECT_FALSE(set_log_level("loud"));
   EXPECT_TRUE(set_log_level("info"));
+}
+
+// SIGTERM sent to this process while block_stop_signals() holds it; consumed (read from the
+// signalfd) at the end so the next test starts with nothing pending.
+class StopSignal : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto fd = block_stop_signals();
+    ASSERT_TRUE(fd) << fd.error().message();
+    sigfd_ = std::move(*fd);
+  }
+  void TearDown() override {
+    signalfd_siginfo info{};
+    while (::read(sigfd_.get(), &info, sizeof info) == static_cast<ssize_t>(sizeof info)) {
+    }
+  }
+  // Process-directed, as a user's kill is: the signalfd sees it from any thread.
+  static void raise_term() { ASSERT_EQ(::kill(::getpid(), SIGTERM), 0); }
+
+  UniqueFd sigfd_;
+};
+
+// A socket path in a fresh directory, removed with it at scope exit.
+struct TempSocket {
+  TempSocket() {
+    char d[] = "/tmp/vk-cli-util.XXXXXX";
+    EXPECT_NE(::mkdtemp(d), nullptr);
+    dir = d;
+    path = dir + "/s.sock";
+  }
+  ~TempSocket() { std::filesystem::remove_all(dir); }
+  std::string dir, path;
+};
+
+TEST_F(StopSignal, AcceptReturnsTheConnectingPeer) {
+  const TempSocket tmp;
+  const std::string& path = tmp.path;
+  auto l = vhost_user::listen_unix(path);
+  ASSERT_TRUE(l) << l.error().message();
+  auto peer = vhost_user::connect_unix(path);
+  ASSERT_TRUE(peer) << peer.error().message();
+  auto ch = accept_unless_stopped(l->get(), sigfd_.get());
+  ASSERT_TRUE(ch) << ch.error().message();
+  ASSERT_TRUE(ch->has_value());
+  EXPECT_TRUE((*ch)->valid());
+}
+
+TEST_F(StopSignal, AcceptEndsOnSigtermWithNoPeer) {
+  const TempSocket tmp;
+  const std::string& path = tmp.path;
+  auto l = vhost_user::listen_unix(path);
+  ASSERT_TRUE(l) << l.error().message();
+  raise_term();
+  auto ch = accept_unless_stopped(l->get(), sigfd_.get());
+  ASSERT_TRUE(ch) << ch.error().message();
+  EXPECT_FALSE(ch->has_value());
+}
+
+TEST_F(StopSignal, SigtermEndsAReplyWaitOnTheWatchedSocket) {
+  auto pair = vhost_user::socketpair();
+  ASSERT_TRUE(pair) << pair.error().message();
+  auto& [ours, silent_peer] = *pair;
+  // Far longer than the test may take: only the shutdown can end this wait in time.
+  ASSERT_TRUE(ours.set_timeout(std::chrono::seconds(60)));
+  auto watch = ShutdownOnStop::start(sigfd_.get(), ours.fd());
+  ASSERT_TRUE(watch) << watch.error().message();
+  EXPECT_FALSE((*watch)->stopped());
+  std::thread killer([] { raise_term(); });
+  auto msg = ours.recv();
+  killer.join();
+  ASSERT_FALSE(msg);
+  EXPECT_EQ(msg.error().code, Errc::disconnected) << msg.error().message();
+  EXPECT_TRUE((*watch)->stopped());
+}
+
+TEST_F(StopSignal, WithoutASignalTheSocketIsLeftAlone) {
+  auto pair = vhost_user::socketpair();
+  ASSERT_TRUE(pair) << pair.error().message();
+  auto& [a, b] = *pair;
+  {
+    auto watch = ShutdownOnStop::start(sigfd_.get(), a.fd());
+    ASSERT_TRUE(watch) << watch.error().message();
+    EXPECT_FALSE((*watch)->stopped());
+  }
+  vhost_user::Header h{};
+  h.request = static_cast<std::uint32_t>(vhost_user::Request::get_features);
+  h.flags = vhost_user::kVersion;
+  ASSERT_TRUE(b.send(h, {}));
+  auto msg = a.recv();
+  ASSERT_TRUE(msg) << msg.error().message();
+  EXPECT_EQ(msg->header.request, h.request);
 }
 
 }  // namespace

@@ -205,11 +205,21 @@ vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std:
   return r;
 }
 
-// blk mode, after the arguments were checked: connect, run, report. Returns the exit code.
-int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::Channel channel) {
+// SIGINT/SIGTERM came before a back-end was set up: nothing was measured, but the run ended as
+// asked, so the usual JSON line (no results) and exit 0.
+int stopped_before_run() {
+  json out = {{"tool", "vhostkit-bench"}, {"utc", utc_now()}, {"interrupted", true},
+              {"results", json::array()}};
+  std::printf("%s\n", out.dump().c_str());
+  return 0;
+}
+
+// blk mode, after the arguments were checked: set up, run, report. `watch` ends the set-up
+// early on a signal; it is gone once the run starts. Returns the exit code.
+int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::Channel channel,
+             std::unique_ptr<vhostkit::cli::ShutdownOnStop> watch) {
   vu::BlkFrontendOptions o;
   o.name = "bench";
-  o.socket_path = a.socket_path;
   o.channel = std::move(channel);
   o.num_queues = a.queues;
   o.depth = a.iodepth;
@@ -219,6 +229,8 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
   // looks at a ring when kicked (and asks for no kicks itself when it polls).
   o.notify = vu::FrontendOptions::Notify::event;
   auto f = vu::BlkFrontend::connect(std::move(o));
+  if (watch->stopped()) return stopped_before_run();
+  watch.reset();
   if (!f) {
     std::fprintf(stderr, "vhostkit-bench: %s\n", f.error().message().c_str());
     return 1;
@@ -370,22 +382,39 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  vu::Channel accepted;
+  vu::Channel channel;
   if (!a.server_path.empty()) {
     auto l = vu::listen_unix(a.server_path);
     if (!l) {
       std::fprintf(stderr, "vhostkit-bench: listen on %s: %s\n", a.server_path.c_str(), l.error().message().c_str());
       return 1;
     }
-    auto ch = vu::accept(l->get());  // blocking: waits for the back-end
+    auto ch = vhostkit::cli::accept_unless_stopped(l->get(), sigfd->get());
     ::unlink(a.server_path.c_str());
     if (!ch) {
       std::fprintf(stderr, "vhostkit-bench: accept on %s: %s\n", a.server_path.c_str(), ch.error().message().c_str());
       return 1;
     }
-    accepted = std::move(*ch);
+    if (!*ch) return stopped_before_run();
+    channel = std::move(**ch);
+  } else {
+    auto ch = vu::connect_unix(a.socket_path);
+    if (!ch) {
+      std::fprintf(stderr, "vhostkit-bench: connect to %s: %s\n", a.socket_path.c_str(), ch.error().message().c_str());
+      return 1;
+    }
+    channel = std::move(*ch);
   }
-  if (*mode == vb::Mode::blk) return blk_main(a, *rw, std::move(cpus), sigfd->get(), std::move(accepted));
+  // Setting up waits on each of the back-end's replies for up to 2 s; a signal must not wait
+  // that out (or fail the set-up with exit 1): it shuts the socket and the set-up ends now.
+  auto watch = vhostkit::cli::ShutdownOnStop::start(sigfd->get(), channel.fd());
+  if (!watch) {
+    std::fprintf(stderr, "vhostkit-bench: %s\n", watch.error().message().c_str());
+    return 1;
+  }
+  if (*mode == vb::Mode::blk) {
+    return blk_main(a, *rw, std::move(cpus), sigfd->get(), std::move(channel), std::move(*watch));
+  }
 
   vu::FrontendOptions o;
   o.name = "bench";
@@ -394,9 +423,10 @@ int main(int argc, char** argv) {
   o.buffer_size = a.buffer_size;
   o.memory_size = 0;
   o.notify = a.poll == "busy" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
-  o.socket_path = a.socket_path;
-  o.channel = std::move(accepted);
+  o.channel = std::move(channel);
   auto s = vu::FrontendSession::connect(std::move(o));
+  if ((*watch)->stopped()) return stopped_before_run();
+  watch->reset();
   if (!s) {
     std::fprintf(stderr, "vhostkit-bench: %s\n", s.error().message().c_str());
     return 1;

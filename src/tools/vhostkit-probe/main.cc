@@ -2,8 +2,9 @@
 // queue pairs, optionally sends K frames on every pair and counts those that come back, and
 // prints one JSON object saying what happened. A diagnostic for "does this back-end work?".
 //
-// Exit codes: 0 success; 1 the back-end could not be reached or set up (JSON has "error");
-// 2 bad arguments; 3 fewer frames came back than --expect asked for.
+// Exit codes: 0 success, or SIGINT/SIGTERM at any point (JSON has "interrupted": true); 1 the
+// back-end could not be reached or set up (JSON has "error"); 2 bad arguments; 3 fewer frames
+// came back than --expect asked for.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -16,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "cli_util.h"
 #include "vhostkit/vhost_user/channel.h"
 #include "vhostkit/vhost_user/frontend_session.h"
 
@@ -51,8 +53,10 @@ struct PairResult {
   std::uint64_t lost_hint = 0;  // frames given up on (flow control only)
 };
 
+// Stops early once `stop` saw SIGINT/SIGTERM.
 PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t frames,
-                       std::size_t frame_size, std::chrono::milliseconds wait) {
+                       std::size_t frame_size, std::chrono::milliseconds wait,
+                       const vhostkit::cli::ShutdownOnStop& stop) {
   PairResult r;
   const bool event = s.notify() == vu::FrontendOptions::Notify::event;
   auto on_frame = [&](std::span<const std::uint8_t> f) {
@@ -66,7 +70,7 @@ PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t f
   };
   auto deadline = std::chrono::steady_clock::now() + wait;
   unsigned idle = 0;
-  while (r.sent < frames && std::chrono::steady_clock::now() < deadline) {
+  while (r.sent < frames && std::chrono::steady_clock::now() < deadline && !stop.stopped()) {
     // Keep at most half an rx ring in flight: a back-end with nowhere to put a frame drops it.
     const std::uint64_t in_flight = r.sent - r.received - r.lost_hint;
     const std::uint64_t window = s.queue_size() / 2;
@@ -91,7 +95,7 @@ PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t f
   }
   // Whatever is still on its way back.
   deadline = std::chrono::steady_clock::now() + wait;
-  while (r.received < r.sent && std::chrono::steady_clock::now() < deadline) {
+  while (r.received < r.sent && std::chrono::steady_clock::now() < deadline && !stop.stopped()) {
     if (s.rx_burst(qp, 64, on_frame) == 0) {
       if (event) {
         s.wait_call(vu::FrontendSession::rx_index(qp), 10ms);
@@ -146,6 +150,12 @@ int main(int argc, char** argv) {
   }
   spdlog::set_default_logger(spdlog::stderr_color_mt("probe"));
   spdlog::set_level(verbose ? spdlog::level::debug : spdlog::level::warn);
+  // Before any thread starts: SIGINT/SIGTERM end every wait below (exit 0, "interrupted").
+  auto sigfd = vhostkit::cli::block_stop_signals();
+  if (!sigfd) {
+    std::fprintf(stderr, "vhostkit-probe: %s\n", sigfd.error().message().c_str());
+    return 1;
+  }
 
   vu::FrontendOptions o;
   o.name = "probe";
@@ -163,24 +173,42 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  o.socket_path = socket_path;
   json out;
+  out["interrupted"] = false;
   auto fail_json = [&](const std::string& err) {
     out["connected"] = false;
     out["error"] = err;
     std::printf("%s\n", out.dump().c_str());
     return 1;
   };
+  auto interrupted_json = [&] {
+    out["interrupted"] = true;
+    if (!out.contains("connected")) out["connected"] = false;
+    std::printf("%s\n", out.dump().c_str());
+    return 0;
+  };
   if (!server_path.empty()) {
     auto l = vu::listen_unix(server_path);
     if (!l) return fail_json(fmt::format("listen on {}: {}", server_path, l.error().message()));
-    auto ch = vu::accept(l->get());  // blocking listener: waits for the back-end
+    auto ch = vhostkit::cli::accept_unless_stopped(l->get(), sigfd->get());
     ::unlink(server_path.c_str());
     if (!ch) return fail_json(fmt::format("accept on {}: {}", server_path, ch.error().message()));
+    if (!*ch) return interrupted_json();
+    o.channel = std::move(**ch);
+  } else {
+    auto ch = vu::connect_unix(socket_path);
+    if (!ch) return fail_json(fmt::format("connect to {}: {}", socket_path, ch.error().message()));
     o.channel = std::move(*ch);
   }
+  // Each reply may be awaited for --timeout ms (up to 10 minutes): a signal shuts the socket so
+  // that wait, and the traffic loops, end at once.
+  auto stop = vhostkit::cli::ShutdownOnStop::start(sigfd->get(), o.channel.fd());
+  if (!stop) return fail_json(stop.error().message());
+  const vhostkit::cli::ShutdownOnStop& watch = **stop;
   const auto t0 = std::chrono::steady_clock::now();
   auto s = vu::FrontendSession::connect(std::move(o));
+  // The set-up failed only because the signal shut the socket: not the back-end's error.
+  if (watch.stopped()) return interrupted_json();
   if (!s) return fail_json(s.error().message());
   auto& f = **s;
   const auto setup_us =
@@ -207,8 +235,9 @@ int main(int argc, char** argv) {
     json pairs = json::array();
     const auto t1 = std::chrono::steady_clock::now();
     for (std::uint16_t qp = 0; qp < f.queue_pairs(); ++qp) {
+      if (watch.stopped()) break;
       const PairResult r = run_traffic(f, qp, frames, std::min(frame_size, f.max_frame()),
-                                       std::chrono::milliseconds(wait_ms));
+                                       std::chrono::milliseconds(wait_ms), watch);
       pairs.push_back({{"pair", qp}, {"sent", r.sent}, {"received", r.received},
                        {"foreign", r.foreign}, {"rx_bad", f.stats(vu::FrontendSession::rx_index(qp)).bad},
                        {"tx_kicks", f.stats(vu::FrontendSession::tx_index(qp)).kicks}, {"rx_calls", f.stats(vu::FrontendSession::rx_index(qp)).calls}});
@@ -218,7 +247,10 @@ int main(int argc, char** argv) {
                             std::chrono::steady_clock::now() - t1).count();
     out["pairs"] = pairs;
   }
+  // After a signal the socket is shut: no ring can be stopped, and what was measured stands.
+  if (watch.stopped()) return interrupted_json();
   auto bases = f.stop();
+  if (watch.stopped()) return interrupted_json();
   if (bases) {
     out["vring_bases"] = *bases;
   } else {
