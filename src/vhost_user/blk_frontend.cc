@@ -91,9 +91,12 @@ Result<BlkInfo> BlkFrontend::parse_config(std::span<const std::uint8_t> c, std::
   if (virtio::has(features, bf::seg_max)) {
     info.seg_max = load<std::uint32_t>(c, offsetof(VirtioBlkConfig, seg_max));
   }
+  // A limit of 0 states none: qemu-storage-daemon 7.2 offers SIZE_MAX and SEG_MAX with
+  // size_max 0 in every configuration, and Linux's block layer reads 0 as "no limit" too. A
+  // limit of 1..511 bytes is one no request can meet.
   if (virtio::has(features, bf::size_max)) {
     info.size_max = load<std::uint32_t>(c, offsetof(VirtioBlkConfig, size_max));
-    if (info.size_max < 512) {
+    if (info.size_max != 0 && info.size_max < 512) {
       return fail(Errc::broken, fmt::format("config: size_max {} is less than a sector",
                                             info.size_max));
     }

@@ -60,6 +60,22 @@ TEST(BlkFrontendConfig, FieldsOfUnackedFeaturesAreIgnored) {
   EXPECT_FALSE(i->flush);
 }
 
+// qemu-storage-daemon 7.2 (cache.direct on or off) offers SIZE_MAX and SEG_MAX and reports
+// size_max 0: a disk with no stated segment limit, not a broken one.
+TEST(BlkFrontendConfig, SizeMaxZeroStatesNoLimit) {
+  auto i = BlkFrontend::parse_config(config(32768, 512, 1, 126, 0), kAll);
+  ASSERT_TRUE(i) << i.error().message();
+  EXPECT_EQ(i->size_max, 0u);
+  EXPECT_EQ(i->seg_max, 126u);
+  EXPECT_EQ(i->capacity, 32768u);
+}
+
+TEST(BlkFrontendConfig, SizeMaxZeroWithoutTheFeatureIsNotRead) {
+  auto i = BlkFrontend::parse_config(config(8, 512, 1, 126, 0), kAll & ~bit(bf::size_max));
+  ASSERT_TRUE(i) << i.error().message();
+  EXPECT_EQ(i->size_max, 0u);
+}
+
 TEST(BlkFrontendConfig, SizeMaxBelowASectorIsRefused) {
   auto i = BlkFrontend::parse_config(config(8, 512, 1, 126, 511), kAll);
   ASSERT_FALSE(i);

@@ -62,8 +62,8 @@ struct BlkFrontendOptions {
 struct BlkInfo {
   std::uint64_t capacity = 0;     // 512-byte sectors
   std::uint32_t blk_size = 512;   // logical block size (BLK_SIZE), 512 if not offered
-  std::uint32_t seg_max = 0;      // data segments per request (SEG_MAX); 0: not offered
-  std::uint32_t size_max = 0;     // bytes per data segment (SIZE_MAX); 0: not offered
+  std::uint32_t seg_max = 0;      // data segments per request (SEG_MAX); 0: no limit stated
+  std::uint32_t size_max = 0;     // bytes per data segment (SIZE_MAX); 0: no limit stated
   std::uint16_t num_queues = 1;   // the device's request queues (MQ); 1 if not offered
   bool read_only = false;         // VIRTIO_BLK_F_RO acked
   bool flush = false;             // VIRTIO_BLK_F_FLUSH acked
