@@ -70,7 +70,9 @@ template <auto R>
 bool same(const FdPayload<R>& a, const FdPayload<R>& b) {
   return same(a.fd, b.fd);
 }
-bool same(const MemRegion& a, const MemRegion& b) { return same(a.spec, b.spec) && same(a.fd, b.fd); }
+bool same(const MemRegion& a, const MemRegion& b) {
+  return same(a.spec, b.spec) && same(a.fd, b.fd);
+}
 bool same(const SetMemTable& a, const SetMemTable& b) {
   if (a.regions.size() != b.regions.size()) return false;
   for (std::size_t i = 0; i < a.regions.size(); ++i) {
@@ -103,7 +105,8 @@ void reencode(const Decoded& msg, DecodeAgain again) {
   check(back.has_value());
   const Decoded* decoded = std::get_if<Decoded>(&*back);
   if (decoded == nullptr || !same(msg, *decoded)) {
-    std::fprintf(stderr, "vhost_user_decode_fuzz: request %u decoded, re-encoded and decoded to %s\n",
+    std::fprintf(stderr,
+                 "vhost_user_decode_fuzz: request %u decoded, re-encoded and decoded to %s\n",
                  out->header.request,
                  decoded == nullptr ? "another message type" : "a different message");
     __builtin_trap();
