@@ -12,7 +12,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev liburing-dev
   # fuzzing and sanitizers with clang
-  clang-19 libclang-rt-19-dev
+  clang-19 libclang-rt-19-dev llvm-19
   # real peers: QEMU guests (qemu-system-common holds qemu-storage-daemon), DPDK
   qemu-system-x86 qemu-system-common qemu-utils dpdk dpdk-dev
   # guest image: kernel from Debian (zstd-compressed modules), busybox initramfs

@@ -28,6 +28,8 @@ fi
 # saves the input as crash-*); the same settings as the ctest smoke runs (fuzz/CMakeLists.txt).
 export ASAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1:detect_leaks=1
 export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
+# The symbolizer of clang-19's own version: names in stack traces.
+[[ -x /usr/lib/llvm-19/bin/llvm-symbolizer ]] && export ASAN_SYMBOLIZER_PATH=/usr/lib/llvm-19/bin/llvm-symbolizer
 
 status=0
 for t in "${targets[@]}"; do
