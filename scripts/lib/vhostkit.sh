@@ -2,8 +2,10 @@
 # Running vhostkit-net in tests and the demo: start it with a log, wait until it listens or a
 # front-end is connected, read its --stats lines, stop it and check it exited 0.
 #
-#   vk_net_find_bin                  sets VK_NET_BIN from VHOSTKIT_BUILD_DIR (default build/e2e,
-#                                    then build); skips (77) when it is not built
+#   vk_find_programs VAR=PROGRAM...  sets each VAR to PROGRAM's binary, all from one build tree
+#                                    (VHOSTKIT_BUILD_DIR, else build/e2e, build/release, build);
+#                                    skips (77) when none has them all
+#   vk_net_find_bin                  vk_find_programs VK_NET_BIN=vhostkit-net
 #   vk_net_start LOG [--netns NS] -- ARGS...
 #                                    start vhostkit-net ARGS in the background (inside NS with
 #                                    `ip netns exec`, which execs: the pid is vhostkit-net's own),
@@ -43,19 +45,29 @@
 VK_VHOSTKIT_SH=1
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-vk_net_find_bin() {
-  local root b
+# vk_find_programs VAR=PROGRAM...: sets each VAR to PROGRAM's path in the first build tree that
+# has all of them (VHOSTKIT_BUILD_DIR when set, as under ctest: test that tree, never a stale
+# binary from another; else build/e2e, build/release, build); skips (77) when none has them.
+vk_find_programs() {
+  local root b pair ok
   root=$(vk_repo_root)
   local dirs=("$root/build/e2e" "$root/build/release" "$root/build")
-  # Under ctest the build tree is given: test that one, never a stale binary from another.
   [[ -n ${VHOSTKIT_BUILD_DIR:-} ]] && dirs=("$VHOSTKIT_BUILD_DIR")
   for b in "${dirs[@]}"; do
-    [[ -n $b && -x $b/src/tools/vhostkit-net/vhostkit-net ]] || continue
-    VK_NET_BIN=$b/src/tools/vhostkit-net/vhostkit-net
+    ok=1
+    for pair in "$@"; do
+      [[ -n $b && -x $b/src/tools/${pair#*=}/${pair#*=} ]] || { ok=0; break; }
+    done
+    ((ok)) || continue
+    for pair in "$@"; do
+      printf -v "${pair%%=*}" '%s' "$b/src/tools/${pair#*=}/${pair#*=}"
+    done
     return 0
   done
-  vk_skip "vhostkit-net is not built in ${VHOSTKIT_BUILD_DIR:-build} (cmake --build BUILD --target vhostkit-net)"
+  vk_skip "${*#*=} not all built in ${VHOSTKIT_BUILD_DIR:-build} (cmake --build BUILD)"
 }
+
+vk_net_find_bin() { vk_find_programs VK_NET_BIN=vhostkit-net; }
 
 vk_net_start() {
   local log=$1 netns=""; shift

@@ -11,18 +11,8 @@ source "$here/../../scripts/lib/vhostkit.sh"
 
 t_start=$(vk_now)
 vk_require_cmd python3 truncate
-root=$(vk_repo_root)
-dirs=("$root/build/e2e" "$root/build/release" "$root/build")
-[[ -n ${VHOSTKIT_BUILD_DIR:-} ]] && dirs=("$VHOSTKIT_BUILD_DIR")
-VK_NET_BIN="" BENCH=""
-for b in "${dirs[@]}"; do
-  if [[ -x $b/src/tools/vhostkit-blk/vhostkit-blk && -x $b/src/tools/vhostkit-bench/vhostkit-bench ]]; then
-    VK_NET_BIN=$b/src/tools/vhostkit-blk/vhostkit-blk  # the vk_net_* helpers start this binary
-    BENCH=$b/src/tools/vhostkit-bench/vhostkit-bench
-    break
-  fi
-done
-[[ -n $VK_NET_BIN ]] || vk_skip "vhostkit-blk or vhostkit-bench is not built in ${VHOSTKIT_BUILD_DIR:-build}"
+# The vk_net_* helpers start whatever VK_NET_BIN is: here vhostkit-blk.
+vk_find_programs VK_NET_BIN=vhostkit-blk BENCH=vhostkit-bench
 vk_tmpdir
 sock=$VK_TMP/blk.sock
 # The image the bench writes to lives in tmpfs: on a busy build host, O_DIRECT writes to the disk

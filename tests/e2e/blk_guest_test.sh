@@ -16,14 +16,8 @@ MIB=${VK_TEST_MIB:-4}
 t_start=$(vk_now)
 
 vk_require_cmd sha256sum dd
-root=$(vk_repo_root)
-dirs=("$root/build/e2e" "$root/build/release" "$root/build")
-[[ -n ${VHOSTKIT_BUILD_DIR:-} ]] && dirs=("$VHOSTKIT_BUILD_DIR")
-VK_NET_BIN=""
-for b in "${dirs[@]}"; do
-  [[ -x $b/src/tools/vhostkit-blk/vhostkit-blk ]] && { VK_NET_BIN=$b/src/tools/vhostkit-blk/vhostkit-blk; break; }
-done
-[[ -n $VK_NET_BIN ]] || vk_skip "vhostkit-blk is not built in ${VHOSTKIT_BUILD_DIR:-build} (cmake --build BUILD --target vhostkit-blk)"
+# The vk_net_* helpers start whatever VK_NET_BIN is: here vhostkit-blk.
+vk_find_programs VK_NET_BIN=vhostkit-blk
 vk_guest_ensure
 vk_tmpdir
 img=$VK_TMP/disk.img

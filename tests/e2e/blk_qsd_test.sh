@@ -15,14 +15,7 @@ vk_require_cmd python3 truncate
 QSD=${QSD:-qemu-storage-daemon}
 command -v "$QSD" >/dev/null 2>&1 ||
   vk_fail "$QSD not installed: it is in Debian's qemu-system-common (scripts/deps.sh installs it)"
-root=$(vk_repo_root)
-dirs=("$root/build/e2e" "$root/build/release" "$root/build")
-[[ -n ${VHOSTKIT_BUILD_DIR:-} ]] && dirs=("$VHOSTKIT_BUILD_DIR")
-BENCH=""
-for b in "${dirs[@]}"; do
-  [[ -x $b/src/tools/vhostkit-bench/vhostkit-bench ]] && { BENCH=$b/src/tools/vhostkit-bench/vhostkit-bench; break; }
-done
-[[ -n $BENCH ]] || vk_skip "vhostkit-bench is not built in ${VHOSTKIT_BUILD_DIR:-build}"
+vk_find_programs BENCH=vhostkit-bench
 vk_tmpdir
 
 imgdir=""

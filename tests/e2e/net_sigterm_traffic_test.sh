@@ -22,18 +22,7 @@ source "$here/../../scripts/lib/vhostkit.sh"
 t_start=$(vk_now)
 vk_require_cmd python3
 QSIZE=256
-root=$(vk_repo_root)
-dirs=("$root/build/e2e" "$root/build/release" "$root/build")
-[[ -n ${VHOSTKIT_BUILD_DIR:-} ]] && dirs=("$VHOSTKIT_BUILD_DIR")
-VK_NET_BIN="" BENCH=""
-for b in "${dirs[@]}"; do
-  if [[ -x $b/src/tools/vhostkit-net/vhostkit-net && -x $b/src/tools/vhostkit-bench/vhostkit-bench ]]; then
-    VK_NET_BIN=$b/src/tools/vhostkit-net/vhostkit-net
-    BENCH=$b/src/tools/vhostkit-bench/vhostkit-bench
-    break
-  fi
-done
-[[ -n $VK_NET_BIN ]] || vk_skip "vhostkit-net or vhostkit-bench is not built in ${VHOSTKIT_BUILD_DIR:-build}"
+vk_find_programs VK_NET_BIN=vhostkit-net BENCH=vhostkit-bench
 vk_tmpdir
 sock=$VK_TMP/vhost.sock
 nlog=$VK_TMP/vhostkit-net.log

@@ -19,20 +19,7 @@ source "$here/../../scripts/lib/vhostkit.sh"
 
 t_start=$(vk_now)
 vk_require_cmd python3 truncate
-root=$(vk_repo_root)
-dirs=("$root/build/e2e" "$root/build/release" "$root/build")
-[[ -n ${VHOSTKIT_BUILD_DIR:-} ]] && dirs=("$VHOSTKIT_BUILD_DIR")
-NET="" BLK="" BENCH="" PROBE=""
-for b in "${dirs[@]}"; do
-  t=$b/src/tools
-  if [[ -x $t/vhostkit-net/vhostkit-net && -x $t/vhostkit-blk/vhostkit-blk &&
-        -x $t/vhostkit-bench/vhostkit-bench && -x $t/vhostkit-probe/vhostkit-probe ]]; then
-    NET=$t/vhostkit-net/vhostkit-net BLK=$t/vhostkit-blk/vhostkit-blk
-    BENCH=$t/vhostkit-bench/vhostkit-bench PROBE=$t/vhostkit-probe/vhostkit-probe
-    break
-  fi
-done
-[[ -n $NET ]] || vk_skip "vhostkit-net, -blk, -bench or -probe is not built in ${VHOSTKIT_BUILD_DIR:-build}"
+vk_find_programs NET=vhostkit-net BLK=vhostkit-blk BENCH=vhostkit-bench PROBE=vhostkit-probe
 vk_tmpdir
 shm=$(mktemp -d /dev/shm/vk-signal-exit.XXXXXX)
 vk_on_exit "rm -rf '$shm'"
