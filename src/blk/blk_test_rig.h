@@ -164,7 +164,7 @@ class BlkGuest : public vhost::testing::GuestRings {
 
   // Kicks and waits until `n` used entries came back (or the timeout).
   std::map<std::uint16_t, std::uint32_t> complete(std::uint16_t q, std::size_t n,
-                                                  int timeout_ms = 5000) {
+                                                  int timeout_ms = 20000) {
     kick(q);
     std::map<std::uint16_t, std::uint32_t> got;
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);

@@ -299,7 +299,7 @@ class Receiver {
     }
     g_.kick(q_);
   }
-  bool wait_frames(std::size_t n, int timeout_ms = 5000) {
+  bool wait_frames(std::size_t n, int timeout_ms = 20000) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     for (;;) {
       poll();
@@ -330,7 +330,7 @@ inline vhost::DeviceOptions dev_opts(vhost::PollMode mode) {
 
 // Waits until all tx chains in flight on queue q came back.
 inline bool wait_tx_done(Guest& g, std::uint16_t q, std::size_t ring_size = 256,
-                         int timeout_ms = 5000) {
+                         int timeout_ms = 20000) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (;;) {
     g.reclaim(q);
