@@ -5,9 +5,11 @@
 #include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <cassert>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -68,6 +70,7 @@ struct Worker::Impl {
   std::atomic<bool> stop_requested{false};
   std::atomic<bool> is_running{false};
   std::atomic<std::uint64_t> wakeups{0};
+  bool epoll_failed = false;  // worker thread only: the one epoll_wait error report was made
   UniqueFd epoll;
   UniqueFd wake;
 
@@ -118,6 +121,18 @@ struct Worker::Impl {
   bool wait(int timeout_ms) {
     epoll_event evs[kMaxEvents];
     int n = ::epoll_wait(epoll.get(), evs, kMaxEvents, timeout_ms);
+    if (n < 0 && errno != EINTR) {
+      // The epoll set is the worker's own, so this is a bug (EBADF, EFAULT, EINVAL), not a
+      // peer's doing. Say so once, and back off: returning at once would turn every sleep of
+      // the loop into a spin at 100% of a core.
+      if (!epoll_failed) {
+        epoll_failed = true;
+        spdlog::error("vhost worker {}: epoll_wait failed ({}); fds are no longer served",
+                      opts.name, std::strerror(errno));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      return false;
+    }
     if (n <= 0) return false;  // timeout, or EINTR: the loop comes round again
     if (timeout_ms != 0) wakeups.fetch_add(1, std::memory_order_relaxed);
     bool have_work = false;
