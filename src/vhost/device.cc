@@ -404,31 +404,7 @@ struct Device::Impl {
   void reset() noexcept {
     for (auto& q : queues) stop_ring(*q);
     for (auto& w : workers) w->stop();
-    for (auto& qp : queues) {
-      Queue& q = *qp;
-      q.kick.reset();
-      q.call.reset();
-      q.err.reset();
-      q.num = 0;
-      q.base = 0;
-      q.has_addr = false;
-      q.addr = VringAddr{};
-      q.kick_set = false;
-      q.enabled = false;
-      q.broken_.store(false);
-      q.broken_logged = false;
-      q.rekick_pending = false;
-      q.watch_id = 0;
-      q.poller_id = 0;
-      q.errors_seen = 0;
-      q.mem = nullptr;
-      q.log_used = false;
-      q.vq_ = virtq::DeviceQueue{};
-      for (auto* c : {&q.stats_.chains, &q.stats_.bytes, &q.stats_.kicks, &q.stats_.calls,
-                      &q.stats_.drops, &q.stats_.errors}) {
-        c->store(0, std::memory_order_relaxed);
-      }
-    }
+    for (auto& q : queues) q->reset();
     mem.set_dirty_log(nullptr);
     mem.clear();
     log.reset();

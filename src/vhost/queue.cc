@@ -17,6 +17,30 @@ void Queue::publish_and_notify() noexcept {
   if (vq_.needs_notify()) signal();
 }
 
+void Queue::reset() noexcept {
+  kick.reset();
+  call.reset();
+  err.reset();
+  num = 0;
+  base = 0;
+  has_addr = false;
+  addr = VringAddr{};
+  kick_set = false;
+  enabled = false;
+  started_.store(false, std::memory_order_release);
+  broken_.store(false, std::memory_order_release);
+  broken_logged = false;
+  rekick_pending = false;
+  watch_id = 0;
+  poller_id = 0;
+  errors_seen = 0;
+  mem = nullptr;
+  used_log_gpa = 0;
+  log_used = false;
+  vq_ = virtq::DeviceQueue{};
+  stats_.clear();
+}
+
 void Queue::signal() noexcept {
   if (!call) return;
   const std::uint64_t one = 1;

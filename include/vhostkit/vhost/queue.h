@@ -33,6 +33,11 @@ struct QueueStats {
   void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
     c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
   }
+  void clear() noexcept {
+    for (auto* c : {&chains, &bytes, &kicks, &calls, &drops, &errors}) {
+      c->store(0, std::memory_order_relaxed);
+    }
+  }
 };
 
 class Queue {
@@ -54,6 +59,10 @@ class Queue {
   void publish_and_notify() noexcept;
   // Signals the call eventfd unconditionally (config changes, tests).
   void signal() noexcept;
+  // Back to the state of a queue no front-end has configured: fds closed, addresses, size,
+  // base, flags and counters cleared; the index stays. Only for a stopped ring (RESET_OWNER,
+  // the end of a session): the worker must no longer touch it.
+  void reset() noexcept;
 
  private:
   friend class Device;
