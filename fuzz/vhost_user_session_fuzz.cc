@@ -331,7 +331,7 @@ class Run {
     model_.ring_ok[q] = true;
     SetVringAddr a;
     a.index = q;
-    a.flags = (o & 8) ? wire::kVringFlagLog : 0;
+    a.flags = (o & 8) ? virtio::kVhostVringFLog : 0;
     a.desc_user_addr = kUva + Guest::ring(q);
     a.avail_user_addr = kUva + Guest::ring(q) + kAvailOff;
     a.used_user_addr = kUva + Guest::ring(q) + kUsedOff;

@@ -44,7 +44,7 @@ NetDevice::NetDevice(NetOptions opts) : opts_(std::move(opts)) {
   if (port_ && port_->queue_pairs() > 0) {
     pairs_count_ = std::min(pairs_count_, port_->queue_pairs());
   }
-  burst_ = std::clamp<std::uint16_t>(opts_.burst, 1, 256);
+  burst_ = std::clamp<std::uint16_t>(opts_.burst, 1, kMaxBurst);
   offered_ = base_features();
   if (opts_.mtu != 0) offered_ |= bit(nf::mtu);
   if (pairs_count_ > 1) offered_ |= bit(nf::mq);
@@ -69,8 +69,12 @@ Result<std::unique_ptr<NetDevice>> NetDevice::create(NetOptions opts) {
   if (opts.port && opts.port->queue_pairs() < opts.queue_pairs) {
     return fail(Errc::out_of_range, "the port serves fewer queue pairs than requested");
   }
-  if (opts.burst < 1 || opts.burst > 256) return fail(Errc::out_of_range, "burst must be 1..256");
-  if (opts.mtu != 0 && opts.mtu < 68) return fail(Errc::out_of_range, "mtu must be 0 or >= 68");
+  if (opts.burst < 1 || opts.burst > kMaxBurst) {
+    return fail(Errc::out_of_range, "burst must be 1.." + std::to_string(kMaxBurst));
+  }
+  if (opts.mtu != 0 && opts.mtu < virtio::kNetMinMtu) {
+    return fail(Errc::out_of_range, "mtu must be 0 or >= " + std::to_string(virtio::kNetMinMtu));
+  }
   return std::make_unique<NetDevice>(std::move(opts));
 }
 

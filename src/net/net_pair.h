@@ -29,7 +29,7 @@ inline constexpr std::size_t kMaxMergeChains = 256;
 // Host staging for a frame from a port: the largest GSO frame plus slack.
 inline constexpr std::size_t kBounceBytes = 65536 + 64;
 // Chains one tx burst may pop before delivering any (NetOptions::burst's upper bound).
-inline constexpr std::size_t kMaxBurst = 256;
+inline constexpr std::size_t kMaxBurst = NetDevice::kMaxBurst;
 
 // A counter written by one worker at a time and read by anyone.
 struct Counter {

@@ -26,7 +26,6 @@ namespace {
 // handle_queue calls per wake-up (each handles the backend's own batch of chains): one busy ring
 // cannot starve the other rings and fds on the same worker.
 constexpr int kHandleBudget = 16;
-constexpr std::uint32_t kVringFLog = 1;  // VHOST_VRING_F_LOG
 
 std::string bit_list(std::uint64_t bits) {
   std::string s;
@@ -149,7 +148,7 @@ struct Device::Impl {
   void set_log_hook(Queue& q) {
     q.mem = &mem;
     q.log_used = false;
-    if (q.addr.flags & kVringFLog) {
+    if (q.addr.flags & virtio::kVhostVringFLog) {
       if (auto gpa = mem.uva_to_gpa(q.addr.used_user_addr)) {
         q.used_log_gpa = *gpa;
         q.log_used = true;

@@ -14,14 +14,13 @@
 #include <spdlog/spdlog.h>
 
 #include "vhostkit/virtio/features.h"
+#include "vhostkit/virtio/net.h"
 
 namespace vhostkit::vhost_user {
 
 namespace {
 
 constexpr std::uint32_t kLogBurst = 10;  // failure lines per second before we summarise
-constexpr std::uint64_t kMinMtu = 68;    // virtio-net: the smallest MTU a device may report
-constexpr std::uint64_t kMaxMtu = 65535;
 
 // Requests whose reply has a body of its own: a front-end waits for it whatever happened, so
 // even a failure must produce one.
@@ -367,10 +366,10 @@ BackendSession::Outcome BackendSession::on(SendRarp& m) {
 BackendSession::Outcome BackendSession::on(NetSetMtu& m) {
   if (!has(protocol_feature::net_mtu)) return Outcome::err(need("NET_SET_MTU", "NET_MTU"));
   if (!device_.has_owner()) return Outcome::err(no_owner("NET_SET_MTU"));
-  if (m.value < kMinMtu || m.value > kMaxMtu) {
+  if (m.value < virtio::kNetMinMtu || m.value > virtio::kNetMaxMtu) {
     return Outcome::err(Error{Errc::out_of_range, 0,
-                              fmt::format("NET_SET_MTU: {} is outside {}..{}", m.value, kMinMtu,
-                                          kMaxMtu)});
+                              fmt::format("NET_SET_MTU: {} is outside {}..{}", m.value,
+                                          virtio::kNetMinMtu, virtio::kNetMaxMtu)});
   }
   return Outcome::from(opts_.set_mtu(static_cast<std::uint16_t>(m.value)));
 }

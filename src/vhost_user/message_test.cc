@@ -211,7 +211,7 @@ TEST(MessageRoundTrip, SetLogBase) {
 
 TEST(MessageRoundTrip, SetVringAddr) {
   SetVringAddr m{.index = 1,
-                 .flags = wire::kVringFlagLog,
+                 .flags = virtio::kVhostVringFLog,
                  .desc_user_addr = 0x7f00'1000,
                  .used_user_addr = 0x7f00'3000,
                  .avail_user_addr = 0x7f00'2000,

@@ -30,7 +30,7 @@ struct NetOptions {
   std::uint16_t mtu = 0;             // 0: no VIRTIO_NET_F_MTU
   std::uint16_t queue_pairs = 1;     // 1..kMaxQueuePairs
   std::unique_ptr<Port> port;        // null: loopback
-  std::uint16_t burst = 32;          // chains per batch (1..256)
+  std::uint16_t burst = 32;          // chains per batch (1..kMaxBurst)
 };
 
 // A snapshot of one queue pair's counters.
@@ -48,6 +48,7 @@ struct NetStats {
 class NetDevice final : public vhost::DeviceBackend {
  public:
   static constexpr std::uint16_t kMaxQueuePairs = 256;
+  static constexpr std::uint16_t kMaxBurst = 256;  // chains one batch may pop
   // The largest frame we move (64 KiB GSO frame): longer tx chains are malformed.
   static constexpr std::size_t kMaxFrame = 65536 + 14 + 4;
 

@@ -14,7 +14,7 @@ namespace vhostkit::vhost {
 
 // Ring addresses as vhost-user's SET_VRING_ADDR carries them: frontend userspace addresses.
 struct VringAddr {
-  std::uint32_t flags = 0;   // bit 0: log used-ring writes (VHOST_VRING_F_LOG)
+  std::uint32_t flags = 0;   // virtio::kVhostVringFLog: log used-ring writes
   std::uint64_t desc_user_addr = 0;
   std::uint64_t used_user_addr = 0;
   std::uint64_t avail_user_addr = 0;

@@ -27,6 +27,7 @@
 #include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/vhost_user/protocol.h"
+#include "vhostkit/virtio/ring.h"
 
 namespace vhostkit::vhost_user {
 
@@ -145,12 +146,12 @@ struct SetLogBase {
 struct SetVringAddr {
   static constexpr auto kRequest = Request::set_vring_addr;
   std::uint32_t index = 0;
-  std::uint32_t flags = 0;  // wire::kVringFlagLog
+  std::uint32_t flags = 0;  // virtio::kVhostVringFLog
   std::uint64_t desc_user_addr = 0;
   std::uint64_t used_user_addr = 0;
   std::uint64_t avail_user_addr = 0;
   std::uint64_t log_guest_addr = 0;
-  bool log_used() const noexcept { return (flags & wire::kVringFlagLog) != 0; }
+  bool log_used() const noexcept { return (flags & virtio::kVhostVringFLog) != 0; }
   bool operator==(const SetVringAddr&) const = default;
 };
 

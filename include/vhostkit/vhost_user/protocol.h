@@ -138,13 +138,12 @@ struct VringState {  // struct vhost_vring_state
 
 struct VringAddr {  // struct vhost_vring_addr
   std::uint32_t index;
-  std::uint32_t flags;  // bit 0: VHOST_VRING_F_LOG
+  std::uint32_t flags;  // virtio::kVhostVringFLog
   std::uint64_t desc_user_addr;
   std::uint64_t used_user_addr;
   std::uint64_t avail_user_addr;
   std::uint64_t log_guest_addr;
 };
-inline constexpr std::uint32_t kVringFlagLog = 1u << 0;
 
 struct MemoryRegion {
   std::uint64_t guest_phys_addr;

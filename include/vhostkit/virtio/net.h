@@ -6,6 +6,11 @@
 
 namespace vhostkit::virtio {
 
+// VIRTIO_NET_F_MTU: the MTU a device may report (virtio 1.2, 5.1.4.1: at least 68) and the
+// largest its 16-bit config field holds.
+inline constexpr std::uint16_t kNetMinMtu = 68;
+inline constexpr std::uint16_t kNetMaxMtu = 65535;
+
 // virtio_net_hdr flags.
 inline constexpr std::uint8_t kNetHdrFNeedsCsum = 1;
 inline constexpr std::uint8_t kNetHdrFDataValid = 2;

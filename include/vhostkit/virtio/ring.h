@@ -23,6 +23,10 @@ inline constexpr std::uint16_t kAvailFNoInterrupt = 1;
 // used->flags: the device asks the driver not to notify (ignored with EVENT_IDX).
 inline constexpr std::uint16_t kUsedFNoNotify = 1;
 
+// The vhost ABI's ring-address flag (VHOST_VRING_F_LOG, linux/vhost_types.h), which vhost-user's
+// SET_VRING_ADDR carries too: log the device's used-ring writes for live migration.
+inline constexpr std::uint32_t kVhostVringFLog = 1u << 0;
+
 struct VirtqDesc {
   std::uint64_t addr;  // guest-physical
   std::uint32_t len;
