@@ -159,21 +159,7 @@ World& world() {
 // buffers as told, so the guest may have scribbled over its own used ring; the used-ring checks
 // then prove nothing.
 bool may_alias_rings(const World& w, std::uint16_t qsize) {
-  auto hits = [](const virtio::VirtqDesc& d) { return d.len != 0 && d.addr < kData; };
-  const auto* desc = reinterpret_cast<const virtio::VirtqDesc*>(w.guest + kDescGpa);
-  for (std::uint16_t i = 0; i < qsize; ++i) {
-    const virtio::VirtqDesc& d = desc[i];
-    if (hits(d)) return true;
-    if ((d.flags & virtio::kDescFIndirect) == 0 || d.addr >= kGuestBytes) continue;
-    const std::size_t n = std::min<std::uint64_t>(d.len, kGuestBytes - d.addr) /
-                          sizeof(virtio::VirtqDesc);
-    for (std::size_t j = 0; j < n; ++j) {
-      virtio::VirtqDesc e;
-      std::memcpy(&e, w.guest + d.addr + j * sizeof e, sizeof e);  // may be unaligned
-      if (hits(e)) return true;
-    }
-  }
-  return false;
+  return fuzz::buffers_may_hit_rings(w.guest, kGuestBytes, kDescGpa, qsize, kData);
 }
 
 std::uint16_t used_idx(const World& w) {

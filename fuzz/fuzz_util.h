@@ -11,6 +11,8 @@
 #include <cstring>
 #include <string_view>
 
+#include "vhostkit/virtio/ring.h"
+
 namespace vhostkit::fuzz {
 
 // Reads the input front to back; past its end every read yields zeros.
@@ -53,6 +55,29 @@ inline std::size_t fd_count(bool print = false) {
   }
   ::closedir(d);
   return n;
+}
+
+// Does a buffer the device may follow from the descriptor table at `guest + table` (qsize
+// entries, or an indirect table one of them points to) start below `data`, i.e. over the rings?
+// The device writes into such buffers as told, so the guest may scribble over its own rings and
+// ring checks prove nothing. `guest` holds `guest_bytes` bytes from guest-physical 0.
+inline bool buffers_may_hit_rings(const std::uint8_t* guest, std::uint64_t guest_bytes,
+                                  std::uint64_t table, std::uint16_t qsize, std::uint64_t data) {
+  auto hits = [data](const virtio::VirtqDesc& d) { return d.len != 0 && d.addr < data; };
+  for (std::uint16_t i = 0; i < qsize; ++i) {
+    virtio::VirtqDesc d;
+    std::memcpy(&d, guest + table + i * sizeof d, sizeof d);
+    if (hits(d)) return true;
+    if ((d.flags & virtio::kDescFIndirect) == 0 || d.addr >= guest_bytes) continue;
+    const std::size_t n =
+        std::min<std::uint64_t>(d.len, guest_bytes - d.addr) / sizeof(virtio::VirtqDesc);
+    for (std::size_t j = 0; j < n; ++j) {
+      virtio::VirtqDesc e;
+      std::memcpy(&e, guest + d.addr + j * sizeof e, sizeof e);  // may be unaligned
+      if (hits(e)) return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace vhostkit::fuzz

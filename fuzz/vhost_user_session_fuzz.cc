@@ -426,24 +426,12 @@ class Run {
   // those points to) lie over the rings? The echo device writes into such buffers as told, so
   // the guest's own avail index may change under the harness.
   bool may_write_rings() const {
-    auto hits = [](const virtio::VirtqDesc& d) { return d.len != 0 && d.addr < kData; };
     for (std::uint16_t q = 0; q < kQueues; ++q) {
-      const auto* desc = reinterpret_cast<const virtio::VirtqDesc*>(g_.mem + Guest::ring(q));
-      for (std::uint16_t i = 0; i < 64; ++i) {
-        const virtio::VirtqDesc& d = desc[i];
-        if (hits(d)) return true;
-        if ((d.flags & virtio::kDescFIndirect) == 0 || d.addr >= kGuestBytes) continue;
-        const std::size_t n = std::min<std::uint64_t>(d.len, kGuestBytes - d.addr) /
-                              sizeof(virtio::VirtqDesc);
-        for (std::size_t j = 0; j < n; ++j) {
-          virtio::VirtqDesc e;
-          std::memcpy(&e, g_.mem + d.addr + j * sizeof e, sizeof e);  // may be unaligned
-          if (hits(e)) return true;
-        }
-      }
+      if (fuzz::buffers_may_hit_rings(g_.mem, kGuestBytes, Guest::ring(q), 64, kData)) return true;
     }
     return false;
   }
+
 
   // SESSION_FUZZ_VERBOSE=1 (running one input by hand): what the device made of a kick.
   void report(std::uint16_t q, bool strict, std::chrono::nanoseconds waited) {
