@@ -8,8 +8,8 @@
 //     in by the producer and out by the consumer (Mpps) - an upper bound for any copying
 //     vhost data path on this host.
 // Prints a table and, with --csv FILE, appends "utc,test,size,value,unit" rows.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include <pthread.h>
 #include <sched.h>
@@ -49,7 +49,9 @@ void pin(int cpu) {
   pthread_setaffinity_np(pthread_self(), sizeof set, &set);
 }
 
-double secs(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+double secs(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
 
 // Round trips of one cache line: the initiator writes an odd value and waits for the even reply.
 double cacheline_rtt_ns(int cpu_a, int cpu_b, double seconds) {
@@ -191,7 +193,8 @@ double spsc_mpps(int cpu_a, int cpu_b, std::uint32_t size, double seconds) {
   stop = true;
   consumer.join();
   // What was produced in the window was consumed (the consumer drains before it stops).
-  return static_cast<double>(std::min<std::uint64_t>(produced_at_end, consumed)) / secs(t0, t) / 1e6;
+  return static_cast<double>(std::min<std::uint64_t>(produced_at_end, consumed)) / secs(t0, t) /
+         1e6;
 }
 
 }  // namespace
@@ -225,7 +228,8 @@ int main(int argc, char** argv) {
   rows.push_back({"spsc_ring_copy", 1518, spsc_mpps(cpu_a, cpu_b, 1518, seconds), "Mpps"});
 
   std::printf("%-16s %6s %10s %s\n", "test", "size", "value", "unit");
-  for (const Row& r : rows) std::printf("%-16s %6u %10.3f %s\n", r.test.c_str(), r.size, r.value, r.unit.c_str());
+  for (const Row& r : rows)
+    std::printf("%-16s %6u %10.3f %s\n", r.test.c_str(), r.size, r.value, r.unit.c_str());
   if (!csv.empty()) {
     const bool fresh = !std::ifstream(csv).good() || std::ifstream(csv).peek() == EOF;
     std::ofstream f(csv, std::ios::app);
@@ -239,7 +243,8 @@ int main(int argc, char** argv) {
     gmtime_r(&now, &tm);
     std::strftime(utc, sizeof utc, "%Y-%m-%dT%H:%M:%SZ", &tm);
     if (fresh) f << "utc,test,size,value,unit\n";
-    for (const Row& r : rows) f << fmt::format("{},{},{},{:.3f},{}\n", utc, r.test, r.size, r.value, r.unit);
+    for (const Row& r : rows)
+      f << fmt::format("{},{},{},{:.3f},{}\n", utc, r.test, r.size, r.value, r.unit);
   }
   return 0;
 }

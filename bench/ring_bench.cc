@@ -51,8 +51,7 @@ struct Setup {
     (void)mem.add_local_region(memory::RegionSpec{kGpa, kMemBytes, 0x7f0000000000ull, 0},
                                block.get());
     const auto layout = virtq::DriverRingLayout::for_size(kSize);
-    (void)driver.init(std::span<std::byte>(block.get(), layout.total_bytes), kGpa, kSize,
-                      features);
+    (void)driver.init(std::span<std::byte>(block.get(), layout.total_bytes), kGpa, kSize, features);
     device.attach(&mem, virtq::SplitRing{driver.desc(), driver.avail(), driver.used(), kSize},
                   features, 0);
   }

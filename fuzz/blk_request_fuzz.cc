@@ -70,11 +70,25 @@ constexpr std::uint64_t kOddAddrs[] = {
     kGuestBytes + 4096,     // unmapped
     ~std::uint64_t{0} - 7,  // wraps
     std::uint64_t{1} << 63,
-    kUsedGpa,               // the used ring
+    kUsedGpa,  // the used ring
 };
 constexpr std::uint32_t kOddLens[] = {
-    0, 1, 15, 16, 17, 511, 513, 4096 + 1, 0x7ffff000, 0x80000000u, 0xffffffffu, kGuestBytes,
-    kGuestBytes + 1, 1u << 20, 3, 520,
+    0,
+    1,
+    15,
+    16,
+    17,
+    511,
+    513,
+    4096 + 1,
+    0x7ffff000,
+    0x80000000u,
+    0xffffffffu,
+    kGuestBytes,
+    kGuestBytes + 1,
+    1u << 20,
+    3,
+    520,
 };
 
 // How long a request may go unanswered before it counts as a hang: far beyond any scheduling
@@ -146,7 +160,9 @@ struct World {
     if (::fstat(image_fd, &st) != 0) finding("fstat image");
     return static_cast<std::uint64_t>(st.st_size);
   }
-  std::uint64_t uva(std::uint64_t gpa) const { return reinterpret_cast<std::uint64_t>(guest) + gpa; }
+  std::uint64_t uva(std::uint64_t gpa) const {
+    return reinterpret_cast<std::uint64_t>(guest) + gpa;
+  }
 };
 
 World& world() {
@@ -228,8 +244,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool aliased = may_alias_rings(w, qsize);
 
   blk::BlkDevice& blk = *w.devs[read_only ? 1 : 0][uring ? 1 : 0];
-  std::uint64_t features = bit(virtio::feature::version_1) | bit(bf::seg_max) |
-                           bit(bf::blk_size) | bit(bf::flush) | bit(bf::size_max);
+  std::uint64_t features = bit(virtio::feature::version_1) | bit(bf::seg_max) | bit(bf::blk_size) |
+                           bit(bf::flush) | bit(bf::size_max);
   if (mode & 16) features |= bit(bf::discard) | bit(bf::write_zeroes);
   if (mode & 32) features |= bit(virtio::feature::ring_indirect_desc);
   if (mode & 64) features |= bit(virtio::feature::ring_event_idx);
@@ -289,18 +305,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (w.verbose) {
     // BLK_FUZZ_VERBOSE=1 (e.g. when running one input by hand): what the device made of it.
     const blk::BlkStats st = blk.stats(0);
-    std::fprintf(stderr,
-                 "blk_request_fuzz: %s %s, %u of %u answered; totals: reads %llu writes %llu "
-                 "flushes %llu discards %llu get_ids %llu bad %llu no_status %llu ioerr %llu\n",
-                 uring ? "uring" : "inline", read_only ? "ro" : "rw", answered, requests,
-                 static_cast<unsigned long long>(st.reads),
-                 static_cast<unsigned long long>(st.writes),
-                 static_cast<unsigned long long>(st.flushes),
-                 static_cast<unsigned long long>(st.discards),
-                 static_cast<unsigned long long>(st.get_ids),
-                 static_cast<unsigned long long>(st.bad_requests),
-                 static_cast<unsigned long long>(st.no_status),
-                 static_cast<unsigned long long>(st.io_errors));
+    std::fprintf(
+        stderr,
+        "blk_request_fuzz: %s %s, %u of %u answered; totals: reads %llu writes %llu "
+        "flushes %llu discards %llu get_ids %llu bad %llu no_status %llu ioerr %llu\n",
+        uring ? "uring" : "inline", read_only ? "ro" : "rw", answered, requests,
+        static_cast<unsigned long long>(st.reads), static_cast<unsigned long long>(st.writes),
+        static_cast<unsigned long long>(st.flushes), static_cast<unsigned long long>(st.discards),
+        static_cast<unsigned long long>(st.get_ids),
+        static_cast<unsigned long long>(st.bad_requests),
+        static_cast<unsigned long long>(st.no_status),
+        static_cast<unsigned long long>(st.io_errors));
   }
   if (!aliased) {
     if (answered > requests) finding("more used elements than requests");

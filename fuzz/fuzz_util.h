@@ -50,7 +50,8 @@ inline std::size_t fd_count(bool print = false) {
     const std::string_view t(target, static_cast<std::size_t>(len));
     if (t.starts_with("socket:") || t.starts_with("anon_inode:") || t.starts_with("/memfd:")) {
       ++n;
-      if (print) std::fprintf(stderr, "  fd %s -> %.*s\n", e->d_name, static_cast<int>(len), target);
+      if (print)
+        std::fprintf(stderr, "  fd %s -> %.*s\n", e->d_name, static_cast<int>(len), target);
     }
   }
   ::closedir(d);

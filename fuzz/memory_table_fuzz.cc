@@ -260,8 +260,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           for (std::size_t i = log_bytes; i < log_buf.size(); ++i) check(log_buf[i] == 0);
           if (mem.dirty_log() != nullptr && len != 0) {
             const std::uint64_t page = gpa / DirtyLog::kPageSize;
-            if (page < log_bytes * 8) check(log.is_dirty(gpa));
-            else check(log.dropped() == dropped + 1);
+            if (page < log_bytes * 8)
+              check(log.is_dirty(gpa));
+            else
+              check(log.dropped() == dropped + 1);
           }
           break;
         }

@@ -105,10 +105,9 @@ void reencode(const Decoded& msg, DecodeAgain again) {
   check(back.has_value());
   const Decoded* decoded = std::get_if<Decoded>(&*back);
   if (decoded == nullptr || !same(msg, *decoded)) {
-    std::fprintf(stderr,
-                 "vhost_user_decode_fuzz: request %u decoded, re-encoded and decoded to %s\n",
-                 out->header.request,
-                 decoded == nullptr ? "another message type" : "a different message");
+    std::fprintf(
+        stderr, "vhost_user_decode_fuzz: request %u decoded, re-encoded and decoded to %s\n",
+        out->header.request, decoded == nullptr ? "another message type" : "a different message");
     __builtin_trap();
   }
 }

@@ -94,8 +94,9 @@ constexpr std::uint64_t kOddAddrs[] = {
     ~std::uint64_t{0} - 7,    // wraps
     kSplit - 8,               // across the two regions of a split table
 };
-constexpr std::uint32_t kOddLens[] = {0, 1, 16, 17, 4096, 0x7ffff000, 0x80000000u, 0xffffffffu,
-                                      kGuestBytes, kGuestBytes + 1, 48, 3, 1u << 20, 160, 15, 32};
+constexpr std::uint32_t kOddLens[] = {
+    0,  1, 16,       17,  4096, 0x7ffff000, 0x80000000u, 0xffffffffu, kGuestBytes, kGuestBytes + 1,
+    48, 3, 1u << 20, 160, 15,   32};
 
 constexpr auto kHangDeadline = std::chrono::seconds(30);
 // What one input may spend waiting on rings the harness can't vouch for.
@@ -131,8 +132,7 @@ class Echo : public vhost::DeviceBackend {
       }
       std::uint32_t len = 0;
       if (!c->readable.empty() && !c->writable.empty()) {
-        len = static_cast<std::uint32_t>(
-            std::min(c->readable[0].iov_len, c->writable[0].iov_len));
+        len = static_cast<std::uint32_t>(std::min(c->readable[0].iov_len, c->writable[0].iov_len));
         std::memmove(c->writable[0].iov_base, c->readable[0].iov_base, len);
       }
       vq.push_used(c->head, len);
@@ -189,8 +189,8 @@ struct Guest {
 
 // What the harness did in this input, to know whether a ring should drain after a kick.
 struct Model {
-  bool mem_ok = false;                         // our memory table was sent
-  std::array<bool, kQueues> ring_ok{};         // our setup of the ring was sent
+  bool mem_ok = false;                  // our memory table was sent
+  std::array<bool, kQueues> ring_ok{};  // our setup of the ring was sent
   // A raw request that can move memory, a ring or its kick, or point the dirty log at guest
   // memory was sent: from then on either ring may lie anywhere, over the other's avail index.
   bool tampered = false;
@@ -226,8 +226,8 @@ int make_raw_fd(std::uint8_t fdsel, const Guest& g) {
   return fd;
 }
 
-void send_record(int sock, std::uint32_t request, std::uint32_t flags,
-                 const std::uint8_t* payload, std::size_t len, const std::vector<int>& fds) {
+void send_record(int sock, std::uint32_t request, std::uint32_t flags, const std::uint8_t* payload,
+                 std::size_t len, const std::vector<int>& fds) {
   std::vector<std::uint8_t> buf(12 + len);
   const std::uint32_t size = static_cast<std::uint32_t>(len);
   std::memcpy(buf.data(), &request, 4);
@@ -304,16 +304,22 @@ class Run {
     }
     SetMemTable t;
     auto region = [&](std::uint64_t gpa, std::uint64_t size) {
-      t.regions.push_back(MemRegion{memory::RegionSpec{gpa, size, kUva + gpa, gpa},
-                                    dup_fd(g_.memfd.get())});
+      t.regions.push_back(
+          MemRegion{memory::RegionSpec{gpa, size, kUva + gpa, gpa}, dup_fd(g_.memfd.get())});
     };
     if (v & 4) {
       region(0, 2 * kGuestBytes);
     } else {
       switch (v % 4) {
         case 0: region(0, kGuestBytes); break;
-        case 1: region(0, kSplit); region(kSplit, kGuestBytes - kSplit); break;
-        case 2: region(kSplit, kGuestBytes - kSplit); region(0, kSplit); break;
+        case 1:
+          region(0, kSplit);
+          region(kSplit, kGuestBytes - kSplit);
+          break;
+        case 2:
+          region(kSplit, kGuestBytes - kSplit);
+          region(0, kSplit);
+          break;
         default: region(0, kSplit); break;
       }
     }
@@ -341,8 +347,7 @@ class Run {
     SetVringKick kick;
     kick.index = static_cast<std::uint8_t>(q);
     kick.fd = dup_fd(g_.kick[q].get());
-    if (!send(SetVringNum{q, size}) || !send(SetVringBase{q, base}) || !send(a) ||
-        !send(call)) {
+    if (!send(SetVringNum{q, size}) || !send(SetVringBase{q, base}) || !send(a) || !send(call)) {
       return false;
     }
     if (!(o & 32)) {
@@ -385,8 +390,7 @@ class Run {
     const std::uint64_t one = 1;
     if (::write(g_.kick[q].get(), &one, sizeof one) != sizeof one) finding("kick write");
     if (may_write_rings()) model_.scribbled = true;
-    const bool strict =
-        model_.mem_ok && model_.ring_ok[q] && !model_.tampered && !model_.scribbled;
+    const bool strict = model_.mem_ok && model_.ring_ok[q] && !model_.tampered && !model_.scribbled;
     const auto start = std::chrono::steady_clock::now();
     for (;;) {
       if (drained(q)) break;
@@ -431,7 +435,6 @@ class Run {
     }
     return false;
   }
-
 
   // SESSION_FUZZ_VERBOSE=1 (running one input by hand): what the device made of a kick.
   void report(std::uint16_t q, bool strict, std::chrono::nanoseconds waited) {

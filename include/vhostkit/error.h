@@ -11,17 +11,17 @@
 namespace vhostkit {
 
 enum class Errc : std::uint8_t {
-  invalid_argument,   // a value a peer sent (or a caller passed) breaks a rule
-  out_of_range,       // an index, address or length outside what is allowed
-  not_mapped,         // a guest or frontend address no memory region covers
-  overlap,            // a memory region collides with another
-  too_many,           // a count over its bound (regions, fds, descriptors)
-  bad_state,          // the request is not valid in the current state
-  broken,             // the peer broke the protocol; the device is stopped
-  unsupported,        // a feature or request we do not implement
-  system,             // a system call failed; sys_errno says why
-  disconnected,       // the peer went away
-  would_block,        // nothing to do now; try again later
+  invalid_argument,  // a value a peer sent (or a caller passed) breaks a rule
+  out_of_range,      // an index, address or length outside what is allowed
+  not_mapped,        // a guest or frontend address no memory region covers
+  overlap,           // a memory region collides with another
+  too_many,          // a count over its bound (regions, fds, descriptors)
+  bad_state,         // the request is not valid in the current state
+  broken,            // the peer broke the protocol; the device is stopped
+  unsupported,       // a feature or request we do not implement
+  system,            // a system call failed; sys_errno says why
+  disconnected,      // the peer went away
+  would_block,       // nothing to do now; try again later
 };
 
 std::string_view to_string(Errc code) noexcept;

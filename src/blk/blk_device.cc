@@ -4,9 +4,9 @@
 
 #include <fcntl.h>
 #include <linux/fs.h>
-#include <sys/ioctl.h>
 #include <linux/magic.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -96,8 +96,9 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
     return fail(Errc::invalid_argument, o.image + " is not a regular file or block device");
   }
   if (bytes == 0 || bytes % virtio::kBlkSectorSize != 0) {
-    return fail(Errc::invalid_argument,
-                fmt::format("image {} is {} bytes, not a positive multiple of 512", o.image, bytes));
+    return fail(
+        Errc::invalid_argument,
+        fmt::format("image {} is {} bytes, not a positive multiple of 512", o.image, bytes));
   }
 
   // O_DIRECT where the file system takes it (tmpfs on older kernels refuses it at open).
@@ -112,15 +113,15 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
   }
   d->memory_backed_ = !block_device && on_memory_fs(d->fd_.get());
   d->io_ = o.io != IoPath::automatic ? o.io
-          : d->memory_backed_         ? IoPath::inline_call
-                                      : IoPath::uring;
+           : d->memory_backed_       ? IoPath::inline_call
+                                     : IoPath::uring;
   d->capacity_ = bytes / virtio::kBlkSectorSize;
   d->serial_ = o.serial.empty() ? default_serial(o.image) : o.serial;
 
   d->offered_ = bit(virtio::feature::version_1) | bit(virtio::feature::ring_event_idx) |
-                bit(virtio::feature::ring_indirect_desc) | bit(bf::seg_max) |
-                bit(bf::blk_size) | bit(bf::flush) | bit(bf::mq) | bit(bf::discard) |
-                bit(bf::write_zeroes) | bit(bf::size_max);
+                bit(virtio::feature::ring_indirect_desc) | bit(bf::seg_max) | bit(bf::blk_size) |
+                bit(bf::flush) | bit(bf::mq) | bit(bf::discard) | bit(bf::write_zeroes) |
+                bit(bf::size_max);
   if (o.read_only) d->offered_ |= bit(bf::ro);
 
   d->backing_ = std::make_unique<Backing>();
@@ -163,8 +164,8 @@ Result<> BlkDevice::read_config(std::uint32_t offset, std::span<std::uint8_t> ou
   // Frontends read the size of their own idea of the struct, which may be longer than ours:
   // bytes past the end read as zero. Only an offset past the end is refused.
   if (offset > sizeof c) {
-    return fail(Errc::out_of_range, fmt::format("config offset {} is past the {}-byte config",
-                                                offset, sizeof c));
+    return fail(Errc::out_of_range,
+                fmt::format("config offset {} is past the {}-byte config", offset, sizeof c));
   }
   std::fill(out.begin(), out.end(), std::uint8_t{0});
   const std::size_t n = std::min<std::size_t>(out.size(), sizeof c - offset);
@@ -191,7 +192,8 @@ void BlkDevice::quiesce(vhost::Queue& q, vhost::Worker& w) {
 }
 
 bool BlkDevice::handle_queue(vhost::Queue& q) noexcept {
-  if (q.index() >= opts_.num_queues) [[unlikely]] return false;
+  if (q.index() >= opts_.num_queues) [[unlikely]]
+    return false;
   QueueState& s = queues_[q.index()];
   unsigned work = s.reap(q);
   work += s.pop_and_submit(q);

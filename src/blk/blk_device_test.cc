@@ -102,8 +102,10 @@ struct RigOpts {
 
 struct Rig {
   explicit Rig(RigOpts o = {})
-      : img(kImage, o.dir.c_str()), blk(open_device(img.path(), o.ro, o.queues, o.direct, o.io)),
-        dev(*blk, dev_opts(o.mode)), guest(o.queues, kFeatures, o.ring_size) {
+      : img(kImage, o.dir.c_str()),
+        blk(open_device(img.path(), o.ro, o.queues, o.direct, o.io)),
+        dev(*blk, dev_opts(o.mode)),
+        guest(o.queues, kFeatures, o.ring_size) {
     guest.bring_up(dev);
   }
   TempImage img;
@@ -425,7 +427,10 @@ void random_io(vhost::PollMode mode, std::uint32_t seed, IoPath io) {
       InFlight f = inflight.at(slot);
       inflight.erase(slot);
       ++done;
-      if (r.guest.status(0, slot) != virtio::kBlkSOk) { ++mismatches; continue; }
+      if (r.guest.status(0, slot) != virtio::kBlkSOk) {
+        ++mismatches;
+        continue;
+      }
       if (!f.write) {
         if (len != f.len + 1) ++mismatches;
         if (r.guest.data(0, slot, f.len, f.shift) !=
@@ -460,7 +465,8 @@ void random_io(vhost::PollMode mode, std::uint32_t seed, IoPath io) {
     ++issued;
     if (issued % 8 == 0) r.guest.kick(0);
   }
-  while (!inflight.empty() && drain(inflight.size())) {}
+  while (!inflight.empty() && drain(inflight.size())) {
+  }
   EXPECT_EQ(done, 1000u);
   EXPECT_EQ(mismatches, 0u);
   EXPECT_EQ(r.img.read(0, kImage), shadow);

@@ -14,8 +14,7 @@ constexpr std::uint64_t kSectors = kImage / 512;
 
 class BlkHostile : public ::testing::Test {
  protected:
-  BlkHostile()
-      : img(kImage), blk(open_device(img.path())), dev(*blk, dev_opts()), guest(1) {
+  BlkHostile() : img(kImage), blk(open_device(img.path())), dev(*blk, dev_opts()), guest(1) {
     guest.bring_up(dev);
     before = img.read(0, kImage);
   }
@@ -156,8 +155,8 @@ TEST_F(BlkHostile, OutWithWritableDataBuffers) {
 }
 
 TEST_F(BlkHostile, UnknownTypeIsUnsupported) {
-  for (std::uint32_t type : {2u, 3u, 99u, virtio::blk_type::get_lifetime,
-                             virtio::blk_type::secure_erase, 0xffffffffu}) {
+  for (std::uint32_t type :
+       {2u, 3u, 99u, virtio::blk_type::get_lifetime, virtio::blk_type::secure_erase, 0xffffffffu}) {
     auto s = raw(type, 0, {{kHdr, 16}}, {{kSt, 1}});
     auto [st, len] = guest.run(0, s);
     EXPECT_EQ(st, virtio::kBlkSUnsupp) << type;
@@ -178,13 +177,13 @@ TEST_F(BlkHostile, DiscardWithBadSegments) {
     std::uint8_t expect;
   };
   const Case cases[] = {
-      {virtio::blk_type::discard, kSectors - 1, 2, 0, 16, virtio::kBlkSIoErr},     // past the end
+      {virtio::blk_type::discard, kSectors - 1, 2, 0, 16, virtio::kBlkSIoErr},       // past the end
       {virtio::blk_type::discard, ~std::uint64_t{0}, 8, 0, 16, virtio::kBlkSIoErr},  // wraps
-      {virtio::blk_type::discard, 0, 0, 0, 16, virtio::kBlkSIoErr},                // empty
-      {virtio::blk_type::discard, 0, 8, 0, 8, virtio::kBlkSIoErr},                 // short segment
-      {virtio::blk_type::discard, 0, 8, 0, 32, virtio::kBlkSIoErr},                // two segments
-      {virtio::blk_type::discard, 0, 8, 1, 16, virtio::kBlkSUnsupp},               // unmap flag
-      {virtio::blk_type::write_zeroes, 0, 8, 2, 16, virtio::kBlkSUnsupp},          // unknown flag
+      {virtio::blk_type::discard, 0, 0, 0, 16, virtio::kBlkSIoErr},                  // empty
+      {virtio::blk_type::discard, 0, 8, 0, 8, virtio::kBlkSIoErr},         // short segment
+      {virtio::blk_type::discard, 0, 8, 0, 32, virtio::kBlkSIoErr},        // two segments
+      {virtio::blk_type::discard, 0, 8, 1, 16, virtio::kBlkSUnsupp},       // unmap flag
+      {virtio::blk_type::write_zeroes, 0, 8, 2, 16, virtio::kBlkSUnsupp},  // unknown flag
   };
   for (const Case& c : cases) {
     auto slot = guest.take_slot(0);

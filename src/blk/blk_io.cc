@@ -9,8 +9,8 @@
 // len 0 and a counter; any other bad request gets VIRTIO_BLK_S_IOERR (UNSUPP for unknown types).
 #include <fcntl.h>
 #include <linux/falloc.h>
-#include <sys/eventfd.h>
 #include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -320,8 +320,7 @@ bool BlkDevice::QueueState::dispatch(vhost::Queue& q, Slot& s, std::uint32_t slo
       s.data_len = 0;
       break;
     }
-    default:
-      return bad(virtio::kBlkSUnsupp);
+    default: return bad(virtio::kBlkSUnsupp);
   }
   if (s.op == Op::read || s.op == Op::write) {
     s.offset = hdr.sector * kBlkSectorSize;
@@ -331,7 +330,8 @@ bool BlkDevice::QueueState::dispatch(vhost::Queue& q, Slot& s, std::uint32_t slo
       return false;
     }
     // O_DIRECT takes only aligned buffers and offsets; anything else goes the buffered way.
-    s.on_buffered = !b.direct || s.offset % b.dio_align != 0 || !aligned(s.data, s.ndata, b.dio_align);
+    s.on_buffered =
+        !b.direct || s.offset % b.dio_align != 0 || !aligned(s.data, s.ndata, b.dio_align);
   }
   if (b.inline_io) {
     int res = run_inline(s);
@@ -358,12 +358,8 @@ bool BlkDevice::QueueState::prep(Slot& s, std::uint32_t slot_index) noexcept {
   const Backing& b = *backing;
   const int fd = s.on_buffered ? b.buffered_fd : b.fd;
   switch (s.op) {
-    case Op::read:
-      io_uring_prep_readv(sqe, fd, s.data, s.ndata, s.offset);
-      break;
-    case Op::write:
-      io_uring_prep_writev(sqe, fd, s.data, s.ndata, s.offset);
-      break;
+    case Op::read: io_uring_prep_readv(sqe, fd, s.data, s.ndata, s.offset); break;
+    case Op::write: io_uring_prep_writev(sqe, fd, s.data, s.ndata, s.offset); break;
     case Op::flush:
       io_uring_prep_fsync(sqe, b.fd, IORING_FSYNC_DATASYNC);
       // Starts only after every request submitted before it on this ring has completed, so
@@ -465,13 +461,9 @@ void BlkDevice::QueueState::answer(vhost::Queue& q, Slot& s, int res) noexcept {
       Counters::add(counters.writes);
       Counters::add(counters.bytes_written, s.data_len);
       break;
-    case Op::flush:
-      Counters::add(counters.flushes);
-      break;
+    case Op::flush: Counters::add(counters.flushes); break;
     case Op::discard:
-    case Op::write_zeroes:
-      Counters::add(counters.discards);
-      break;
+    case Op::write_zeroes: Counters::add(counters.discards); break;
   }
   q.stats().add(q.stats().bytes, s.data_len);
   finish(q, s, virtio::kBlkSOk, used);

@@ -20,16 +20,16 @@ namespace vhostkit::blk {
 
 // What the device knows about its backing store, shared read-only by every queue.
 struct BlkDevice::Backing {
-  int fd = -1;            // O_DIRECT when direct
-  int buffered_fd = -1;   // always buffered (== fd when !direct)
+  int fd = -1;           // O_DIRECT when direct
+  int buffered_fd = -1;  // always buffered (== fd when !direct)
   bool direct = false;
   bool block_device = false;
   std::uint32_t dio_align = 512;
   std::uint64_t capacity = 0;  // 512-byte sectors
   bool read_only = false;
-  bool inline_io = false;      // IoPath::inline_call: no io_uring, every request answered at once
+  bool inline_io = false;  // IoPath::inline_call: no io_uring, every request answered at once
   const std::string* serial = nullptr;
-  std::uint64_t acked = 0;     // negotiated features (set before any ring starts)
+  std::uint64_t acked = 0;  // negotiated features (set before any ring starts)
   // WRITE_ZEROES without unmap uses FALLOC_FL_ZERO_RANGE until the file system refuses it once;
   // then punching a hole (which also reads back as zeros) instead.
   std::atomic<bool> zero_range_unsupported{false};
@@ -43,13 +43,13 @@ struct Slot {
 
   std::uint16_t head = 0;
   Op op = Op::read;
-  bool on_buffered = false;     // submitted through the buffered fd
+  bool on_buffered = false;  // submitted through the buffered fd
   std::uint8_t* status = nullptr;
-  std::uint32_t data_len = 0;   // bytes the request moves (read/write)
-  std::uint64_t offset = 0;     // bytes (read/write/discard/write_zeroes)
-  std::uint64_t length = 0;     // bytes (discard/write_zeroes)
-  bool unmap = false;           // write_zeroes may punch a hole
-  iovec* data = nullptr;        // into segs
+  std::uint32_t data_len = 0;  // bytes the request moves (read/write)
+  std::uint64_t offset = 0;    // bytes (read/write/discard/write_zeroes)
+  std::uint64_t length = 0;    // bytes (discard/write_zeroes)
+  bool unmap = false;          // write_zeroes may punch a hole
+  iovec* data = nullptr;       // into segs
   unsigned ndata = 0;
   iovec segs[kSegs];
 };
@@ -70,12 +70,12 @@ struct BlkDevice::QueueState {
   Backing* backing = nullptr;
 
   io_uring ring{};
-  bool ring_ok = false;         // the io_uring path is set up (always false on the inline path)
-  UniqueFd cq_event;            // io_uring's completion eventfd, watched by the worker
+  bool ring_ok = false;  // the io_uring path is set up (always false on the inline path)
+  UniqueFd cq_event;     // io_uring's completion eventfd, watched by the worker
   vhost::Worker::Id watch_id = 0;
   std::unique_ptr<Slot[]> slots;
   std::vector<std::uint32_t> free_slots;  // a stack of slot indices
-  std::uint32_t inflight = 0;   // SQEs submitted and not yet reaped
+  std::uint32_t inflight = 0;             // SQEs submitted and not yet reaped
   Counters counters;
 
   // Starts (ring, eventfd, slot pool) / stops (waits for every request in flight) the queue.

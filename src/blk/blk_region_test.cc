@@ -112,7 +112,8 @@ constexpr std::uint64_t kHdrB = G::kBoundary + 0x300000, kStatusB = G::kBoundary
 class BlkRegion : public ::testing::TestWithParam<IoPath> {
  protected:
   BlkRegion()
-      : img_(kImage), blk_(open_device(img_.path(), false, 1, true, GetParam())),
+      : img_(kImage),
+        blk_(open_device(img_.path(), false, 1, true, GetParam())),
         dev_(*blk_, dev_opts()) {
     g_.bring_up_two_regions(dev_);
   }
@@ -178,7 +179,9 @@ class BlkRegion : public ::testing::TestWithParam<IoPath> {
 };
 
 INSTANTIATE_TEST_SUITE_P(Path, BlkRegion, ::testing::Values(IoPath::uring, IoPath::inline_call),
-                         [](const auto& i) { return i.param == IoPath::uring ? "uring" : "inline"; });
+                         [](const auto& i) {
+                           return i.param == IoPath::uring ? "uring" : "inline";
+                         });
 
 // One 16 KiB data descriptor, half in A and half in B, page-aligned: split into two pieces that
 // are still aligned, so O_DIRECT takes them as they are.
@@ -221,8 +224,8 @@ TEST_P(BlkRegion, UnalignedDescriptorAcrossTheBoundary) {
 // Every descriptor of the chain in a different region from the one before it: header in B,
 // data in A, B, A, status in A (write) and the mirror image for the read.
 TEST_P(BlkRegion, ChainWithDescriptorsInBothRegions) {
-  const std::vector<Buffer> pieces{{0x200000, 2048}, {G::kBoundary + 0x10000, 2048},
-                                   {0x280000, 1024}};
+  const std::vector<Buffer> pieces{
+      {0x200000, 2048}, {G::kBoundary + 0x10000, 2048}, {0x280000, 1024}};
   const Bytes w = pattern(5120, 23);
   for (const Buffer& b : pieces) guard(b.gpa, b.len);
   write(200, w, pieces, kHdrB, kStatusA);
@@ -292,8 +295,9 @@ TEST_P(BlkRegion, DescriptorRunningPastTheLastRegionIsRefused) {
   EXPECT_EQ(*g_.at(kStatusA), kUnwritten);
   EXPECT_EQ(g_.get(data, 2048), Bytes(2048, 0x77));
   EXPECT_EQ(img_.read(0, kImage), before);
-  EXPECT_EQ(dev_.queue(0).vq().errors()[static_cast<std::size_t>(virtq::ChainError::desc_not_mapped)],
-            2u);
+  EXPECT_EQ(
+      dev_.queue(0).vq().errors()[static_cast<std::size_t>(virtq::ChainError::desc_not_mapped)],
+      2u);
   EXPECT_EQ(blk_->stats(0).reads + blk_->stats(0).writes, 0u);
   // Still serving: a request across the boundary right after.
   const Bytes w = pattern(1024, 26);

@@ -123,7 +123,8 @@ class BlkGuest : public vhost::testing::GuestRings {
     auto split = [&](std::vector<Buffer>& v, std::uint64_t len) {
       std::uint64_t off = 0;
       for (unsigned i = 0; i < pieces && off < len; ++i) {
-        std::uint64_t n = i + 1 == pieces ? len - off : std::max<std::uint64_t>(len / pieces / 512 * 512, 512);
+        std::uint64_t n =
+            i + 1 == pieces ? len - off : std::max<std::uint64_t>(len / pieces / 512 * 512, 512);
         n = std::min(n, len - off);
         v.push_back({data + off, static_cast<std::uint32_t>(n)});
         off += n;
@@ -146,7 +147,9 @@ class BlkGuest : public vhost::testing::GuestRings {
     return slot;
   }
 
-  std::uint8_t status(std::uint16_t q, std::uint16_t slot) { return slot_host(q, slot)[kStatusOff]; }
+  std::uint8_t status(std::uint16_t q, std::uint16_t slot) {
+    return slot_host(q, slot)[kStatusOff];
+  }
   Bytes data(std::uint16_t q, std::uint16_t slot, std::size_t len, std::size_t shift = 0) {
     const std::uint8_t* p = slot_host(q, slot) + kDataOff + shift;
     return Bytes(p, p + len);

@@ -21,7 +21,7 @@ Result<> DirtyLog::attach(UniqueFd fd, std::uint64_t size, std::uint64_t offset)
     return fail(Errc::out_of_range,
                 fmt::format("dirty log: mmap_offset {:#x} + mmap_size {:#x} wraps", offset, size));
   }
-  struct stat st {};
+  struct stat st{};
   if (::fstat(fd.get(), &st) != 0) {
     return fail_errno(fmt::format("dirty log: fstat of fd {}", fd.get()));
   }
@@ -72,9 +72,9 @@ void DirtyLog::mark(std::uint64_t gpa, std::uint64_t len) noexcept {
   if (len == 0 || bits_ == nullptr) return;
   const std::uint64_t first = gpa / kPageSize;
   // A range running off the top of the address space is clamped; its tail is beyond any log.
-  const std::uint64_t last_byte =
-      len - 1 > std::numeric_limits<std::uint64_t>::max() - gpa ? std::numeric_limits<std::uint64_t>::max()
-                                                                 : gpa + (len - 1);
+  const std::uint64_t last_byte = len - 1 > std::numeric_limits<std::uint64_t>::max() - gpa
+                                      ? std::numeric_limits<std::uint64_t>::max()
+                                      : gpa + (len - 1);
   const std::uint64_t last = last_byte / kPageSize;
   const std::uint64_t pages_in_log = bytes_ * 8;  // bytes_ comes from a mapping: no overflow
   if (last >= pages_in_log) {
@@ -97,7 +97,8 @@ bool DirtyLog::is_dirty(std::uint64_t gpa) const noexcept {
   const std::uint64_t page = gpa / kPageSize;
   if (bits_ == nullptr || page / 8 >= bytes_) return false;
   return (std::atomic_ref<std::uint8_t>(bits_[page / 8]).load(std::memory_order_relaxed) >>
-          (page % 8)) & 1u;
+          (page % 8)) &
+         1u;
 }
 
 }  // namespace vhostkit::memory

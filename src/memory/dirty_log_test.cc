@@ -119,7 +119,8 @@ TEST(DirtyLog, AttachRejectsSizePastTheFile) {
 
 TEST(DirtyLog, AttachRejectsOffsetPlusSizeWrap) {
   DirtyLog log;
-  auto r = log.attach(make_memfd(0x1000), 0x2000, std::numeric_limits<std::uint64_t>::max() - 0xfff);
+  auto r =
+      log.attach(make_memfd(0x1000), 0x2000, std::numeric_limits<std::uint64_t>::max() - 0xfff);
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, Errc::out_of_range);
   EXPECT_NE(r.error().detail.find("wraps"), std::string::npos);

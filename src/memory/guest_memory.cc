@@ -117,10 +117,9 @@ Result<> GuestMemory::check_new(const RegionSpec& spec) const {
                             spec.guest_phys_addr, spec.size, regions_.size(), kMaxRegions));
   }
   // Sorted and disjoint in gpa: only the two neighbours of the insertion point can collide.
-  auto it = std::upper_bound(regions_.begin(), regions_.end(), spec.guest_phys_addr,
-                             [](std::uint64_t gpa, const Region& r) {
-                               return gpa < r.spec.guest_phys_addr;
-                             });
+  auto it = std::upper_bound(
+      regions_.begin(), regions_.end(), spec.guest_phys_addr,
+      [](std::uint64_t gpa, const Region& r) { return gpa < r.spec.guest_phys_addr; });
   for (auto n : {it, it == regions_.begin() ? regions_.end() : it - 1}) {
     if (n == regions_.end()) continue;
     const RegionSpec& o = n->spec;
@@ -130,29 +129,27 @@ Result<> GuestMemory::check_new(const RegionSpec& spec) const {
                               spec.guest_phys_addr, spec.size, o.guest_phys_addr, o.size));
     }
   }
-  auto ut = std::upper_bound(uva_order_.begin(), uva_order_.end(), spec.userspace_addr,
-                             [this](std::uint64_t uva, std::uint16_t i) {
-                               return uva < regions_[i].spec.userspace_addr;
-                             });
+  auto ut = std::upper_bound(
+      uva_order_.begin(), uva_order_.end(), spec.userspace_addr,
+      [this](std::uint64_t uva, std::uint16_t i) { return uva < regions_[i].spec.userspace_addr; });
   for (auto n : {ut, ut == uva_order_.begin() ? uva_order_.end() : ut - 1}) {
     if (n == uva_order_.end()) continue;
     const RegionSpec& o = regions_[*n].spec;
     if (ranges_overlap(spec.userspace_addr, spec.size, o.userspace_addr, o.size)) {
-      return fail(Errc::overlap,
-                  fmt::format("region uva {:#x} size {:#x} overlaps region uva {:#x} size {:#x} "
-                              "(gpa {:#x})",
-                              spec.userspace_addr, spec.size, o.userspace_addr, o.size,
-                              o.guest_phys_addr));
+      return fail(
+          Errc::overlap,
+          fmt::format("region uva {:#x} size {:#x} overlaps region uva {:#x} size {:#x} "
+                      "(gpa {:#x})",
+                      spec.userspace_addr, spec.size, o.userspace_addr, o.size, o.guest_phys_addr));
     }
   }
   return {};
 }
 
 void GuestMemory::insert(Region r) {
-  auto it = std::upper_bound(regions_.begin(), regions_.end(), r.spec.guest_phys_addr,
-                             [](std::uint64_t gpa, const Region& x) {
-                               return gpa < x.spec.guest_phys_addr;
-                             });
+  auto it = std::upper_bound(
+      regions_.begin(), regions_.end(), r.spec.guest_phys_addr,
+      [](std::uint64_t gpa, const Region& x) { return gpa < x.spec.guest_phys_addr; });
   regions_.insert(it, std::move(r));
   rebuild_index();
 }
@@ -175,7 +172,7 @@ Result<> GuestMemory::add_region(const RegionSpec& spec, UniqueFd fd) {
     return fail(Errc::invalid_argument,
                 fmt::format("region gpa {:#x} size {:#x}: no fd", spec.guest_phys_addr, spec.size));
   }
-  struct stat st {};
+  struct stat st{};
   if (::fstat(fd.get(), &st) != 0) {
     return fail_errno(fmt::format("region gpa {:#x} size {:#x}: fstat of fd {}",
                                   spec.guest_phys_addr, spec.size, fd.get()));
@@ -195,8 +192,8 @@ Result<> GuestMemory::add_region(const RegionSpec& spec, UniqueFd fd) {
   const std::uint64_t map_len = (end + align - 1) & ~(align - 1);  // end <= file_size < 2^63
   // Map from offset 0 so mmap_offset needs no alignment; NORESERVE because the guest's memory is
   // already accounted to the frontend.
-  void* base = ::mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
-                      fd.get(), 0);
+  void* base =
+      ::mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd.get(), 0);
   if (base == MAP_FAILED) {
     return fail_errno(fmt::format("region gpa {:#x} size {:#x}: mmap of {:#x} bytes",
                                   spec.guest_phys_addr, spec.size, map_len));
@@ -235,9 +232,8 @@ Result<> GuestMemory::remove_region(const RegionSpec& spec) {
       return {};
     }
   }
-  return fail(Errc::not_mapped,
-              fmt::format("no region gpa {:#x} size {:#x} uva {:#x} to remove",
-                          spec.guest_phys_addr, spec.size, spec.userspace_addr));
+  return fail(Errc::not_mapped, fmt::format("no region gpa {:#x} size {:#x} uva {:#x} to remove",
+                                            spec.guest_phys_addr, spec.size, spec.userspace_addr));
 }
 
 void GuestMemory::clear() noexcept {
@@ -289,8 +285,8 @@ std::expected<std::size_t, XlateError> GuestMemory::gpa_to_iovec(
   if (len > kU64Max - gpa) return std::unexpected(XlateError::wraps);
   const Region* r = nullptr;
   const std::size_t h = load_hint(last_hit_);
-  if (h < regions_.size() && contains(regions_[h].spec.guest_phys_addr, regions_[h].spec.size,
-                                      gpa, 0)) {
+  if (h < regions_.size() &&
+      contains(regions_[h].spec.guest_phys_addr, regions_[h].spec.size, gpa, 0)) {
     r = &regions_[h];
   } else {
     r = find_gpa(gpa);

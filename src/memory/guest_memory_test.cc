@@ -98,7 +98,8 @@ TEST(GuestMemoryAdd, RejectsGpaOverlap) {
   auto r = t.add(spec(0x1000, 0x2000, 0x200000));
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, Errc::overlap);
-  EXPECT_EQ(r.error().detail, "region gpa 0x1000 size 0x2000 overlaps region gpa 0x2000 size 0x1000");
+  EXPECT_EQ(r.error().detail,
+            "region gpa 0x1000 size 0x2000 overlaps region gpa 0x2000 size 0x1000");
   // Overlap with the region below the insertion point too.
   r = t.add(spec(0x2fff, 0x1000, 0x300000));
   ASSERT_FALSE(r);
@@ -130,8 +131,8 @@ TEST(GuestMemoryAdd, SlotLimitRefusesThe510thRegion) {
   ASSERT_TRUE(base.valid());
   for (std::uint64_t i = 0; i < GuestMemory::kMaxRegions; ++i) {
     // Every other page, so no two regions are adjacent.
-    ASSERT_TRUE(t.mem.add_region(spec(i * 2 * kPage, kPage, 0x10000000 + i * 2 * kPage),
-                                 dup_fd(base)))
+    ASSERT_TRUE(
+        t.mem.add_region(spec(i * 2 * kPage, kPage, 0x10000000 + i * 2 * kPage), dup_fd(base)))
         << i;
   }
   EXPECT_EQ(t.mem.region_count(), 509u);
@@ -204,13 +205,13 @@ TEST(GuestMemoryXlate, RegionEdges) {
   ASSERT_TRUE(t.add(spec(0x10000, 0x4000, 0x7f0000000000)));
   std::uint8_t* host = t.mem.regions()[0].host;
   ASSERT_NE(host, nullptr);
-  EXPECT_EQ(t.mem.gpa_to_host(0x10000, 1), host);                // first byte
-  EXPECT_EQ(t.mem.gpa_to_host(0x13fff, 1), host + 0x3fff);       // last byte
-  EXPECT_EQ(t.mem.gpa_to_host(0x14000, 1), nullptr);             // one past
-  EXPECT_EQ(t.mem.gpa_to_host(0xffff, 1), nullptr);              // one before
-  EXPECT_EQ(t.mem.gpa_to_host(0x10000, 0x4000), host);           // whole region
-  EXPECT_EQ(t.mem.gpa_to_host(0x10000, 0x4001), nullptr);        // one byte too long
-  EXPECT_EQ(t.mem.gpa_to_host(0x13000, 0x1001), nullptr);        // runs off the end
+  EXPECT_EQ(t.mem.gpa_to_host(0x10000, 1), host);           // first byte
+  EXPECT_EQ(t.mem.gpa_to_host(0x13fff, 1), host + 0x3fff);  // last byte
+  EXPECT_EQ(t.mem.gpa_to_host(0x14000, 1), nullptr);        // one past
+  EXPECT_EQ(t.mem.gpa_to_host(0xffff, 1), nullptr);         // one before
+  EXPECT_EQ(t.mem.gpa_to_host(0x10000, 0x4000), host);      // whole region
+  EXPECT_EQ(t.mem.gpa_to_host(0x10000, 0x4001), nullptr);   // one byte too long
+  EXPECT_EQ(t.mem.gpa_to_host(0x13000, 0x1001), nullptr);   // runs off the end
   // The memory really is there: write the last byte.
   host[0x3fff] = 0xab;
   EXPECT_EQ(*t.mem.gpa_to_host(0x13fff, 1), 0xab);
@@ -431,7 +432,8 @@ TEST(GuestMemoryMove, MoveTransfersRegionsAndEmptiesTheSource) {
 
 TEST(GuestMemoryHint, StaleHintAfterRemovalIsHarmless) {
   Table t;
-  for (std::uint64_t i = 0; i < 4; ++i) ASSERT_TRUE(t.add(spec(i * 0x2000, 0x1000, 0x100000 + i * 0x2000)));
+  for (std::uint64_t i = 0; i < 4; ++i)
+    ASSERT_TRUE(t.add(spec(i * 0x2000, 0x1000, 0x100000 + i * 0x2000)));
   EXPECT_NE(t.mem.gpa_to_host(0x6000, 1), nullptr);  // hint -> last region
   EXPECT_NE(t.mem.uva_to_host(0x106000, 1), nullptr);
   ASSERT_TRUE(t.mem.remove_region(spec(0x6000, 0x1000, 0x106000)));

@@ -4,8 +4,8 @@
 #include <fmt/format.h>
 #include <linux/if_ether.h>
 #include <linux/if_packet.h>
-#include <netinet/in.h>
 #include <net/if.h>
+#include <netinet/in.h>
 #include <spdlog/spdlog.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -80,7 +80,8 @@ void scatter(std::span<const iovec> into, std::size_t skip, const std::uint8_t* 
 }
 
 std::uint32_t sum16(const std::uint8_t* p, std::size_t len, std::uint32_t sum) noexcept {
-  for (std::size_t i = 0; i + 1 < len; i += 2) sum += static_cast<std::uint32_t>(p[i] << 8 | p[i + 1]);
+  for (std::size_t i = 0; i + 1 < len; i += 2)
+    sum += static_cast<std::uint32_t>(p[i] << 8 | p[i + 1]);
   if (len & 1) sum += static_cast<std::uint32_t>(p[len - 1] << 8);
   return sum;
 }
@@ -158,9 +159,9 @@ Result<std::unique_ptr<AfPacketPort>> AfPacketPort::open(std::string ifname,
                 fmt::format("af-packet {}: not a valid interface name", ifname));
   std::uint32_t fs = options.frame_size;
   if (fs < 256 || fs > (1u << 16) || (fs & (fs - 1)) != 0)
-    return fail(Errc::invalid_argument,
-                fmt::format("af-packet {}: frame_size {} is not a power of two in 256..65536",
-                            ifname, fs));
+    return fail(
+        Errc::invalid_argument,
+        fmt::format("af-packet {}: frame_size {} is not a power of two in 256..65536", ifname, fs));
   if (options.rx_frames == 0 || options.tx_frames == 0 || options.rx_frames > (1u << 20) ||
       options.tx_frames > (1u << 20))
     return fail(Errc::invalid_argument,
@@ -183,8 +184,8 @@ Result<std::unique_ptr<AfPacketPort>> AfPacketPort::open(std::string ifname,
       return fail_errno(fmt::format("af-packet {}: SIOCGIFMTU", ifname));
     port->mtu_ = static_cast<unsigned>(ifr.ifr_mtu);
   }
-  port->max_tx_frame_ = std::min<std::size_t>(port->mtu_ + kEthHdrLen + kVlanTagLen,
-                                              fs - kTxDataOffset);
+  port->max_tx_frame_ =
+      std::min<std::size_t>(port->mtu_ + kEthHdrLen + kVlanTagLen, fs - kTxDataOffset);
 
   int fanout_id = -1;
   for (std::uint16_t qp = 0; qp < queue_pairs; ++qp) {
@@ -228,12 +229,12 @@ Result<> AfPacketPort::open_pair(Pair& p, int ifindex, int fanout_id) {
   Geometry tx = geometry(options_.frame_size, options_.tx_frames);
   tpacket_req req{rx.block_size, rx.block_nr, options_.frame_size, rx.frame_nr};
   if (::setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof req) != 0)
-    return fail_errno(fmt::format("af-packet {}: PACKET_RX_RING {} x {}", n, rx.frame_nr,
-                                  options_.frame_size));
+    return fail_errno(
+        fmt::format("af-packet {}: PACKET_RX_RING {} x {}", n, rx.frame_nr, options_.frame_size));
   req = tpacket_req{tx.block_size, tx.block_nr, options_.frame_size, tx.frame_nr};
   if (::setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &req, sizeof req) != 0)
-    return fail_errno(fmt::format("af-packet {}: PACKET_TX_RING {} x {}", n, tx.frame_nr,
-                                  options_.frame_size));
+    return fail_errno(
+        fmt::format("af-packet {}: PACKET_TX_RING {} x {}", n, tx.frame_nr, options_.frame_size));
   std::size_t rx_len = std::size_t{rx.block_size} * rx.block_nr;
   std::size_t tx_len = std::size_t{tx.block_size} * tx.block_nr;
   // One mapping, rx ring first then tx ring (the layout the kernel defines).
@@ -350,11 +351,12 @@ std::expected<std::size_t, Errc> AfPacketPort::recv(std::uint16_t qp,
       snap < kMacAddrsLen) {
     if (snap < h->tp_len && !oversize_warned_.exchange(true, std::memory_order_relaxed)) {
       // Once per port: the usual cause is offloads, and nothing else would say so.
-      spdlog::warn("af-packet {}: a {}-byte frame does not fit the ring's {}-byte slots and is "
-                   "dropped (counted as truncated rx). Frames beyond the MTU are GSO/GRO "
-                   "super-frames: turn off GRO here and TSO/GSO on the sender, e.g. "
-                   "`ethtool -K {} gro off` and `ethtool -K PEER tso off gso off`",
-                   ifname_, h->tp_len, fs - mac, ifname_);
+      spdlog::warn(
+          "af-packet {}: a {}-byte frame does not fit the ring's {}-byte slots and is "
+          "dropped (counted as truncated rx). Frames beyond the MTU are GSO/GRO "
+          "super-frames: turn off GRO here and TSO/GSO on the sender, e.g. "
+          "`ethtool -K {} gro off` and `ethtool -K PEER tso off gso off`",
+          ifname_, h->tp_len, fs - mac, ifname_);
     }
     give_back();
     p.counters.rx_truncated();

@@ -298,8 +298,8 @@ bool l4_checksum_ok(const std::vector<std::uint8_t>& f) {
   const std::uint8_t* ip = &f[14];
   std::size_t ihl = (ip[0] & 0xfu) * 4u;
   std::size_t l4_len = get16(ip + 2) - ihl;
-  std::uint32_t pseudo = get16(ip + 12) + get16(ip + 14) + get16(ip + 16) + get16(ip + 18) +
-                         ip[9] + static_cast<std::uint32_t>(l4_len);
+  std::uint32_t pseudo = get16(ip + 12) + get16(ip + 14) + get16(ip + 16) + get16(ip + 18) + ip[9] +
+                         static_cast<std::uint32_t>(l4_len);
   return inet_checksum(ip + ihl, l4_len, pseudo) == 0;
 }
 
@@ -327,8 +327,9 @@ TEST_F(AfPacketPortTest, ChecksumsTheHostLeftToHardwareAreCompleted) {
   to.sin_port = htons(9);
   to.sin_addr.s_addr = htonl(0xc0000201);
   std::vector<std::uint8_t> payload(101, 0x5a);
-  ASSERT_EQ(::sendto(udp, payload.data(), payload.size(), 0, reinterpret_cast<sockaddr*>(&to),
-                     sizeof to), 101);
+  ASSERT_EQ(
+      ::sendto(udp, payload.data(), payload.size(), 0, reinterpret_cast<sockaddr*>(&to), sizeof to),
+      101);
   int tcp = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   to.sin_port = htons(80);
   ::connect(tcp, reinterpret_cast<sockaddr*>(&to), sizeof to);

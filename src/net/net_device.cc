@@ -91,7 +91,7 @@ Result<> NetDevice::read_config(std::uint32_t offset, std::span<std::uint8_t> ou
   cfg.max_virtqueue_pairs = pairs_count_;
   cfg.mtu = opts_.mtu;
   cfg.speed = std::numeric_limits<std::uint32_t>::max();  // unknown
-  cfg.duplex = 0xff;                                        // unknown
+  cfg.duplex = 0xff;                                      // unknown
   if (offset > sizeof cfg || out.size() > sizeof cfg - offset) {
     return fail(Errc::out_of_range, "config read past virtio_net_config");
   }
@@ -227,8 +227,7 @@ std::uint8_t NetDevice::exec_ctrl(std::uint8_t cls, std::uint8_t cmd,
                                   std::uint64_t data_len) noexcept {
   namespace c = virtio::net_ctrl;
   auto read = [&](std::uint64_t off, void* dst, std::size_t n) {
-    return off <= data_len && n <= data_len - off &&
-           detail::gather(readable, 2 + off, dst, n) == n;
+    return off <= data_len && n <= data_len - off && detail::gather(readable, 2 + off, dst, n) == n;
   };
   switch (cls) {
     case c::rx: {
@@ -282,8 +281,7 @@ std::uint8_t NetDevice::exec_ctrl(std::uint8_t cls, std::uint8_t cmd,
       status_.fetch_and(static_cast<std::uint16_t>(~virtio::kNetSAnnounce),
                         std::memory_order_relaxed);
       return virtio::kNetCtrlOk;
-    default:
-      break;
+    default: break;
   }
   return virtio::kNetCtrlErr;
 }
@@ -322,15 +320,15 @@ bool NetDevice::inject_announce(Pair& p, vhost::Queue& q) noexcept {
   const std::uint8_t fixed[] = {0x80, 0x35,   // ethertype RARP
                                 0x00, 0x01,   // hardware: Ethernet
                                 0x08, 0x00,   // protocol: IPv4
-                                6, 4,         // address lengths
+                                6,    4,      // address lengths
                                 0x00, 0x03};  // op: reverse request
   std::memcpy(frame + 12, fixed, sizeof fixed);
   const std::uint8_t hdr10[10] = {};
   const iovec src{frame, sizeof frame};
   bool touched = false;
-  const auto d = detail::deliver_frame(p, q.vq(), hdr_len_, mrg_rxbuf_, hdr10,
-                                       std::span<const iovec>(&src, 1), 0, sizeof frame, false,
-                                       touched);
+  const auto d =
+      detail::deliver_frame(p, q.vq(), hdr_len_, mrg_rxbuf_, hdr10, std::span<const iovec>(&src, 1),
+                            0, sizeof frame, false, touched);
   if (d == detail::Delivery::delivered) {
     announce_pending_.store(false, std::memory_order_relaxed);
     p.rx_frames.add(1);

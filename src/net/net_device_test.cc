@@ -73,15 +73,14 @@ TEST_P(Loopback, FramesComeBackExactWithMacsSwapped) {
   EXPECT_FALSE(dev.broken());
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Modes, Loopback,
-    ::testing::Values(LoopCase{PollMode::event, true, false, 1514, 1526},
-                      LoopCase{PollMode::event, false, false, 1514, 1526},
-                      LoopCase{PollMode::busy, true, false, 1514, 1526},
-                      LoopCase{PollMode::adaptive, true, true, 1514, 1526},
-                      LoopCase{PollMode::event, true, true, 9000, 1526},
-                      LoopCase{PollMode::event, false, true, 9000, 1526},
-                      LoopCase{PollMode::busy, true, true, 9000, 1526}));
+INSTANTIATE_TEST_SUITE_P(Modes, Loopback,
+                         ::testing::Values(LoopCase{PollMode::event, true, false, 1514, 1526},
+                                           LoopCase{PollMode::event, false, false, 1514, 1526},
+                                           LoopCase{PollMode::busy, true, false, 1514, 1526},
+                                           LoopCase{PollMode::adaptive, true, true, 1514, 1526},
+                                           LoopCase{PollMode::event, true, true, 9000, 1526},
+                                           LoopCase{PollMode::event, false, true, 9000, 1526},
+                                           LoopCase{PollMode::busy, true, true, 9000, 1526}));
 
 TEST(LoopbackDrops, NoRxBuffersCountsDrops) {
   NetDevice net(NetOptions{});
@@ -194,7 +193,9 @@ TEST(NetDeviceConfig, FeaturesQueuesAndConfigSpace) {
 
 struct PortRig {
   PortRig(bool vnet, std::uint64_t features, PollMode mode = PollMode::event)
-      : port_ptr(new FakePort(vnet)), net(make(port_ptr)), dev(net, dev_opts(mode)),
+      : port_ptr(new FakePort(vnet)),
+        net(make(port_ptr)),
+        dev(net, dev_opts(mode)),
         g(3, features) {
     g.bring_up(dev);
   }
@@ -406,8 +407,10 @@ TEST(PortRxFlow, EmptyRingStopsWatchingAndKickResumes) {
 // ---- control queue ------------------------------------------------------------------------------
 
 struct CtrlRig {
-  explicit CtrlRig(std::uint16_t pairs = 2) : net(make(pairs)), dev(net, dev_opts(PollMode::event)),
-                                              g(2 * pairs + 1, kBase | kEventIdx | kCtrl | bit(nf::mq)) {
+  explicit CtrlRig(std::uint16_t pairs = 2)
+      : net(make(pairs)),
+        dev(net, dev_opts(PollMode::event)),
+        g(2 * pairs + 1, kBase | kEventIdx | kCtrl | bit(nf::mq)) {
     g.bring_up(dev);
   }
   static NetOptions make(std::uint16_t pairs) {
@@ -470,7 +473,7 @@ TEST(Ctrl, MacCommandsAnnounceAndUnknown) {
   EXPECT_EQ(r.cmd({1, 0, 1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 0, 0, 0, 0}).second, virtio::kNetCtrlOk);
   // TABLE_SET claiming 1000 entries it does not carry.
   EXPECT_EQ(r.cmd({1, 0, 0xe8, 3, 0, 0, 1, 2, 3, 4, 5, 6}).second, virtio::kNetCtrlErr);
-  EXPECT_EQ(r.cmd({3, 0}).second, virtio::kNetCtrlOk);   // ANNOUNCE_ACK
+  EXPECT_EQ(r.cmd({3, 0}).second, virtio::kNetCtrlOk);         // ANNOUNCE_ACK
   EXPECT_EQ(r.cmd({2, 0, 1, 0}).second, virtio::kNetCtrlErr);  // VLAN: not supported
   EXPECT_EQ(r.cmd({77, 1}).second, virtio::kNetCtrlErr);
   EXPECT_EQ(r.net.ctrl_errors(), 0u);
@@ -478,7 +481,7 @@ TEST(Ctrl, MacCommandsAnnounceAndUnknown) {
 
 TEST(Ctrl, MalformedCommandsGetUsedLenZero) {
   CtrlRig r;
-  EXPECT_EQ(r.cmd({0}).first, 0u);           // shorter than {class, cmd}
+  EXPECT_EQ(r.cmd({0}).first, 0u);            // shorter than {class, cmd}
   EXPECT_EQ(r.cmd({0, 0, 1}, {}).first, 0u);  // nowhere to write the ack
   EXPECT_EQ(r.net.ctrl_errors(), 2u);
   EXPECT_EQ(r.cmd({0, 0, 1}).second, virtio::kNetCtrlOk);  // still serving

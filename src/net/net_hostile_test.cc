@@ -80,8 +80,11 @@ TEST(NetHostile, TxChainWithWritableOnlyDescriptors) {
 
 // A port device for the tx cases where "nothing reached the port" must be seen directly.
 struct PortRig {
-  PortRig() : port(new FakePort(false)), net(make(port)), dev(net, dev_opts(PollMode::event)),
-              g(3, kBase | kEventIdx | kMrg) {
+  PortRig()
+      : port(new FakePort(false)),
+        net(make(port)),
+        dev(net, dev_opts(PollMode::event)),
+        g(3, kBase | kEventIdx | kMrg) {
     g.bring_up(dev);
   }
   static NetOptions make(FakePort* p) {

@@ -37,8 +37,10 @@ std::size_t chains_for(std::size_t frame, std::size_t chain_bytes) {
 // the guest transmits come back with the MACs swapped).
 struct MrgRig {
   explicit MrgRig(bool loopback)
-      : port(loopback ? nullptr : new FakePort(false)), net(make(port)),
-        dev(net, dev_opts(PollMode::event)), g(3, kBase | kEventIdx | kMrg) {
+      : port(loopback ? nullptr : new FakePort(false)),
+        net(make(port)),
+        dev(net, dev_opts(PollMode::event)),
+        g(3, kBase | kEventIdx | kMrg) {
     g.bring_up(dev);
   }
   static NetOptions make(FakePort* p) {
@@ -168,8 +170,8 @@ TEST_P(Mergeable, FrameSpreadOverSmallChains) {
 }
 
 std::string case_name(const ::testing::TestParamInfo<Case>& i) {
-  std::string n = std::string(i.param.loopback ? "loopback" : "port") + "_" +
-                  std::to_string(i.param.frame);
+  std::string n =
+      std::string(i.param.loopback ? "loopback" : "port") + "_" + std::to_string(i.param.frame);
   for (auto s : i.param.sizes) n += "_" + std::to_string(s);
   return n;
 }

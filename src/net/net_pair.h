@@ -100,8 +100,8 @@ inline std::size_t skip(std::span<const iovec> src, std::size_t off,
 // A cursor over an iovec list: the source of a frame being copied into rx chains.
 struct IovCursor {
   std::span<const iovec> v;
-  std::size_t i = 0;     // current piece
-  std::size_t off = 0;   // offset inside it
+  std::size_t i = 0;    // current piece
+  std::size_t off = 0;  // offset inside it
 
   // Moves past n bytes.
   void advance(std::size_t n) noexcept {
@@ -170,7 +170,7 @@ struct alignas(64) NetDevice::Pair {
 
   // Port rx (rx worker only).
   vhost::PollMode rx_mode = vhost::PollMode::event;
-  bool watching = false;      // the port's rx fd is in the worker's epoll set
+  bool watching = false;  // the port's rx fd is in the worker's epoll set
   vhost::Worker::Id watch_id = 0;
   // The port's rx side failed (e.g. its TAP was deleted): its fd is no longer watched, since a
   // level-triggered fd in error would wake the worker forever. Until the ring restarts.
@@ -182,12 +182,12 @@ struct alignas(64) NetDevice::Pair {
   std::array<iovec, 2 * detail::kMaxSegs> tx_segs{};
   std::array<iovec, detail::kMaxSegs> rx_segs{};
   std::array<iovec, detail::kMaxSegs> extra_segs{};  // MRG_RXBUF: the 2nd, 3rd... rx chain
-  std::array<iovec, detail::kMaxSegs + 1> io{};    // what we hand the port; loopback source
+  std::array<iovec, detail::kMaxSegs + 1> io{};      // what we hand the port; loopback source
   std::array<std::uint16_t, detail::kMaxMergeChains> merge_head{};
   std::array<std::uint32_t, detail::kMaxMergeChains> merge_len{};
   std::array<std::uint8_t, 16> hdr_scratch{};
   std::array<virtq::Chain, detail::kMaxBurst> tx_batch{};  // loopback: the burst popped
-  std::unique_ptr<std::uint8_t[]> bounce;          // kBounceBytes, port rx staging
+  std::unique_ptr<std::uint8_t[]> bounce;                  // kBounceBytes, port rx staging
 
   detail::Counter tx_frames, tx_bytes, tx_drops, tx_errors;
   detail::Counter rx_frames, rx_bytes, rx_drops, rx_errors;
@@ -199,9 +199,9 @@ struct alignas(64) NetDevice::Pair {
 namespace vhostkit::net::detail {
 
 enum class Delivery : std::uint8_t {
-  delivered,   // the frame is in the guest's rx chains (used entries pushed, not published)
-  no_buffer,   // the rx ring had no usable chain: nothing consumed
-  dropped,     // did not fit (too big without MRG_RXBUF, or the ring ran out mid-frame)
+  delivered,  // the frame is in the guest's rx chains (used entries pushed, not published)
+  no_buffer,  // the rx ring had no usable chain: nothing consumed
+  dropped,    // did not fit (too big without MRG_RXBUF, or the ring ran out mid-frame)
 };
 
 // Writes one frame into the guest's rx ring: header (the first 10 bytes from hdr10, then

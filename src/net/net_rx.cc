@@ -173,9 +173,10 @@ std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget
       ++errors;
       if (!p.port_failed) {
         p.port_failed = true;
-        spdlog::error("net: pair {}: reading {} {} failed (was the interface removed?); no more "
-                      "frames from it until the guest restarts the ring",
-                      p.qp, port_->kind(), port_->ifname());
+        spdlog::error(
+            "net: pair {}: reading {} {} failed (was the interface removed?); no more "
+            "frames from it until the guest restarts the ring",
+            p.qp, port_->kind(), port_->ifname());
       }
       break;
     }
@@ -186,9 +187,9 @@ std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget
     }
     const std::uint8_t* hdr10 = port_hdr != 0 ? p.bounce.get() : kZeroHdr;
     const std::size_t frame = *r - port_hdr;
-    const auto d = detail::deliver_frame(p, vq, hdr_len_, mrg_rxbuf_, hdr10,
-                                         std::span<const iovec>(&stage, 1), port_hdr, frame,
-                                         false, touched);
+    const auto d =
+        detail::deliver_frame(p, vq, hdr_len_, mrg_rxbuf_, hdr10, std::span<const iovec>(&stage, 1),
+                              port_hdr, frame, false, touched);
     if (d == detail::Delivery::delivered) {
       ++frames;
       bytes += frame;

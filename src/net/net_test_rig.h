@@ -156,8 +156,7 @@ class Guest : public vhost::testing::GuestRings {
 
   Guest(std::uint16_t queues, std::uint64_t features, std::uint16_t ring_size = 256)
       : GuestRings("net-test", kDataGpa + std::size_t{queues} * ring_size * kSlot, queues,
-                   ring_size, features,
-                   [queues](std::uint16_t q) {
+                   ring_size, features, [queues](std::uint16_t q) {
                      return q < (queues & ~1u) ? static_cast<std::uint16_t>(q ^ 1u) : q;
                    }) {
     // Each queue owns ring_size slots (the slot index is the token).
@@ -209,7 +208,8 @@ class Guest : public vhost::testing::GuestRings {
   }
 
   // Sends a frame on tx queue q (header zeroed, or the given one).
-  bool send(std::uint16_t q, const Bytes& frame, std::size_t pieces = 1, const Bytes* hdr = nullptr) {
+  bool send(std::uint16_t q, const Bytes& frame, std::size_t pieces = 1,
+            const Bytes* hdr = nullptr) {
     Bytes out(hdr_len(), 0);
     if (hdr) std::copy(hdr->begin(), hdr->end(), out.begin());
     out.insert(out.end(), frame.begin(), frame.end());
@@ -362,9 +362,8 @@ inline bool enable_notifications_reports_only_new_chains() {
   const virtq::DriverQueue::Buffer in{0x8000, 64};
   if (!drv.add({}, {&in, 1}, 1)) return false;
   drv.publish();
-  (void)dq.pending();                   // the device has seen the chain and leaves it there
-  return !dq.enable_notifications();    // nothing new since
+  (void)dq.pending();                 // the device has seen the chain and leaves it there
+  return !dq.enable_notifications();  // nothing new since
 }
-
 
 }  // namespace vhostkit::net::testing

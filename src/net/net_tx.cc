@@ -37,8 +37,8 @@ enum class TxPop : std::uint8_t { ok, skip, stop };
 // Pops the next tx chain into `out`, its pieces into `segs` (kMaxSegs of room: a longer
 // chain is malformed). A malformed chain is answered (used len 0) and counted in `errors`
 // (skip); an error that breaks the queue ends the burst (stop).
-TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::span<iovec> segs,
-             std::size_t hdr_len, virtq::Chain& out, std::uint64_t& errors) noexcept {
+TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::span<iovec> segs, std::size_t hdr_len,
+             virtq::Chain& out, std::uint64_t& errors) noexcept {
   auto c = vq.pop(segs);
   if (!c) {
     ++errors;
@@ -71,8 +71,8 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
   for (std::uint16_t n = 0; n < burst_ && vq.pending() != 0; ++n) {
     ++chains;
     virtq::Chain c;
-    const TxPop r = pop_tx(p, vq, std::span<iovec>(p.tx_segs).first(detail::kMaxSegs), hdr_len_,
-                           c, errors);
+    const TxPop r =
+        pop_tx(p, vq, std::span<iovec>(p.tx_segs).first(detail::kMaxSegs), hdr_len_, c, errors);
     if (r == TxPop::stop) break;
     if (r == TxPop::skip) continue;
     const std::size_t frame = c.readable_len - hdr_len_;
@@ -117,8 +117,8 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
   auto& vq = q.vq();
   // The rx ring is written from this thread, so it must be served by this worker too.
   vhost::Queue* rxq = p.rxq.load(std::memory_order_acquire);
-  if (rxq != nullptr && p.rx_worker.load(std::memory_order_acquire) !=
-                            p.tx_worker.load(std::memory_order_acquire)) {
+  if (rxq != nullptr &&
+      p.rx_worker.load(std::memory_order_acquire) != p.tx_worker.load(std::memory_order_acquire)) {
     if (p.log_limit.allow()) {
       spdlog::error("net: pair {}: loopback needs tx and rx on one worker; dropping", p.qp);
     }
@@ -153,8 +153,8 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
     const std::size_t frame = c.readable_len - hdr_len_;
     auto d = detail::Delivery::no_buffer;
     if (rxq != nullptr) {
-      d = detail::deliver_frame(p, rxq->vq(), hdr_len_, mrg_rxbuf_, kZeroHdr, c.readable,
-                                hdr_len_, frame, true, rx_touched);
+      d = detail::deliver_frame(p, rxq->vq(), hdr_len_, mrg_rxbuf_, kZeroHdr, c.readable, hdr_len_,
+                                frame, true, rx_touched);
     }
     if (d == detail::Delivery::delivered) {
       ++frames;

@@ -32,7 +32,9 @@ inline bool enter_private_netns() {
 }
 
 // Runs a shell command; true when it exited 0.
-inline bool sh(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; }
+inline bool sh(const std::string& cmd) {
+  return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0;
+}
 
 inline bool iface_exists(const std::string& name) {
   return std::filesystem::exists("/sys/class/net/" + name);
@@ -90,9 +92,11 @@ inline std::uint16_t get16(const std::uint8_t* p) {
 }
 
 // Ethernet + IPv4 header (20 bytes, no options) for `payload_len` bytes of L4 after it.
-inline std::vector<std::uint8_t> eth_ipv4(const std::uint8_t dst_mac[6], const std::uint8_t src_mac[6],
-                                          const std::uint8_t src_ip[4], const std::uint8_t dst_ip[4],
-                                          std::uint8_t proto, std::size_t payload_len) {
+inline std::vector<std::uint8_t> eth_ipv4(const std::uint8_t dst_mac[6],
+                                          const std::uint8_t src_mac[6],
+                                          const std::uint8_t src_ip[4],
+                                          const std::uint8_t dst_ip[4], std::uint8_t proto,
+                                          std::size_t payload_len) {
   std::vector<std::uint8_t> f(14 + 20 + payload_len, 0);
   std::memcpy(&f[0], dst_mac, 6);
   std::memcpy(&f[6], src_mac, 6);

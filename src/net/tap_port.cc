@@ -10,10 +10,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <fmt/format.h>
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fmt/format.h>
 
 #include "vhostkit/virtio/features.h"
 
@@ -74,8 +74,11 @@ Result<UniqueFd> open_tun(const std::string& ifname) {
   if (fd) return fd;
   int e = errno;
   if (e == ENOENT || e == ENODEV || e == ENXIO)
-    return fail(Errc::system, fmt::format("tap {}: /dev/net/tun is missing (is the tun module "
-                                          "loaded?)", ifname), e);
+    return fail(Errc::system,
+                fmt::format("tap {}: /dev/net/tun is missing (is the tun module "
+                            "loaded?)",
+                            ifname),
+                e);
   return fail(Errc::system, fmt::format("tap {}: cannot open /dev/net/tun", ifname), e);
 }
 
@@ -88,19 +91,16 @@ int set_iff(int fd, ifreq& ifr, short flags) {
 std::unexpected<Error> setiff_error(const std::string& ifname, int e, std::uint16_t queue_pairs) {
   std::string hint;
   switch (e) {
-    case EBUSY:
-      hint = "is another process attached, or is it not a TAP?";
-      break;
+    case EBUSY: hint = "is another process attached, or is it not a TAP?"; break;
     case EPERM:
-    case EACCES:
-      hint = "needs CAP_NET_ADMIN, or the TAP's owner/group";
-      break;
+    case EACCES: hint = "needs CAP_NET_ADMIN, or the TAP's owner/group"; break;
     case EINVAL:
-      hint = fmt::format("the existing interface is not a TAP, or its multi-queue setting does "
-                         "not fit {} queue pair(s)", queue_pairs);
+      hint = fmt::format(
+          "the existing interface is not a TAP, or its multi-queue setting does "
+          "not fit {} queue pair(s)",
+          queue_pairs);
       break;
-    default:
-      break;
+    default: break;
   }
   std::string detail = fmt::format("tap {}: TUNSETIFF failed: {}", ifname, errno_text(e));
   if (!hint.empty()) detail += " (" + hint + ")";
@@ -122,7 +122,8 @@ TapPort::TapPort(std::string ifname, std::uint16_t queue_pairs, bool created)
       pairs_(std::make_unique<Pair[]>(queue_pairs)) {}
 
 TapPort::~TapPort() {
-  if (created_) spdlog::debug("tap {}: closing; the interface goes away with its last queue", ifname_);
+  if (created_)
+    spdlog::debug("tap {}: closing; the interface goes away with its last queue", ifname_);
 }
 
 Result<std::unique_ptr<TapPort>> TapPort::open(std::string ifname, std::uint16_t queue_pairs) {
@@ -130,9 +131,9 @@ Result<std::unique_ptr<TapPort>> TapPort::open(std::string ifname, std::uint16_t
     return fail(Errc::invalid_argument,
                 fmt::format("tap {}: {} queue pairs (1..{})", ifname, queue_pairs, kMaxTapQueues));
   if (ifname.size() >= IFNAMSIZ)
-    return fail(Errc::invalid_argument,
-                fmt::format("tap {}: interface name longer than {} characters", ifname,
-                            IFNAMSIZ - 1));
+    return fail(
+        Errc::invalid_argument,
+        fmt::format("tap {}: interface name longer than {} characters", ifname, IFNAMSIZ - 1));
   if (ifname.find('\0') != std::string::npos)
     return fail(Errc::invalid_argument, "tap: interface name contains a NUL byte");
 
@@ -143,11 +144,13 @@ Result<std::unique_ptr<TapPort>> TapPort::open(std::string ifname, std::uint16_t
     if (existing.driver != "tun")
       return fail(Errc::invalid_argument,
                   fmt::format("tap {}: an interface of that name exists and is not a TAP "
-                              "(driver {})", ifname, existing.driver));
+                              "(driver {})",
+                              ifname, existing.driver));
     if (existing.bus_info == "tun")
       return fail(Errc::invalid_argument,
                   fmt::format("tap {}: an interface of that name exists and is a TUN (layer 3) "
-                              "device, not a TAP", ifname));
+                              "device, not a TAP",
+                              ifname));
   }
 
   short flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;

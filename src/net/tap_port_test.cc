@@ -68,8 +68,8 @@ class TapPortTest : public ::testing::Test {
 
   static std::vector<std::uint8_t> echo_request(const TapPort& port, std::uint16_t seq) {
     std::uint8_t host_mac[6];
-    EXPECT_TRUE(parse_mac(read_sys("/sys/class/net/" + std::string(port.ifname()) + "/address"),
-                          host_mac));
+    EXPECT_TRUE(
+        parse_mac(read_sys("/sys/class/net/" + std::string(port.ifname()) + "/address"), host_mac));
     auto f = eth_ipv4(host_mac, kPeerMac, kPeerIp, kHostIp, IPPROTO_ICMP, 8 + 32);
     std::uint8_t* icmp = &f[34];
     icmp[0] = 8;  // echo request
@@ -204,9 +204,9 @@ TEST(TapPortOffloads, MapsGuestFeaturesToTunFlags) {
   EXPECT_EQ(TapPort::tun_offloads_for(bit(nf::guest_csum) | bit(nf::guest_tso6) |
                                       bit(nf::guest_ecn) | bit(nf::guest_ufo)),
             unsigned{TUN_F_CSUM | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO});
-  EXPECT_EQ(TapPort::tun_offloads_for(bit(nf::guest_csum) | bit(nf::guest_uso4) |
-                                      bit(nf::guest_uso6)),
-            unsigned{TUN_F_CSUM | 0x20 | 0x40});
+  EXPECT_EQ(
+      TapPort::tun_offloads_for(bit(nf::guest_csum) | bit(nf::guest_uso4) | bit(nf::guest_uso6)),
+      unsigned{TUN_F_CSUM | 0x20 | 0x40});
   EXPECT_EQ(TapPort::tun_offloads_for(bit(nf::guest_csum) | bit(nf::guest_uso4)),
             unsigned{TUN_F_CSUM});
   // Host-side bits are not receive offloads.
@@ -242,8 +242,8 @@ TEST_F(TapPortTest, GuestCsumLetsPartialChecksumsThrough) {
 TEST_F(TapPortTest, GuestUsoDeliversOneSegmentedUdpFrame) {
   auto port = open_configured(1);
   ASSERT_TRUE(port);
-  ASSERT_TRUE(port->set_guest_offloads(bit(nf::guest_csum) | bit(nf::guest_uso4) |
-                                        bit(nf::guest_uso6)));
+  ASSERT_TRUE(
+      port->set_guest_offloads(bit(nf::guest_csum) | bit(nf::guest_uso4) | bit(nf::guest_uso6)));
   send_udp(3000, 1000);
   auto f = recv_matching(*port, is_udp);
   ASSERT_FALSE(f.empty());
@@ -384,8 +384,7 @@ TEST_F(TapPortTest, AttachesToAPersistentTapAndLeavesItBehind) {
     // A single-queue one cannot serve two pairs.
     auto sq = TapPort::open("vkp0", 2);
     ASSERT_FALSE(sq);
-    EXPECT_NE(sq.error().message().find("multi-queue"), std::string::npos)
-        << sq.error().message();
+    EXPECT_NE(sq.error().message().find("multi-queue"), std::string::npos) << sq.error().message();
   }
   EXPECT_TRUE(iface_exists("vkp0"));
   EXPECT_TRUE(iface_exists("vkm0"));

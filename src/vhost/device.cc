@@ -185,9 +185,9 @@ struct Device::Impl {
     const bool polled = !q.kick || opts.mode != PollMode::event;
     if (polled) {
       q.vq_.disable_notifications();
-      q.poller_id = w.add_poller(Worker::Poller{
-          [this, &q] { return poll_queue(q); },
-          [this, &q](bool enable) { return arm_queue(q, enable); }});
+      q.poller_id =
+          w.add_poller(Worker::Poller{[this, &q] { return poll_queue(q); },
+                                      [this, &q](bool enable) { return arm_queue(q, enable); }});
     }
     q.started_.store(true, std::memory_order_release);
     backend.queue_started(q, w);
@@ -217,8 +217,9 @@ struct Device::Impl {
     broken.store(true, std::memory_order_release);
     if (!q.broken_logged) {
       q.broken_logged = true;
-      spdlog::error("vhost {}: vring {} broken ({}); the ring is stopped until the driver resets it",
-                    opts.name, q.index_, why);
+      spdlog::error(
+          "vhost {}: vring {} broken ({}); the ring is stopped until the driver resets it",
+          opts.name, q.index_, why);
     }
     if (q.err) {
       const std::uint64_t one = 1;
@@ -451,8 +452,8 @@ Result<> Device::set_features(std::uint64_t features) {
   const std::uint64_t extra = features & ~d.offered();
   if (extra != 0) {
     return fail(Errc::unsupported,
-                fmt::format("SET_FEATURES 0x{:x}: bits not offered: 0x{:x} (bit {})", features, extra,
-                            bit_list(extra)));
+                fmt::format("SET_FEATURES 0x{:x}: bits not offered: 0x{:x} (bit {})", features,
+                            extra, bit_list(extra)));
   }
   bool any_started = false;
   for (auto& q : d.queues) any_started = any_started || q->started();
@@ -460,9 +461,9 @@ Result<> Device::set_features(std::uint64_t features) {
     // Live migration toggles LOG_ALL on running rings; nothing else may change under them.
     const std::uint64_t changed = (features ^ d.acked) & ~virtio::bit(virtio::feature::log_all);
     if (changed != 0) {
-      return fail(Errc::bad_state,
-                  fmt::format("SET_FEATURES: cannot change bits 0x{:x} while rings are running",
-                              changed));
+      return fail(
+          Errc::bad_state,
+          fmt::format("SET_FEATURES: cannot change bits 0x{:x} while rings are running", changed));
     }
     d.acked = features;
     return {};
@@ -529,10 +530,12 @@ Result<> Device::remove_mem_region(const memory::RegionSpec& spec) {
     if (!q->started()) continue;
     const VringAddr& a = q->addr;
     const std::uint32_t n = q->num;
-    if (ranges_overlap(a.desc_user_addr, virtio::desc_table_bytes(n), spec.userspace_addr, spec.size) ||
+    if (ranges_overlap(a.desc_user_addr, virtio::desc_table_bytes(n), spec.userspace_addr,
+                       spec.size) ||
         ranges_overlap(a.avail_user_addr, virtio::avail_ring_bytes(n), spec.userspace_addr,
                        spec.size) ||
-        ranges_overlap(a.used_user_addr, virtio::used_ring_bytes(n), spec.userspace_addr, spec.size)) {
+        ranges_overlap(a.used_user_addr, virtio::used_ring_bytes(n), spec.userspace_addr,
+                       spec.size)) {
       return fail(Errc::bad_state,
                   fmt::format("REM_MEM_REG: running vring {} lives in region uva 0x{:x}", q->index_,
                               spec.userspace_addr));
@@ -574,11 +577,12 @@ Result<> Device::set_vring_addr(std::uint32_t index, const VringAddr& addr) {
   Queue& q = **qr;
   auto misaligned = [&](const char* what, std::uint64_t a, std::uint64_t align) {
     return fail(Errc::invalid_argument,
-                fmt::format("SET_VRING_ADDR: vring {} {} 0x{:x} is not {}-byte aligned", index, what,
-                            a, align));
+                fmt::format("SET_VRING_ADDR: vring {} {} 0x{:x} is not {}-byte aligned", index,
+                            what, a, align));
   };
   if (addr.desc_user_addr % virtio::kDescAlign) return misaligned("desc", addr.desc_user_addr, 16);
-  if (addr.avail_user_addr % virtio::kAvailAlign) return misaligned("avail", addr.avail_user_addr, 2);
+  if (addr.avail_user_addr % virtio::kAvailAlign)
+    return misaligned("avail", addr.avail_user_addr, 2);
   if (addr.used_user_addr % virtio::kUsedAlign) return misaligned("used", addr.used_user_addr, 4);
   // With the size and memory known, check now; otherwise the start checks.
   if (q.num != 0 && d.mem.region_count() != 0) {
@@ -588,9 +592,9 @@ Result<> Device::set_vring_addr(std::uint32_t index, const VringAddr& addr) {
     if (addr.desc_user_addr != q.addr.desc_user_addr ||
         addr.avail_user_addr != q.addr.avail_user_addr ||
         addr.used_user_addr != q.addr.used_user_addr) {
-      return fail(Errc::bad_state,
-                  fmt::format("SET_VRING_ADDR: vring {} is running; only the log flag may change",
-                              index));
+      return fail(
+          Errc::bad_state,
+          fmt::format("SET_VRING_ADDR: vring {} is running; only the log flag may change", index));
     }
     Worker& w = d.worker_of(index);
     w.run_sync([&] {

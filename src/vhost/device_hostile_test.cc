@@ -8,8 +8,8 @@ namespace vhostkit::vhost {
 namespace {
 
 using testing::EchoBackend;
-using testing::Rig;
 using testing::kEchoFeatures;
+using testing::Rig;
 
 class Hostile : public ::testing::Test {
  protected:
@@ -113,7 +113,7 @@ TEST_F(Hostile, RingStraddlesEndOfRegion) {
 }
 TEST_F(Hostile, AddressCheckedAtStartWhenSizeCameLater) {
   VringAddr a = rig.addr(0);
-  a.used_user_addr = rig.uva(Rig::kMemSize - 1024);  // fits 16 entries, not 256
+  a.used_user_addr = rig.uva(Rig::kMemSize - 1024);   // fits 16 entries, not 256
   ASSERT_TRUE(dev.set_vring_addr(0, a).has_value());  // size unknown yet: deferred
   ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
   ASSERT_TRUE(dev.set_vring_kick(0, testing::make_eventfd()).has_value());
@@ -180,7 +180,7 @@ TEST(HostileOwner, CallAndErrFdsBeforeSetOwner) {
   ASSERT_TRUE(dev.set_owner().has_value());
   dev.queue(0).signal();  // SET_OWNER kept the call fd
   EXPECT_TRUE(testing::wait_fd(seen.get(), 1000));
-  dev.reset();            // the session's end closes both
+  dev.reset();  // the session's end closes both
   EXPECT_EQ(testing::count_fds(), fds_before - 1);
   dev.queue(0).signal();
   EXPECT_FALSE(testing::wait_fd(seen.get(), 50));

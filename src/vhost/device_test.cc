@@ -15,8 +15,8 @@ namespace vhostkit::vhost {
 namespace {
 
 using testing::EchoBackend;
-using testing::Rig;
 using testing::kEchoFeatures;
+using testing::Rig;
 
 // How long a test waits for an event it caused (a used entry, a call, the err eventfd). Generous:
 // a loaded 2-core host can leave the worker unscheduled for seconds; a passing test takes ms.
@@ -131,7 +131,8 @@ TEST(Device, AdaptiveModeSleepsAndWakesOnKick) {
   auto* avail_event = virtq::avail_event_word(rig.driver(0).used(), rig.driver(0).size());
   ASSERT_TRUE(eventually([&] {
     return std::atomic_ref<std::uint16_t>(*avail_event).load(std::memory_order_acquire) == 10;
-  })) << "avail_event " << *avail_event;
+  })) << "avail_event "
+      << *avail_event;
   const auto wakeups = dev.worker_for(0).wakeups();
   echo_round_trips(rig, 0, 5, 10);
   EXPECT_GT(dev.worker_for(0).wakeups(), wakeups);
@@ -323,7 +324,8 @@ TEST(Device, BrokenRingStopsSignalsErrAndOthersLiveOn) {
   echo_round_trips(rig, 0, 2);
   // The driver's avail idx runs away by more than the ring size.
   std::atomic_ref<std::uint16_t>(rig.driver(0).avail()->idx)
-      .store(static_cast<std::uint16_t>(rig.driver(0).avail()->idx + 1000), std::memory_order_release);
+      .store(static_cast<std::uint16_t>(rig.driver(0).avail()->idx + 1000),
+             std::memory_order_release);
   const std::uint64_t one = 1;
   ASSERT_EQ(::write(rig.kick_fd(0), &one, 8), 8);
   ASSERT_TRUE(testing::wait_fd(err.get(), kWaitMs)) << "err eventfd not signalled";

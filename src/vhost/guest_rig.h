@@ -60,7 +60,10 @@ class GuestRings {
 
   GuestRings(const char* memfd_name, std::size_t mem_size, std::uint16_t queues,
              std::uint16_t ring_size, std::uint64_t features, DeviceIndex device_index = {})
-      : features_(features), size_(ring_size), queues_(queues), mem_size_(mem_size),
+      : features_(features),
+        size_(ring_size),
+        queues_(queues),
+        mem_size_(mem_size),
         device_index_(std::move(device_index)) {
     memfd_ = UniqueFd(::memfd_create(memfd_name, MFD_CLOEXEC));
     EXPECT_TRUE(memfd_.valid());
@@ -83,7 +86,9 @@ class GuestRings {
   std::size_t mem_size() const { return mem_size_; }
 
   std::uint8_t* host(std::uint64_t gpa) { return base_ + gpa; }
-  std::uint64_t uva(std::uint64_t gpa) const { return reinterpret_cast<std::uint64_t>(base_) + gpa; }
+  std::uint64_t uva(std::uint64_t gpa) const {
+    return reinterpret_cast<std::uint64_t>(base_) + gpa;
+  }
   int memfd() const { return memfd_.get(); }
 
   // The memory table as SET_MEM_TABLE takes it: the one region, with its own fd.
@@ -95,9 +100,7 @@ class GuestRings {
     return t;
   }
 
-  std::uint16_t device_index(std::uint16_t q) const {
-    return device_index_ ? device_index_(q) : q;
-  }
+  std::uint16_t device_index(std::uint16_t q) const { return device_index_ ? device_index_(q) : q; }
   virtq::DriverQueue& driver(std::uint16_t q) { return drivers_[q]; }
   int kick_fd(std::uint16_t q) const { return kicks_[q].get(); }
   int call_fd(std::uint16_t q) const { return calls_[q].get(); }

@@ -48,7 +48,8 @@ class EchoBackend : public DeviceBackend {
         while (roff < r.iov_len && wi < c->writable.size()) {
           const iovec& w = c->writable[wi];
           const std::size_t k = std::min(r.iov_len - roff, w.iov_len - woff);
-          std::memcpy(static_cast<char*>(w.iov_base) + woff, static_cast<char*>(r.iov_base) + roff, k);
+          std::memcpy(static_cast<char*>(w.iov_base) + woff, static_cast<char*>(r.iov_base) + roff,
+                      k);
           roff += k;
           woff += k;
           copied += static_cast<std::uint32_t>(k);

@@ -3,9 +3,9 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <spdlog/spdlog.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <cassert>
@@ -75,10 +75,10 @@ struct Worker::Impl {
   UniqueFd wake;
 
   // Touched on the worker thread only (or by the control thread while the worker is stopped).
-  std::unordered_map<Id, Watch> watches;   // references stay valid across inserts
-  std::vector<Id> dead_watches;            // erased after the current dispatch
+  std::unordered_map<Id, Watch> watches;  // references stay valid across inserts
+  std::vector<Id> dead_watches;           // erased after the current dispatch
   std::vector<PollerEntry> pollers;
-  std::vector<PollerEntry> new_pollers;    // merged at the top of the loop, never mid-iteration
+  std::vector<PollerEntry> new_pollers;  // merged at the top of the loop, never mid-iteration
   bool pollers_dirty = false;
   Id next_id = 1;
 
@@ -230,7 +230,8 @@ Worker::~Worker() { stop(); }
 
 Result<> Worker::start() {
   Impl& s = *impl_;
-  if (s.is_running.load()) return fail(Errc::bad_state, "worker vk-" + s.opts.name + " already running");
+  if (s.is_running.load())
+    return fail(Errc::bad_state, "worker vk-" + s.opts.name + " already running");
   s.epoll.reset(::epoll_create1(EPOLL_CLOEXEC));
   if (!s.epoll) return fail_errno("epoll_create1 for worker " + s.opts.name);
   s.wake.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -266,8 +267,8 @@ Result<> Worker::start() {
     }
     if (rc != 0) {
       stop();
-      return fail(Errc::system, "cannot pin worker vk-" + s.opts.name + " to cpu " + std::to_string(cpu),
-                  rc);
+      return fail(Errc::system,
+                  "cannot pin worker vk-" + s.opts.name + " to cpu " + std::to_string(cpu), rc);
     }
   }
   return {};

@@ -34,7 +34,8 @@ struct Hostile {
     auto pair = socketpair();
     EXPECT_TRUE(pair.has_value());
     session = std::make_unique<BackendSession>(device, std::move(pair->first), SessionOptions{});
-    fe = std::make_unique<TestFrontend>(std::move(pair->second), [this] { last = session->serve_one(); });
+    fe = std::make_unique<TestFrontend>(std::move(pair->second),
+                                        [this] { last = session->serve_one(); });
   }
   int sock() { return fe->channel().fd(); }
 

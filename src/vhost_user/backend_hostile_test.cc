@@ -249,8 +249,8 @@ TEST(BackendHostile, RemMemRegWithAStrayFdIsTolerated) {
     UniqueFd stray = test::make_eventfd();
     const int raw = stray.get();
     wire::SingleMemoryRegion w{};
-    w.region = {h.fe->region().guest_phys_addr, h.fe->region().size,
-                h.fe->region().userspace_addr, 0};
+    w.region = {h.fe->region().guest_phys_addr, h.fe->region().size, h.fe->region().userspace_addr,
+                0};
     h.raw(Request::rem_mem_reg, kNeedReplyFlag, bytes_of(w), {&raw, 1});
     EXPECT_EQ(h.ack(Request::rem_mem_reg), 0u);
     EXPECT_EQ(h.device.memory().region_count(), 0u);

@@ -216,7 +216,8 @@ TEST(BackendHostile, AddMemRegWithoutConfigureMemSlots) {
     test::FrontendOptions o;
     ASSERT_TRUE(h.fe->handshake(o));
     // Renegotiate protocol features without CONFIGURE_MEM_SLOTS.
-    ASSERT_TRUE(h.fe->request(SetProtocolFeatures{protocol_bit(protocol_feature::reply_ack)}, false));
+    ASSERT_TRUE(
+        h.fe->request(SetProtocolFeatures{protocol_bit(protocol_feature::reply_ack)}, false));
     AddMemReg m;
     m.region = MemRegion{h.fe->region(), h.fe->dup_memfd()};
     h.expect_refused(m);

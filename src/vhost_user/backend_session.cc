@@ -40,10 +40,8 @@ bool has_own_reply(Request r) noexcept {
     case Request::get_shared_object:
     case Request::set_device_state_fd:
     case Request::check_device_state:
-    case Request::create_crypto_session:
-      return true;
-    default:
-      return false;
+    case Request::create_crypto_session: return true;
+    default: return false;
   }
 }
 
@@ -140,8 +138,7 @@ Result<> BackendSession::serve_one() {
     switch (received.error().code) {
       case Errc::would_block:
         return {};  // nothing arrived within the timeout; the stream is still in sync
-      default:
-        return std::unexpected(std::move(received.error()));
+      default: return std::unexpected(std::move(received.error()));
     }
   }
   ++stats_.requests;
@@ -201,9 +198,9 @@ Result<> BackendSession::reply_failed_request(const Header& header, const Error&
 
 namespace {
 Error need(std::string_view what, std::string_view feature) {
-  return Error{Errc::bad_state, 0,
-               fmt::format("{} needs protocol feature {}, which was not negotiated", what,
-                           feature)};
+  return Error{
+      Errc::bad_state, 0,
+      fmt::format("{} needs protocol feature {}, which was not negotiated", what, feature)};
 }
 Error no_owner(std::string_view what) {
   return Error{Errc::bad_state, 0, fmt::format("{} before SET_OWNER", what)};
@@ -222,9 +219,10 @@ BackendSession::Outcome BackendSession::on(SetFeatures& m) {
     // either way, so it makes this front-end the owner. Ring and memory messages before it are
     // still refused.
     if (auto r = device_.set_owner(); !r) return Outcome::err(r.error());
-    spdlog::info("vhost-user {}: SET_FEATURES without SET_OWNER; taking it as the start of the "
-                 "session (a reconnecting DPDK virtio-user does this)",
-                 opts_.name);
+    spdlog::info(
+        "vhost-user {}: SET_FEATURES without SET_OWNER; taking it as the start of the "
+        "session (a reconnecting DPDK virtio-user does this)",
+        opts_.name);
   }
   return Outcome::from(device_.set_features(m.value));
 }
@@ -330,9 +328,9 @@ BackendSession::Outcome BackendSession::on(GetProtocolFeatures&) {
 BackendSession::Outcome BackendSession::on(SetProtocolFeatures& m) {
   const std::uint64_t extra = m.value & ~offered_protocol_;
   if (extra != 0) {
-    return Outcome::err(Error{Errc::unsupported, 0,
-                              fmt::format("SET_PROTOCOL_FEATURES 0x{:x}: bits not offered: 0x{:x}",
-                                          m.value, extra)});
+    return Outcome::err(Error{
+        Errc::unsupported, 0,
+        fmt::format("SET_PROTOCOL_FEATURES 0x{:x}: bits not offered: 0x{:x}", m.value, extra)});
   }
   protocol_ = m.value;
   return Outcome::ok();
@@ -347,9 +345,9 @@ BackendSession::Outcome BackendSession::on(SetVringEnable& m) {
   // The spec says front-ends send this only with PROTOCOL_FEATURES negotiated; a front-end
   // that sends it anyway gets what it asked for (as DPDK does), which is harmless.
   if (m.num > 1) {
-    return Outcome::err(Error{Errc::invalid_argument, 0,
-                              fmt::format("SET_VRING_ENABLE: vring {} state {} is neither 0 nor 1",
-                                          m.index, m.num)});
+    return Outcome::err(Error{
+        Errc::invalid_argument, 0,
+        fmt::format("SET_VRING_ENABLE: vring {} state {} is neither 0 nor 1", m.index, m.num)});
   }
   return Outcome::from(device_.set_vring_enable(m.index, m.num == 1));
 }
@@ -376,25 +374,25 @@ BackendSession::Outcome BackendSession::on(NetSetMtu& m) {
 
 BackendSession::Outcome BackendSession::on(GetConfig& m) {
   auto failed = [&](Error e) {
-    return Outcome::with_reply(reply_config(m.offset, m.flags, {}),
-                               std::unexpected(std::move(e)));
+    return Outcome::with_reply(reply_config(m.offset, m.flags, {}), std::unexpected(std::move(e)));
   };
   if (!has(protocol_feature::config)) return failed(need("GET_CONFIG", "CONFIG"));
   if (m.size == 0 || m.size > kMaxConfigSize) {
     return failed(Error{Errc::out_of_range, 0,
-                        fmt::format("GET_CONFIG size {} is not in 1..{}", m.size,
-                                    kMaxConfigSize)});
+                        fmt::format("GET_CONFIG size {} is not in 1..{}", m.size, kMaxConfigSize)});
   }
   std::array<std::uint8_t, kMaxConfigSize> buf{};
   std::span<std::uint8_t> out(buf.data(), m.size);
-  if (auto r = device_.backend().read_config(m.offset, out); !r) return failed(std::move(r.error()));
+  if (auto r = device_.backend().read_config(m.offset, out); !r)
+    return failed(std::move(r.error()));
   return Outcome::with_reply(reply_config(m.offset, m.flags, out));
 }
 
 BackendSession::Outcome BackendSession::on(SetConfig& m) {
   if (!has(protocol_feature::config)) return Outcome::err(need("SET_CONFIG", "CONFIG"));
   if (!device_.has_owner()) return Outcome::err(no_owner("SET_CONFIG"));
-  if (m.data.empty()) return Outcome::err(Error{Errc::invalid_argument, 0, "SET_CONFIG of 0 bytes"});
+  if (m.data.empty())
+    return Outcome::err(Error{Errc::invalid_argument, 0, "SET_CONFIG of 0 bytes"});
   return Outcome::from(device_.backend().write_config(m.offset, m.data));
 }
 
@@ -421,9 +419,9 @@ BackendSession::Outcome BackendSession::on(AddMemReg& m) {
   }
   if (!device_.has_owner()) return Outcome::err(no_owner("ADD_MEM_REG"));
   if (device_.memory().region_count() >= opts_.max_mem_slots) {
-    return Outcome::err(Error{Errc::too_many, 0,
-                              fmt::format("ADD_MEM_REG: all {} memory slots are in use",
-                                          opts_.max_mem_slots)});
+    return Outcome::err(
+        Error{Errc::too_many, 0,
+              fmt::format("ADD_MEM_REG: all {} memory slots are in use", opts_.max_mem_slots)});
   }
   return Outcome::from(device_.add_mem_region({m.region.spec, std::move(m.region.fd)}));
 }
@@ -439,9 +437,9 @@ BackendSession::Outcome BackendSession::on(SetStatus& m) {
   if (!has(protocol_feature::status)) return Outcome::err(need("SET_STATUS", "STATUS"));
   if (!device_.has_owner()) return Outcome::err(no_owner("SET_STATUS"));
   if (m.value > 0xff) {
-    return Outcome::err(Error{Errc::invalid_argument, 0,
-                              fmt::format("SET_STATUS 0x{:x} does not fit the 8-bit status",
-                                          m.value)});
+    return Outcome::err(
+        Error{Errc::invalid_argument, 0,
+              fmt::format("SET_STATUS 0x{:x} does not fit the 8-bit status", m.value)});
   }
   status_ = static_cast<std::uint8_t>(m.value);
   return Outcome::ok();

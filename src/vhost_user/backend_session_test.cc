@@ -153,13 +153,13 @@ TEST(BackendSession, ProtocolFeatureNegotiation) {
   EXPECT_EQ(*p, kSupportedProtocolFeatures & ~protocol_bit(protocol_feature::net_mtu))
       << "NET_MTU is offered only with a set_mtu hook";
   // A bit we did not offer: refused, nothing negotiated.
-  ASSERT_TRUE(s.fe->request(SetProtocolFeatures{*p | protocol_bit(protocol_feature::backend_req)},
-                            false));
+  ASSERT_TRUE(
+      s.fe->request(SetProtocolFeatures{*p | protocol_bit(protocol_feature::backend_req)}, false));
   EXPECT_EQ(s.session->protocol_features(), 0u);
   EXPECT_EQ(s.session->last_error().code, Errc::unsupported);
   // A subset is taken as is.
-  const std::uint64_t sub = protocol_bit(protocol_feature::reply_ack) |
-                            protocol_bit(protocol_feature::mq);
+  const std::uint64_t sub =
+      protocol_bit(protocol_feature::reply_ack) | protocol_bit(protocol_feature::mq);
   ASSERT_TRUE(s.fe->request(SetProtocolFeatures{sub}, false));
   EXPECT_EQ(s.session->protocol_features(), sub);
 }
@@ -425,8 +425,7 @@ TEST(BackendSession, UnsupportedRequestIsRefusedAndServingGoesOn) {
 // ---- the server -------------------------------------------------------------------------
 
 std::string temp_socket_path(const char* name) {
-  auto dir = std::filesystem::temp_directory_path() /
-             ("vk-backend-" + std::to_string(::getpid()));
+  auto dir = std::filesystem::temp_directory_path() / ("vk-backend-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   return (dir / name).string();
 }
@@ -475,7 +474,7 @@ TEST(BackendServer, ServesTwoFrontendsInTurnAndRemovesStaleSocket) {
   t.join();
   EXPECT_TRUE(result) << result.error().message();
   EXPECT_EQ(server.sessions(), 2u);
-  struct stat st {};
+  struct stat st{};
   EXPECT_NE(::lstat(path.c_str(), &st), 0) << "socket file removed on exit";
 }
 
@@ -563,8 +562,8 @@ TEST(BackendServer, DisconnectMidTrafficThenReconnect) {
     for (int i = 0; i < 20; ++i) {
       auto& dq = fe.driver_queue(static_cast<std::uint32_t>(i % 2));
       const virtq::DriverQueue::Buffer out{TestFrontend::kGpaBase + TestFrontend::kDataOffset, 64};
-      const virtq::DriverQueue::Buffer in{
-          TestFrontend::kGpaBase + TestFrontend::kDataOffset + 4096, 64};
+      const virtq::DriverQueue::Buffer in{TestFrontend::kGpaBase + TestFrontend::kDataOffset + 4096,
+                                          64};
       (void)dq.add({&out, 1}, {&in, 1}, i);
       dq.publish();
     }

@@ -3,9 +3,9 @@
 // virtq::DriverQueue.
 #pragma once
 
-#include <gtest/gtest.h>
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -107,7 +107,7 @@ struct FrontendOptions {
   bool reply_ack = true;          // negotiate REPLY_ACK and set NEED_REPLY on every request
   std::uint16_t ring_size = 64;
   std::uint16_t rings = EchoBackend::kQueues;
-  bool enable_rings = true;       // send SET_VRING_ENABLE 1 (only with protocol features)
+  bool enable_rings = true;  // send SET_VRING_ENABLE 1 (only with protocol features)
 };
 
 // A front-end over a Channel. `pump` runs after every request is sent: tests that drive the
@@ -146,7 +146,9 @@ class TestFrontend {
 
   // The one-region table describing all of our memory.
   memory::RegionSpec region() const {
-    return {.guest_phys_addr = kGpaBase, .size = kMemSize, .userspace_addr = uva_base(),
+    return {.guest_phys_addr = kGpaBase,
+            .size = kMemSize,
+            .userspace_addr = uva_base(),
             .mmap_offset = 0};
   }
 
@@ -172,7 +174,8 @@ class TestFrontend {
   Result<> ok(const T& m) {
     auto r = request(m);
     if (!r) return std::unexpected(r.error());
-    if (*r != 0) return fail(Errc::invalid_argument, fmt::format("{} acked {}", to_string(T::kRequest), *r));
+    if (*r != 0)
+      return fail(Errc::invalid_argument, fmt::format("{} acked {}", to_string(T::kRequest), *r));
     return {};
   }
   // A request whose reply is a u64 (GET_FEATURES, ...).
@@ -192,7 +195,8 @@ class TestFrontend {
     return decode_vring_state_reply(*rep, Request::get_vring_base);
   }
   Result<ConfigReply> get_config(std::uint32_t offset, std::uint32_t size) {
-    if (auto r = ch_.send_message(GetConfig{offset, size, 0}); !r) return std::unexpected(r.error());
+    if (auto r = ch_.send_message(GetConfig{offset, size, 0}); !r)
+      return std::unexpected(r.error());
     pump();
     auto rep = ch_.recv();
     if (!rep) return std::unexpected(rep.error());
@@ -216,9 +220,9 @@ class TestFrontend {
       need_reply_ = (want & protocol_bit(protocol_feature::reply_ack)) != 0;
     }
     if (auto r = ok(SetOwner{}); !r) return r;
-    features_ = *offered & (virtio::bit(virtio::feature::version_1) |
-                            virtio::bit(virtio::feature::ring_event_idx) |
-                            (o.protocol_features ? pf : 0));
+    features_ =
+        *offered & (virtio::bit(virtio::feature::version_1) |
+                    virtio::bit(virtio::feature::ring_event_idx) | (o.protocol_features ? pf : 0));
     return ok(SetFeatures{features_});
   }
 

@@ -29,7 +29,8 @@ T load(std::span<const std::uint8_t> c, std::size_t off) {
 
 Result<FrontendOptions> BlkFrontendOptions::session_options() && {
   if (depth == 0 || depth > BlkFrontend::kMaxDepth) {
-    return fail(Errc::out_of_range, fmt::format("depth {} not in 1..{}", depth, BlkFrontend::kMaxDepth));
+    return fail(Errc::out_of_range,
+                fmt::format("depth {} not in 1..{}", depth, BlkFrontend::kMaxDepth));
   }
   if (max_data < virtio::kBlkSectorSize || max_data > BlkFrontend::kMaxData ||
       max_data % virtio::kBlkSectorSize != 0) {
@@ -47,7 +48,8 @@ Result<FrontendOptions> BlkFrontendOptions::session_options() && {
   }
   if (size < need) {
     return fail(Errc::out_of_range, fmt::format("a ring of {} holds {} three-descriptor requests, "
-                                                "{} wanted in flight", size, size / 3, depth));
+                                                "{} wanted in flight",
+                                                size, size / 3, depth));
   }
   FrontendOptions o;
   o.device = FrontendOptions::Device::blk;
@@ -70,22 +72,23 @@ Result<BlkInfo> BlkFrontend::parse_config(std::span<const std::uint8_t> c, std::
   using virtio::VirtioBlkConfig;
   namespace bf = virtio::blk_feature;
   if (c.size() < kConfigBytes) {
-    return fail(Errc::invalid_argument, fmt::format("config of {} bytes, {} needed", c.size(),
-                                                    kConfigBytes));
+    return fail(Errc::invalid_argument,
+                fmt::format("config of {} bytes, {} needed", c.size(), kConfigBytes));
   }
   BlkInfo info;
   info.capacity = load<std::uint64_t>(c, offsetof(VirtioBlkConfig, capacity));
   if (info.capacity == 0) return fail(Errc::broken, "config: capacity is 0 sectors");
   // A byte size that overflows 64 bits is no disk we can address.
   if (info.capacity > (std::uint64_t{1} << 54)) {
-    return fail(Errc::broken, fmt::format("config: capacity {} sectors is beyond 2^63 bytes",
-                                          info.capacity));
+    return fail(Errc::broken,
+                fmt::format("config: capacity {} sectors is beyond 2^63 bytes", info.capacity));
   }
   if (virtio::has(features, bf::blk_size)) {
     info.blk_size = load<std::uint32_t>(c, offsetof(VirtioBlkConfig, blk_size));
     if (info.blk_size < 512 || info.blk_size > 65536 || !std::has_single_bit(info.blk_size)) {
       return fail(Errc::broken, fmt::format("config: blk_size {} is not a power of two in "
-                                            "512..65536", info.blk_size));
+                                            "512..65536",
+                                            info.blk_size));
     }
   }
   if (virtio::has(features, bf::seg_max)) {
@@ -97,8 +100,8 @@ Result<BlkInfo> BlkFrontend::parse_config(std::span<const std::uint8_t> c, std::
   if (virtio::has(features, bf::size_max)) {
     info.size_max = load<std::uint32_t>(c, offsetof(VirtioBlkConfig, size_max));
     if (info.size_max != 0 && info.size_max < 512) {
-      return fail(Errc::broken, fmt::format("config: size_max {} is less than a sector",
-                                            info.size_max));
+      return fail(Errc::broken,
+                  fmt::format("config: size_max {} is less than a sector", info.size_max));
     }
   }
   if (virtio::has(features, bf::mq)) {
@@ -131,7 +134,8 @@ Result<std::unique_ptr<BlkFrontend>> BlkFrontend::connect(BlkFrontendOptions opt
   }
   if (info->num_queues < queues) {
     return fail(Errc::unsupported, fmt::format("config: the device has {} request queues, {} "
-                                               "wanted", info->num_queues, queues));
+                                               "wanted",
+                                               info->num_queues, queues));
   }
   // Each request's data is one segment.
   if (info->size_max != 0 && max_data > info->size_max) {

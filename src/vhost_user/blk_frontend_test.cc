@@ -158,7 +158,8 @@ TEST(BlkFrontendOptions, BadDepthDataOrRingAreRefused) {
 TEST(BlkFrontendOptions, ConnectFailsCleanlyWithoutABackEnd) {
   auto f = BlkFrontend::connect(opts());
   ASSERT_FALSE(f);
-  EXPECT_NE(f.error().message().find("/nonexistent/x.sock"), std::string::npos) << f.error().message();
+  EXPECT_NE(f.error().message().find("/nonexistent/x.sock"), std::string::npos)
+      << f.error().message();
 }
 
 }  // namespace

@@ -54,8 +54,8 @@ Result<> read_exact(int fd, std::uint8_t* buf, std::size_t len, FdList& fds, boo
       if (err == EINTR) continue;
       if (err == EAGAIN || err == EWOULDBLOCK) {
         if (message_start && got == 0) return fail(Errc::would_block, "no message pending");
-        return fail(Errc::broken, fmt::format("peer stalled after {} of {} {} bytes", got, len,
-                                              what));
+        return fail(Errc::broken,
+                    fmt::format("peer stalled after {} of {} {} bytes", got, len, what));
       }
       if (err == ECONNRESET) {
         return fail(Errc::disconnected, fmt::format("connection reset while reading {}", what),
@@ -91,9 +91,8 @@ Result<sockaddr_un> unix_address(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
-    return fail(Errc::invalid_argument,
-                fmt::format("socket path '{}' must be 1 to {} bytes", path,
-                            sizeof(addr.sun_path) - 1));
+    return fail(Errc::invalid_argument, fmt::format("socket path '{}' must be 1 to {} bytes", path,
+                                                    sizeof(addr.sun_path) - 1));
   }
   std::memcpy(addr.sun_path, path.data(), path.size());
   return addr;
@@ -149,12 +148,12 @@ Result<> Channel::send(const Header& header, std::span<const std::uint8_t> paylo
                        std::span<const int> fds) {
   if (!fd_) return fail(Errc::bad_state, "channel has no socket");
   if (header.size != payload.size()) {
-    return fail(Errc::invalid_argument, fmt::format("header size {} but {} payload bytes",
-                                                    header.size, payload.size()));
+    return fail(Errc::invalid_argument,
+                fmt::format("header size {} but {} payload bytes", header.size, payload.size()));
   }
   if (payload.size() > kMaxPayloadSize) {
-    return fail(Errc::out_of_range, fmt::format("payload of {} bytes, at most {}", payload.size(),
-                                                kMaxPayloadSize));
+    return fail(Errc::out_of_range,
+                fmt::format("payload of {} bytes, at most {}", payload.size(), kMaxPayloadSize));
   }
   if (fds.size() > kMaxFds) {
     return fail(Errc::too_many, fmt::format("{} fds, at most {}", fds.size(), kMaxFds));
@@ -189,8 +188,8 @@ Result<> Channel::send(const Header& header, std::span<const std::uint8_t> paylo
       }
       if (err == EAGAIN || err == EWOULDBLOCK) {
         if (sent == 0) return fail(Errc::would_block, "peer is not reading");
-        return fail(Errc::broken, fmt::format("peer stopped reading after {} of {} bytes", sent,
-                                              total));
+        return fail(Errc::broken,
+                    fmt::format("peer stopped reading after {} of {} bytes", sent, total));
       }
       return fail(Errc::system, "sendmsg", err);
     }
@@ -202,7 +201,7 @@ Result<> Channel::send(const Header& header, std::span<const std::uint8_t> paylo
 Result<UniqueFd> listen_unix(const std::string& path, int backlog) {
   auto addr = unix_address(path);
   if (!addr) return std::unexpected(std::move(addr.error()));
-  struct stat st {};
+  struct stat st{};
   if (::lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) {
       return fail(Errc::invalid_argument,

@@ -1,8 +1,8 @@
 // The unix-socket transport over real sockets: messages with fds, listen/connect/accept.
 #include "vhostkit/vhost_user/channel.h"
 
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -52,9 +52,8 @@ TEST(Channel, PassesFdsWithSetMemTable) {
     auto [front, back] = make_pair();
     SetMemTable table;
     for (std::uint64_t i = 0; i < kMaxMemRegions; ++i) {
-      table.regions.push_back(
-          MemRegion{{.guest_phys_addr = i << 20, .size = 1 << 20, .userspace_addr = i << 32},
-                    make_fd()});
+      table.regions.push_back(MemRegion{
+          {.guest_phys_addr = i << 20, .size = 1 << 20, .userspace_addr = i << 32}, make_fd()});
     }
     ASSERT_TRUE(front.send_message(table));
     auto got = back.recv();
@@ -183,7 +182,7 @@ TEST_F(UnixSocketPath, ReplacesStaleSocket) {
     auto l = listen_unix(path_);
     ASSERT_TRUE(l);
   }  // closed: the file stays behind, nobody listens
-  struct stat st {};
+  struct stat st{};
   ASSERT_EQ(::lstat(path_.c_str(), &st), 0);
   auto again = listen_unix(path_);
   ASSERT_TRUE(again) << again.error().message();
@@ -201,7 +200,9 @@ TEST_F(UnixSocketPath, RefusesLiveSocket) {
 }
 
 TEST_F(UnixSocketPath, RefusesToRemoveRegularFile) {
-  { std::ofstream(path_) << "precious"; }
+  {
+    std::ofstream(path_) << "precious";
+  }
   auto l = listen_unix(path_);
   ASSERT_FALSE(l);
   EXPECT_EQ(l.error().code, Errc::invalid_argument);

@@ -51,8 +51,8 @@ class Hostile : public ::testing::Test {
   }
 
   // Header + payload in one write, the way frontends send.
-  void raw_message(std::uint32_t request, std::uint32_t flags, const std::vector<std::uint8_t>& payload,
-                   const std::vector<int>& fds = {},
+  void raw_message(std::uint32_t request, std::uint32_t flags,
+                   const std::vector<std::uint8_t>& payload, const std::vector<int>& fds = {},
                    std::optional<std::uint32_t> size_field = std::nullopt) {
     Header h{request, flags, size_field.value_or(static_cast<std::uint32_t>(payload.size()))};
     std::vector<std::uint8_t> bytes(sizeof(h));
@@ -117,25 +117,44 @@ struct FixedShape {
 // Every request whose payload has one legal size (SET_VRING_KICK/CALL/ERR with a zero u64
 // need their one fd).
 constexpr FixedShape kFixed[] = {
-    {Request::get_features, 0, 0},        {Request::set_features, 8, 0},
-    {Request::set_owner, 0, 0},           {Request::reset_owner, 0, 0},
-    {Request::set_log_base, 16, 1},       {Request::set_log_fd, 0, 1},
-    {Request::set_vring_num, 8, 0},       {Request::set_vring_addr, 40, 0},
-    {Request::set_vring_base, 8, 0},      {Request::get_vring_base, 8, 0},
-    {Request::set_vring_kick, 8, 1},      {Request::set_vring_call, 8, 1},
-    {Request::set_vring_err, 8, 1},       {Request::get_protocol_features, 0, 0},
-    {Request::set_protocol_features, 8, 0}, {Request::get_queue_num, 0, 0},
-    {Request::set_vring_enable, 8, 0},    {Request::send_rarp, 8, 0},
-    {Request::net_set_mtu, 8, 0},         {Request::set_backend_req_fd, 0, 1},
-    {Request::iotlb_msg, 32, 0},          {Request::set_vring_endian, 8, 0},
-    {Request::close_crypto_session, 8, 0}, {Request::postcopy_advise, 0, 0},
-    {Request::postcopy_listen, 0, 0},     {Request::postcopy_end, 0, 0},
-    {Request::get_inflight_fd, 24, 0},    {Request::set_inflight_fd, 24, 1},
-    {Request::gpu_set_socket, 0, 1},      {Request::reset_device, 0, 0},
-    {Request::vring_kick, 8, 0},          {Request::get_max_mem_slots, 0, 0},
-    {Request::add_mem_reg, 40, 1},        {Request::rem_mem_reg, 40, 0},
-    {Request::set_status, 8, 0},          {Request::get_status, 0, 0},
-    {Request::get_shared_object, 16, 0},  {Request::set_device_state_fd, 8, 1},
+    {Request::get_features, 0, 0},
+    {Request::set_features, 8, 0},
+    {Request::set_owner, 0, 0},
+    {Request::reset_owner, 0, 0},
+    {Request::set_log_base, 16, 1},
+    {Request::set_log_fd, 0, 1},
+    {Request::set_vring_num, 8, 0},
+    {Request::set_vring_addr, 40, 0},
+    {Request::set_vring_base, 8, 0},
+    {Request::get_vring_base, 8, 0},
+    {Request::set_vring_kick, 8, 1},
+    {Request::set_vring_call, 8, 1},
+    {Request::set_vring_err, 8, 1},
+    {Request::get_protocol_features, 0, 0},
+    {Request::set_protocol_features, 8, 0},
+    {Request::get_queue_num, 0, 0},
+    {Request::set_vring_enable, 8, 0},
+    {Request::send_rarp, 8, 0},
+    {Request::net_set_mtu, 8, 0},
+    {Request::set_backend_req_fd, 0, 1},
+    {Request::iotlb_msg, 32, 0},
+    {Request::set_vring_endian, 8, 0},
+    {Request::close_crypto_session, 8, 0},
+    {Request::postcopy_advise, 0, 0},
+    {Request::postcopy_listen, 0, 0},
+    {Request::postcopy_end, 0, 0},
+    {Request::get_inflight_fd, 24, 0},
+    {Request::set_inflight_fd, 24, 1},
+    {Request::gpu_set_socket, 0, 1},
+    {Request::reset_device, 0, 0},
+    {Request::vring_kick, 8, 0},
+    {Request::get_max_mem_slots, 0, 0},
+    {Request::add_mem_reg, 40, 1},
+    {Request::rem_mem_reg, 40, 0},
+    {Request::set_status, 8, 0},
+    {Request::get_status, 0, 0},
+    {Request::get_shared_object, 16, 0},
+    {Request::set_device_state_fd, 8, 1},
     {Request::check_device_state, 0, 0},
 };
 
@@ -198,8 +217,8 @@ TEST_F(Hostile, TruncatedPayloadThenClose) {
 
 TEST_F(Hostile, TruncatedPayloadWithFdsThenClose) {
   auto a = make_fd(), b = make_fd();
-  raw_message(req(Request::set_mem_table), kVersion, std::vector<std::uint8_t>(8), {a.get(), b.get()},
-              72);
+  raw_message(req(Request::set_mem_table), kVersion, std::vector<std::uint8_t>(8),
+              {a.get(), b.get()}, 72);
   peer_close();
   auto got = us_.recv();
   ASSERT_FALSE(got);
@@ -437,8 +456,9 @@ TEST_F(Hostile, BackendRequestWithWrongFds) {
   FdList fds;
   fds.push_back(make_fd());
   std::vector<std::uint8_t> p(8);
-  auto m = decode_backend(Header{static_cast<std::uint32_t>(BackendRequest::vring_call), kVersion, 8},
-                          p, std::move(fds));
+  auto m =
+      decode_backend(Header{static_cast<std::uint32_t>(BackendRequest::vring_call), kVersion, 8}, p,
+                     std::move(fds));
   ASSERT_FALSE(m);
   auto unknown = decode_backend(Header{77, kVersion, 0}, {}, FdList{});
   ASSERT_FALSE(unknown);

@@ -64,8 +64,8 @@ Result<> FrontendOptions::validate() const {
   const std::size_t max_buffer =
       blk ? kMaxBlkBuffer : kMaxMergedFrame + sizeof(virtio::VirtioNetHdrMrg);
   if (buffer_size < min_buffer || buffer_size > max_buffer) {
-    return fail(Errc::out_of_range, fmt::format("buffer size {} not in {}..{}", buffer_size,
-                                                min_buffer, max_buffer));
+    return fail(Errc::out_of_range,
+                fmt::format("buffer size {} not in {}..{}", buffer_size, min_buffer, max_buffer));
   }
   if (blk && ring_buffers > queue_size) {
     return fail(Errc::out_of_range, fmt::format("{} buffers per ring exceed the ring size {}",
@@ -89,8 +89,9 @@ Result<std::unique_ptr<FrontendSession>> FrontendSession::connect(FrontendOption
   } else {
     auto ch = connect_unix(opts.socket_path);
     if (!ch) {
-      return fail(ch.error().code, fmt::format("connect to {}: {}", opts.socket_path,
-                                               ch.error().message()), ch.error().sys_errno);
+      return fail(ch.error().code,
+                  fmt::format("connect to {}: {}", opts.socket_path, ch.error().message()),
+                  ch.error().sys_errno);
     }
     s->channel_ = std::move(*ch);
   }
@@ -200,8 +201,8 @@ Result<> FrontendSession::negotiate() {
   const std::uint16_t queues = blk ? opts_.num_queues : opts_.queue_pairs;
   const std::uint64_t wanted = opts_.features.value_or(
       (blk ? kFrontendBlkFeatures : kFrontendNetFeatures) | (queues > 1 ? virtio::bit(mq_bit) : 0));
-  features_ = wanted & offered_features_ &
-              (blk ? kFrontendBlkDrivableFeatures : kFrontendDrivableFeatures);
+  features_ =
+      wanted & offered_features_ & (blk ? kFrontendBlkDrivableFeatures : kFrontendDrivableFeatures);
   const bool proto = virtio::has(offered_features_, virtio::feature::protocol_features);
   if (proto) {
     features_ |= virtio::bit(virtio::feature::protocol_features);
@@ -224,9 +225,9 @@ Result<> FrontendSession::negotiate() {
                               blk ? "VIRTIO_BLK_F_MQ" : "VIRTIO_NET_F_MQ"));
     }
     if (!has_protocol(protocol_feature::mq)) {
-      return fail(Errc::unsupported,
-                  fmt::format("{} {} wanted but the back-end lacks protocol feature MQ", queues,
-                              unit));
+      return fail(
+          Errc::unsupported,
+          fmt::format("{} {} wanted but the back-end lacks protocol feature MQ", queues, unit));
     }
   }
   if (has_protocol(protocol_feature::mq)) {
@@ -249,7 +250,8 @@ Result<> FrontendSession::negotiate() {
   hdr_len_ = virtio::net_hdr_size(virtio::has(features_, virtio::feature::version_1), mrg_rxbuf_);
   if (opts_.buffer_size < hdr_len_ + 60) {
     return fail(Errc::out_of_range, fmt::format("buffer size {} can't hold a {}-byte header and "
-                                                "a minimal frame", opts_.buffer_size, hdr_len_));
+                                                "a minimal frame",
+                                                opts_.buffer_size, hdr_len_));
   }
   return {};
 }
@@ -268,12 +270,12 @@ Result<> FrontendSession::setup_memory() {
   base_ = static_cast<std::uint8_t*>(p);
 
   SetMemTable mt;
-  mt.regions.push_back(MemRegion{
-      .spec = memory::RegionSpec{.guest_phys_addr = 0,
-                                 .size = mem_size_,
-                                 .userspace_addr = reinterpret_cast<std::uint64_t>(base_),
-                                 .mmap_offset = 0},
-      .fd = std::move(memfd_)});
+  mt.regions.push_back(
+      MemRegion{.spec = memory::RegionSpec{.guest_phys_addr = 0,
+                                           .size = mem_size_,
+                                           .userspace_addr = reinterpret_cast<std::uint64_t>(base_),
+                                           .mmap_offset = 0},
+                .fd = std::move(memfd_)});
   auto r = request(mt, "SET_MEM_TABLE");
   memfd_ = std::move(mt.regions[0].fd);  // the message only borrowed it
   return r;
@@ -286,9 +288,9 @@ Result<> FrontendSession::setup_ring(std::uint16_t i) {
   // net: receiveq first in each pair. blk: every ring is a request queue, driven like a transmitq.
   r.is_rx = opts_.device == FrontendOptions::Device::net && (i % 2) == 0;
   const std::size_t roff = l.ring_offset(i);
-  if (auto v = r.vq.init(std::span<std::byte>(reinterpret_cast<std::byte*>(base_ + roff),
-                                              l.ring_block),
-                         roff, opts_.queue_size, features_);
+  if (auto v =
+          r.vq.init(std::span<std::byte>(reinterpret_cast<std::byte*>(base_ + roff), l.ring_block),
+                    roff, opts_.queue_size, features_);
       !v) {
     return std::unexpected(step_error(fmt::format("ring {} init", i), v.error()));
   }
@@ -365,8 +367,8 @@ Result<std::vector<std::uint8_t>> FrontendSession::get_config(std::uint32_t offs
     return fail(Errc::unsupported, "GET_CONFIG: protocol feature CONFIG not negotiated");
   }
   if (size == 0 || size > kMaxConfigSize) {
-    return fail(Errc::out_of_range, fmt::format("GET_CONFIG size {} not in 1..{}", size,
-                                                kMaxConfigSize));
+    return fail(Errc::out_of_range,
+                fmt::format("GET_CONFIG size {} not in 1..{}", size, kMaxConfigSize));
   }
   if (auto r = channel_.send_message(GetConfig{.offset = offset, .size = size, .flags = 0}); !r) {
     healthy_ = false;
@@ -436,7 +438,7 @@ void FrontendSession::close() noexcept {
       spdlog::debug("vhost-user {}: teardown: {}", opts_.name, r.error().message());
     }
   }
-  stopped_ = true;  // the data path is over either way
+  stopped_ = true;           // the data path is over either way
   (void)channel_.release();  // closes the socket
   rings_.clear();
   if (base_ != nullptr) {

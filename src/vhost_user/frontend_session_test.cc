@@ -29,8 +29,8 @@ constexpr std::uint64_t kOffered = kFrontendNetFeatures | virtio::bit(virtio::ne
                                    virtio::bit(virtio::net_feature::csum) |
                                    virtio::bit(virtio::feature::protocol_features);
 constexpr std::uint64_t kOfferedProtocol =
-    pbit(protocol_feature::mq) | pbit(protocol_feature::reply_ack) | pbit(protocol_feature::config) |
-    pbit(protocol_feature::status);
+    pbit(protocol_feature::mq) | pbit(protocol_feature::reply_ack) |
+    pbit(protocol_feature::config) | pbit(protocol_feature::status);
 constexpr std::uint8_t kMac[6] = {0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee};
 
 enum class Action { normal, handled, hang_up };
@@ -97,7 +97,8 @@ class FakeBackend {
       case Request::get_config: {
         const auto& g = std::get<GetConfig>(msg);
         std::vector<std::uint8_t> cfg(g.size, 0);
-        for (std::size_t i = 0; i < cfg.size() && g.offset + i < 6; ++i) cfg[i] = kMac[g.offset + i];
+        for (std::size_t i = 0; i < cfg.size() && g.offset + i < 6; ++i)
+          cfg[i] = kMac[g.offset + i];
         (void)ch_.send(reply_config(g.offset, g.flags, cfg));
         return;
       }
@@ -202,7 +203,8 @@ TEST(FrontendNegotiation, AcksOnlyWhatIsWantedOfferedAndDrivable) {
   // Ask for INDIRECT and CSUM too: offered, but not something this driver drives.
   Attempt a = attempt({}, [](FrontendOptions& o) {
     o.features = kFrontendNetFeatures | virtio::bit(virtio::feature::ring_indirect_desc) |
-                 virtio::bit(virtio::net_feature::csum) | virtio::bit(virtio::net_feature::guest_tso4);
+                 virtio::bit(virtio::net_feature::csum) |
+                 virtio::bit(virtio::net_feature::guest_tso4);
   });
   ASSERT_TRUE(a.session) << a.session.error().message();
   auto& f = **a.session;
@@ -227,9 +229,9 @@ TEST(FrontendNegotiation, MqOnlyWhenMoreThanOnePair) {
 }
 
 TEST(FrontendNegotiation, RequestSequenceAndNeedReplyFlags) {
-  std::vector<Request> want = {Request::get_features, Request::set_owner,
+  std::vector<Request> want = {Request::get_features,          Request::set_owner,
                                Request::get_protocol_features, Request::set_protocol_features,
-                               Request::get_queue_num, Request::set_features,
+                               Request::get_queue_num,         Request::set_features,
                                Request::set_mem_table};
   for (int i = 0; i < 2; ++i) {
     for (Request r : {Request::set_vring_num, Request::set_vring_base, Request::set_vring_addr,
@@ -258,8 +260,7 @@ TEST(FrontendNegotiation, RequestSequenceAndNeedReplyFlags) {
                           want[i] == Request::get_protocol_features ||
                           want[i] == Request::get_vring_base;
     const bool after = i > 3;
-    EXPECT_EQ((seen[i].second & kNeedReplyFlag) != 0, after && !has_body)
-        << to_string(want[i]);
+    EXPECT_EQ((seen[i].second & kNeedReplyFlag) != 0, after && !has_body) << to_string(want[i]);
   }
 }
 
@@ -290,89 +291,107 @@ TEST(FrontendNegotiation, PollModeSendsNoFds) {
 // ---- Hostile replies --------------------------------------------------------------------
 
 TEST(FrontendHostile, WrongRequestNumberInReply) {
-  expect_connect_fails(on(Request::get_features, [](Channel& ch, const Header&) {
-    (void)ch.send(reply_u64(Request::get_queue_num, kOffered));
-    return Action::handled;
-  }), "GET_FEATURES");
+  expect_connect_fails(on(Request::get_features,
+                          [](Channel& ch, const Header&) {
+                            (void)ch.send(reply_u64(Request::get_queue_num, kOffered));
+                            return Action::handled;
+                          }),
+                       "GET_FEATURES");
 }
 
 TEST(FrontendHostile, WrongReplySize) {
-  expect_connect_fails(on(Request::get_protocol_features, [](Channel& ch, const Header&) {
-    OutMessage m = reply_u64(Request::get_protocol_features, kOfferedProtocol);
-    m.header.size = 4;
-    (void)ch.send(m);
-    return Action::handled;
-  }), "GET_PROTOCOL_FEATURES");
+  expect_connect_fails(on(Request::get_protocol_features,
+                          [](Channel& ch, const Header&) {
+                            OutMessage m =
+                                reply_u64(Request::get_protocol_features, kOfferedProtocol);
+                            m.header.size = 4;
+                            (void)ch.send(m);
+                            return Action::handled;
+                          }),
+                       "GET_PROTOCOL_FEATURES");
 }
 
 TEST(FrontendHostile, ReplyWithoutReplyFlag) {
-  expect_connect_fails(on(Request::get_features, [](Channel& ch, const Header&) {
-    OutMessage m = reply_u64(Request::get_features, kOffered);
-    m.header.flags = kVersion;
-    (void)ch.send(m);
-    return Action::handled;
-  }), "GET_FEATURES");
+  expect_connect_fails(on(Request::get_features,
+                          [](Channel& ch, const Header&) {
+                            OutMessage m = reply_u64(Request::get_features, kOffered);
+                            m.header.flags = kVersion;
+                            (void)ch.send(m);
+                            return Action::handled;
+                          }),
+                       "GET_FEATURES");
 }
 
 TEST(FrontendHostile, FdAttachedToReplyIsClosed) {
-  expect_connect_fails(on(Request::get_features, [](Channel& ch, const Header&) {
-    UniqueFd fd(::eventfd(0, EFD_CLOEXEC));
-    const int fds[1] = {fd.get()};
-    OutMessage m = reply_u64(Request::get_features, kOffered);
-    (void)ch.send(m.header, m.payload(), fds);
-    return Action::handled;
-  }), "GET_FEATURES");
+  expect_connect_fails(on(Request::get_features,
+                          [](Channel& ch, const Header&) {
+                            UniqueFd fd(::eventfd(0, EFD_CLOEXEC));
+                            const int fds[1] = {fd.get()};
+                            OutMessage m = reply_u64(Request::get_features, kOffered);
+                            (void)ch.send(m.header, m.payload(), fds);
+                            return Action::handled;
+                          }),
+                       "GET_FEATURES");
 }
 
 TEST(FrontendHostile, FdAttachedToAckIsClosed) {
-  expect_connect_fails(on(Request::set_mem_table, [](Channel& ch, const Header&) {
-    UniqueFd fd(::eventfd(0, EFD_CLOEXEC));
-    const int fds[1] = {fd.get()};
-    OutMessage m = reply_ack(Request::set_mem_table, true);
-    (void)ch.send(m.header, m.payload(), fds);
-    return Action::handled;
-  }), "SET_MEM_TABLE");
+  expect_connect_fails(on(Request::set_mem_table,
+                          [](Channel& ch, const Header&) {
+                            UniqueFd fd(::eventfd(0, EFD_CLOEXEC));
+                            const int fds[1] = {fd.get()};
+                            OutMessage m = reply_ack(Request::set_mem_table, true);
+                            (void)ch.send(m.header, m.payload(), fds);
+                            return Action::handled;
+                          }),
+                       "SET_MEM_TABLE");
 }
 
 TEST(FrontendHostile, NegativeAckNamesRequestAndRing) {
   int n = 0;
-  expect_connect_fails(on(Request::set_vring_addr, [&n](Channel& ch, const Header&) {
-    if (n++ == 0) return Action::normal;  // ring 0 fine, ring 1 refused
-    (void)ch.send(reply_ack(Request::set_vring_addr, false));
-    return Action::handled;
-  }), "SET_VRING_ADDR ring 1: the back-end refused it");
+  expect_connect_fails(on(Request::set_vring_addr,
+                          [&n](Channel& ch, const Header&) {
+                            if (n++ == 0) return Action::normal;  // ring 0 fine, ring 1 refused
+                            (void)ch.send(reply_ack(Request::set_vring_addr, false));
+                            return Action::handled;
+                          }),
+                       "SET_VRING_ADDR ring 1: the back-end refused it");
 }
 
 TEST(FrontendHostile, HangUpMidNegotiation) {
-  expect_connect_fails(on(Request::set_mem_table, [](Channel&, const Header&) {
-    return Action::hang_up;
-  }), "SET_MEM_TABLE");
+  expect_connect_fails(
+      on(Request::set_mem_table, [](Channel&, const Header&) { return Action::hang_up; }),
+      "SET_MEM_TABLE");
 }
 
 TEST(FrontendHostile, HangUpBeforeFirstReply) {
-  expect_connect_fails(on(Request::get_features, [](Channel&, const Header&) {
-    return Action::hang_up;
-  }), "GET_FEATURES");
+  expect_connect_fails(
+      on(Request::get_features, [](Channel&, const Header&) { return Action::hang_up; }),
+      "GET_FEATURES");
 }
 
 TEST(FrontendHostile, SilentBackendTimesOut) {
-  expect_connect_fails(on(Request::set_vring_kick, [](Channel&, const Header&) {
-    return Action::handled;  // never acks
-  }), "SET_VRING_KICK ring 0: no reply from the back-end within 300 ms", {}, 2s);
+  expect_connect_fails(on(Request::set_vring_kick,
+                          [](Channel&, const Header&) {
+                            return Action::handled;  // never acks
+                          }),
+                       "SET_VRING_KICK ring 0: no reply from the back-end within 300 ms", {}, 2s);
 }
 
 TEST(FrontendHostile, QueueNumBelowPairs) {
-  expect_connect_fails(on(Request::get_queue_num, [](Channel& ch, const Header&) {
-    (void)ch.send(reply_u64(Request::get_queue_num, 1));
-    return Action::handled;
-  }), "GET_QUEUE_NUM", [](FrontendOptions& o) { o.queue_pairs = 2; });
+  expect_connect_fails(on(Request::get_queue_num,
+                          [](Channel& ch, const Header&) {
+                            (void)ch.send(reply_u64(Request::get_queue_num, 1));
+                            return Action::handled;
+                          }),
+                       "GET_QUEUE_NUM", [](FrontendOptions& o) { o.queue_pairs = 2; });
 }
 
 TEST(FrontendHostile, MqWantedButNotOffered) {
   const std::size_t before = open_fd_count();
   {
-    Attempt a = attempt({}, [](FrontendOptions& o) { o.queue_pairs = 2; },
-                        kOffered & ~virtio::bit(virtio::net_feature::mq));
+    Attempt a = attempt(
+        {}, [](FrontendOptions& o) { o.queue_pairs = 2; },
+        kOffered & ~virtio::bit(virtio::net_feature::mq));
     ASSERT_FALSE(a.session);
     EXPECT_NE(a.session.error().message().find("VIRTIO_NET_F_MQ"), std::string::npos);
   }
@@ -390,7 +409,8 @@ TEST(FrontendHostile, VringBaseReplyForAnotherRing) {
     auto b = (*a.session)->stop();
     ASSERT_FALSE(b);
     EXPECT_NE(b.error().message().find("GET_VRING_BASE ring 0: the reply names ring 5"),
-              std::string::npos) << b.error().message();
+              std::string::npos)
+        << b.error().message();
   }
   EXPECT_EQ(open_fd_count(), before);
 }
@@ -431,9 +451,8 @@ TEST(FrontendHostile, ConfigRefused) {
 
 TEST(FrontendHostile, HangUpAtTeardownDoesNotHang) {
   const auto t0 = std::chrono::steady_clock::now();
-  Attempt a = attempt(on(Request::get_vring_base, [](Channel&, const Header&) {
-    return Action::hang_up;
-  }));
+  Attempt a =
+      attempt(on(Request::get_vring_base, [](Channel&, const Header&) { return Action::hang_up; }));
   ASSERT_TRUE(a.session);
   auto b = (*a.session)->stop();
   ASSERT_FALSE(b);
@@ -447,7 +466,8 @@ TEST(FrontendHostile, HangUpAtTeardownDoesNotHang) {
 // Plays the device on ring `r` of a connected session: marks `id` used with `len` bytes.
 void push_used(FrontendRing& r, std::uint32_t id, std::uint32_t len) {
   virtio::VirtqUsed* used = r.vq.used();
-  const std::uint16_t idx = std::atomic_ref<std::uint16_t>(used->idx).load(std::memory_order_relaxed);
+  const std::uint16_t idx =
+      std::atomic_ref<std::uint16_t>(used->idx).load(std::memory_order_relaxed);
   used->ring[idx % r.vq.size()] = virtio::VirtqUsedElem{id, len};
   // Release: the element above is visible before the new idx.
   std::atomic_ref<std::uint16_t>(used->idx).store(idx + 1, std::memory_order_release);
@@ -493,7 +513,9 @@ TEST(FrontendDataPath, RxDeliversAndRefills) {
   for (int i = 0; i < 80; ++i) buf[12 + i] = static_cast<std::uint8_t>(i);
   push_used(r, head, 92);
   std::vector<std::uint8_t> got;
-  EXPECT_EQ(s.rx_burst(0, 32, [&](std::span<const std::uint8_t> f) { got.assign(f.begin(), f.end()); }), 1u);
+  EXPECT_EQ(
+      s.rx_burst(0, 32, [&](std::span<const std::uint8_t> f) { got.assign(f.begin(), f.end()); }),
+      1u);
   ASSERT_EQ(got.size(), 80u);
   EXPECT_EQ(got[79], 79);
   EXPECT_EQ(r.vq.free_count(), 0);  // the buffer went straight back on the ring
@@ -564,7 +586,9 @@ TEST(FrontendDataPath, RxMergeableFrameIsGathered) {
   EXPECT_EQ(s.rx_burst(0, 32, [](auto) { FAIL() << "delivered half a frame"; }), 0u);
   push_used(r, heads[2], 100);
   std::vector<std::uint8_t> got;
-  EXPECT_EQ(s.rx_burst(0, 32, [&](std::span<const std::uint8_t> f) { got.assign(f.begin(), f.end()); }), 1u);
+  EXPECT_EQ(
+      s.rx_burst(0, 32, [&](std::span<const std::uint8_t> f) { got.assign(f.begin(), f.end()); }),
+      1u);
   EXPECT_EQ(got, want);
   EXPECT_EQ(s.stats(FrontendSession::rx_index(0)).bad, 0u);
 }

@@ -98,8 +98,9 @@ class Checker {
   }
   Result<> at_least(std::size_t want) const {
     if (payload_.size() < want) {
-      return fail(Errc::invalid_argument, fmt::format("{} payload is {} bytes, expected at least {}",
-                                                      name_, payload_.size(), want));
+      return fail(Errc::invalid_argument,
+                  fmt::format("{} payload is {} bytes, expected at least {}", name_,
+                              payload_.size(), want));
     }
     return {};
   }
@@ -225,8 +226,8 @@ Result<SetMemTable> decode_mem_table(const Checker& c, std::span<const std::uint
   if (auto r = c.at_least(wire::kMemoryHeaderSize); !r) return std::unexpected(r.error());
   const auto nregions = load<std::uint32_t>(p);
   if (nregions > kMaxMemRegions) {
-    return fail(Errc::too_many, fmt::format("SET_MEM_TABLE has {} regions, at most {}", nregions,
-                                            kMaxMemRegions));
+    return fail(Errc::too_many,
+                fmt::format("SET_MEM_TABLE has {} regions, at most {}", nregions, kMaxMemRegions));
   }
   if (auto r = c.size(wire::kMemoryHeaderSize + nregions * sizeof(wire::MemoryRegion)); !r) {
     return std::unexpected(r.error());
@@ -345,8 +346,8 @@ Result<FrontendMessage> decode_request(Request req, const Checker& c,
       if (auto r = c.size(sizeof(wire::SingleMemoryRegion)); !r) return std::unexpected(r.error());
       // The spec lets a back-end tolerate one stray fd here; it is closed with `fds`.
       if (fds.size() > 1) {
-        return fail(Errc::too_many, fmt::format("REM_MEM_REG carries {} fds, expected 0 (or 1)",
-                                                fds.size()));
+        return fail(Errc::too_many,
+                    fmt::format("REM_MEM_REG carries {} fds, expected 0 (or 1)", fds.size()));
       }
       return RemMemReg{to_spec(load<wire::SingleMemoryRegion>(p).region)};
     }
@@ -396,8 +397,7 @@ Result<BackendMessage> decode_backend_request(BackendRequest req, const Checker&
     }
     case BackendRequest::vring_call: return lift(decode_state<BackendVringCall>(c, p));
     case BackendRequest::vring_err: return lift(decode_state<BackendVringErr>(c, p));
-    case BackendRequest::shared_object_add:
-      return lift(decode_uuid<BackendSharedObjectAdd>(c, p));
+    case BackendRequest::shared_object_add: return lift(decode_uuid<BackendSharedObjectAdd>(c, p));
     case BackendRequest::shared_object_remove:
       return lift(decode_uuid<BackendSharedObjectRemove>(c, p));
     case BackendRequest::shared_object_lookup:
@@ -417,8 +417,8 @@ Result<> check_request_header(const Header& h, std::span<const std::uint8_t> pay
                             name_of(h.request, backend), h.version(), kVersion));
   }
   if (h.reply()) {
-    return fail(Errc::invalid_argument,
-                fmt::format("{} is a request but has the REPLY flag set", name_of(h.request, backend)));
+    return fail(Errc::invalid_argument, fmt::format("{} is a request but has the REPLY flag set",
+                                                    name_of(h.request, backend)));
   }
   if (h.size != payload.size()) {
     return fail(Errc::invalid_argument,
@@ -436,9 +436,9 @@ Result<> check_reply_header(const Received& msg, std::uint32_t expected, bool ba
                             name_of(expected, backend), h.version(), kVersion));
   }
   if (!h.reply()) {
-    return fail(Errc::invalid_argument, fmt::format("expected a reply to {}, got request {}",
-                                                    name_of(expected, backend),
-                                                    name_of(h.request, backend)));
+    return fail(Errc::invalid_argument,
+                fmt::format("expected a reply to {}, got request {}", name_of(expected, backend),
+                            name_of(h.request, backend)));
   }
   if (h.request != expected) {
     return fail(Errc::invalid_argument,
@@ -559,7 +559,8 @@ Result<ConfigReply> decode_config_reply(const Received& msg) {
   if (msg.header.size == 0) return ConfigReply{};  // the back-end's way of saying "failed"
   auto w = decode_config_space(c, msg.payload());
   if (!w) return std::unexpected(std::move(w.error()));
-  return ConfigReply{w->offset, w->flags, std::vector<std::uint8_t>(w->region, w->region + w->size)};
+  return ConfigReply{w->offset, w->flags,
+                     std::vector<std::uint8_t>(w->region, w->region + w->size)};
 }
 
 Result<InflightReply> decode_inflight_reply(Received&& msg) {

@@ -45,7 +45,9 @@ Result<> need_fd(std::string_view name, const UniqueFd& fd) {
 }
 
 template <auto R>
-Result<> put(Builder&, const NoPayload<R>&) { return {}; }
+Result<> put(Builder&, const NoPayload<R>&) {
+  return {};
+}
 
 template <auto R>
 Result<> put(Builder& b, const U64Payload<R>& m) {
@@ -135,8 +137,8 @@ Result<> put(Builder& b, const Iotlb& m) {
 
 Result<> put(Builder& b, const GetConfig& m) {
   if (m.size > kMaxConfigSize) {
-    return fail(Errc::out_of_range, fmt::format("GET_CONFIG of {} bytes, at most {}", m.size,
-                                                kMaxConfigSize));
+    return fail(Errc::out_of_range,
+                fmt::format("GET_CONFIG of {} bytes, at most {}", m.size, kMaxConfigSize));
   }
   wire::Config w{};  // the request carries `size` zero bytes for the reply to fill
   w.offset = m.offset;
@@ -148,8 +150,8 @@ Result<> put(Builder& b, const GetConfig& m) {
 
 Result<> put(Builder& b, const SetConfig& m) {
   if (m.data.size() > kMaxConfigSize) {
-    return fail(Errc::out_of_range, fmt::format("SET_CONFIG of {} bytes, at most {}",
-                                                m.data.size(), kMaxConfigSize));
+    return fail(Errc::out_of_range,
+                fmt::format("SET_CONFIG of {} bytes, at most {}", m.data.size(), kMaxConfigSize));
   }
   wire::Config w{};
   w.offset = m.offset;

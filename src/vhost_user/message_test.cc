@@ -286,9 +286,9 @@ TEST(MessageRoundTrip, Inflight) {
   EXPECT_EQ(gb.inflight.num_queues, 2);
   EXPECT_EQ(gb.inflight.queue_size, 256);
 
-  SetInflightFd s{Inflight{.mmap_size = 8192, .mmap_offset = 64, .num_queues = 4,
-                           .queue_size = 128},
-                  make_fd()};
+  SetInflightFd s{
+      Inflight{.mmap_size = 8192, .mmap_offset = 64, .num_queues = 4, .queue_size = 128},
+      make_fd()};
   auto sb = roundtrip(s);
   EXPECT_EQ(sb.inflight.mmap_size, 8192u);
   EXPECT_EQ(sb.inflight.mmap_offset, 64u);
@@ -298,8 +298,10 @@ TEST(MessageRoundTrip, Inflight) {
 }
 
 TEST(MessageRoundTrip, AddAndRemMemReg) {
-  AddMemReg a{MemRegion{{.guest_phys_addr = 0x1'0000'0000, .size = 1 << 21,
-                         .userspace_addr = 0x7f12'0000'0000, .mmap_offset = 0},
+  AddMemReg a{MemRegion{{.guest_phys_addr = 0x1'0000'0000,
+                         .size = 1 << 21,
+                         .userspace_addr = 0x7f12'0000'0000,
+                         .mmap_offset = 0},
                         make_fd()}};
   auto out = encode(a);
   ASSERT_TRUE(out);
@@ -446,8 +448,8 @@ TEST(MessageNames, RequestsHaveSpecNames) {
 
 TEST(MessageErrors, SaySizeAndExpectation) {
   const std::uint8_t four[4] = {};
-  Header h{.request = static_cast<std::uint32_t>(Request::set_vring_num), .flags = kVersion,
-           .size = 4};
+  Header h{
+      .request = static_cast<std::uint32_t>(Request::set_vring_num), .flags = kVersion, .size = 4};
   auto d = decode(h, four, FdList{});
   ASSERT_FALSE(d);
   EXPECT_EQ(d.error().detail, "SET_VRING_NUM payload is 4 bytes, expected 8");

@@ -1,8 +1,8 @@
 // Our front-end against our back-end in one process: FrontendSession <-> BackendSession /
 // BackendServer over a socketpair and over socket paths, with a loopback net-like device that
 // moves each frame from a pair's transmitq into its receiveq.
-#include <gtest/gtest.h>
 #include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -71,7 +71,9 @@ class LoopbackBackend : public vhost::DeviceBackend {
 
   // Receive buffers are popped as soon as they are posted and kept here until a frame fills
   // them: a ring whose chains stay available would never let the worker go back to sleep.
-  void queue_stopped(vhost::Queue& q, vhost::Worker&) override { pairs_state_[q.index() / 2].count = 0; }
+  void queue_stopped(vhost::Queue& q, vhost::Worker&) override {
+    pairs_state_[q.index() / 2].count = 0;
+  }
 
   bool handle_queue(vhost::Queue& q) noexcept override {
     // virtio-net numbering: 2p is pair p's receiveq, 2p+1 its transmitq.

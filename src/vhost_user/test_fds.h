@@ -29,7 +29,7 @@ inline UniqueFd make_fd() { return UniqueFd(::memfd_create("vhost-user-test", MF
 
 // Do two fds name the same open file?
 inline bool same_file(int a, int b) {
-  struct stat sa {}, sb {};
+  struct stat sa{}, sb{};
   if (::fstat(a, &sa) != 0 || ::fstat(b, &sb) != 0) return false;
   return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }

@@ -127,7 +127,8 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
   std::uint64_t wlen = 0;
 
   for (;;) {
-    if (++walked > limit) [[unlikely]] return std::unexpected(ChainError::chain_too_long);
+    if (++walked > limit) [[unlikely]]
+      return std::unexpected(ChainError::chain_too_long);
     // The head was copied by pop(); everything after it is copied here, once each.
     const virtio::VirtqDesc d =
         walked == 1 ? first
@@ -160,21 +161,24 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
         writing = true;
         wlen += d.len;
       } else {
-        if (writing) [[unlikely]] return std::unexpected(ChainError::readable_after_writable);
+        if (writing) [[unlikely]]
+          return std::unexpected(ChainError::readable_after_writable);
         rlen += d.len;
       }
       if (rlen + wlen > kMaxChainBytes) [[unlikely]] {
         return std::unexpected(ChainError::total_too_large);
       }
       auto pieces = mem_->gpa_to_iovec(d.addr, d.len, segs.subspan(nseg));
-      if (!pieces) [[unlikely]] return std::unexpected(from_xlate(pieces.error()));
+      if (!pieces) [[unlikely]]
+        return std::unexpected(from_xlate(pieces.error()));
       nseg += *pieces;
       if (!writing) nread = nseg;
     }
 
     if (!(d.flags & kDescFNext)) break;
     idx = d.next;
-    if (idx >= table_size) [[unlikely]] return std::unexpected(ChainError::next_out_of_range);
+    if (idx >= table_size) [[unlikely]]
+      return std::unexpected(ChainError::next_out_of_range);
   }
 
   Chain c;
@@ -197,8 +201,9 @@ bool DeviceQueue::needs_notify() noexcept {
   const std::uint16_t new_idx = published_used_idx_;
   signalled_used_idx_ = new_idx;
   if (event_idx_) {
-    const std::uint16_t used_event = std::atomic_ref<std::uint16_t>(*used_event_word(ring_.avail, ring_.size))
-                                         .load(std::memory_order_relaxed);
+    const std::uint16_t used_event =
+        std::atomic_ref<std::uint16_t>(*used_event_word(ring_.avail, ring_.size))
+            .load(std::memory_order_relaxed);
     return virtio::vring_need_event(used_event, new_idx, old_idx);
   }
   if (new_idx == old_idx) return false;
@@ -224,8 +229,8 @@ bool DeviceQueue::enable_notifications() noexcept {
   // no frames, a port that can't take more), and re-polling those would spin the worker.
   const std::uint16_t seen = avail_idx_cache_;
   if (event_idx_) {
-    std::atomic_ref<std::uint16_t>(*avail_event_word(ring_.used, ring_.size)).store(seen,
-                                                             std::memory_order_relaxed);
+    std::atomic_ref<std::uint16_t>(*avail_event_word(ring_.used, ring_.size))
+        .store(seen, std::memory_order_relaxed);
   } else {
     std::atomic_ref<std::uint16_t>(ring_.used->flags).store(0, std::memory_order_relaxed);
   }

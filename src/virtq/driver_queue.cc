@@ -101,7 +101,8 @@ std::expected<std::uint16_t, Errc> DriverQueue::add(std::span<const Buffer> out,
     ++avail_idx_;
     return head;
   }
-  if (n == 0 || desc_ == nullptr) [[unlikely]] return std::unexpected(Errc::invalid_argument);
+  if (n == 0 || desc_ == nullptr) [[unlikely]]
+    return std::unexpected(Errc::invalid_argument);
   const bool indirect = use_indirect_ && n > 1 && n <= max_indirect_;
   const std::size_t needed = indirect ? 1 : n;
   if (needed > free_count_) [[unlikely]] {

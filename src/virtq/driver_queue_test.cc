@@ -32,8 +32,8 @@ TEST(DriverQueue, InitRejectsBadSizeAndShortMemory) {
   EXPECT_FALSE(q.init(std::span<std::byte>(buf, 64), 0x1000, 8, 0).has_value());
   EXPECT_FALSE(q.init(buf, 0x1001, 8, 0).has_value());
   // Indirect negotiated but no room for the tables.
-  EXPECT_FALSE(q.init(buf, 0x1000, 8, kIndirect, std::span<std::byte>(buf, 16), 0x9000, 4)
-                   .has_value());
+  EXPECT_FALSE(
+      q.init(buf, 0x1000, 8, kIndirect, std::span<std::byte>(buf, 16), 0x9000, 4).has_value());
   EXPECT_TRUE(q.init(buf, 0x1000, 8, 0).has_value());
   EXPECT_EQ(q.free_count(), 8);
   EXPECT_EQ(q.desc_gpa(), 0x1000u);

@@ -204,9 +204,8 @@ TEST(VirtqHostile, IndirectWithoutFeature) {
   const auto head = add_chain(rig, 2);
   rig.driver.publish();
   // Same ring, but the device negotiated no INDIRECT_DESC.
-  rig.device.attach(&rig.mem, SplitRing{rig.driver.desc(), rig.driver.avail(), rig.driver.used(),
-                                        kSize},
-                    0, 0);
+  rig.device.attach(
+      &rig.mem, SplitRing{rig.driver.desc(), rig.driver.avail(), rig.driver.used(), kSize}, 0, 0);
   expect_bad_chain(rig, head, ChainError::indirect_not_negotiated);
 }
 
@@ -301,7 +300,7 @@ TEST(VirtqHostile, UsedIdNotInFlightIgnoredByDriver) {
   rig.driver.publish();
   rig.device.push_used(second, 0);  // not a head
   rig.device.push_used(head, 0);
-  rig.device.push_used(head, 0);    // a second completion of the same chain
+  rig.device.push_used(head, 0);  // a second completion of the same chain
   rig.device.publish_used();
   std::array<DriverQueue::Used, 4> used{};
   EXPECT_EQ(rig.driver.get_used_burst(used), 1u);

@@ -77,8 +77,9 @@ class Traffic {
       for (std::size_t i = 0; i < n; ++i) {
         // Mostly short, some empty, a few long.
         const std::size_t kind = pick(0, 9);
-        const auto len =
-            static_cast<std::uint32_t>(kind == 0 ? 0 : kind == 9 ? pick(1, 3000) : pick(1, 200));
+        const auto len = static_cast<std::uint32_t>(kind == 0   ? 0
+                                                    : kind == 9 ? pick(1, 3000)
+                                                                : pick(1, 200));
         v.push_back({gpa, len});
         gpa += len + pick(0, 64);
       }

@@ -51,16 +51,16 @@ class Rig {
       indirect = std::span<std::byte>(reinterpret_cast<std::byte*>(host(kIndirectGpa)),
                                       std::size_t{size_} * kMaxIndirect * 16);
     }
-    auto r = driver.init(std::span<std::byte>(reinterpret_cast<std::byte*>(host(kRingGpa)),
-                                              layout.total_bytes),
-                         kRingGpa, size_, features, indirect, kIndirectGpa, kMaxIndirect);
+    auto r = driver.init(
+        std::span<std::byte>(reinterpret_cast<std::byte*>(host(kRingGpa)), layout.total_bytes),
+        kRingGpa, size_, features, indirect, kIndirectGpa, kMaxIndirect);
     ASSERT_TRUE(r.has_value()) << r.error().message();
     attach_device(last_avail_idx);
   }
 
   void attach_device(std::uint16_t last_avail_idx = 0) {
-    device.attach(&mem, SplitRing{driver.desc(), driver.avail(), driver.used(), size_},
-                  features_, last_avail_idx);
+    device.attach(&mem, SplitRing{driver.desc(), driver.avail(), driver.used(), size_}, features_,
+                  last_avail_idx);
   }
 
   // Host pointer of a gpa in the block (test-side only; the code under test translates).
@@ -78,9 +78,7 @@ class Rig {
     return h.value_or(0);
   }
 
-  std::uint64_t errors(ChainError e) const {
-    return device.errors()[static_cast<std::size_t>(e)];
-  }
+  std::uint64_t errors(ChainError e) const { return device.errors()[static_cast<std::size_t>(e)]; }
 
   memory::GuestMemory mem;
   DriverQueue driver;

@@ -33,8 +33,8 @@
 #include <thread>
 #include <vector>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include "cases.h"
 #include "raw_peer.h"
@@ -193,7 +193,8 @@ Result<Sample> probe(Child& c) {
     auto ch = vhost_user::connect_unix(c.sock);
     if (ch) {
       (void)ch->set_timeout(5000ms);
-      const vhost_user::Header h{static_cast<std::uint32_t>(Request::get_features), vhost_user::kVersion, 0};
+      const vhost_user::Header h{static_cast<std::uint32_t>(Request::get_features),
+                                 vhost_user::kVersion, 0};
       if (auto s = ch->send(h, {}); !s) return std::unexpected(s.error());
       auto rep = ch->recv();
       if (!rep) return std::unexpected(rep.error());
@@ -249,7 +250,8 @@ Result<> good_net(const std::string& sock) {
     if (got < kFrames) (*s)->wait_call(vhost_user::FrontendSession::rx_index(0), 20ms);
   }
   (*s)->close();
-  if (got != kFrames) return fail(Errc::broken, fmt::format("{} of {} frames came back", got, kFrames));
+  if (got != kFrames)
+    return fail(Errc::broken, fmt::format("{} of {} frames came back", got, kFrames));
   if (mismatch) return fail(Errc::invalid_argument, "a frame came back changed");
   return {};
 }
@@ -270,15 +272,20 @@ Result<> good_blk(const std::string& sock) {
   if (!peer.queue(0).add(std::span(&out, 1), in, 1)) return fail(Errc::would_block, "ring full");
   peer.queue(0).publish();
   peer.kick(0);
-  if (peer.wait_ring(0, 1, 20s) != RawPeer::RingEvent::used) return fail(Errc::broken, "read not answered");
-  if (peer.mem()[kStatus] != virtio::kBlkSOk) return fail(Errc::broken, fmt::format("read status {}", peer.mem()[kStatus]));
+  if (peer.wait_ring(0, 1, 20s) != RawPeer::RingEvent::used)
+    return fail(Errc::broken, "read not answered");
+  if (peer.mem()[kStatus] != virtio::kBlkSOk)
+    return fail(Errc::broken, fmt::format("read status {}", peer.mem()[kStatus]));
   for (std::size_t i = 0; i < 4096; ++i) {
-    if (peer.mem()[kBuf + i] != image_byte(8 * 512 + i)) return fail(Errc::invalid_argument, "read data differs from the image");
+    if (peer.mem()[kBuf + i] != image_byte(8 * 512 + i))
+      return fail(Errc::invalid_argument, "read data differs from the image");
   }
   return {};
 }
 
-Result<> good(const Child& c) { return c.target == Target::net ? good_net(c.sock) : good_blk(c.sock); }
+Result<> good(const Child& c) {
+  return c.target == Target::net ? good_net(c.sock) : good_blk(c.sock);
+}
 
 // ---- the run ----------------------------------------------------------------------------
 
@@ -309,9 +316,11 @@ struct Options {
 std::string bounds_broken(const Sample& d, const Options& opt) {
   std::string why;
   if (d.fds != 0) why += fmt::format(" fds {:+}", d.fds);
-  if (d.rss_kib > opt.rss_bound_kib) why += fmt::format(" RSS {:+} KiB > {}", d.rss_kib, opt.rss_bound_kib);
+  if (d.rss_kib > opt.rss_bound_kib)
+    why += fmt::format(" RSS {:+} KiB > {}", d.rss_kib, opt.rss_bound_kib);
   if (d.maps > opt.maps_bound) why += fmt::format(" maps {:+} > {}", d.maps, opt.maps_bound);
-  if (d.threads > opt.threads_bound) why += fmt::format(" threads {:+} > {}", d.threads, opt.threads_bound);
+  if (d.threads > opt.threads_bound)
+    why += fmt::format(" threads {:+} > {}", d.threads, opt.threads_bound);
   return why;
 }
 
@@ -339,8 +348,8 @@ bool run_case(Child& c, const Case& k, const Options& opt, Sample& before, std::
   if (r.survived) {
     auto after = probe(c);
     if (after) {
-      r.delta = {after->fds - before.fds, after->rss_kib - before.rss_kib, after->maps - before.maps,
-                 after->threads - before.threads};
+      r.delta = {after->fds - before.fds, after->rss_kib - before.rss_kib,
+                 after->maps - before.maps, after->threads - before.threads};
       before = *after;
     } else {
       r.served = false;
@@ -351,7 +360,8 @@ bool run_case(Child& c, const Case& k, const Options& opt, Sample& before, std::
   if (!grew.empty()) r.outcome += " | grew:" + grew;
   r.ok = r.ok && r.survived && r.served && grew.empty();
   if (!r.ok || opt.verbose) {
-    std::printf("%s %-4s %-52s %s\n", r.ok ? "ok  " : "FAIL", r.target.c_str(), r.name.c_str(), r.outcome.c_str());
+    std::printf("%s %-4s %-52s %s\n", r.ok ? "ok  " : "FAIL", r.target.c_str(), r.name.c_str(),
+                r.outcome.c_str());
     if (!r.survived) std::printf("%s", log_tail(c.log, 20).c_str());
     std::fflush(stdout);
   }
@@ -381,7 +391,8 @@ CycleResult cycles(Child& c, unsigned n) {
       res.error = fmt::format("cycle {}: {}", res.done, g.error().message());
       break;
     }
-    res.slowest_ms = std::max(res.slowest_ms, std::chrono::duration<double, std::milli>(Clock::now() - c0).count());
+    res.slowest_ms = std::max(res.slowest_ms,
+                              std::chrono::duration<double, std::milli>(Clock::now() - c0).count());
   }
   res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   auto after = probe(c);
@@ -389,8 +400,8 @@ CycleResult cycles(Child& c, unsigned n) {
     res.error += " probe: " + after.error().message();
     return res;
   }
-  res.delta = {after->fds - before->fds, after->rss_kib - before->rss_kib, after->maps - before->maps,
-               after->threads - before->threads};
+  res.delta = {after->fds - before->fds, after->rss_kib - before->rss_kib,
+               after->maps - before->maps, after->threads - before->threads};
   return res;
 }
 
@@ -417,22 +428,22 @@ int run(const Options& opt) {
   }
   // The image goes to /dev/shm when there is one: O_DIRECT writes to a disk-backed /tmp can
   // stall for most of a second on a loaded host, which would only slow the run down.
-  const std::string image =
-      std::filesystem::is_directory("/dev/shm")
-          ? fmt::format("/dev/shm/vk-hostile-{}.img", ::getpid())
-          : dir + "/disk.img";
+  const std::string image = std::filesystem::is_directory("/dev/shm")
+                                ? fmt::format("/dev/shm/vk-hostile-{}.img", ::getpid())
+                                : dir + "/disk.img";
   if (!opt.blk_bin.empty()) {
     if (!write_image(image)) {
       std::fprintf(stderr, "hostile_peer: cannot write %s\n", image.c_str());
       return 1;
     }
-    auto c = spawn(Target::blk, opt.blk_bin,
-                   {"--socket-path=" + dir + "/blk.sock", "--image=" + image},
-                   dir + "/blk.sock", dir + "/blk.log");
+    auto c =
+        spawn(Target::blk, opt.blk_bin, {"--socket-path=" + dir + "/blk.sock", "--image=" + image},
+              dir + "/blk.sock", dir + "/blk.log");
     if (c) children.push_back(*c);
   }
 
-  if (!kCountAnonMaps) std::printf("AddressSanitizer build: mapping deltas count file-backed mappings only\n");
+  if (!kCountAnonMaps)
+    std::printf("AddressSanitizer build: mapping deltas count file-backed mappings only\n");
   std::vector<Case> all = message_cases();
   for (auto& k : ring_cases()) all.push_back(std::move(k));
 
@@ -451,8 +462,8 @@ int run(const Options& opt) {
     // Warm-up: a few good sessions, so allocator and first-use growth is not counted.
     for (int i = 0; i < 5; ++i) {
       if (auto g = good(c); !g) {
-        std::printf("FAIL %s: warm-up session: %s\n%s", to_string(c.target), g.error().message().c_str(),
-                    log_tail(c.log, 20).c_str());
+        std::printf("FAIL %s: warm-up session: %s\n%s", to_string(c.target),
+                    g.error().message().c_str(), log_tail(c.log, 20).c_str());
         ok = false;
         break;
       }
@@ -469,7 +480,8 @@ int run(const Options& opt) {
       if (!opt.filter.empty() && k.name.find(opt.filter) == std::string::npos) continue;
       if (!run_case(c, k, opt, *before, rows)) break;  // the child died: nothing more to learn
     }
-    if (auto end_probe = c.alive() ? probe(c) : Result<Sample>(fail(Errc::disconnected, "dead")); end_probe) {
+    if (auto end_probe = c.alive() ? probe(c) : Result<Sample>(fail(Errc::disconnected, "dead"));
+        end_probe) {
       const Sample end = *end_probe;
       std::printf("%s: over all cases: fds %+ld, RSS %+ld KiB, maps %+ld, threads %+ld\n",
                   to_string(c.target), end.fds - start.fds, end.rss_kib - start.rss_kib,
@@ -481,18 +493,19 @@ int run(const Options& opt) {
       const bool cyc_ok = cr.error.empty() && cr.done == opt.cycles && grew.empty();
       ok = ok && cyc_ok;
       cycle_lines.push_back(fmt::format(
-          "{} {}: {} connect/negotiate/traffic/disconnect cycles of {} in {:.1f} s (slowest {:.0f} ms): "
+          "{} {}: {} connect/negotiate/traffic/disconnect cycles of {} in {:.1f} s (slowest {:.0f} "
+          "ms): "
           "fd delta {:+}, RSS delta {:+} KiB, maps {:+}, threads {:+}{}{}",
-          cyc_ok ? "ok  " : "FAIL", to_string(c.target), cr.done, opt.cycles, cr.seconds, cr.slowest_ms, cr.delta.fds,
-          cr.delta.rss_kib, cr.delta.maps, cr.delta.threads, cr.error.empty() ? "" : " -- " + cr.error,
-          grew.empty() ? "" : " -- grew:" + grew));
+          cyc_ok ? "ok  " : "FAIL", to_string(c.target), cr.done, opt.cycles, cr.seconds,
+          cr.slowest_ms, cr.delta.fds, cr.delta.rss_kib, cr.delta.maps, cr.delta.threads,
+          cr.error.empty() ? "" : " -- " + cr.error, grew.empty() ? "" : " -- grew:" + grew));
     }
   }
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
 
   // The table.
-  std::printf("\n%-4s %-10s %-54s %-8s %-6s %5s %8s %5s %7s  %s\n", "dev", "class", "case", "survived",
-              "served", "fd", "RSS KiB", "maps", "threads", "outcome");
+  std::printf("\n%-4s %-10s %-54s %-8s %-6s %5s %8s %5s %7s  %s\n", "dev", "class", "case",
+              "survived", "served", "fd", "RSS KiB", "maps", "threads", "outcome");
   std::size_t survived = 0, passed = 0;
   long max_fd = 0, max_rss = 0, max_maps = 0, max_threads = 0;
   for (const Row& r : rows) {
@@ -530,10 +543,12 @@ int run(const Options& opt) {
     }
   }
   ok = ok && passed == rows.size() && !rows.empty();
-  std::printf("\n%zu cases, %zu survived, %zu passed every check; max |fd delta| %ld, max RSS delta %ld KiB "
-              "(bound %ld), max maps delta %+ld (bound %ld), max threads delta %+ld (bound %ld); %.1f s\n",
-              rows.size(), survived, passed, max_fd, max_rss, opt.rss_bound_kib, max_maps,
-              opt.maps_bound, max_threads, opt.threads_bound, secs);
+  std::printf(
+      "\n%zu cases, %zu survived, %zu passed every check; max |fd delta| %ld, max RSS delta %ld "
+      "KiB "
+      "(bound %ld), max maps delta %+ld (bound %ld), max threads delta %+ld (bound %ld); %.1f s\n",
+      rows.size(), survived, passed, max_fd, max_rss, opt.rss_bound_kib, max_maps, opt.maps_bound,
+      max_threads, opt.threads_bound, secs);
   std::filesystem::remove(image);
   if (ok) {
     std::filesystem::remove_all(dir);
@@ -548,8 +563,9 @@ int run(const Options& opt) {
 
 int main(int argc, char** argv) {
   vhostkit::hostile::Options opt;
-  CLI::App app("hostile_peer: every class of hostile vhost-user input against the real back-end "
-               "programs, with fd, RSS, mapping and thread accounting");
+  CLI::App app(
+      "hostile_peer: every class of hostile vhost-user input against the real back-end "
+      "programs, with fd, RSS, mapping and thread accounting");
   app.add_option("--net", opt.net_bin, "path of vhostkit-net (run with --loopback)");
   app.add_option("--blk", opt.blk_bin, "path of vhostkit-blk (run on a temporary image)");
   app.add_option("--cycles", opt.cycles, "connect/traffic/disconnect cycles after the cases")

@@ -35,7 +35,8 @@ Result<std::unique_ptr<RawPeer>> RawPeer::connect(const std::string& path) {
   p->ch_ = std::move(*ch);
   // Long enough for a back-end still tearing down the previous connection (a stalled case costs
   // it one 1 s channel timeout) to get to us.
-  if (auto r = p->ch_.set_timeout(std::chrono::milliseconds(3000)); !r) return std::unexpected(r.error());
+  if (auto r = p->ch_.set_timeout(std::chrono::milliseconds(3000)); !r)
+    return std::unexpected(r.error());
   p->memfd_ = UniqueFd(::memfd_create("vk-hostile-guest", MFD_CLOEXEC));
   if (!p->memfd_ || ::ftruncate(p->memfd_.get(), kMemSize) != 0) return fail_errno("memfd");
   void* m = ::mmap(nullptr, kMemSize, PROT_READ | PROT_WRITE, MAP_SHARED, p->memfd_.get(), 0);
@@ -56,7 +57,8 @@ memory::RegionSpec RawPeer::region() const noexcept {
 }
 
 bool RawPeer::send_bytes(std::span<const std::uint8_t> bytes) {
-  return ::send(sock(), bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size());
+  return ::send(sock(), bytes.data(), bytes.size(), MSG_NOSIGNAL) ==
+         static_cast<ssize_t>(bytes.size());
 }
 
 bool RawPeer::send_raw(const Header& h, std::span<const std::uint8_t> payload,
@@ -191,7 +193,8 @@ void RawPeer::kick(std::uint32_t i) {
 
 std::uint16_t RawPeer::used_idx(std::uint32_t i) {
   // Acquire: the used elements the device wrote before idx are visible after it.
-  return std::atomic_ref<std::uint16_t>(rings_.at(i).dq->used()->idx).load(std::memory_order_acquire);
+  return std::atomic_ref<std::uint16_t>(rings_.at(i).dq->used()->idx)
+      .load(std::memory_order_acquire);
 }
 
 virtio::VirtqUsedElem RawPeer::used_elem(std::uint32_t i, std::uint16_t slot) {

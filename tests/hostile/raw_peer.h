@@ -84,7 +84,8 @@ class RawPeer {
     }
     const Answer a = ask(m);
     if (a != Answer::ack) {
-      return fail(Errc::broken, std::string(vhost_user::to_string(T::kRequest)) + ": " + to_string(a));
+      return fail(Errc::broken,
+                  std::string(vhost_user::to_string(T::kRequest)) + ": " + to_string(a));
     }
     return {};
   }

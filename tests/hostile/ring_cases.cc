@@ -24,7 +24,7 @@ using Outcome = Result<std::string>;
 
 constexpr std::uint64_t kG = RawPeer::kGpaBase;
 constexpr std::uint64_t kM = RawPeer::kMemSize;
-constexpr std::size_t kData = RawPeer::kDataOffset;         // buffers
+constexpr std::size_t kData = RawPeer::kDataOffset;           // buffers
 constexpr std::size_t kTable = RawPeer::kDataOffset + 65536;  // an indirect table
 constexpr std::size_t kNetHdr = 12;                           // VERSION_1 virtio-net header
 
@@ -73,13 +73,16 @@ Outcome ring_case(RawPeer& p, Target t, Expect e,
     case RawPeer::RingEvent::nothing:
       return fail(Errc::broken, "no used entry and no error signal within 20 s");
     case RawPeer::RingEvent::error:
-      if (e != Expect::broken) return fail(Errc::invalid_argument, "ring marked broken for a bad chain");
+      if (e != Expect::broken)
+        return fail(Errc::invalid_argument, "ring marked broken for a bad chain");
       return std::string("ring broken (err fd)");
     case RawPeer::RingEvent::used: break;
   }
-  if (e == Expect::broken) return fail(Errc::invalid_argument, "served a ring that should have broken");
+  if (e == Expect::broken)
+    return fail(Errc::invalid_argument, "served a ring that should have broken");
   const auto u = p.used_elem(ring, before);
-  if (u.id != post.head) return fail(Errc::invalid_argument, fmt::format("used id {} for head {}", u.id, post.head));
+  if (u.id != post.head)
+    return fail(Errc::invalid_argument, fmt::format("used id {} for head {}", u.id, post.head));
   if (e == Expect::bad_chain && u.len != 0) {
     return fail(Errc::invalid_argument, fmt::format("bad chain answered with used len {}", u.len));
   }
@@ -102,12 +105,13 @@ void chain(VirtqDesc* desc, std::initializer_list<VirtqDesc> d) {
 void chain_cases(std::vector<Case>& c) {
   auto add = [&c](std::string name, Expect e, std::function<Post(RawPeer&, Target, VirtqDesc*)> f) {
     c.push_back({"bad ring", std::move(name), true, true, [e, f](RawPeer& p, Target t) {
-      return ring_case(p, t, e, [&](VirtqDesc* d) { return f(p, t, d); });
-    }});
+                   return ring_case(p, t, e, [&](VirtqDesc* d) { return f(p, t, d); });
+                 }});
   };
   add("descriptor loop 0 -> 1 -> 0", Expect::bad_chain, [](RawPeer& p, Target t, VirtqDesc* d) {
     const std::uint32_t n = request_head(p, t);
-    chain(d, {{p.gpa(kData), n, kDescFNext, 1}, {p.gpa(kData + 4096), 512, kDescFNext | kDescFWrite, 0}});
+    chain(d, {{p.gpa(kData), n, kDescFNext, 1},
+              {p.gpa(kData + 4096), 512, kDescFNext | kDescFWrite, 0}});
     return Post{};
   });
   add("descriptor points at itself", Expect::bad_chain, [](RawPeer& p, Target t, VirtqDesc* d) {
@@ -139,10 +143,11 @@ void chain_cases(std::vector<Case>& c) {
     chain(d, {{0x10, 64, 0, 0}});
     return Post{};
   });
-  add("buffer running past the end of memory", Expect::bad_chain, [](RawPeer&, Target, VirtqDesc* d) {
-    chain(d, {{kG + kM - 8, 64, 0, 0}});
-    return Post{};
-  });
+  add("buffer running past the end of memory", Expect::bad_chain,
+      [](RawPeer&, Target, VirtqDesc* d) {
+        chain(d, {{kG + kM - 8, 64, 0, 0}});
+        return Post{};
+      });
   add("buffer address wraps", Expect::bad_chain, [](RawPeer&, Target, VirtqDesc* d) {
     chain(d, {{~std::uint64_t{0} - 4095, 8192, 0, 0}});
     return Post{};
@@ -180,12 +185,14 @@ void chain_cases(std::vector<Case>& c) {
     chain(d, {{p.gpa(kTable), 32, kDescFIndirect, 0}});
     return Post{};
   });
-  add("INDIRECT and NEXT on one descriptor", Expect::bad_chain, [](RawPeer& p, Target t, VirtqDesc* d) {
-    auto* tab = reinterpret_cast<VirtqDesc*>(p.mem() + kTable);
-    tab[0] = {p.gpa(kData), request_head(p, t), 0, 0};
-    chain(d, {{p.gpa(kTable), 16, kDescFIndirect | kDescFNext, 1}, {p.gpa(kData + 4096), 1, kDescFWrite, 0}});
-    return Post{};
-  });
+  add("INDIRECT and NEXT on one descriptor", Expect::bad_chain,
+      [](RawPeer& p, Target t, VirtqDesc* d) {
+        auto* tab = reinterpret_cast<VirtqDesc*>(p.mem() + kTable);
+        tab[0] = {p.gpa(kData), request_head(p, t), 0, 0};
+        chain(d, {{p.gpa(kTable), 16, kDescFIndirect | kDescFNext, 1},
+                  {p.gpa(kData + 4096), 1, kDescFWrite, 0}});
+        return Post{};
+      });
   add("loop inside an indirect table", Expect::bad_chain, [](RawPeer& p, Target t, VirtqDesc* d) {
     auto* tab = reinterpret_cast<VirtqDesc*>(p.mem() + kTable);
     tab[0] = {p.gpa(kData), request_head(p, t), kDescFNext, 1};
@@ -193,29 +200,32 @@ void chain_cases(std::vector<Case>& c) {
     chain(d, {{p.gpa(kTable), 32, kDescFIndirect, 0}});
     return Post{};
   });
-  add("next out of range inside an indirect table", Expect::bad_chain, [](RawPeer& p, Target t, VirtqDesc* d) {
-    auto* tab = reinterpret_cast<VirtqDesc*>(p.mem() + kTable);
-    tab[0] = {p.gpa(kData), request_head(p, t), kDescFNext, 2};  // the table has 2 entries
-    tab[1] = {p.gpa(kData + 4096), 512, kDescFWrite, 0};
-    chain(d, {{p.gpa(kTable), 32, kDescFIndirect, 0}});
-    return Post{};
-  });
-  add("indirect table 1 MiB long (65536 entries)", Expect::bad_chain, [](RawPeer& p, Target, VirtqDesc* d) {
-    chain(d, {{p.gpa(kData), 1u << 20, kDescFIndirect, 0}});
-    return Post{};
-  });
+  add("next out of range inside an indirect table", Expect::bad_chain,
+      [](RawPeer& p, Target t, VirtqDesc* d) {
+        auto* tab = reinterpret_cast<VirtqDesc*>(p.mem() + kTable);
+        tab[0] = {p.gpa(kData), request_head(p, t), kDescFNext, 2};  // the table has 2 entries
+        tab[1] = {p.gpa(kData + 4096), 512, kDescFWrite, 0};
+        chain(d, {{p.gpa(kTable), 32, kDescFIndirect, 0}});
+        return Post{};
+      });
+  add("indirect table 1 MiB long (65536 entries)", Expect::bad_chain,
+      [](RawPeer& p, Target, VirtqDesc* d) {
+        chain(d, {{p.gpa(kData), 1u << 20, kDescFIndirect, 0}});
+        return Post{};
+      });
 }
 
 void net_cases(std::vector<Case>& c) {
   auto add = [&c](std::string name, Expect e, std::function<Post(RawPeer&, VirtqDesc*)> f) {
     c.push_back({"bad frame", std::move(name), true, false, [e, f](RawPeer& p, Target t) {
-      return ring_case(p, t, e, [&](VirtqDesc* d) { return f(p, d); });
-    }});
+                   return ring_case(p, t, e, [&](VirtqDesc* d) { return f(p, d); });
+                 }});
   };
-  add("tx: device-writable buffer on the transmitq", Expect::bad_chain, [](RawPeer& p, VirtqDesc* d) {
-    chain(d, {{p.gpa(kData), request_head(p, Target::net), kDescFWrite, 0}});
-    return Post{};
-  });
+  add("tx: device-writable buffer on the transmitq", Expect::bad_chain,
+      [](RawPeer& p, VirtqDesc* d) {
+        chain(d, {{p.gpa(kData), request_head(p, Target::net), kDescFWrite, 0}});
+        return Post{};
+      });
   add("tx: frame shorter than header + Ethernet", Expect::bad_chain, [](RawPeer& p, VirtqDesc* d) {
     chain(d, {{p.gpa(kData), 8, 0, 0}});
     return Post{};
@@ -225,36 +235,41 @@ void net_cases(std::vector<Case>& c) {
     chain(d, {{p.gpa(kData), 40000, kDescFNext, 1}, {p.gpa(kData + 40000), 40000, 0, 0}});
     return Post{};
   });
-  c.push_back({"bad frame", "rx: buffers shorter than the header", true, false, [](RawPeer& p, Target t) -> Outcome {
-    if (auto u = p.bring_up(rings_of(t)); !u) return std::unexpected(u.error());
-    // Eight 4-byte rx buffers (descriptors 0..7 of the receiveq), then one good frame on tx.
-    for (std::uint16_t i = 0; i < 8; ++i) {
-      p.desc(0)[i] = {p.gpa(kData + 8192 + i * 64u), 4, kDescFWrite, 0};
-      p.post_head(0, i);
-    }
-    p.kick(0);
-    p.desc(1)[0] = {p.gpa(kData), request_head(p, t), 0, 0};
-    p.post_head(1, 0);
-    p.kick(1);
-    if (p.wait_ring(1, 1, 20s) != RawPeer::RingEvent::used) return fail(Errc::broken, "tx not answered");
-    // The loopback refuses the eight short buffers while delivering that frame; wait for their
-    // used entries (bounded: fewer shows in the outcome).
-    (void)p.wait_ring(0, 8, 20s);
-    const std::uint16_t n = p.used_idx(0);
-    for (std::uint16_t i = 0; i < n; ++i) {
-      if (p.used_elem(0, i).len > 4) {
-        return fail(Errc::invalid_argument, fmt::format("rx used len {} in a 4-byte buffer", p.used_elem(0, i).len));
-      }
-    }
-    return fmt::format("tx done, {} rx refused with len 0", n);
-  }});
+  c.push_back({"bad frame", "rx: buffers shorter than the header", true, false,
+               [](RawPeer& p, Target t) -> Outcome {
+                 if (auto u = p.bring_up(rings_of(t)); !u) return std::unexpected(u.error());
+                 // Eight 4-byte rx buffers (descriptors 0..7 of the receiveq), then one good frame
+                 // on tx.
+                 for (std::uint16_t i = 0; i < 8; ++i) {
+                   p.desc(0)[i] = {p.gpa(kData + 8192 + i * 64u), 4, kDescFWrite, 0};
+                   p.post_head(0, i);
+                 }
+                 p.kick(0);
+                 p.desc(1)[0] = {p.gpa(kData), request_head(p, t), 0, 0};
+                 p.post_head(1, 0);
+                 p.kick(1);
+                 if (p.wait_ring(1, 1, 20s) != RawPeer::RingEvent::used)
+                   return fail(Errc::broken, "tx not answered");
+                 // The loopback refuses the eight short buffers while delivering that frame; wait
+                 // for their used entries (bounded: fewer shows in the outcome).
+                 (void)p.wait_ring(0, 8, 20s);
+                 const std::uint16_t n = p.used_idx(0);
+                 for (std::uint16_t i = 0; i < n; ++i) {
+                   if (p.used_elem(0, i).len > 4) {
+                     return fail(
+                         Errc::invalid_argument,
+                         fmt::format("rx used len {} in a 4-byte buffer", p.used_elem(0, i).len));
+                   }
+                 }
+                 return fmt::format("tx done, {} rx refused with len 0", n);
+               }});
 }
 
 void blk_cases(std::vector<Case>& c) {
   auto add = [&c](std::string name, Expect e, std::function<Post(RawPeer&, VirtqDesc*)> f) {
     c.push_back({"bad request", std::move(name), false, true, [e, f](RawPeer& p, Target t) {
-      return ring_case(p, t, e, [&](VirtqDesc* d) { return f(p, d); });
-    }});
+                   return ring_case(p, t, e, [&](VirtqDesc* d) { return f(p, d); });
+                 }});
   };
   // The status byte lives at kData + 8192; the device must not report success.
   auto io = [](RawPeer& p, VirtqDesc* d, std::uint64_t sector, std::uint32_t len) {
@@ -265,9 +280,12 @@ void blk_cases(std::vector<Case>& c) {
               {p.gpa(kData + 8192), 1, kDescFWrite, 0}});
     return Post{};
   };
-  add("read past the capacity", Expect::answered, [io](RawPeer& p, VirtqDesc* d) { return io(p, d, 1u << 30, 512); });
-  add("sector number overflows (~0)", Expect::answered, [io](RawPeer& p, VirtqDesc* d) { return io(p, d, ~std::uint64_t{0}, 512); });
-  add("data length not a sector multiple", Expect::answered, [io](RawPeer& p, VirtqDesc* d) { return io(p, d, 0, 100); });
+  add("read past the capacity", Expect::answered,
+      [io](RawPeer& p, VirtqDesc* d) { return io(p, d, 1u << 30, 512); });
+  add("sector number overflows (~0)", Expect::answered,
+      [io](RawPeer& p, VirtqDesc* d) { return io(p, d, ~std::uint64_t{0}, 512); });
+  add("data length not a sector multiple", Expect::answered,
+      [io](RawPeer& p, VirtqDesc* d) { return io(p, d, 0, 100); });
   add("header shorter than 16 bytes", Expect::answered, [](RawPeer& p, VirtqDesc* d) {
     request_head(p, Target::blk);
     p.mem()[kData + 8192] = virtio::kBlkSOk;  // must be overwritten with an error (or len 0)
@@ -281,27 +299,29 @@ void blk_cases(std::vector<Case>& c) {
 }
 
 void lifecycle_cases(std::vector<Case>& c) {
-  c.push_back({"lifecycle", "hang up with 60 requests in flight", true, true, [](RawPeer& p, Target t) -> Outcome {
-    if (auto u = p.bring_up(rings_of(t)); !u) return std::unexpected(u.error());
-    const std::uint32_t ring = attacked_ring(t);
-    const std::uint32_t n = request_head(p, t);
-    for (std::uint16_t i = 0; i < 60; ++i) {
-      if (t == Target::net) {
-        p.desc(ring)[i] = {p.gpa(kData), n, 0, 0};
-        p.post_head(ring, i);
-        continue;
-      }
-      // blk: 20 three-descriptor reads of 4 KiB each.
-      if (i % 3 != 0) continue;
-      p.desc(ring)[i] = {p.gpa(kData), n, kDescFNext, static_cast<std::uint16_t>(i + 1)};
-      p.desc(ring)[i + 1] = {p.gpa(kData + 16384 + i * 4096u), 4096, kDescFNext | kDescFWrite,
-                             static_cast<std::uint16_t>(i + 2)};
-      p.desc(ring)[i + 2] = {p.gpa(kData + 8192 + i), 1, kDescFWrite, 0};
-      p.post_head(ring, i);
-    }
-    p.kick(ring);
-    return std::string("hung up");  // the harness closes the connection right away
-  }});
+  c.push_back(
+      {"lifecycle", "hang up with 60 requests in flight", true, true,
+       [](RawPeer& p, Target t) -> Outcome {
+         if (auto u = p.bring_up(rings_of(t)); !u) return std::unexpected(u.error());
+         const std::uint32_t ring = attacked_ring(t);
+         const std::uint32_t n = request_head(p, t);
+         for (std::uint16_t i = 0; i < 60; ++i) {
+           if (t == Target::net) {
+             p.desc(ring)[i] = {p.gpa(kData), n, 0, 0};
+             p.post_head(ring, i);
+             continue;
+           }
+           // blk: 20 three-descriptor reads of 4 KiB each.
+           if (i % 3 != 0) continue;
+           p.desc(ring)[i] = {p.gpa(kData), n, kDescFNext, static_cast<std::uint16_t>(i + 1)};
+           p.desc(ring)[i + 1] = {p.gpa(kData + 16384 + i * 4096u), 4096, kDescFNext | kDescFWrite,
+                                  static_cast<std::uint16_t>(i + 2)};
+           p.desc(ring)[i + 2] = {p.gpa(kData + 8192 + i), 1, kDescFWrite, 0};
+           p.post_head(ring, i);
+         }
+         p.kick(ring);
+         return std::string("hung up");  // the harness closes the connection right away
+       }});
 }
 
 }  // namespace

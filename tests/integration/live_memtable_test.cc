@@ -13,12 +13,14 @@ namespace {
 
 using vhost_user::MemRegion;
 
-constexpr std::uint64_t kMemSlots = std::uint64_t{1} << vhost_user::protocol_feature::configure_mem_slots;
+constexpr std::uint64_t kMemSlots = std::uint64_t{1}
+                                    << vhost_user::protocol_feature::configure_mem_slots;
 
 // A region the front-end plugs in: its own memfd, mapped here so its user address is real, at a
 // guest address far past the session's memory. No ring or buffer lives in it.
 struct ExtraRegion {
-  ExtraRegion(std::uint64_t gpa, std::size_t size) : fd(::memfd_create("vk-live-extra", MFD_CLOEXEC)) {
+  ExtraRegion(std::uint64_t gpa, std::size_t size)
+      : fd(::memfd_create("vk-live-extra", MFD_CLOEXEC)) {
     if (!fd || ::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) return;
     map = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
     if (map == MAP_FAILED) {
@@ -51,10 +53,11 @@ TEST(LiveMemTable, ReplacedExtendedAddedAndRemovedWhileFramesFlow) {
   // The session's one region, as its SET_MEM_TABLE described it.
   UniqueFd memfd = memfd_of(fe.memory());
   ASSERT_TRUE(memfd.valid()) << "no fd for the front-end's memory";
-  const memory::RegionSpec own{.guest_phys_addr = 0,
-                               .size = fe.memory().size(),
-                               .userspace_addr = reinterpret_cast<std::uint64_t>(fe.memory().data()),
-                               .mmap_offset = 0};
+  const memory::RegionSpec own{
+      .guest_phys_addr = 0,
+      .size = fe.memory().size(),
+      .userspace_addr = reinterpret_cast<std::uint64_t>(fe.memory().data()),
+      .mmap_offset = 0};
   auto own_region = [&] { return MemRegion{own, UniqueFd(::dup(memfd.get()))}; };
   ExtraRegion extra(std::uint64_t{1} << 32, 2u << 20);
   ASSERT_NE(extra.map, nullptr);

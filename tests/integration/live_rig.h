@@ -9,22 +9,22 @@
 // seen by the driver that receives it.
 #pragma once
 
-#include <gtest/gtest.h>
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <dirent.h>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <dirent.h>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -48,7 +48,8 @@ using vhost_user::FrontendSession;
 inline constexpr auto kDeadline = 30s;
 
 // Polls `pred` until it holds or `timeout` passes; true if it held.
-inline bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds timeout = kDeadline) {
+inline bool eventually(const std::function<bool()>& pred,
+                       std::chrono::milliseconds timeout = kDeadline) {
   const auto end = std::chrono::steady_clock::now() + timeout;
   while (!pred()) {
     if (std::chrono::steady_clock::now() >= end) return pred();
@@ -88,10 +89,10 @@ inline std::uint32_t frame_sum(std::span<const std::uint8_t> f) {
 inline std::size_t write_frame(std::uint16_t qp, std::uint32_t seq, std::span<std::uint8_t> out) {
   const std::size_t len = frame_len(seq);
   if (len > out.size()) return 0;
-  std::memcpy(out.data(), kLoopMac.data(), 6);           // dst
+  std::memcpy(out.data(), kLoopMac.data(), 6);  // dst
   const auto src = pair_mac(qp);
-  std::memcpy(out.data() + 6, src.data(), 6);             // src
-  out[12] = 0x88;                                          // local experimental ethertype
+  std::memcpy(out.data() + 6, src.data(), 6);  // src
+  out[12] = 0x88;                              // local experimental ethertype
   out[13] = 0xb5;
   std::memcpy(out.data() + 14, &qp, 2);
   std::memcpy(out.data() + 16, &seq, 4);
@@ -151,8 +152,8 @@ class PairDriver {
 
   // Summary for failure messages.
   std::string describe() const {
-    return fmt::format("pair {}: sent {} received {} device drops {} errors {} ({})", qp_,
-                       sent(), received(), drops(), errors(), first_error());
+    return fmt::format("pair {}: sent {} received {} device drops {} errors {} ({})", qp_, sent(),
+                       received(), drops(), errors(), first_error());
   }
 
  private:
@@ -178,7 +179,8 @@ class PairDriver {
     std::memcpy(&sum, f.data() + 20, 4);
     const auto me = pair_mac(qp_);
     // The loopback swapped the addresses.
-    if (std::memcmp(f.data(), me.data(), 6) != 0 || std::memcmp(f.data() + 6, kLoopMac.data(), 6) != 0) {
+    if (std::memcmp(f.data(), me.data(), 6) != 0 ||
+        std::memcmp(f.data() + 6, kLoopMac.data(), 6) != 0) {
       return error(fmt::format("frame {}: addresses not those sent, swapped", n));
     }
     if (qp != qp_) return error(fmt::format("frame {}: came from pair {}", n, qp));
@@ -205,13 +207,15 @@ class PairDriver {
         const std::uint32_t first = static_cast<std::uint32_t>(sent());
         // sent_ moves only after the ring has the frames: a frame can't come back before
         // sent_ covers it, as check() assumes.
-        const std::size_t n = s_.tx_burst_fill(qp_, kBurst, [&](std::size_t i, std::span<std::uint8_t> room) {
-          return write_frame(qp_, first + static_cast<std::uint32_t>(i), room);
-        });
+        const std::size_t n =
+            s_.tx_burst_fill(qp_, kBurst, [&](std::size_t i, std::span<std::uint8_t> room) {
+              return write_frame(qp_, first + static_cast<std::uint32_t>(i), room);
+            });
         sent_.fetch_add(n);
         did = n != 0;
       }
-      const std::size_t got = s_.rx_burst(qp_, 64, [&](std::span<const std::uint8_t> f) { check(f); });
+      const std::size_t got =
+          s_.rx_burst(qp_, 64, [&](std::span<const std::uint8_t> f) { check(f); });
       did = did || got != 0;
       // Nothing to do: sleep until the device calls (or a while, when the ring is stopped).
       if (!did) s_.wait_call(FrontendSession::rx_index(qp_), 20ms);
@@ -247,9 +251,9 @@ struct NetBackend {
   explicit NetBackend(std::uint16_t pairs, const char* tag = "net")
       : path(temp_sock(tag)),
         net(net::NetOptions{.queue_pairs = pairs}),
-        device(net, vhost::DeviceOptions{.name = tag,
-                                         .unpinned_workers = pairs,
-                                         .queues_per_worker = 2}),
+        device(
+            net,
+            vhost::DeviceOptions{.name = tag, .unpinned_workers = pairs, .queues_per_worker = 2}),
         server(device, server_options(path, pairs)) {
     thread = std::thread([this] { result = server.run(stop.fd.get()); });
     listening = eventually([&] { return std::filesystem::exists(path); });
@@ -267,7 +271,8 @@ struct NetBackend {
   }
 
   // A front-end on this back-end with `pairs` queue pairs and the given extra protocol features.
-  Result<std::unique_ptr<FrontendSession>> connect(std::uint16_t pairs, std::uint64_t extra_protocol = 0) {
+  Result<std::unique_ptr<FrontendSession>> connect(std::uint16_t pairs,
+                                                   std::uint64_t extra_protocol = 0) {
     vhost_user::FrontendOptions o;
     o.socket_path = path;
     o.queue_pairs = pairs;
@@ -306,10 +311,12 @@ class Control {
       return fail(r.error().code, fmt::format("{}: {}", what, r.error().message()));
     }
     auto reply = ch_.recv();
-    if (!reply) return fail(reply.error().code, fmt::format("{} ack: {}", what, reply.error().message()));
+    if (!reply)
+      return fail(reply.error().code, fmt::format("{} ack: {}", what, reply.error().message()));
     auto v = vhost_user::decode_u64_reply(*reply, T::kRequest);
     if (!v) return fail(v.error().code, fmt::format("{} ack: {}", what, v.error().message()));
-    if (*v != 0) return fail(Errc::invalid_argument, fmt::format("{} refused (ack {:#x})", what, *v));
+    if (*v != 0)
+      return fail(Errc::invalid_argument, fmt::format("{} refused (ack {:#x})", what, *v));
     return {};
   }
 
@@ -342,9 +349,11 @@ class Control {
                                   .avail_user_addr = uva(r.vq.avail_gpa()),
                                   .log_guest_addr = 0};
     if (auto e = request(addr); !e) return e;
-    vhost_user::SetVringKick kick{.index = static_cast<std::uint8_t>(i), .fd = UniqueFd(::dup(r.kick.get()))};
+    vhost_user::SetVringKick kick{.index = static_cast<std::uint8_t>(i),
+                                  .fd = UniqueFd(::dup(r.kick.get()))};
     if (auto e = request(kick); !e) return e;
-    vhost_user::SetVringCall call{.index = static_cast<std::uint8_t>(i), .fd = UniqueFd(::dup(r.call.get()))};
+    vhost_user::SetVringCall call{.index = static_cast<std::uint8_t>(i),
+                                  .fd = UniqueFd(::dup(r.call.get()))};
     if (auto e = request(call); !e) return e;
     return request(vhost_user::SetVringEnable{.index = i, .num = 1});
   }
@@ -367,7 +376,8 @@ inline UniqueFd memfd_of(std::span<const std::uint8_t> mem) {
   while (!found && std::fgets(line, sizeof line, maps) != nullptr) {
     unsigned long long lo = 0, hi = 0, off = 0;
     char perms[8];
-    if (std::sscanf(line, "%llx-%llx %7s %llx %x:%x %llu", &lo, &hi, perms, &off, &maj, &min, &ino) == 7 &&
+    if (std::sscanf(line, "%llx-%llx %7s %llx %x:%x %llu", &lo, &hi, perms, &off, &maj, &min,
+                    &ino) == 7 &&
         lo == start) {
       found = true;
     }
@@ -380,7 +390,7 @@ inline UniqueFd memfd_of(std::span<const std::uint8_t> mem) {
   while (const dirent* e = ::readdir(d)) {
     if (e->d_name[0] == '.') continue;
     const int fd = std::atoi(e->d_name);
-    struct stat st {};
+    struct stat st{};
     if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_ino == ino &&
         major(st.st_dev) == maj && minor(st.st_dev) == min) {
       out.reset(::fcntl(fd, F_DUPFD_CLOEXEC, 0));

@@ -16,10 +16,12 @@ namespace vhostkit::live {
 namespace {
 
 std::uint16_t used_idx(FrontendSession& s, std::uint16_t ring) {
-  return std::atomic_ref<std::uint16_t>(s.ring(ring).vq.used()->idx).load(std::memory_order_acquire);
+  return std::atomic_ref<std::uint16_t>(s.ring(ring).vq.used()->idx)
+      .load(std::memory_order_acquire);
 }
 std::uint16_t avail_idx(FrontendSession& s, std::uint16_t ring) {
-  return std::atomic_ref<std::uint16_t>(s.ring(ring).vq.avail()->idx).load(std::memory_order_acquire);
+  return std::atomic_ref<std::uint16_t>(s.ring(ring).vq.avail()->idx)
+      .load(std::memory_order_acquire);
 }
 
 enum class Stopped { tx, rx, both };
@@ -75,7 +77,8 @@ TEST_P(LiveVringBase, StoppedMidBurstResumesFromTheReturnedBase) {
       const std::uint16_t tx = FrontendSession::tx_index(0);
       ASSERT_TRUE(eventually([&] {
         return static_cast<std::uint16_t>(avail_idx(fe, tx) - base[tx]) >= PairDriver::kBurst;
-      })) << "no frames waiting in the stopped transmitq: " << drv.describe();
+      })) << "no frames waiting in the stopped transmitq: "
+          << drv.describe();
     } else {
       ASSERT_TRUE(eventually([&] { return drv.drops() > drops_before; }))
           << "no frame dropped while the receiveq was stopped: " << drv.describe();

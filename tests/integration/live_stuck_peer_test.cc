@@ -27,7 +27,8 @@ std::vector<std::uint8_t> acked_request(std::uint64_t features) {
   if (!out) return {};
   std::vector<std::uint8_t> bytes(sizeof(vhost_user::Header) + out->payload().size());
   std::memcpy(bytes.data(), &out->header, sizeof(vhost_user::Header));
-  std::memcpy(bytes.data() + sizeof(vhost_user::Header), out->payload().data(), out->payload().size());
+  std::memcpy(bytes.data() + sizeof(vhost_user::Header), out->payload().data(),
+              out->payload().size());
   return bytes;
 }
 
@@ -168,9 +169,10 @@ TEST(LiveStuckPeer, FramesKeepMovingWhileTheControlPathIsStuck) {
   for (int attempt = 0; attempt < 5 && !stuck; ++attempt) {
     ASSERT_EQ(flood(rogue.fd(), msg, requests, 500ms), Flood::stalled) << requests << " requests";
     const int queued = unread_by_peer(rogue.fd());
-    ASSERT_TRUE(da.wait_progress(2000)) << "device A's data path stalled with its control path: "
-                                         << da.describe();
-    ASSERT_TRUE(db.wait_progress(2000)) << "device B stalled with A's control path: " << db.describe();
+    ASSERT_TRUE(da.wait_progress(2000))
+        << "device A's data path stalled with its control path: " << da.describe();
+    ASSERT_TRUE(db.wait_progress(2000))
+        << "device B stalled with A's control path: " << db.describe();
     stuck = queued > 0 && unread_by_peer(rogue.fd()) == queued;
   }
   ASSERT_TRUE(stuck) << "the back-end kept reading requests; " << requests << " sent";

@@ -40,28 +40,28 @@ enum class IoPath : std::uint8_t { automatic, uring, inline_call };
 const char* to_string(IoPath p) noexcept;
 
 struct BlkOptions {
-  std::string image;                 // raw image file or block device
-  bool read_only = false;            // VIRTIO_BLK_F_RO; writes answered with IOERR
-  std::uint16_t num_queues = 1;      // 1..kMaxQueues
-  std::uint32_t blk_size = 512;      // logical block size reported to the driver: 512 or 4096
-  std::string serial;                // GET_ID (up to 20 bytes); empty: "vhostkit-" + basename
-  bool try_direct = true;            // O_DIRECT when the file system allows it
+  std::string image;             // raw image file or block device
+  bool read_only = false;        // VIRTIO_BLK_F_RO; writes answered with IOERR
+  std::uint16_t num_queues = 1;  // 1..kMaxQueues
+  std::uint32_t blk_size = 512;  // logical block size reported to the driver: 512 or 4096
+  std::string serial;            // GET_ID (up to 20 bytes); empty: "vhostkit-" + basename
+  bool try_direct = true;        // O_DIRECT when the file system allows it
   IoPath io = IoPath::automatic;
 };
 
 // A snapshot of one queue's counters.
 struct BlkStats {
-  std::uint64_t reads = 0;           // IN requests completed OK
-  std::uint64_t writes = 0;          // OUT requests completed OK
+  std::uint64_t reads = 0;   // IN requests completed OK
+  std::uint64_t writes = 0;  // OUT requests completed OK
   std::uint64_t flushes = 0;
-  std::uint64_t discards = 0;        // DISCARD and WRITE_ZEROES completed OK
+  std::uint64_t discards = 0;  // DISCARD and WRITE_ZEROES completed OK
   std::uint64_t get_ids = 0;
   std::uint64_t bytes_read = 0;
   std::uint64_t bytes_written = 0;
-  std::uint64_t io_errors = 0;       // the backing store failed a request (IOERR sent)
-  std::uint64_t bad_requests = 0;    // malformed requests answered with IOERR or UNSUPP
-  std::uint64_t no_status = 0;       // malformed chains with no status byte (used len 0)
-  std::uint64_t buffered = 0;        // requests sent through the buffered fd (misaligned)
+  std::uint64_t io_errors = 0;     // the backing store failed a request (IOERR sent)
+  std::uint64_t bad_requests = 0;  // malformed requests answered with IOERR or UNSUPP
+  std::uint64_t no_status = 0;     // malformed chains with no status byte (used len 0)
+  std::uint64_t buffered = 0;      // requests sent through the buffered fd (misaligned)
 };
 
 class BlkDevice final : public vhost::DeviceBackend {
@@ -75,7 +75,7 @@ class BlkDevice final : public vhost::DeviceBackend {
   // readv/writev transfers (Linux's MAX_RW_COUNT); a bigger request would come back short.
   static constexpr std::uint32_t kMaxTransfer = 0x7ffff000;
   // DISCARD / WRITE_ZEROES limits (config space): one segment of at most this many sectors.
-  static constexpr std::uint32_t kMaxDiscardSectors = 1u << 22;   // 2 GiB
+  static constexpr std::uint32_t kMaxDiscardSectors = 1u << 22;  // 2 GiB
 
   // Opens the image (O_DIRECT if possible, falling back to buffered I/O) and checks the options:
   // a size that is a positive multiple of 512, num_queues 1..kMaxQueues, blk_size 512 or 4096.

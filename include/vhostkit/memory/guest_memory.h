@@ -36,17 +36,17 @@ struct RegionSpec {
 // One mapped region.
 struct Region {
   RegionSpec spec;
-  std::uint8_t* host = nullptr;      // host address of guest_phys_addr
-  void* map_base = nullptr;          // what mmap returned (null for local regions)
+  std::uint8_t* host = nullptr;  // host address of guest_phys_addr
+  void* map_base = nullptr;      // what mmap returned (null for local regions)
   std::size_t map_len = 0;
-  UniqueFd fd;                       // kept open while mapped (invalid for local regions)
+  UniqueFd fd;  // kept open while mapped (invalid for local regions)
 };
 
 // Why a data-path translation failed. No strings: the data path only counts these.
 enum class XlateError : std::uint8_t {
-  not_mapped,     // some byte of the range is in no region
-  wraps,          // addr + len overflows 64 bits
-  too_many_iov,   // the range needs more pieces than the caller's array holds
+  not_mapped,    // some byte of the range is in no region
+  wraps,         // addr + len overflows 64 bits
+  too_many_iov,  // the range needs more pieces than the caller's array holds
 };
 
 class DirtyLog;
@@ -93,7 +93,8 @@ class GuestMemory {
       // off < size rejects gpa below the region too (unsigned wrap); the length test cannot
       // overflow because off < size.
       const std::uint64_t off = gpa - r.spec.guest_phys_addr;
-      if (off < r.spec.size && len <= r.spec.size - off) [[likely]] return r.host + off;
+      if (off < r.spec.size && len <= r.spec.size - off) [[likely]]
+        return r.host + off;
     }
     return gpa_to_host_slow(gpa, len);
   }
@@ -120,10 +121,10 @@ class GuestMemory {
   const Region* find_gpa(std::uint64_t gpa) const noexcept;
   const Region* find_uva(std::uint64_t uva) const noexcept;
   Result<> check_new(const RegionSpec& spec) const;
-  void insert(Region r);   // keeps regions_ sorted, rebuilds uva_order_
+  void insert(Region r);  // keeps regions_ sorted, rebuilds uva_order_
   void rebuild_index();
 
-  std::vector<Region> regions_;   // sorted by guest_phys_addr
+  std::vector<Region> regions_;  // sorted by guest_phys_addr
   // Indices into regions_, sorted by userspace_addr (frontend space is ordered independently).
   std::vector<std::uint16_t> uva_order_;
   // Hints: index of the region that answered last. Read and written with relaxed atomic_ref so

@@ -35,8 +35,7 @@ class AfPacketPort final : public Port {
  public:
   // Binds to the existing interface `ifname` (up, when queue_pairs > 1: the kernel joins a
   // fanout group only on a running socket).
-  static Result<std::unique_ptr<AfPacketPort>> open(std::string ifname,
-                                                    std::uint16_t queue_pairs,
+  static Result<std::unique_ptr<AfPacketPort>> open(std::string ifname, std::uint16_t queue_pairs,
                                                     AfPacketOptions options = {});
 
   AfPacketPort(const AfPacketPort&) = delete;
@@ -58,14 +57,14 @@ class AfPacketPort final : public Port {
   // One sendto(MSG_DONTWAIT) when send() filled slots since the last kick.
   void flush(std::uint16_t qp) noexcept override;
   // Copies the next ready rx slot into `into` (re-inserting a VLAN tag the kernel took off,
-  // finishing a TCP/UDP checksum a local sender left to hardware) and hands the slot back. Errc::too_many (and rx_truncated) when the frame was longer than
-  // a slot or than `into`.
+  // finishing a TCP/UDP checksum a local sender left to hardware) and hands the slot back.
+  // Errc::too_many (and rx_truncated) when the frame was longer than a slot or than `into`.
   std::expected<std::size_t, Errc> recv(std::uint16_t qp,
                                         std::span<const iovec> into) noexcept override;
 
   PortStats stats(std::uint16_t qp) const noexcept override;
 
-  unsigned mtu() const noexcept { return mtu_; }          // read once at open
+  unsigned mtu() const noexcept { return mtu_; }  // read once at open
   std::size_t max_tx_frame() const noexcept { return max_tx_frame_; }
 
  private:

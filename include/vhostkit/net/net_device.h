@@ -1,8 +1,9 @@
 // The virtio-net device (virtio 1.2, 5.1) as a vhost::DeviceBackend: the vhost-net analogue.
 // Queue 2p is pair p's receiveq (host -> guest), 2p+1 its transmitq (guest -> host), as the
-// spec numbers them (5.1.2), and the last queue (2 * pairs) the control queue. Frames go to and come from a host Port (TAP,
-// AF_PACKET), or, with no port, are reflected from a pair's transmitq straight into its own
-// receiveq with the Ethernet addresses swapped (loopback, the benchmark target).
+// spec numbers them (5.1.2), and the last queue (2 * pairs) the control queue. Frames go to and
+// come from a host Port (TAP, AF_PACKET), or, with no port, are reflected from a pair's transmitq
+// straight into its own receiveq with the Ethernet addresses swapped (loopback, the benchmark
+// target).
 //
 // Threading: the data path of a queue runs on its vhost worker. Loopback copies from the tx
 // ring into the rx ring of the same pair, so both rings of a pair must be served by one worker
@@ -27,22 +28,22 @@ namespace vhostkit::net {
 
 struct NetOptions {
   std::array<std::uint8_t, 6> mac{0x52, 0x54, 0x00, 0x12, 0x34, 0x56};
-  std::uint16_t mtu = 0;             // 0: no VIRTIO_NET_F_MTU
-  std::uint16_t queue_pairs = 1;     // 1..kMaxQueuePairs
-  std::unique_ptr<Port> port;        // null: loopback
-  std::uint16_t burst = 32;          // chains per batch (1..kMaxBurst)
+  std::uint16_t mtu = 0;          // 0: no VIRTIO_NET_F_MTU
+  std::uint16_t queue_pairs = 1;  // 1..kMaxQueuePairs
+  std::unique_ptr<Port> port;     // null: loopback
+  std::uint16_t burst = 32;       // chains per batch (1..kMaxBurst)
 };
 
 // A snapshot of one queue pair's counters.
 struct NetStats {
-  std::uint64_t tx_frames = 0;   // guest -> port (or -> loopback)
-  std::uint64_t tx_bytes = 0;    // frame bytes, virtio-net header excluded
-  std::uint64_t tx_drops = 0;    // the port refused, or loopback had no rx buffer
-  std::uint64_t tx_errors = 0;   // malformed tx chains
-  std::uint64_t rx_frames = 0;   // -> guest
+  std::uint64_t tx_frames = 0;  // guest -> port (or -> loopback)
+  std::uint64_t tx_bytes = 0;   // frame bytes, virtio-net header excluded
+  std::uint64_t tx_drops = 0;   // the port refused, or loopback had no rx buffer
+  std::uint64_t tx_errors = 0;  // malformed tx chains
+  std::uint64_t rx_frames = 0;  // -> guest
   std::uint64_t rx_bytes = 0;
-  std::uint64_t rx_drops = 0;    // frames that did not fit the guest's buffers
-  std::uint64_t rx_errors = 0;   // malformed rx chains (no room for the header)
+  std::uint64_t rx_drops = 0;   // frames that did not fit the guest's buffers
+  std::uint64_t rx_errors = 0;  // malformed rx chains (no room for the header)
 };
 
 class NetDevice final : public vhost::DeviceBackend {
@@ -85,12 +86,16 @@ class NetDevice final : public vhost::DeviceBackend {
   std::size_t hdr_len() const noexcept { return hdr_len_; }
 
   // Control-queue state (what the driver asked for; we accept and remember it).
-  std::uint16_t active_pairs() const noexcept { return active_pairs_.load(std::memory_order_relaxed); }
+  std::uint16_t active_pairs() const noexcept {
+    return active_pairs_.load(std::memory_order_relaxed);
+  }
   bool promisc() const noexcept { return rx_mode_.load(std::memory_order_relaxed) & 1u; }
   bool allmulti() const noexcept { return rx_mode_.load(std::memory_order_relaxed) & 2u; }
   std::uint8_t rx_mode_bits() const noexcept { return rx_mode_.load(std::memory_order_relaxed); }
   std::array<std::uint8_t, 6> mac() const;
-  std::uint64_t ctrl_errors() const noexcept { return ctrl_errors_.load(std::memory_order_relaxed); }
+  std::uint64_t ctrl_errors() const noexcept {
+    return ctrl_errors_.load(std::memory_order_relaxed);
+  }
   std::uint16_t config_status() const noexcept { return status_.load(std::memory_order_relaxed); }
 
   struct Pair;  // per-pair data-path state (src/net/net_pair.h)
@@ -123,9 +128,9 @@ class NetDevice final : public vhost::DeviceBackend {
   std::unique_ptr<Pair[]> pairs_;
   std::unique_ptr<iovec[]> ctrl_segs_;
 
-  std::atomic<std::uint16_t> status_{1};   // virtio_net_config.status
+  std::atomic<std::uint16_t> status_{1};  // virtio_net_config.status
   std::atomic<std::uint16_t> active_pairs_{1};
-  std::atomic<std::uint8_t> rx_mode_{0};   // bit n: VIRTIO_NET_CTRL_RX command n turned on
+  std::atomic<std::uint8_t> rx_mode_{0};  // bit n: VIRTIO_NET_CTRL_RX command n turned on
   std::atomic<std::uint64_t> ctrl_errors_{0};
   mutable std::mutex mac_mu_;
   std::array<std::uint8_t, 6> ctrl_mac_{};

@@ -18,10 +18,10 @@
 namespace vhostkit::net {
 
 struct PortStats {
-  std::uint64_t tx_frames = 0;   // guest -> port
-  std::uint64_t tx_bytes = 0;    // frame bytes, virtio_net_hdr not counted (also rx_bytes)
-  std::uint64_t tx_drops = 0;    // the port could not take a frame
-  std::uint64_t rx_frames = 0;   // port -> guest
+  std::uint64_t tx_frames = 0;  // guest -> port
+  std::uint64_t tx_bytes = 0;   // frame bytes, virtio_net_hdr not counted (also rx_bytes)
+  std::uint64_t tx_drops = 0;   // the port could not take a frame
+  std::uint64_t rx_frames = 0;  // port -> guest
   std::uint64_t rx_bytes = 0;
   std::uint64_t rx_truncated = 0;  // a frame larger than the buffers offered
 };

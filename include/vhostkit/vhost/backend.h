@@ -38,14 +38,23 @@ class DeviceBackend {
 
   // Called on the queue's worker thread when a ring starts (kick registered) and before it
   // stops. A device binds port fds to the worker here.
-  virtual void queue_started(Queue& q, Worker& w) { (void)q; (void)w; }
-  virtual void queue_stopped(Queue& q, Worker& w) { (void)q; (void)w; }
+  virtual void queue_started(Queue& q, Worker& w) {
+    (void)q;
+    (void)w;
+  }
+  virtual void queue_stopped(Queue& q, Worker& w) {
+    (void)q;
+    (void)w;
+  }
 
   // Guest memory is about to be remapped (SET_MEM_TABLE, REM_MEM_REG) under a running ring.
   // Called while the queue's worker is parked (possibly from another thread). A device that
   // keeps requests in flight across handle_queue calls (blk's io_uring) must finish and answer
   // them here: once it returns, the buffers they point into may be unmapped.
-  virtual void quiesce(Queue& q, Worker& w) { (void)q; (void)w; }
+  virtual void quiesce(Queue& q, Worker& w) {
+    (void)q;
+    (void)w;
+  }
 
   // Called on the worker when the queue may have work (a kick, or a busy poll). Processes up
   // to a budget of chains and returns true if it did any work. Must publish used entries and

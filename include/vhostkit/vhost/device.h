@@ -27,9 +27,9 @@ namespace vhostkit::vhost {
 struct DeviceOptions {
   std::string name = "dev";
   PollMode mode = PollMode::event;
-  std::vector<int> cpus;                 // one worker per entry (pinned); empty: see below
-  std::uint16_t unpinned_workers = 1;    // workers (not pinned) when cpus is empty; >= 1
-  std::uint16_t queues_per_worker = 2;   // queue i runs on worker (i / queues_per_worker) % N
+  std::vector<int> cpus;                // one worker per entry (pinned); empty: see below
+  std::uint16_t unpinned_workers = 1;   // workers (not pinned) when cpus is empty; >= 1
+  std::uint16_t queues_per_worker = 2;  // queue i runs on worker (i / queues_per_worker) % N
   std::uint32_t adaptive_spin_us = 100;
 };
 
@@ -48,7 +48,7 @@ class Device {
   Device& operator=(const Device&) = delete;
 
   Result<> set_owner();
-  Result<> reset_owner();        // back to the state before set_owner: rings stopped, memory gone
+  Result<> reset_owner();  // back to the state before set_owner: rings stopped, memory gone
   bool has_owner() const noexcept;
 
   std::uint64_t offered_features() const noexcept;
@@ -82,7 +82,7 @@ class Device {
 
   // A ring broke the protocol (e.g. avail idx runaway): the device stops serving it and says so.
   bool broken() const noexcept;
-  Queue& queue(std::uint32_t index);   // index < num_queues()
+  Queue& queue(std::uint32_t index);  // index < num_queues()
   DeviceBackend& backend() noexcept;
   Worker& worker_for(std::uint32_t index);
   std::size_t worker_count() const noexcept;

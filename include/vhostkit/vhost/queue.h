@@ -14,7 +14,7 @@ namespace vhostkit::vhost {
 
 // Ring addresses as vhost-user's SET_VRING_ADDR carries them: frontend userspace addresses.
 struct VringAddr {
-  std::uint32_t flags = 0;   // virtio::kVhostVringFLog: log used-ring writes
+  std::uint32_t flags = 0;  // virtio::kVhostVringFLog: log used-ring writes
   std::uint64_t desc_user_addr = 0;
   std::uint64_t used_user_addr = 0;
   std::uint64_t avail_user_addr = 0;
@@ -25,10 +25,10 @@ struct VringAddr {
 struct QueueStats {
   std::atomic<std::uint64_t> chains{0};
   std::atomic<std::uint64_t> bytes{0};
-  std::atomic<std::uint64_t> kicks{0};    // kick eventfd wake-ups received
-  std::atomic<std::uint64_t> calls{0};    // call eventfd signals sent
-  std::atomic<std::uint64_t> drops{0};    // packets/requests dropped (device-specific)
-  std::atomic<std::uint64_t> errors{0};   // bad chains (kinds in DeviceQueue::errors())
+  std::atomic<std::uint64_t> kicks{0};   // kick eventfd wake-ups received
+  std::atomic<std::uint64_t> calls{0};   // call eventfd signals sent
+  std::atomic<std::uint64_t> drops{0};   // packets/requests dropped (device-specific)
+  std::atomic<std::uint64_t> errors{0};  // bad chains (kinds in DeviceQueue::errors())
 
   void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
     c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
@@ -68,19 +68,19 @@ class Queue {
   friend class Device;
 
   std::uint16_t index_ = 0;
-  std::uint32_t num = 0;          // SET_VRING_NUM
-  std::uint32_t base = 0;         // SET_VRING_BASE (last_avail_idx to resume from)
+  std::uint32_t num = 0;   // SET_VRING_NUM
+  std::uint32_t base = 0;  // SET_VRING_BASE (last_avail_idx to resume from)
   bool has_addr = false;
   VringAddr addr;
   UniqueFd kick;
   UniqueFd call;
   UniqueFd err;
-  bool kick_set = false;          // a kick fd, or "no fd" (polling) was given
+  bool kick_set = false;  // a kick fd, or "no fd" (polling) was given
   bool enabled = false;
   std::atomic<bool> started_{false};
   std::atomic<bool> broken_{false};
-  bool broken_logged = false;     // the "ring broken" log line is written once per ring
-  bool rekick_pending = false;    // we kicked ourselves after running out of budget
+  bool broken_logged = false;   // the "ring broken" log line is written once per ring
+  bool rekick_pending = false;  // we kicked ourselves after running out of budget
   std::uint64_t watch_id = 0;
   std::uint64_t poller_id = 0;
   std::uint64_t errors_seen = 0;  // sum of vq_.errors() already added to stats_.errors

@@ -33,8 +33,8 @@ std::optional<PollMode> parse_poll_mode(std::string_view s) noexcept;
 class Worker {
  public:
   struct Options {
-    std::string name = "dev";        // thread name becomes "vk-<name>" (truncated to 15 chars)
-    std::optional<int> cpu;          // pin to this CPU
+    std::string name = "dev";  // thread name becomes "vk-<name>" (truncated to 15 chars)
+    std::optional<int> cpu;    // pin to this CPU
     PollMode mode = PollMode::event;
     std::uint32_t adaptive_spin_us = 100;  // adaptive: spin this long after the last work
   };

@@ -37,8 +37,8 @@ inline constexpr std::uint64_t kSupportedProtocolFeatures =
     protocol_bit(protocol_feature::mq) | protocol_bit(protocol_feature::log_shmfd) |
     protocol_bit(protocol_feature::rarp) | protocol_bit(protocol_feature::reply_ack) |
     protocol_bit(protocol_feature::net_mtu) | protocol_bit(protocol_feature::config) |
-    protocol_bit(protocol_feature::configure_mem_slots) |
-    protocol_bit(protocol_feature::status) | protocol_bit(protocol_feature::reset_device);
+    protocol_bit(protocol_feature::configure_mem_slots) | protocol_bit(protocol_feature::status) |
+    protocol_bit(protocol_feature::reset_device);
 
 using Mac = std::array<std::uint8_t, 6>;
 
@@ -61,10 +61,10 @@ struct SessionOptions {
 
 // Counters for tests and the stats line. Single-threaded (the session's thread).
 struct SessionStats {
-  std::uint64_t requests = 0;        // messages received (decodable or not)
-  std::uint64_t failed = 0;          // requests that failed (request-level)
-  std::uint64_t acks = 0;            // REPLY_ACK replies sent
-  std::uint64_t replies = 0;         // replies with a body (GET_*, SET_LOG_BASE)
+  std::uint64_t requests = 0;  // messages received (decodable or not)
+  std::uint64_t failed = 0;    // requests that failed (request-level)
+  std::uint64_t acks = 0;      // REPLY_ACK replies sent
+  std::uint64_t replies = 0;   // replies with a body (GET_*, SET_LOG_BASE)
 };
 
 class BackendSession {

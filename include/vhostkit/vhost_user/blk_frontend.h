@@ -44,10 +44,10 @@ struct BlkFrontendOptions {
   std::string socket_path;
   Channel channel;
 
-  std::uint16_t num_queues = 1;       // request queues, 1..FrontendSession::kMaxQueuePairs
-  std::uint16_t depth = 32;           // request slots per queue (requests in flight), 1..kMaxDepth
-  std::uint16_t queue_size = 0;       // ring size; 0: the smallest power of two >= 3 * depth, >= 64
-  std::uint32_t max_data = 4096;      // data bytes per request: a multiple of 512, 512..16 MiB
+  std::uint16_t num_queues = 1;   // request queues, 1..FrontendSession::kMaxQueuePairs
+  std::uint16_t depth = 32;       // request slots per queue (requests in flight), 1..kMaxDepth
+  std::uint16_t queue_size = 0;   // ring size; 0: the smallest power of two >= 3 * depth, >= 64
+  std::uint32_t max_data = 4096;  // data bytes per request: a multiple of 512, 512..16 MiB
   FrontendOptions::Notify notify = FrontendOptions::Notify::event;
   // Feature bits wanted; unset: kFrontendBlkFeatures (+ MQ when num_queues > 1).
   std::optional<std::uint64_t> features;
@@ -60,13 +60,13 @@ struct BlkFrontendOptions {
 
 // The disk as config space describes it, checked.
 struct BlkInfo {
-  std::uint64_t capacity = 0;     // 512-byte sectors
-  std::uint32_t blk_size = 512;   // logical block size (BLK_SIZE), 512 if not offered
-  std::uint32_t seg_max = 0;      // data segments per request (SEG_MAX); 0: no limit stated
-  std::uint32_t size_max = 0;     // bytes per data segment (SIZE_MAX); 0: no limit stated
-  std::uint16_t num_queues = 1;   // the device's request queues (MQ); 1 if not offered
-  bool read_only = false;         // VIRTIO_BLK_F_RO acked
-  bool flush = false;             // VIRTIO_BLK_F_FLUSH acked
+  std::uint64_t capacity = 0;    // 512-byte sectors
+  std::uint32_t blk_size = 512;  // logical block size (BLK_SIZE), 512 if not offered
+  std::uint32_t seg_max = 0;     // data segments per request (SEG_MAX); 0: no limit stated
+  std::uint32_t size_max = 0;    // bytes per data segment (SIZE_MAX); 0: no limit stated
+  std::uint16_t num_queues = 1;  // the device's request queues (MQ); 1 if not offered
+  bool read_only = false;        // VIRTIO_BLK_F_RO acked
+  bool flush = false;            // VIRTIO_BLK_F_FLUSH acked
 };
 
 class BlkFrontend {

@@ -94,10 +94,10 @@ struct FrontendOptions {
   std::string socket_path;
   Channel channel;
 
-  std::uint16_t queue_pairs = 1;       // net: 1..128; rings = 2 * queue_pairs
-  std::uint16_t num_queues = 1;        // blk: request queues, 1..128; rings = num_queues
-  std::uint16_t queue_size = 256;      // power of two, 2..32768
-  std::size_t memory_size = 64u << 20; // the shared region; 0: just what rings + buffers need
+  std::uint16_t queue_pairs = 1;        // net: 1..128; rings = 2 * queue_pairs
+  std::uint16_t num_queues = 1;         // blk: request queues, 1..128; rings = num_queues
+  std::uint16_t queue_size = 256;       // power of two, 2..32768
+  std::size_t memory_size = 64u << 20;  // the shared region; 0: just what rings + buffers need
   // net: per packet buffer, >= 64 (header + a minimal frame). blk: per request buffer, 512 B..
   // 16 MiB + 4 KiB; a multiple of 4096 keeps every buffer page-aligned (O_DIRECT back-ends).
   std::uint32_t buffer_size = 2048;
@@ -110,7 +110,7 @@ struct FrontendOptions {
   Notify notify = Notify::event;
   // Bound on each control-path step (send, or wait for a reply).
   std::chrono::milliseconds timeout{2000};
-  std::string name = "frontend";       // in log lines
+  std::string name = "frontend";  // in log lines
 
   // Checks everything above that does not need the back-end. connect() calls it.
   Result<> validate() const;
@@ -124,14 +124,14 @@ struct FrontendOptions {
 
 // Per-ring counters; written by the ring's data-path thread only.
 struct RingStats {
-  std::uint64_t frames = 0;      // tx: frames placed on the ring; rx: frames delivered
-  std::uint64_t bytes = 0;       // frame bytes (virtio-net header excluded)
-  std::uint64_t completed = 0;   // tx: chains the device returned
-  std::uint64_t kicks = 0;       // kick eventfd writes
-  std::uint64_t calls = 0;       // call eventfd wake-ups consumed
-  std::uint64_t full = 0;        // tx: frames refused for lack of a free buffer
-  std::uint64_t oversize = 0;    // tx: frames larger than a buffer (dropped)
-  std::uint64_t bad = 0;         // rx: used entries we could not make a frame of
+  std::uint64_t frames = 0;     // tx: frames placed on the ring; rx: frames delivered
+  std::uint64_t bytes = 0;      // frame bytes (virtio-net header excluded)
+  std::uint64_t completed = 0;  // tx: chains the device returned
+  std::uint64_t kicks = 0;      // kick eventfd writes
+  std::uint64_t calls = 0;      // call eventfd wake-ups consumed
+  std::uint64_t full = 0;       // tx: frames refused for lack of a free buffer
+  std::uint64_t oversize = 0;   // tx: frames larger than a buffer (dropped)
+  std::uint64_t bad = 0;        // rx: used entries we could not make a frame of
 };
 
 // One ring and its buffers. Public so a benchmark can run its own loop on the DriverQueue.
@@ -139,8 +139,8 @@ struct FrontendRing {
   std::uint16_t index = 0;
   bool is_rx = false;
   virtq::DriverQueue vq;
-  UniqueFd kick;                  // invalid in poll mode
-  UniqueFd call;                  // invalid in poll mode
+  UniqueFd kick;                    // invalid in poll mode
+  UniqueFd call;                    // invalid in poll mode
   std::uint8_t* buffers = nullptr;  // host address of buffer 0
   std::uint64_t buffers_gpa = 0;
   std::uint32_t buffer_size = 0;
@@ -152,8 +152,8 @@ struct FrontendRing {
   // rx with MRG_RXBUF: a frame spread over several buffers is gathered here.
   std::vector<std::uint8_t> merge;
   std::size_t merge_len = 0;
-  std::uint16_t merge_left = 0;   // buffers still to come for the frame being gathered
-  bool merge_bad = false;         // the frame being gathered did not fit: drop it at its end
+  std::uint16_t merge_left = 0;  // buffers still to come for the frame being gathered
+  bool merge_bad = false;        // the frame being gathered did not fit: drop it at its end
   RingStats stats;
 
   std::uint8_t* buffer(std::uint16_t i) const noexcept {
@@ -209,8 +209,12 @@ class FrontendSession {
   void close() noexcept;
 
   // ---- Data path (noexcept, allocation-free) ----
-  static constexpr std::uint16_t rx_index(std::uint16_t qp) noexcept { return static_cast<std::uint16_t>(2u * qp); }
-  static constexpr std::uint16_t tx_index(std::uint16_t qp) noexcept { return static_cast<std::uint16_t>(2u * qp + 1); }
+  static constexpr std::uint16_t rx_index(std::uint16_t qp) noexcept {
+    return static_cast<std::uint16_t>(2u * qp);
+  }
+  static constexpr std::uint16_t tx_index(std::uint16_t qp) noexcept {
+    return static_cast<std::uint16_t>(2u * qp + 1);
+  }
   FrontendRing& tx_ring(std::uint16_t qp) noexcept { return rings_[tx_index(qp)]; }
   FrontendRing& rx_ring(std::uint16_t qp) noexcept { return rings_[rx_index(qp)]; }
   FrontendRing& ring(std::uint16_t i) noexcept { return rings_[i]; }
@@ -220,7 +224,8 @@ class FrontendSession {
   // (each with a zeroed virtio-net header in front), publishes and kicks if the device wants
   // it. Returns how many frames were consumed from the front of `frames` (oversize ones are
   // dropped and counted, and count as consumed); stops early when no buffer is free.
-  std::size_t tx_burst(std::uint16_t qp, std::span<const std::span<const std::uint8_t>> frames) noexcept;
+  std::size_t tx_burst(std::uint16_t qp,
+                       std::span<const std::span<const std::uint8_t>> frames) noexcept;
 
   // The same with the caller writing each frame in place: fill(i, room) writes frame i into
   // `room` (max_frame() bytes) and returns its length (0 ends the burst early).
@@ -278,7 +283,7 @@ class FrontendSession {
   std::uint64_t backend_queue_num_ = 0;
   std::size_t hdr_len_ = sizeof(virtio::VirtioNetHdrMrg);
   bool mrg_rxbuf_ = false;
-  bool healthy_ = true;   // false after a control-path error: close() then skips GET_VRING_BASE
+  bool healthy_ = true;  // false after a control-path error: close() then skips GET_VRING_BASE
   bool stopped_ = false;
   std::vector<std::uint32_t> stopped_bases_;
   std::vector<FrontendRing> rings_;
@@ -340,7 +345,8 @@ std::size_t FrontendSession::tx_burst_fill(std::uint16_t qp, std::size_t n, Fill
     }
     // A zeroed header: no checksum offload, no GSO; num_buffers is 0 on transmit.
     std::memset(p, 0, hdr_len_);
-    const virtq::DriverQueue::Buffer out{r.buffer_gpa(b), static_cast<std::uint32_t>(hdr_len_ + len)};
+    const virtq::DriverQueue::Buffer out{r.buffer_gpa(b),
+                                         static_cast<std::uint32_t>(hdr_len_ + len)};
     if (!r.vq.add(std::span(&out, 1), {}, b)) {
       ++r.stats.full;
       break;
@@ -369,7 +375,8 @@ inline std::size_t FrontendSession::tx_burst(
 }
 
 template <typename OnFrame>
-std::size_t FrontendSession::rx_burst(std::uint16_t qp, std::size_t max, OnFrame&& on_frame) noexcept {
+std::size_t FrontendSession::rx_burst(std::uint16_t qp, std::size_t max,
+                                      OnFrame&& on_frame) noexcept {
   FrontendRing& r = rx_ring(qp);
   if (stopped_) return 0;
   std::size_t delivered = 0;

@@ -186,7 +186,7 @@ struct GetConfig {
 struct SetConfig {
   static constexpr auto kRequest = Request::set_config;
   std::uint32_t offset = 0;
-  std::uint32_t flags = 0;  // wire::kConfigFlagWritable or kConfigFlagLiveMigration
+  std::uint32_t flags = 0;         // wire::kConfigFlagWritable or kConfigFlagLiveMigration
   std::vector<std::uint8_t> data;  // <= kMaxConfigSize bytes
   bool operator==(const SetConfig&) const = default;
 };
@@ -238,14 +238,15 @@ struct SetDeviceStateFd {
   UniqueFd fd;
 };
 
-using FrontendMessage = std::variant<
-    GetFeatures, SetFeatures, SetOwner, ResetOwner, SetMemTable, SetLogBase, SetLogFd,
-    SetVringNum, SetVringAddr, SetVringBase, GetVringBase, SetVringKick, SetVringCall,
-    SetVringErr, GetProtocolFeatures, SetProtocolFeatures, GetQueueNum, SetVringEnable, SendRarp,
-    NetSetMtu, SetBackendReqFd, IotlbMsg, SetVringEndian, GetConfig, SetConfig,
-    CloseCryptoSession, PostcopyAdvise, PostcopyListen, PostcopyEnd, GetInflightFd,
-    SetInflightFd, GpuSetSocket, ResetDevice, VringKick, GetMaxMemSlots, AddMemReg, RemMemReg,
-    SetStatus, GetStatus, GetSharedObject, SetDeviceStateFd, CheckDeviceState>;
+using FrontendMessage =
+    std::variant<GetFeatures, SetFeatures, SetOwner, ResetOwner, SetMemTable, SetLogBase, SetLogFd,
+                 SetVringNum, SetVringAddr, SetVringBase, GetVringBase, SetVringKick, SetVringCall,
+                 SetVringErr, GetProtocolFeatures, SetProtocolFeatures, GetQueueNum, SetVringEnable,
+                 SendRarp, NetSetMtu, SetBackendReqFd, IotlbMsg, SetVringEndian, GetConfig,
+                 SetConfig, CloseCryptoSession, PostcopyAdvise, PostcopyListen, PostcopyEnd,
+                 GetInflightFd, SetInflightFd, GpuSetSocket, ResetDevice, VringKick, GetMaxMemSlots,
+                 AddMemReg, RemMemReg, SetStatus, GetStatus, GetSharedObject, SetDeviceStateFd,
+                 CheckDeviceState>;
 
 // ---- Back-end requests (back-end -> front-end, on the back-end channel) ------------------
 
@@ -275,10 +276,9 @@ using BackendSharedObjectAdd = UuidPayload<BackendRequest::shared_object_add>;
 using BackendSharedObjectRemove = UuidPayload<BackendRequest::shared_object_remove>;
 using BackendSharedObjectLookup = UuidPayload<BackendRequest::shared_object_lookup>;
 
-using BackendMessage =
-    std::variant<BackendIotlbMsg, BackendConfigChange, BackendVringHostNotifier,
-                 BackendVringCall, BackendVringErr, BackendSharedObjectAdd,
-                 BackendSharedObjectRemove, BackendSharedObjectLookup>;
+using BackendMessage = std::variant<BackendIotlbMsg, BackendConfigChange, BackendVringHostNotifier,
+                                    BackendVringCall, BackendVringErr, BackendSharedObjectAdd,
+                                    BackendSharedObjectRemove, BackendSharedObjectLookup>;
 
 // ---- Decoding ---------------------------------------------------------------------------
 
@@ -359,12 +359,12 @@ struct OutMessage {
 template <typename T, typename Variant>
 struct is_alternative;
 template <typename T, typename... Ts>
-struct is_alternative<T, std::variant<Ts...>>
-    : std::bool_constant<(std::is_same_v<T, Ts> || ...)> {};
+struct is_alternative<T, std::variant<Ts...>> : std::bool_constant<(std::is_same_v<T, Ts> || ...)> {
+};
 
 template <typename T>
-concept Encodable = is_alternative<T, FrontendMessage>::value ||
-                    is_alternative<T, BackendMessage>::value;
+concept Encodable =
+    is_alternative<T, FrontendMessage>::value || is_alternative<T, BackendMessage>::value;
 
 // A request; `flags` may add kNeedReplyFlag (the version bits are always set). A message that
 // can't be encoded as given (more than 8 regions, config data over 256 bytes) yields an Error.
@@ -376,8 +376,8 @@ Result<OutMessage> encode(const T& msg, std::uint32_t flags = 0);
 template <typename V>
   requires std::same_as<V, FrontendMessage> || std::same_as<V, BackendMessage>
 Result<OutMessage> encode(const V& msg, std::uint32_t flags = 0) {
-  return std::visit(
-      [flags](const auto& m) { return encode<std::decay_t<decltype(m)>>(m, flags); }, msg);
+  return std::visit([flags](const auto& m) { return encode<std::decay_t<decltype(m)>>(m, flags); },
+                    msg);
 }
 
 // Replies (REPLY flag set). REPLY_ACK is reply_u64(request, 0) for success, non-zero for failure.

@@ -191,7 +191,7 @@ inline constexpr std::size_t kConfigHeaderSize = 12;
 inline constexpr std::uint32_t kConfigFlagWritable = 0;
 inline constexpr std::uint32_t kConfigFlagLiveMigration = 1;
 
-struct VringArea {  // BACKEND_VRING_HOST_NOTIFIER_MSG
+struct VringArea {    // BACKEND_VRING_HOST_NOTIFIER_MSG
   std::uint64_t u64;  // vring index in bits 0-7, bit 8 "no fd"
   std::uint64_t size;
   std::uint64_t offset;
@@ -210,8 +210,8 @@ struct Shared {  // GET_SHARED_OBJECT, BACKEND_SHARED_OBJECT_*
 };
 
 struct DeviceStateTransfer {  // SET_DEVICE_STATE_FD
-  std::uint32_t direction;  // 0 save, 1 load
-  std::uint32_t phase;      // 0 stopped
+  std::uint32_t direction;    // 0 save, 1 load
+  std::uint32_t phase;        // 0 stopped
 };
 
 }  // namespace wire

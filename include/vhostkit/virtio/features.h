@@ -11,7 +11,7 @@ constexpr std::uint64_t bit(unsigned n) { return std::uint64_t{1} << n; }
 // Device-independent (virtio 1.2, 6 "Reserved Feature Bits").
 namespace feature {
 inline constexpr unsigned notify_on_empty = 24;
-inline constexpr unsigned log_all = 26;            // VHOST_F_LOG_ALL: dirty logging for migration
+inline constexpr unsigned log_all = 26;  // VHOST_F_LOG_ALL: dirty logging for migration
 inline constexpr unsigned any_layout = 27;
 inline constexpr unsigned ring_indirect_desc = 28;
 inline constexpr unsigned ring_event_idx = 29;

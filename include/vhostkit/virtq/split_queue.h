@@ -12,8 +12,8 @@
 #include <array>
 #include <atomic>
 #include <cstddef>
-#include <cstring>
 #include <cstdint>
+#include <cstring>
 #include <expected>
 #include <optional>
 #include <span>
@@ -69,7 +69,7 @@ constexpr bool breaks_queue(ChainError e) noexcept {
 // The spans point into the segment array the caller passed to pop(); valid until it is reused.
 struct Chain {
   std::uint16_t head = 0;
-  std::uint16_t desc_count = 0;       // descriptors walked (indirect ones included)
+  std::uint16_t desc_count = 0;  // descriptors walked (indirect ones included)
   std::span<iovec> readable;
   std::span<iovec> writable;
   std::uint64_t readable_len = 0;
@@ -145,13 +145,13 @@ class DeviceQueue {
 
   const memory::GuestMemory* mem_ = nullptr;
   SplitRing ring_{};
-  std::uint16_t mask_ = 0;              // size - 1 (sizes are powers of two)
+  std::uint16_t mask_ = 0;  // size - 1 (sizes are powers of two)
   bool event_idx_ = false;
   bool indirect_ = false;
   bool broken_ = false;
   std::uint16_t last_avail_idx_ = 0;
-  std::uint16_t avail_idx_cache_ = 0;   // last avail->idx read
-  std::uint16_t used_idx_ = 0;          // next used slot to fill (not yet published)
+  std::uint16_t avail_idx_cache_ = 0;  // last avail->idx read
+  std::uint16_t used_idx_ = 0;         // next used slot to fill (not yet published)
   std::uint16_t published_used_idx_ = 0;
   std::uint16_t signalled_used_idx_ = 0;  // used->idx when we last decided about a signal
   std::array<std::uint64_t, kChainErrorCount> errors_{};
@@ -234,10 +234,10 @@ class DriverQueue {
   bool use_indirect_ = false;
   bool interrupts_enabled_ = true;
   std::uint16_t free_count_ = 0;
-  std::uint16_t avail_idx_ = 0;        // next avail slot (not yet published)
-  std::uint16_t kicked_avail_idx_ = 0; // avail->idx when we last decided about a kick
+  std::uint16_t avail_idx_ = 0;         // next avail slot (not yet published)
+  std::uint16_t kicked_avail_idx_ = 0;  // avail->idx when we last decided about a kick
   std::uint16_t last_used_idx_ = 0;
-  std::uint16_t used_idx_cache_ = 0;   // last used->idx read
+  std::uint16_t used_idx_cache_ = 0;  // last used->idx read
   std::uint64_t bad_used_ = 0;
   // Private copies: the device can rewrite the descriptor table, so freeing a chain never
   // follows the shared next fields.
@@ -277,7 +277,8 @@ inline virtio::VirtqDesc read_desc_once(const void* shared) noexcept {
 }  // namespace detail
 
 inline std::uint16_t DeviceQueue::pending() noexcept {
-  if (broken_ || ring_.avail == nullptr) [[unlikely]] return 0;
+  if (broken_ || ring_.avail == nullptr) [[unlikely]]
+    return 0;
   // Chains seen at the last read and not yet popped: no need to touch the shared line.
   std::uint16_t n = static_cast<std::uint16_t>(avail_idx_cache_ - last_avail_idx_);
   if (n != 0) return n;
@@ -294,10 +295,12 @@ inline std::uint16_t DeviceQueue::pending() noexcept {
 }
 
 inline std::expected<Chain, ChainError> DeviceQueue::pop(std::span<iovec> segs) noexcept {
-  if (last_avail_idx_ == avail_idx_cache_ || broken_) [[unlikely]] return pop_slow(segs);
+  if (last_avail_idx_ == avail_idx_cache_ || broken_) [[unlikely]]
+    return pop_slow(segs);
   // One read of the slot; the driver may rewrite it at any time after we advance.
-  const std::uint16_t head = std::atomic_ref<std::uint16_t>(
-      ring_.avail->ring[last_avail_idx_ & mask_]).load(std::memory_order_relaxed);
+  const std::uint16_t head =
+      std::atomic_ref<std::uint16_t>(ring_.avail->ring[last_avail_idx_ & mask_])
+          .load(std::memory_order_relaxed);
   ++last_avail_idx_;
   if (head >= ring_.size) [[unlikely]] {
     mark_broken(ChainError::head_out_of_range);
@@ -305,8 +308,8 @@ inline std::expected<Chain, ChainError> DeviceQueue::pop(std::span<iovec> segs) 
   }
   const virtio::VirtqDesc d = detail::read_desc_once(ring_.desc + head);
   // Fast path: one non-empty descriptor inside one region (most network packets).
-  if ((d.flags & (virtio::kDescFNext | virtio::kDescFIndirect)) == 0 && d.len != 0 &&
-      !segs.empty()) [[likely]] {
+  if ((d.flags & (virtio::kDescFNext | virtio::kDescFIndirect)) == 0 && d.len != 0 && !segs.empty())
+      [[likely]] {
     if (std::uint8_t* p = mem_->gpa_to_host(d.addr, d.len)) [[likely]] {
       segs[0] = iovec{p, d.len};
       Chain c;

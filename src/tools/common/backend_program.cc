@@ -7,8 +7,8 @@
 #include <cstdlib>
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include "cli_util.h"
 
@@ -27,11 +27,13 @@ BackendProgram::BackendProgram(std::string name, std::string type, std::string d
   app_.add_flag("--print-capabilities", a.print_capabilities,
                 "print the backend's capabilities as JSON and exit");
   app_.add_option("--poll", a.poll, "worker polling: event, busy or adaptive")
-      ->check(CLI::IsMember({"event", "busy", "adaptive"}))->capture_default_str();
+      ->check(CLI::IsMember({"event", "busy", "adaptive"}))
+      ->capture_default_str();
   app_.add_option("--cpu", a.cpu, "pin one worker per listed CPU, e.g. 1 or 0,2-3")
       ->option_text("LIST");
   app_.add_option("--stats", a.stats, "print per-queue rates every SECONDS")
-      ->check(CLI::Range(0.1, 3600.0))->option_text("SECONDS");
+      ->check(CLI::Range(0.1, 3600.0))
+      ->option_text("SECONDS");
   app_.add_option("--log-level", a.log_level, "trace, debug, info, warn, error, critical or off")
       ->capture_default_str();
   app_.add_option("--spin-us", a.spin_us, "adaptive polling: spin this long before sleeping")

@@ -137,7 +137,8 @@ Result<std::unique_ptr<ShutdownOnStop>> ShutdownOnStop::start(int stop_fd, int s
   if (!socket) return fail_errno(fmt::format("dup of socket fd {}", socket_fd));
   UniqueFd done(::eventfd(0, EFD_CLOEXEC));
   if (!done) return fail_errno("eventfd");
-  std::unique_ptr<ShutdownOnStop> w(new ShutdownOnStop(stop_fd, std::move(socket), std::move(done)));
+  std::unique_ptr<ShutdownOnStop> w(
+      new ShutdownOnStop(stop_fd, std::move(socket), std::move(done)));
   w->thread_ = std::thread([p = w.get()] { p->run(); });
   return w;
 }

@@ -95,8 +95,8 @@ TEST(Histogram, ResultIsClampedToObservedRange) {
 }
 
 TEST(Histogram, BucketsCoverEveryValueInOrder) {
-  for (std::uint64_t v : {0ull, 1ull, 63ull, 64ull, 65ull, 127ull, 128ull, 1000ull, 123456789ull,
-                          ~0ull}) {
+  for (std::uint64_t v :
+       {0ull, 1ull, 63ull, 64ull, 65ull, 127ull, 128ull, 1000ull, 123456789ull, ~0ull}) {
     const std::size_t b = vb::Histogram::bucket_of(v);
     ASSERT_LT(b, vb::Histogram::kBuckets);
     EXPECT_LE(vb::Histogram::bucket_low(b), v);
@@ -166,8 +166,9 @@ TEST(Csv, RowHasAColumnPerHeaderField) {
   const std::string row = vb::csv_row(r, "t");
   EXPECT_EQ(fields(row), fields(vb::csv_header()));
   EXPECT_NE(row.find(",12.500,"), std::string::npos) << row;
-  EXPECT_NE(vb::csv_row(loop_result(), "t").find(",cfg4,loop,64,busy,32,1,3.000,2000000,2.0000,1.0240,"),
-            std::string::npos)
+  EXPECT_NE(
+      vb::csv_row(loop_result(), "t").find(",cfg4,loop,64,busy,32,1,3.000,2000000,2.0000,1.0240,"),
+      std::string::npos)
       << vb::csv_row(loop_result(), "t");
 }
 
@@ -212,7 +213,7 @@ TEST(Table, OneAlignedLinePerResult) {
   EXPECT_NE(lines[0].find("p99.9 us"), std::string::npos);
   EXPECT_NE(lines[1].find("2.000"), std::string::npos);  // rx Mpps
   EXPECT_NE(lines[2].find("1234.50"), std::string::npos);
-  EXPECT_NE(lines[1].find(" -"), std::string::npos);     // no latency for loop
+  EXPECT_NE(lines[1].find(" -"), std::string::npos);  // no latency for loop
 }
 
 TEST(Json, LatencyFieldsOnlyForLatency) {

@@ -40,8 +40,8 @@ struct Backend {
   Backend(const std::string& image, std::uint16_t queues, bool ro = false,
           vhost::PollMode mode = vhost::PollMode::event)
       : dev(blk::testing::open_device(image, ro, queues)),
-        device(*dev, vhost::DeviceOptions{.name = "blk-pair", .mode = mode,
-                                          .queues_per_worker = 1}) {
+        device(*dev,
+               vhost::DeviceOptions{.name = "blk-pair", .mode = mode, .queues_per_worker = 1}) {
     auto p = vhost_user::socketpair();
     EXPECT_TRUE(p);
     frontend_end = std::move(p->first);
@@ -62,7 +62,8 @@ struct Backend {
   std::thread thread;
 };
 
-std::unique_ptr<BlkFrontend> connect(Backend& b, std::uint16_t queues = 1, std::uint16_t depth = 32) {
+std::unique_ptr<BlkFrontend> connect(Backend& b, std::uint16_t queues = 1,
+                                     std::uint16_t depth = 32) {
   BlkFrontendOptions o;
   o.channel = std::move(b.frontend_end);
   o.num_queues = queues;
@@ -122,7 +123,8 @@ TEST(BlkFrontendPair, RandomWritesThenReadsReturnTheData) {
       }
       Bytes data = blk::testing::pattern(kBs, static_cast<std::uint32_t>(blk * 1000 + n));
       std::memcpy(f->data(0, static_cast<std::uint16_t>(slot)), data.data(), kBs);
-      ASSERT_TRUE(f->submit(0, static_cast<std::uint16_t>(slot), virtio::blk_type::out, blk * 8, kBs));
+      ASSERT_TRUE(
+          f->submit(0, static_cast<std::uint16_t>(slot), virtio::blk_type::out, blk * 8, kBs));
       batch[static_cast<std::uint16_t>(slot)] = blk;
       written[blk] = std::move(data);
     }
@@ -138,7 +140,8 @@ TEST(BlkFrontendPair, RandomWritesThenReadsReturnTheData) {
     std::map<std::uint16_t, std::uint64_t> batch;
     for (int slot; it != written.end() && (slot = f->acquire(0)) >= 0; ++it) {
       std::memset(f->data(0, static_cast<std::uint16_t>(slot)), 0, kBs);
-      ASSERT_TRUE(f->submit(0, static_cast<std::uint16_t>(slot), virtio::blk_type::in, it->first * 8, kBs));
+      ASSERT_TRUE(
+          f->submit(0, static_cast<std::uint16_t>(slot), virtio::blk_type::in, it->first * 8, kBs));
       batch[static_cast<std::uint16_t>(slot)] = it->first;
     }
     f->publish(0);
@@ -200,8 +203,14 @@ TEST(BlkFrontendPair, OutOfRangeSectorCompletesWithIoErr) {
 // Long enough that a loaded 2-core CI host (busy pollers, ASan, ctest -j2) still completes
 // requests in the measured window; once it measured none in 0.5 s with the host at load 8.
 vb::BlkRunConfig short_run(vb::BlkRw rw, bool busy) {
-  return vb::BlkRunConfig{.label = "test", .rw = rw, .bs = kBs, .duration = 1.0, .warmup = 0.1,
-                          .busy = busy, .cpus = {}, .live = false};
+  return vb::BlkRunConfig{.label = "test",
+                          .rw = rw,
+                          .bs = kBs,
+                          .duration = 1.0,
+                          .warmup = 0.1,
+                          .busy = busy,
+                          .cpus = {},
+                          .live = false};
 }
 
 class BlkBenchRun : public ::testing::TestWithParam<std::tuple<vb::BlkRw, bool>> {};
@@ -229,20 +238,22 @@ TEST_P(BlkBenchRun, CompletesWithoutErrorsAndMeasuresLatency) {
   EXPECT_LE(r.p99_us, r.p999_us);
   // Every request the bench counted reached the device, on both queues.
   const auto s0 = b.dev->stats(0), s1 = b.dev->stats(1);
-  const std::uint64_t device_done = rw == vb::BlkRw::randread ? s0.reads + s1.reads : s0.writes + s1.writes;
+  const std::uint64_t device_done =
+      rw == vb::BlkRw::randread ? s0.reads + s1.reads : s0.writes + s1.writes;
   EXPECT_EQ(device_done, r.total);
   EXPECT_GT(rw == vb::BlkRw::randread ? s0.reads : s0.writes, 0u);
   EXPECT_GT(rw == vb::BlkRw::randread ? s1.reads : s1.writes, 0u);
   EXPECT_EQ(f->inflight(0), 0u);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Modes, BlkBenchRun,
-    ::testing::Combine(::testing::Values(vb::BlkRw::randread, vb::BlkRw::randwrite),
-                       ::testing::Bool()),
-    [](const auto& i) {
-      return std::string(vb::to_string(std::get<0>(i.param))) + (std::get<1>(i.param) ? "_busy" : "_event");
-    });
+INSTANTIATE_TEST_SUITE_P(Modes, BlkBenchRun,
+                         ::testing::Combine(::testing::Values(vb::BlkRw::randread,
+                                                              vb::BlkRw::randwrite),
+                                            ::testing::Bool()),
+                         [](const auto& i) {
+                           return std::string(vb::to_string(std::get<0>(i.param))) +
+                                  (std::get<1>(i.param) ? "_busy" : "_event");
+                         });
 
 TEST(BlkBenchRunErrors, WritesToAReadOnlyDiskCountAsErrors) {
   TempImage img(kImageBytes, kImageDir);

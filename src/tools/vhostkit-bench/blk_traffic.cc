@@ -130,9 +130,11 @@ BlkResult run_blk(vu::BlkFrontend& f, const BlkRunConfig& cfg, int sigfd, bool& 
     const double dt = std::chrono::duration<double>(now - tick).count();
     elapsed = std::chrono::duration<double>(now - t0).count();
     if (cfg.live && dt > 0) {
-      std::fprintf(stderr, "%s\n",
-                   format_blk_live(elapsed, static_cast<double>(cur.completed - prev.completed) / dt,
-                                   cfg.bs, cur.errors).c_str());
+      std::fprintf(
+          stderr, "%s\n",
+          format_blk_live(elapsed, static_cast<double>(cur.completed - prev.completed) / dt, cfg.bs,
+                          cur.errors)
+              .c_str());
     }
     prev = cur;
     tick = now;

@@ -27,8 +27,8 @@ struct alignas(64) BlkCounters {
 struct BlkQueueConfig {
   std::uint16_t q = 0;
   BlkRw rw = BlkRw::randread;
-  std::uint32_t bs = 4096;        // bytes per request, a multiple of 512
-  std::uint64_t blocks = 0;       // bs-sized blocks on the disk: offsets are uniform in [0, blocks)
+  std::uint32_t bs = 4096;   // bytes per request, a multiple of 512
+  std::uint64_t blocks = 0;  // bs-sized blocks on the disk: offsets are uniform in [0, blocks)
   bool busy = true;
   int cpu = -1;
   std::uint64_t seed = 1;

@@ -56,7 +56,9 @@ class Histogram {
   std::uint64_t count() const noexcept { return count_; }
   std::uint64_t min() const noexcept { return count_ ? min_ : 0; }
   std::uint64_t max() const noexcept { return max_; }
-  double mean() const noexcept { return count_ ? static_cast<double>(sum_) / static_cast<double>(count_) : 0.0; }
+  double mean() const noexcept {
+    return count_ ? static_cast<double>(sum_) / static_cast<double>(count_) : 0.0;
+  }
 
   // The value below which a fraction q (0..1) of the samples lie: the middle of the bucket
   // holding the ceil(q * count)-th sample, clamped to [min, max] (so q = 0 gives min, q = 1 max).

@@ -13,11 +13,11 @@
 //
 // Exit codes: 0 done (also after SIGINT/SIGTERM, with what was measured); 1 the back-end could
 // not be reached or set up, or (blk) a request completed with an error; 2 bad arguments.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <poll.h>
 #include <sys/signalfd.h>
@@ -125,7 +125,9 @@ vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std:
     });
   }
   const bool live = !a.json_only;
-  const auto ms = [](double sec) { return std::chrono::milliseconds(static_cast<long>(sec * 1000)); };
+  const auto ms = [](double sec) {
+    return std::chrono::milliseconds(static_cast<long>(sec * 1000));
+  };
   if (a.warmup > 0 && !sleep_unless_stopped(sigfd, ms(a.warmup))) stopped = true;
 
   ctl.set(vb::Phase::measure);
@@ -146,10 +148,12 @@ vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std:
       // receive side has caught up, an over-estimate by what is in flight beyond the ring.
       const std::uint64_t lost =
           (mode == vb::Mode::loop || mode == vb::Mode::latency) && cur.tx > cur.rx + cur.outstanding
-              ? cur.tx - cur.rx - cur.outstanding : 0;
+              ? cur.tx - cur.rx - cur.outstanding
+              : 0;
       std::fprintf(stderr, "%s\n",
                    vb::format_live(elapsed, static_cast<double>(cur.tx - prev.tx) / dt,
-                                   static_cast<double>(cur.rx - prev.rx) / dt, size, lost).c_str());
+                                   static_cast<double>(cur.rx - prev.rx) / dt, size, lost)
+                       .c_str());
     }
     prev = cur;
     tick = now;
@@ -208,7 +212,9 @@ vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std:
 // SIGINT/SIGTERM came before a back-end was set up: nothing was measured, but the run ended as
 // asked, so the usual JSON line (no results) and exit 0.
 int stopped_before_run() {
-  json out = {{"tool", "vhostkit-bench"}, {"utc", utc_now()}, {"interrupted", true},
+  json out = {{"tool", "vhostkit-bench"},
+              {"utc", utc_now()},
+              {"interrupted", true},
               {"results", json::array()}};
   std::printf("%s\n", out.dump().c_str());
   return 0;
@@ -252,7 +258,8 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
     return 2;
   }
   if (!a.json_only) {
-    std::fprintf(stderr, "vhostkit-bench: blk %s, bs %u, iodepth %u x %u queue(s), ring %u, "
+    std::fprintf(stderr,
+                 "vhostkit-bench: blk %s, bs %u, iodepth %u x %u queue(s), ring %u, "
                  "disk %llu sectors (blk_size %u), features %#llx, poll %s\n",
                  std::string(vb::to_string(rw)).c_str(), a.bs, a.iodepth, blk.num_queues(),
                  blk.session().queue_size(), static_cast<unsigned long long>(info.capacity),
@@ -278,10 +285,13 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
     }
   }
   if (!a.json_only) std::printf("%s", vb::format_blk_table(results).c_str());
-  json out = {{"tool", "vhostkit-bench"}, {"utc", utc},
+  json out = {{"tool", "vhostkit-bench"},
+              {"utc", utc},
               {"features", fmt::format("{:#x}", blk.session().features())},
-              {"capacity_sectors", info.capacity}, {"blk_size", info.blk_size},
-              {"interrupted", stopped}, {"results", json::array()}};
+              {"capacity_sectors", info.capacity},
+              {"blk_size", info.blk_size},
+              {"interrupted", stopped},
+              {"results", json::array()}};
   for (const auto& r : results) out["results"].push_back(vb::to_json(r));
   std::printf("%s\n", out.dump().c_str());
   std::fflush(stdout);
@@ -298,23 +308,31 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
 int main(int argc, char** argv) {
   CLI::App app{"vhostkit-bench: drive a vhost-user net back-end as a front-end and measure it"};
   Args a;
-  app.add_option("mode", a.mode, "txonly, rxonly, loop (default), latency; blk for a block back-end")
+  app.add_option("mode", a.mode,
+                 "txonly, rxonly, loop (default), latency; blk for a block back-end")
       ->check(CLI::IsMember({"txonly", "rxonly", "loop", "latency", "blk"}));
-  auto* sp = app.add_option("--socket-path", a.socket_path, "connect to the back-end listening here");
+  auto* sp =
+      app.add_option("--socket-path", a.socket_path, "connect to the back-end listening here");
   auto* sv = app.add_option("--server", a.server_path,
                             "listen here and wait for the back-end to connect (its client mode)");
   sp->excludes(sv);
-  app.add_option("--size", a.sizes, "frame length(s) in bytes, e.g. 64 or 64,256,1518 (run in turn)");
+  app.add_option("--size", a.sizes,
+                 "frame length(s) in bytes, e.g. 64 or 64,256,1518 (run in turn)");
   app.add_option("--burst", a.burst, "frames per burst")->check(CLI::Range(1u, 256u));
-  app.add_option("--duration", a.duration, "measured seconds per size")->check(CLI::Range(0.1, 86400.0));
-  app.add_option("--warmup", a.warmup, "seconds of traffic before measuring")->check(CLI::Range(0.0, 3600.0));
+  app.add_option("--duration", a.duration, "measured seconds per size")
+      ->check(CLI::Range(0.1, 86400.0));
+  app.add_option("--warmup", a.warmup, "seconds of traffic before measuring")
+      ->check(CLI::Range(0.0, 3600.0));
   app.add_option("--queues", a.queues, "queue pairs; blk: request queues (one data thread each)")
       ->check(CLI::Range(1, 128));
   auto* qs = app.add_option("--queue-size", a.queue_size,
                             "ring size (power of two; blk default: room for --iodepth requests)")
-      ->check(CLI::IsMember({2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768}));
-  app.add_option("--buffer-size", a.buffer_size, "packet buffer size")->check(CLI::Range(128u, 65536u));
-  app.add_option("--poll", a.poll, "busy (spin; no kick/call eventfds) or event (sleep on call eventfds)")
+                 ->check(CLI::IsMember(
+                     {2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768}));
+  app.add_option("--buffer-size", a.buffer_size, "packet buffer size")
+      ->check(CLI::Range(128u, 65536u));
+  app.add_option("--poll", a.poll,
+                 "busy (spin; no kick/call eventfds) or event (sleep on call eventfds)")
       ->check(CLI::IsMember({"event", "busy"}));
   app.add_option("--cpu", a.cpu, "pin the data thread(s) to these CPUs, e.g. 0 or 0,1");
   app.add_option("--csv", a.csv, "append one row per result to FILE (header if new)");
@@ -338,7 +356,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "vhostkit-bench: %s\n", msg.c_str());
     return 2;
   };
-  if (a.socket_path.empty() == a.server_path.empty()) return bad("one of --socket-path or --server is required");
+  if (a.socket_path.empty() == a.server_path.empty())
+    return bad("one of --socket-path or --server is required");
   const auto mode = vb::parse_mode(a.mode);
   if (!mode) return bad(mode.error().message());
   {
@@ -386,13 +405,15 @@ int main(int argc, char** argv) {
   if (!a.server_path.empty()) {
     auto l = vu::listen_unix(a.server_path);
     if (!l) {
-      std::fprintf(stderr, "vhostkit-bench: listen on %s: %s\n", a.server_path.c_str(), l.error().message().c_str());
+      std::fprintf(stderr, "vhostkit-bench: listen on %s: %s\n", a.server_path.c_str(),
+                   l.error().message().c_str());
       return 1;
     }
     auto ch = vhostkit::cli::accept_unless_stopped(l->get(), sigfd->get());
     ::unlink(a.server_path.c_str());
     if (!ch) {
-      std::fprintf(stderr, "vhostkit-bench: accept on %s: %s\n", a.server_path.c_str(), ch.error().message().c_str());
+      std::fprintf(stderr, "vhostkit-bench: accept on %s: %s\n", a.server_path.c_str(),
+                   ch.error().message().c_str());
       return 1;
     }
     if (!*ch) return stopped_before_run();
@@ -400,7 +421,8 @@ int main(int argc, char** argv) {
   } else {
     auto ch = vu::connect_unix(a.socket_path);
     if (!ch) {
-      std::fprintf(stderr, "vhostkit-bench: connect to %s: %s\n", a.socket_path.c_str(), ch.error().message().c_str());
+      std::fprintf(stderr, "vhostkit-bench: connect to %s: %s\n", a.socket_path.c_str(),
+                   ch.error().message().c_str());
       return 1;
     }
     channel = std::move(*ch);
@@ -422,7 +444,8 @@ int main(int argc, char** argv) {
   o.queue_size = a.queue_size;
   o.buffer_size = a.buffer_size;
   o.memory_size = 0;
-  o.notify = a.poll == "busy" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
+  o.notify =
+      a.poll == "busy" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
   o.channel = std::move(channel);
   auto s = vu::FrontendSession::connect(std::move(o));
   if ((*watch)->stopped()) return stopped_before_run();
@@ -454,8 +477,11 @@ int main(int argc, char** argv) {
     }
   }
   if (!a.json_only) std::printf("%s", vb::format_table(results).c_str());
-  json out = {{"tool", "vhostkit-bench"}, {"utc", utc}, {"features", fmt::format("{:#x}", f.features())},
-              {"interrupted", stopped}, {"results", json::array()}};
+  json out = {{"tool", "vhostkit-bench"},
+              {"utc", utc},
+              {"features", fmt::format("{:#x}", f.features())},
+              {"interrupted", stopped},
+              {"results", json::array()}};
   for (const auto& r : results) out["results"].push_back(vb::to_json(r));
   std::printf("%s\n", out.dump().c_str());
   return 0;

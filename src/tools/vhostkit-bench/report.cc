@@ -2,11 +2,11 @@
 
 #include <fmt/format.h>
 
+#include <sys/stat.h>
 #include <charconv>
-#include <span>
 #include <cstdio>
 #include <fstream>
-#include <sys/stat.h>
+#include <span>
 
 namespace vhostkit::bench {
 
@@ -57,17 +57,20 @@ Result<BlkRw> parse_rw(std::string_view s) {
 
 Result<> check_bs(std::uint32_t bs, std::uint32_t max) {
   if (bs < 512 || bs > max || bs % 512 != 0) {
-    return fail(Errc::out_of_range, fmt::format("--bs: {} is not a multiple of 512 in 512..{}", bs, max));
+    return fail(Errc::out_of_range,
+                fmt::format("--bs: {} is not a multiple of 512 in 512..{}", bs, max));
   }
   return {};
 }
 
-Result<std::vector<std::uint32_t>> parse_sizes(std::string_view s, std::uint32_t min, std::uint32_t max) {
+Result<std::vector<std::uint32_t>> parse_sizes(std::string_view s, std::uint32_t min,
+                                               std::uint32_t max) {
   std::vector<std::uint32_t> out;
   std::size_t pos = 0;
   for (;;) {
     const std::size_t comma = s.find(',', pos);
-    const std::string_view item = s.substr(pos, comma == std::string_view::npos ? s.npos : comma - pos);
+    const std::string_view item =
+        s.substr(pos, comma == std::string_view::npos ? s.npos : comma - pos);
     std::uint32_t v = 0;
     const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
     if (item.empty() || ec != std::errc{} || end != item.data() + item.size()) {
@@ -101,7 +104,7 @@ bool is_latency(const RunResult& r) { return r.mode == Mode::latency; }
 template <typename R, typename Row>
 Result<> append_rows(const std::string& path, const std::string& header,
                      const std::vector<R>& results, Row&& row) {
-  struct stat st {};
+  struct stat st{};
   const bool fresh = ::stat(path.c_str(), &st) != 0 || st.st_size == 0;
   std::ofstream f(path, std::ios::app);
   if (!f) return fail_errno(fmt::format("open {} for append", path));
@@ -120,10 +123,10 @@ std::string csv_header() {
 }
 
 std::string csv_row(const RunResult& r, std::string_view utc) {
-  std::string row = fmt::format("{},{},{},{},{},{},{},{:.3f},{:.0f},{:.4f},{:.4f},{:.0f},{:.0f},{},{},{}",
-                                csv_field(utc), csv_field(r.label), to_string(r.mode), r.size,
-                                csv_field(r.poll), r.burst, r.queues, r.seconds, r.pps(),
-                                r.pps() / 1e6, r.gbps(), r.tx_pps, r.rx_pps, r.tx, r.rx, r.drops);
+  std::string row = fmt::format(
+      "{},{},{},{},{},{},{},{:.3f},{:.0f},{:.4f},{:.4f},{:.0f},{:.0f},{},{},{}", csv_field(utc),
+      csv_field(r.label), to_string(r.mode), r.size, csv_field(r.poll), r.burst, r.queues,
+      r.seconds, r.pps(), r.pps() / 1e6, r.gbps(), r.tx_pps, r.rx_pps, r.tx, r.rx, r.drops);
   if (is_latency(r)) {
     row += fmt::format(",{},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f},{:.3f}", r.samples, r.p50_us,
                        r.p99_us, r.p999_us, r.min_us, r.max_us, r.mean_us);
@@ -133,8 +136,10 @@ std::string csv_row(const RunResult& r, std::string_view utc) {
   return row;
 }
 
-Result<> append_csv(const std::string& path, const std::vector<RunResult>& results, std::string_view utc) {
-  return append_rows(path, csv_header(), results, [&](const RunResult& r) { return csv_row(r, utc); });
+Result<> append_csv(const std::string& path, const std::vector<RunResult>& results,
+                    std::string_view utc) {
+  return append_rows(path, csv_header(), results,
+                     [&](const RunResult& r) { return csv_row(r, utc); });
 }
 
 std::string blk_csv_header() {
@@ -143,12 +148,12 @@ std::string blk_csv_header() {
 }
 
 std::string blk_csv_row(const BlkResult& r, std::string_view utc) {
-  return fmt::format("{},{},blk,{},{},{},{},{},{:.3f},{:.0f},{:.2f},{},{},{},{},{:.3f},{:.3f},{:.3f},"
-                     "{:.3f},{:.3f},{:.3f}",
-                     csv_field(utc), csv_field(r.label), to_string(r.rw), r.bs, r.iodepth, r.queues,
-                     csv_field(r.poll), r.seconds, r.iops, r.mb_per_s(), r.requests, r.total,
-                     r.errors, r.samples, r.p50_us, r.p99_us, r.p999_us, r.min_us, r.max_us,
-                     r.mean_us);
+  return fmt::format(
+      "{},{},blk,{},{},{},{},{},{:.3f},{:.0f},{:.2f},{},{},{},{},{:.3f},{:.3f},{:.3f},"
+      "{:.3f},{:.3f},{:.3f}",
+      csv_field(utc), csv_field(r.label), to_string(r.rw), r.bs, r.iodepth, r.queues,
+      csv_field(r.poll), r.seconds, r.iops, r.mb_per_s(), r.requests, r.total, r.errors, r.samples,
+      r.p50_us, r.p99_us, r.p999_us, r.min_us, r.max_us, r.mean_us);
 }
 
 Result<> append_blk_csv(const std::string& path, const std::vector<BlkResult>& results,
@@ -158,17 +163,21 @@ Result<> append_blk_csv(const std::string& path, const std::vector<BlkResult>& r
 }
 
 nlohmann::json to_json(const BlkResult& r) {
-  return {{"label", r.label}, {"mode", "blk"}, {"rw", to_string(r.rw)}, {"bs", r.bs},
-          {"iodepth", r.iodepth}, {"queues", r.queues}, {"poll", r.poll},
-          {"seconds", r.seconds}, {"iops", r.iops}, {"mb_per_s", r.mb_per_s()},
-          {"requests", r.requests}, {"total", r.total}, {"errors", r.errors},
-          {"samples", r.samples}, {"p50_us", r.p50_us}, {"p99_us", r.p99_us},
-          {"p999_us", r.p999_us}, {"min_us", r.min_us}, {"max_us", r.max_us},
-          {"mean_us", r.mean_us}};
+  return {{"label", r.label},       {"mode", "blk"},
+          {"rw", to_string(r.rw)},  {"bs", r.bs},
+          {"iodepth", r.iodepth},   {"queues", r.queues},
+          {"poll", r.poll},         {"seconds", r.seconds},
+          {"iops", r.iops},         {"mb_per_s", r.mb_per_s()},
+          {"requests", r.requests}, {"total", r.total},
+          {"errors", r.errors},     {"samples", r.samples},
+          {"p50_us", r.p50_us},     {"p99_us", r.p99_us},
+          {"p999_us", r.p999_us},   {"min_us", r.min_us},
+          {"max_us", r.max_us},     {"mean_us", r.mean_us}};
 }
 
 std::string format_blk_table(const std::vector<BlkResult>& results) {
-  constexpr std::string_view kFmt = "{:<9} {:>7} {:>7} {:>6} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}\n";
+  constexpr std::string_view kFmt =
+      "{:<9} {:>7} {:>7} {:>6} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}\n";
   std::string out = fmt::format(fmt::runtime(kFmt), "rw", "bs", "iodepth", "queues", "poll", "IOPS",
                                 "MB/s", "errors", "p50 us", "p99 us", "p99.9 us");
   for (const BlkResult& r : results) {
@@ -186,11 +195,21 @@ std::string format_blk_live(double t, double iops, std::uint32_t bs, std::uint64
 }
 
 nlohmann::json to_json(const RunResult& r) {
-  nlohmann::json j = {{"label", r.label}, {"mode", to_string(r.mode)}, {"size", r.size},
-                      {"poll", r.poll}, {"burst", r.burst}, {"queues", r.queues},
-                      {"seconds", r.seconds}, {"pps", r.pps()}, {"mpps", r.pps() / 1e6},
-                      {"gbps", r.gbps()}, {"tx_pps", r.tx_pps}, {"rx_pps", r.rx_pps},
-                      {"tx", r.tx}, {"rx", r.rx}, {"drops", r.drops}};
+  nlohmann::json j = {{"label", r.label},
+                      {"mode", to_string(r.mode)},
+                      {"size", r.size},
+                      {"poll", r.poll},
+                      {"burst", r.burst},
+                      {"queues", r.queues},
+                      {"seconds", r.seconds},
+                      {"pps", r.pps()},
+                      {"mpps", r.pps() / 1e6},
+                      {"gbps", r.gbps()},
+                      {"tx_pps", r.tx_pps},
+                      {"rx_pps", r.rx_pps},
+                      {"tx", r.tx},
+                      {"rx", r.rx},
+                      {"drops", r.drops}};
   if (is_latency(r)) {
     j["samples"] = r.samples;
     j["p50_us"] = r.p50_us;
@@ -204,11 +223,14 @@ nlohmann::json to_json(const RunResult& r) {
 }
 
 std::string format_table(const std::vector<RunResult>& results) {
-  constexpr std::string_view kFmt = "{:<8} {:>5} {:>6} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}\n";
+  constexpr std::string_view kFmt =
+      "{:<8} {:>5} {:>6} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}\n";
   std::string out = fmt::format(fmt::runtime(kFmt), "mode", "size", "poll", "tx Mpps", "rx Mpps",
                                 "Gbit/s", "tx", "rx", "drops", "p50 us", "p99 us", "p99.9 us");
   for (const RunResult& r : results) {
-    const auto us = [&](double v) { return is_latency(r) ? fmt::format("{:.2f}", v) : std::string("-"); };
+    const auto us = [&](double v) {
+      return is_latency(r) ? fmt::format("{:.2f}", v) : std::string("-");
+    };
     out += fmt::format(fmt::runtime(kFmt), to_string(r.mode), r.size, r.poll,
                        fmt::format("{:.3f}", r.tx_pps / 1e6), fmt::format("{:.3f}", r.rx_pps / 1e6),
                        fmt::format("{:.3f}", r.gbps()), r.tx, r.rx, r.drops, us(r.p50_us),
@@ -217,7 +239,8 @@ std::string format_table(const std::vector<RunResult>& results) {
   return out;
 }
 
-std::string format_live(double t, double tx_pps, double rx_pps, std::uint32_t size, std::uint64_t lost) {
+std::string format_live(double t, double tx_pps, double rx_pps, std::uint32_t size,
+                        std::uint64_t lost) {
   const double gbps = std::max(tx_pps, rx_pps) * size * 8.0 / 1e9;
   return fmt::format("{:6.1f}s  tx {:7.3f} Mpps  rx {:7.3f} Mpps  {:7.3f} Gbit/s  drops {}", t,
                      tx_pps / 1e6, rx_pps / 1e6, gbps, lost);

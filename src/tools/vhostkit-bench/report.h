@@ -35,16 +35,17 @@ Result<> check_bs(std::uint32_t bs, std::uint32_t max);
 
 // "64" or "64,256,1518": frame lengths (bytes handed to the device, virtio-net header and CRC
 // not included, as testpmd's --txpkts), each in [min, max], at least one.
-Result<std::vector<std::uint32_t>> parse_sizes(std::string_view s, std::uint32_t min, std::uint32_t max);
+Result<std::vector<std::uint32_t>> parse_sizes(std::string_view s, std::uint32_t min,
+                                               std::uint32_t max);
 
 struct RunResult {
-  std::string label;        // --label: names the configuration in the CSV
+  std::string label;  // --label: names the configuration in the CSV
   Mode mode = Mode::loop;
-  std::uint32_t size = 0;   // frame bytes
-  std::string poll;         // event | busy
+  std::uint32_t size = 0;  // frame bytes
+  std::string poll;        // event | busy
   std::uint32_t burst = 0;
   std::uint16_t queues = 1;
-  double seconds = 0;       // length of the measured window
+  double seconds = 0;  // length of the measured window
   // Totals over the whole run (warm-up and drain included): what drops is computed from.
   std::uint64_t tx = 0;
   std::uint64_t rx = 0;
@@ -71,10 +72,10 @@ struct BlkResult {
   std::uint16_t iodepth = 1;
   std::uint16_t queues = 1;
   std::string poll;
-  double seconds = 0;         // measured window
-  std::uint64_t requests = 0; // completed inside the measured window
-  std::uint64_t total = 0;    // completed over the whole run (warm-up and drain included)
-  std::uint64_t errors = 0;   // whole run: completed with a status other than OK
+  double seconds = 0;          // measured window
+  std::uint64_t requests = 0;  // completed inside the measured window
+  std::uint64_t total = 0;     // completed over the whole run (warm-up and drain included)
+  std::uint64_t errors = 0;    // whole run: completed with a status other than OK
   double iops = 0;
   std::uint64_t samples = 0;
   double p50_us = 0, p99_us = 0, p999_us = 0, min_us = 0, max_us = 0, mean_us = 0;
@@ -94,12 +95,14 @@ std::string format_blk_live(double t, double iops, std::uint32_t bs, std::uint64
 std::string csv_header();
 std::string csv_row(const RunResult& r, std::string_view utc);
 // Appends one row per result to `path`, writing the header first if the file is new or empty.
-Result<> append_csv(const std::string& path, const std::vector<RunResult>& results, std::string_view utc);
+Result<> append_csv(const std::string& path, const std::vector<RunResult>& results,
+                    std::string_view utc);
 
 nlohmann::json to_json(const RunResult& r);
 // Fixed-width, one line per result under a header line; every line the same width.
 std::string format_table(const std::vector<RunResult>& results);
 // The live line printed each second: rates over the interval and drops so far.
-std::string format_live(double t, double tx_pps, double rx_pps, std::uint32_t size, std::uint64_t lost);
+std::string format_live(double t, double tx_pps, double rx_pps, std::uint32_t size,
+                        std::uint64_t lost);
 
 }  // namespace vhostkit::bench

@@ -42,7 +42,8 @@ void sleep_on_calls(vu::FrontendRing* a, vu::FrontendRing* b, int timeout_ms) no
     for (int i = 0; i < n; ++i) {
       if ((pfd[i].revents & POLLIN) == 0) continue;
       std::uint64_t v = 0;
-      if (::read(pfd[i].fd, &v, sizeof v) == static_cast<ssize_t>(sizeof v)) ++rings[i]->stats.calls;
+      if (::read(pfd[i].fd, &v, sizeof v) == static_cast<ssize_t>(sizeof v))
+        ++rings[i]->stats.calls;
     }
   }
   for (int i = 0; i < n; ++i) rings[i]->vq.disable_interrupts();
@@ -97,10 +98,11 @@ void run_latency(vu::FrontendSession& s, const PairConfig& cfg, const Control& c
   while (ctl.get() < Phase::drain) {
     const bool measuring = ctl.get() == Phase::measure;
     std::uint64_t t_sent = 0;
-    const std::size_t n = s.tx_burst_fill(qp, 1, [&](std::size_t, std::span<std::uint8_t> room) noexcept {
-      t_sent = now_ns();
-      return write_frame(room, cfg.size, seq, t_sent);
-    });
+    const std::size_t n =
+        s.tx_burst_fill(qp, 1, [&](std::size_t, std::span<std::uint8_t> room) noexcept {
+          t_sent = now_ns();
+          return write_frame(room, cfg.size, seq, t_sent);
+        });
     if (n == 0) {
       s.reclaim_tx(qp);
       continue;
@@ -170,7 +172,8 @@ std::uint64_t now_ns() noexcept {
   // CLOCK_MONOTONIC through the vDSO: no system call.
   timespec ts;
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000u + static_cast<std::uint64_t>(ts.tv_nsec);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000u +
+         static_cast<std::uint64_t>(ts.tv_nsec);
 }
 
 std::size_t write_frame(std::span<std::uint8_t> room, std::size_t len, std::uint64_t seq,

@@ -31,20 +31,22 @@ void add_blk_options(CLI::App& app, BlkArgs& a) {
   app.add_option("--image", a.image, "raw disk image file or block device")->option_text("FILE");
   app.add_flag("--read-only", a.read_only, "offer a read-only disk (VIRTIO_BLK_F_RO)");
   app.add_option("--queues", a.queues, "request queues")
-      ->check(CLI::Range(1u, unsigned{blk::BlkDevice::kMaxQueues}))->capture_default_str();
+      ->check(CLI::Range(1u, unsigned{blk::BlkDevice::kMaxQueues}))
+      ->capture_default_str();
   app.add_option("--blk-size", a.blk_size, "logical block size reported to the guest: 512 or 4096")
-      ->check(CLI::IsMember({512u, 4096u}))->capture_default_str();
+      ->check(CLI::IsMember({512u, 4096u}))
+      ->capture_default_str();
   app.add_option("--serial", a.serial, "GET_ID serial (up to 20 bytes; default vhostkit-IMAGE)");
   app.add_option("--io", a.io,
                  "how requests reach the image: uring (io_uring, many in flight), inline (plain "
                  "calls on the queue's worker), auto (inline for an image on tmpfs, ramfs or "
                  "hugetlbfs, where a request is a memory copy; uring otherwise)")
-      ->check(CLI::IsMember({"auto", "uring", "inline"}))->capture_default_str();
+      ->check(CLI::IsMember({"auto", "uring", "inline"}))
+      ->capture_default_str();
 }
 
 // One --stats line for one queue over an interval.
-void print_queue_line(std::uint16_t q, const blk::BlkStats& p, const blk::BlkStats& cur,
-                      double s) {
+void print_queue_line(std::uint16_t q, const blk::BlkStats& p, const blk::BlkStats& cur, double s) {
   std::printf(
       "q%u read %8.0f iops %8.2f MiB/s | write %8.0f iops %8.2f MiB/s | flush %llu "
       "discard %llu | ioerr %llu bad %llu\n",
@@ -105,8 +107,7 @@ int main(int argc, char** argv) {
 
   spdlog::info("vhostkit-blk: {}, image {} ({} sectors, {}, I/O {}{}{}), {} queue(s), poll {}",
                cfg.where, a.image, dev.capacity_sectors(),
-               dev.direct_io() ? "O_DIRECT" : "buffered",
-               blk::to_string(dev.io_path()),
+               dev.direct_io() ? "O_DIRECT" : "buffered", blk::to_string(dev.io_path()),
                io == blk::IoPath::automatic && dev.memory_backed() ? " (memory file system)" : "",
                dev.read_only() ? ", read-only" : "", dev.num_queues(), prog.args().poll);
 
@@ -128,10 +129,11 @@ int main(int argc, char** argv) {
   // What this process served, for whoever reads the log after it is gone.
   for (std::uint16_t q = 0; q < dev.num_queues(); ++q) {
     const blk::BlkStats t = dev.stats(q);
-    spdlog::info("vhostkit-blk: totals q{} reads {} ({} bytes) writes {} ({} bytes) flushes {} "
-                 "discards {} get_ids {} | ioerr {} bad {}",
-                 q, t.reads, t.bytes_read, t.writes, t.bytes_written, t.flushes, t.discards,
-                 t.get_ids, t.io_errors, t.bad_requests + t.no_status);
+    spdlog::info(
+        "vhostkit-blk: totals q{} reads {} ({} bytes) writes {} ({} bytes) flushes {} "
+        "discards {} get_ids {} | ioerr {} bad {}",
+        q, t.reads, t.bytes_read, t.writes, t.bytes_written, t.flushes, t.discards, t.get_ids,
+        t.io_errors, t.bad_requests + t.no_status);
   }
   return rc;
 }

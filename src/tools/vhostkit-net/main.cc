@@ -33,8 +33,8 @@ struct NetArgs {
 };
 
 void add_net_options(CLI::App& app, NetArgs& a) {
-  auto* tap = app.add_option("--tap", a.tap, "port: open or create TAP interface IF")
-                  ->option_text("IF");
+  auto* tap =
+      app.add_option("--tap", a.tap, "port: open or create TAP interface IF")->option_text("IF");
   auto* af = app.add_option("--af-packet", a.af_packet,
                             "port: AF_PACKET on existing interface IF (mapped rings)")
                  ->option_text("IF");
@@ -42,12 +42,14 @@ void add_net_options(CLI::App& app, NetArgs& a) {
                           "port: reflect every guest frame back with its MACs swapped");
   tap->excludes(af)->excludes(lo);
   af->excludes(lo);
-  app.add_option("--queues", a.queues, "queue pairs")->check(CLI::Range(1u, 256u))
+  app.add_option("--queues", a.queues, "queue pairs")
+      ->check(CLI::Range(1u, 256u))
       ->capture_default_str();
   app.add_option("--mac", a.mac, "the guest's MAC address (config space)")->capture_default_str();
   app.add_option("--mtu", a.mtu, "offer VIRTIO_NET_F_MTU with this MTU (68-65535)")
       ->check(CLI::Range(68u, 65535u));
-  app.add_option("--burst", a.burst, "chains per batch")->check(CLI::Range(1u, 256u))
+  app.add_option("--burst", a.burst, "chains per batch")
+      ->check(CLI::Range(1u, 256u))
       ->capture_default_str();
 }
 
@@ -101,7 +103,7 @@ int main(int argc, char** argv) {
   dopts.name = "net";
   dopts.mode = cfg.poll;
   dopts.cpus = cfg.cpus;
-  dopts.queues_per_worker = 2;  // a pair's rx and tx rings share a worker
+  dopts.queues_per_worker = 2;                 // a pair's rx and tx rings share a worker
   dopts.unpinned_workers = dev.queue_pairs();  // without --cpu: a worker per queue pair
   dopts.adaptive_spin_us = prog.args().spin_us;
   vhost::Device device(dev, dopts);

@@ -14,22 +14,23 @@ std::string format_pair_line(std::uint16_t qp, const net::NetStats& a, const net
       "drops {} err {}",
       qp, rate(a.tx_frames, b.tx_frames) / 1e6, rate(a.tx_bytes, b.tx_bytes) * 8 / 1e9,
       b.tx_drops - a.tx_drops, b.tx_errors - a.tx_errors, rate(a.rx_frames, b.rx_frames) / 1e6,
-      rate(a.rx_bytes, b.rx_bytes) * 8 / 1e9, b.rx_drops - a.rx_drops,
-      b.rx_errors - a.rx_errors);
+      rate(a.rx_bytes, b.rx_bytes) * 8 / 1e9, b.rx_drops - a.rx_drops, b.rx_errors - a.rx_errors);
 }
 
 std::string format_pair_totals(std::uint16_t qp, const net::NetStats& t) {
-  return fmt::format("qp{} tx {} frames {} bytes drops {} err {} | rx {} frames {} bytes drops {} "
-                     "err {}",
-                     qp, t.tx_frames, t.tx_bytes, t.tx_drops, t.tx_errors, t.rx_frames,
-                     t.rx_bytes, t.rx_drops, t.rx_errors);
+  return fmt::format(
+      "qp{} tx {} frames {} bytes drops {} err {} | rx {} frames {} bytes drops {} "
+      "err {}",
+      qp, t.tx_frames, t.tx_bytes, t.tx_drops, t.tx_errors, t.rx_frames, t.rx_bytes, t.rx_drops,
+      t.rx_errors);
 }
 
 StatsPrinter::StatsPrinter(const net::NetDevice& dev, std::chrono::milliseconds interval,
                            std::function<void(const std::string&)> emit)
-    : dev_(dev), emit_(std::move(emit)), prev_(init(dev)), ticker_(interval, [this](double s) {
-        tick(s);
-      }) {}
+    : dev_(dev),
+      emit_(std::move(emit)),
+      prev_(init(dev)),
+      ticker_(interval, [this](double s) { tick(s); }) {}
 
 std::vector<net::NetStats> StatsPrinter::init(const net::NetDevice& dev) {
   std::vector<net::NetStats> v(dev.queue_pairs());

@@ -5,11 +5,11 @@
 // Exit codes: 0 success, or SIGINT/SIGTERM at any point (JSON has "interrupted": true); 1 the
 // back-end could not be reached or set up (JSON has "error"); 2 bad arguments; 3 fewer frames
 // came back than --expect asked for.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cstdio>
@@ -74,7 +74,9 @@ PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t f
     // Keep at most half an rx ring in flight: a back-end with nowhere to put a frame drops it.
     const std::uint64_t in_flight = r.sent - r.received - r.lost_hint;
     const std::uint64_t window = s.queue_size() / 2;
-    const std::size_t n = in_flight >= window ? 0 : std::min<std::uint64_t>({32, frames - r.sent, window - in_flight});
+    const std::size_t n = in_flight >= window
+                              ? 0
+                              : std::min<std::uint64_t>({32, frames - r.sent, window - in_flight});
     const std::uint64_t base = r.sent;
     if (n != 0) {
       r.sent += s.tx_burst_fill(qp, n, [&](std::size_t i, std::span<std::uint8_t> room) {
@@ -110,7 +112,8 @@ PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t f
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"vhostkit-probe: connect to a vhost-user net back-end and report what it negotiates"};
+  CLI::App app{
+      "vhostkit-probe: connect to a vhost-user net back-end and report what it negotiates"};
   std::string socket_path, server_path, notify = "event", features_hex;
   std::uint16_t queues = 1, queue_size = 256;
   std::uint32_t buffer_size = 2048;
@@ -124,7 +127,8 @@ int main(int argc, char** argv) {
                             "listen here and wait for the back-end to connect (its client mode)");
   sp->excludes(sv);
   app.add_option("--queues", queues, "queue pairs")->check(CLI::Range(1, 128));
-  app.add_option("--queue-size", queue_size, "ring size (power of two)")->check(CLI::Range(2, 32768));
+  app.add_option("--queue-size", queue_size, "ring size (power of two)")
+      ->check(CLI::Range(2, 32768));
   app.add_option("--buffer-size", buffer_size, "packet buffer size")->check(CLI::Range(64, 65600));
   app.add_option("--memory", memory_mib, "shared memory in MiB (0: just what is needed)");
   app.add_option("--poll", notify, "event (kick/call eventfds) or poll (no fds)")
@@ -134,8 +138,10 @@ int main(int argc, char** argv) {
   app.add_option("--frame-size", frame_size, "frame length in bytes (no virtio-net header)")
       ->check(CLI::Range(60, 65535));
   app.add_option("--expect", expect, "exit 3 unless at least this many frames come back per pair");
-  app.add_option("--timeout", timeout_ms, "ms to wait for each control reply")->check(CLI::Range(1, 600000));
-  app.add_option("--wait", wait_ms, "ms to wait for frames to come back")->check(CLI::Range(0, 600000));
+  app.add_option("--timeout", timeout_ms, "ms to wait for each control reply")
+      ->check(CLI::Range(1, 600000));
+  app.add_option("--wait", wait_ms, "ms to wait for frames to come back")
+      ->check(CLI::Range(0, 600000));
   app.add_flag("-v,--verbose", verbose, "debug logging on stderr");
   try {
     app.parse(argc, argv);
@@ -163,13 +169,15 @@ int main(int argc, char** argv) {
   o.queue_size = queue_size;
   o.buffer_size = buffer_size;
   o.memory_size = memory_mib << 20;
-  o.notify = notify == "poll" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
+  o.notify =
+      notify == "poll" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
   o.timeout = std::chrono::milliseconds(timeout_ms);
   if (!features_hex.empty()) {
     try {
       o.features = std::stoull(features_hex, nullptr, 16);
     } catch (...) {
-      std::fprintf(stderr, "vhostkit-probe: --features %s is not a hex number\n", features_hex.c_str());
+      std::fprintf(stderr, "vhostkit-probe: --features %s is not a hex number\n",
+                   features_hex.c_str());
       return 2;
     }
   }
@@ -238,13 +246,18 @@ int main(int argc, char** argv) {
       if (watch.stopped()) break;
       const PairResult r = run_traffic(f, qp, frames, std::min(frame_size, f.max_frame()),
                                        std::chrono::milliseconds(wait_ms), watch);
-      pairs.push_back({{"pair", qp}, {"sent", r.sent}, {"received", r.received},
-                       {"foreign", r.foreign}, {"rx_bad", f.stats(vu::FrontendSession::rx_index(qp)).bad},
-                       {"tx_kicks", f.stats(vu::FrontendSession::tx_index(qp)).kicks}, {"rx_calls", f.stats(vu::FrontendSession::rx_index(qp)).calls}});
+      pairs.push_back({{"pair", qp},
+                       {"sent", r.sent},
+                       {"received", r.received},
+                       {"foreign", r.foreign},
+                       {"rx_bad", f.stats(vu::FrontendSession::rx_index(qp)).bad},
+                       {"tx_kicks", f.stats(vu::FrontendSession::tx_index(qp)).kicks},
+                       {"rx_calls", f.stats(vu::FrontendSession::rx_index(qp)).calls}});
       if (r.received < expect) rc = 3;
     }
-    out["traffic_us"] = std::chrono::duration_cast<std::chrono::microseconds>(
-                            std::chrono::steady_clock::now() - t1).count();
+    out["traffic_us"] =
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t1)
+            .count();
     out["pairs"] = pairs;
   }
   // After a signal the socket is shut: no ring can be stopped, and what was measured stands.
