@@ -13,6 +13,8 @@ packages=(
   libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev liburing-dev
   # fuzzing and sanitizers with clang
   clang-19 libclang-rt-19-dev llvm-19
+  # the format check (.clang-format)
+  clang-format-19
   # real peers: QEMU guests (qemu-system-common holds qemu-storage-daemon), DPDK
   qemu-system-x86 qemu-system-common qemu-utils dpdk dpdk-dev
   # guest image: kernel from Debian (zstd-compressed modules), busybox initramfs

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs dependencies, builds, runs every test.
+#   0. the format check: every .cc and .h as clang-format-19 writes it (.clang-format)
 #   1. Release build: unit, hostile, integration and end-to-end tests (QEMU guest, DPDK peers)
 #   2. the README's first command: scripts/demo.sh in a fresh `git clone` of this checkout's
 #      HEAD, run twice (a fresh tree, then a tree with the first run's build in it)
@@ -8,7 +9,8 @@
 # Ends with one line "N passed, N failed, N skipped" over all stages; a stage that could not
 # configure, build or run counts as one failure. Under CI (CI=true) any skipped test fails the
 # run: scripts/deps.sh installs everything, so a skip there means something broke.
-# Options: --quick (stage 1 only), --no-demo, --no-asan, --no-fuzz, -R REGEX (passed to ctest)
+# Options: --quick (stages 0 and 1 only), --no-demo, --no-asan, --no-fuzz,
+#          -R REGEX (passed to ctest)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -21,7 +23,7 @@ while (($#)); do
     --no-fuzz) fuzz=0 ;;
     --no-demo) demo=0 ;;
     -R) ctest_args+=(-R "$2"); shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "test.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -35,6 +37,7 @@ source scripts/lib/suite.sh
 vk_suite_init
 mkdir -p build
 
+run_format_check
 run_stage release build/release -- -DCMAKE_BUILD_TYPE=Release
 ((demo)) && run_demo_stage
 if ((asan)); then

@@ -3,6 +3,7 @@
 # tests/scripts/suite_summary_test.sh):
 #   vk_suite_init                   reset the counters
 #   run_stage NAME DIR FILTER... -- CMAKE_ARGS...   configure, build and ctest one build tree
+#   run_format_check                every tracked .cc/.h as clang-format-19 would write it (one result)
 #   run_demo_stage                  scripts/demo.sh in a fresh clone of HEAD, twice
 #   vk_suite_summary                print what broke and what was skipped, then the closing line
 #                                   "N passed, N failed, N skipped"; returns the run's status
@@ -60,6 +61,25 @@ run_stage() {
   total_pass=$((total_pass + ran - failed - skip))
   total_fail=$((total_fail + failed))
   total_skip=$((total_skip + skip))
+}
+
+# The house style (.clang-format) on every tracked C++ file: one result, "format".
+run_format_check() {
+  echo "=== stage: format (clang-format-19 --dry-run on every tracked .cc and .h)"
+  if ! command -v clang-format-19 >/dev/null; then
+    broken+=("format: clang-format-19 missing after scripts/deps.sh"); return
+  fi
+  local files bad
+  mapfile -t files < <(git ls-files '*.cc' '*.h')
+  bad=$(clang-format-19 --dry-run "${files[@]}" 2>&1 | sed -nE 's/^([^:]+):[0-9]+:[0-9]+: (warning|error):.*/\1/p' | sort -u)
+  if [[ -z $bad ]]; then
+    echo "format: Passed (${#files[@]} files)"
+    total_pass=$((total_pass + 1))
+  else
+    echo "format: FAILED; not as clang-format-19 writes them (run clang-format-19 -i FILE...):"
+    sed 's/^/  /' <<<"$bad"
+    total_fail=$((total_fail + 1))
+  fi
 }
 
 # The README's first command, as a newcomer runs it: in a fresh clone of HEAD (uncommitted
