@@ -23,7 +23,7 @@ while (($#)); do
     --no-fuzz) fuzz=0 ;;
     --no-demo) demo=0 ;;
     -R) ctest_args+=(-R "$2"); shift ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "test.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
