@@ -13,7 +13,7 @@
 #include <linux/magic.h>
 #include <sys/vfs.h>
 
-#include "blk_test_rig.h"
+#include "testing/blk_rig.h"
 
 namespace vhostkit::blk::testing {
 namespace {

@@ -4,7 +4,7 @@
 
 #include <cstring>
 
-#include "blk_test_rig.h"
+#include "testing/blk_rig.h"
 
 namespace vhostkit::blk::testing {
 namespace {

@@ -15,7 +15,7 @@
 #include <cstring>
 #include <vector>
 
-#include "blk_test_rig.h"
+#include "testing/blk_rig.h"
 
 namespace vhostkit::blk::testing {
 namespace {

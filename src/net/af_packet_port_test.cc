@@ -12,7 +12,7 @@
 #include <set>
 #include <vector>
 
-#include "netns_test_util.h"
+#include "testing/netns.h"
 
 namespace vhostkit::net {
 namespace {

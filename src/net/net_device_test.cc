@@ -4,7 +4,7 @@
 
 #include <gtest/gtest.h>
 
-#include "net_test_rig.h"
+#include "testing/net_rig.h"
 
 namespace vhostkit::net {
 namespace {
@@ -12,7 +12,7 @@ namespace {
 using namespace testing;
 using vhost::PollMode;
 
-// A precondition of serving rx rings under vhost::Device (see net_test_rig.h). Fails until
+// A precondition of serving rx rings under vhost::Device (see testing/net_rig.h). Fails until
 // virtq's enable_notifications() returns "new chains since the last look".
 TEST(NetPrecondition, EnableNotificationsReportsOnlyNewChains) {
   EXPECT_TRUE(enable_notifications_reports_only_new_chains());

@@ -2,7 +2,7 @@
 // a counter), never the device; frames that cannot fit are dropped and counted.
 #include <gtest/gtest.h>
 
-#include "net_test_rig.h"
+#include "testing/net_rig.h"
 #include "vhostkit/net/net_device.h"
 
 namespace vhostkit::net {

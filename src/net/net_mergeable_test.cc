@@ -14,7 +14,7 @@
 #include <chrono>
 #include <cstring>
 
-#include "net_test_rig.h"
+#include "testing/net_rig.h"
 #include "vhostkit/net/net_device.h"
 
 namespace vhostkit::net {
@@ -218,7 +218,7 @@ TEST_P(MergeableShort, FrameNeedingMoreChainsThanPostedIsDropped) {
     EXPECT_EQ(s.tx_drops, 1u);
   }
 
-  // A driver that follows the spec (net_test_rig's Receiver) sees no frame in those entries;
+  // A driver that follows the spec (testing/net_rig.h's Receiver) sees no frame in those entries;
   // with enough chains the next frame arrives whole.
   const auto more = r.post(want, c.sizes);
   const Bytes next = random_frame(rng, c.frame);

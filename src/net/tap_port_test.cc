@@ -13,7 +13,7 @@
 #include <cstring>
 #include <vector>
 
-#include "netns_test_util.h"
+#include "testing/netns.h"
 #include "vhostkit/virtio/features.h"
 #include "vhostkit/virtio/net.h"
 

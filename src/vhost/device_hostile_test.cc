@@ -1,7 +1,7 @@
 // vhost::Device against a hostile frontend: every validation rule, one test each.
 #include <gtest/gtest.h>
 
-#include "test_rig.h"
+#include "testing/vhost_rig.h"
 #include "vhostkit/vhost/device.h"
 
 namespace vhostkit::vhost {

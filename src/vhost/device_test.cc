@@ -9,7 +9,7 @@
 #include <fstream>
 #include <thread>
 
-#include "test_rig.h"
+#include "testing/vhost_rig.h"
 
 namespace vhostkit::vhost {
 namespace {

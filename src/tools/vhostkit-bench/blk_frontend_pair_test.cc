@@ -12,8 +12,8 @@
 #include <random>
 #include <thread>
 
-#include "../../blk/blk_test_rig.h"
 #include "blk_traffic.h"
+#include "testing/blk_rig.h"
 #include "vhostkit/blk/blk_device.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost_user/backend_session.h"

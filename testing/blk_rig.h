@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "../vhost/guest_rig.h"
+#include "testing/guest_rig.h"
 #include "vhostkit/blk/blk_device.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/blk.h"

@@ -14,7 +14,7 @@
 #include <string_view>
 #include <thread>
 
-#include "guest_rig.h"
+#include "testing/guest_rig.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/features.h"
 #include "vhostkit/virtq/split_queue.h"

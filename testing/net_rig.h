@@ -16,7 +16,7 @@
 #include <thread>
 #include <vector>
 
-#include "../vhost/guest_rig.h"
+#include "testing/guest_rig.h"
 #include "vhostkit/net/net_device.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/features.h"
