@@ -6,7 +6,7 @@
 #include <limits>
 #include <vector>
 
-#include "test_util.h"
+#include "testing/memfd.h"
 #include "vhostkit/memory/guest_memory.h"
 
 namespace vhostkit::memory {

@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include "test_util.h"
+#include "testing/memfd.h"
 
 namespace vhostkit::memory {
 namespace {

@@ -2,8 +2,8 @@
 // checks that the session survives (request-level error: refused, serving goes on) or closes
 // cleanly (stream-level error), that a well-behaved front-end can negotiate and move traffic
 // on the same device afterwards, and that no fd is left behind. Bad memory tables are in
-// backend_memtable_hostile_test.cc; the rig is backend_hostile_rig.h.
-#include "backend_hostile_rig.h"
+// backend_memtable_hostile_test.cc; the rig is testing/backend_hostile_rig.h.
+#include "testing/backend_hostile_rig.h"
 
 namespace vhostkit::vhost_user {
 namespace {

@@ -2,7 +2,7 @@
 // file, unmappable, not covering a running ring, too many regions, too few fds, and ADD_MEM_REG
 // misuse. A bad table is refused and changes nothing: the old table stays mapped, the rings on it
 // keep running, a later good table is taken, and nothing leaks.
-#include "backend_hostile_rig.h"
+#include "testing/backend_hostile_rig.h"
 
 namespace vhostkit::vhost_user {
 namespace {

@@ -10,7 +10,7 @@
 #include <filesystem>
 #include <thread>
 
-#include "backend_test_util.h"
+#include "testing/backend_rig.h"
 #include "vhostkit/vhost_user/server.h"
 
 namespace vhostkit::vhost_user {

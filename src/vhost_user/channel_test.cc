@@ -11,7 +11,7 @@
 #include <fstream>
 #include <thread>
 
-#include "test_fds.h"
+#include "testing/fd_count.h"
 
 namespace vhostkit::vhost_user {
 namespace {

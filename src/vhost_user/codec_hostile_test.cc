@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "test_fds.h"
+#include "testing/fd_count.h"
 #include "vhostkit/vhost_user/channel.h"
 #include "vhostkit/vhost_user/message.h"
 

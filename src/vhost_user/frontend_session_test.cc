@@ -14,7 +14,7 @@
 #include <thread>
 #include <vector>
 
-#include "test_fds.h"
+#include "testing/fd_count.h"
 #include "vhostkit/vhost_user/frontend_session.h"
 
 namespace vhostkit::vhost_user {

@@ -7,7 +7,7 @@
 
 #include <cstring>
 
-#include "test_fds.h"
+#include "testing/fd_count.h"
 
 namespace vhostkit::vhost_user {
 namespace {

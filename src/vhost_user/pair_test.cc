@@ -15,7 +15,7 @@
 #include <thread>
 #include <vector>
 
-#include "test_fds.h"
+#include "testing/fd_count.h"
 #include "vhostkit/vhost/backend.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost_user/backend_session.h"

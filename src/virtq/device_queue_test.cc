@@ -2,7 +2,7 @@
 #include <array>
 #include <atomic>
 
-#include "test_ring.h"
+#include "testing/virtq_ring.h"
 
 namespace vhostkit::virtq {
 namespace {

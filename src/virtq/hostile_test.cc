@@ -5,7 +5,7 @@
 #include <cstring>
 #include <vector>
 
-#include "test_ring.h"
+#include "testing/virtq_ring.h"
 
 namespace vhostkit::virtq {
 namespace {

@@ -7,7 +7,7 @@
 #include <thread>
 #include <vector>
 
-#include "test_ring.h"
+#include "testing/virtq_ring.h"
 
 namespace vhostkit::virtq {
 namespace {

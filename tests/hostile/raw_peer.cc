@@ -10,7 +10,7 @@
 #include <cstring>
 #include <thread>
 
-#include "raw_send.h"
+#include "testing/raw_send.h"
 #include "vhostkit/vhost_user/backend_session.h"
 #include "vhostkit/virtio/features.h"
 

@@ -10,8 +10,8 @@
 #include <functional>
 #include <limits>
 
-#include "backend_test_util.h"
-#include "raw_send.h"
+#include "testing/backend_rig.h"
+#include "testing/raw_send.h"
 #include "vhostkit/vhost_user/backend_session.h"
 
 namespace vhostkit::vhost_user::hostile_rig {
