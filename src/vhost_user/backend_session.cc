@@ -22,29 +22,6 @@ namespace {
 
 constexpr std::uint32_t kLogBurst = 10;  // failure lines per second before we summarise
 
-// Requests whose reply has a body of its own: a front-end waits for it whatever happened, so
-// even a failure must produce one.
-bool has_own_reply(Request r) noexcept {
-  switch (r) {
-    case Request::get_features:
-    case Request::get_protocol_features:
-    case Request::get_vring_base:
-    case Request::get_queue_num:
-    case Request::get_config:
-    case Request::get_max_mem_slots:
-    case Request::get_status:
-    case Request::iotlb_msg:
-    case Request::postcopy_advise:
-    case Request::postcopy_end:
-    case Request::get_inflight_fd:
-    case Request::get_shared_object:
-    case Request::set_device_state_fd:
-    case Request::check_device_state:
-    case Request::create_crypto_session: return true;
-    default: return false;
-  }
-}
-
 }  // namespace
 
 // What a handler wants the front-end to hear: the result (for REPLY_ACK and the log) and, for
@@ -182,8 +159,9 @@ Result<> BackendSession::reply_failed_request(const Header& header, const Error&
     ++stats_.replies;
     return channel_.send(reply_config(0, 0, {}));
   }
-  if (has_own_reply(request) ||
-      (request == Request::set_log_base && has(protocol_feature::log_shmfd))) {
+  const ReplyRule rule = reply_rule(request);
+  if (rule == ReplyRule::body ||
+      (rule == ReplyRule::body_if_log_shmfd && has(protocol_feature::log_shmfd))) {
     ++stats_.replies;
     return channel_.send(reply_u64(request, 1));
   }
@@ -458,7 +436,7 @@ BackendSession::Outcome BackendSession::on(T&) {
   if constexpr (request == Request::get_config) {
     return Outcome::with_reply(reply_config(0, 0, {}), std::unexpected(std::move(e)));
   } else {
-    if (has_own_reply(request)) {
+    if (reply_rule(request) == ReplyRule::body) {
       return Outcome::with_reply(reply_u64(request, 1), std::unexpected(std::move(e)));
     }
     return Outcome::err(std::move(e));

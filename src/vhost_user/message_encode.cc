@@ -90,13 +90,16 @@ Result<> put(Builder& b, const UuidPayload<R>& m) {
 
 Result<> put(Builder& b, const SetMemTable& m) {
   if (m.regions.size() > kMaxMemRegions) {
-    return fail(Errc::too_many, fmt::format("SET_MEM_TABLE with {} regions, at most {}",
+    return fail(Errc::too_many, fmt::format("{} with {} regions, at most {}", to_string(m.kRequest),
                                             m.regions.size(), kMaxMemRegions));
   }
   wire::Memory w{};
   w.nregions = static_cast<std::uint32_t>(m.regions.size());
   for (std::size_t i = 0; i < m.regions.size(); ++i) {
-    if (auto r = need_fd("SET_MEM_TABLE region", m.regions[i].fd); !r) return r;
+    if (!m.regions[i].fd.valid()) {
+      return fail(Errc::invalid_argument,
+                  fmt::format("{} region needs an fd", to_string(m.kRequest)));
+    }
     w.regions[i] = to_wire(m.regions[i].spec);
     b.fd(m.regions[i].fd.get());
   }
@@ -105,7 +108,7 @@ Result<> put(Builder& b, const SetMemTable& m) {
 }
 
 Result<> put(Builder& b, const SetLogBase& m) {
-  if (auto r = need_fd("SET_LOG_BASE", m.fd); !r) return r;
+  if (auto r = need_fd(to_string(m.kRequest), m.fd); !r) return r;
   b.put(wire::Log{m.mmap_size, m.mmap_offset});
   b.fd(m.fd.get());
   return {};
@@ -137,8 +140,8 @@ Result<> put(Builder& b, const Iotlb& m) {
 
 Result<> put(Builder& b, const GetConfig& m) {
   if (m.size > kMaxConfigSize) {
-    return fail(Errc::out_of_range,
-                fmt::format("GET_CONFIG of {} bytes, at most {}", m.size, kMaxConfigSize));
+    return fail(Errc::out_of_range, fmt::format("{} of {} bytes, at most {}", to_string(m.kRequest),
+                                                m.size, kMaxConfigSize));
   }
   wire::Config w{};  // the request carries `size` zero bytes for the reply to fill
   w.offset = m.offset;
@@ -150,8 +153,8 @@ Result<> put(Builder& b, const GetConfig& m) {
 
 Result<> put(Builder& b, const SetConfig& m) {
   if (m.data.size() > kMaxConfigSize) {
-    return fail(Errc::out_of_range,
-                fmt::format("SET_CONFIG of {} bytes, at most {}", m.data.size(), kMaxConfigSize));
+    return fail(Errc::out_of_range, fmt::format("{} of {} bytes, at most {}", to_string(m.kRequest),
+                                                m.data.size(), kMaxConfigSize));
   }
   wire::Config w{};
   w.offset = m.offset;
@@ -178,14 +181,14 @@ Result<> put(Builder& b, const GetInflightFd& m) {
 }
 
 Result<> put(Builder& b, const SetInflightFd& m) {
-  if (auto r = need_fd("SET_INFLIGHT_FD", m.fd); !r) return r;
+  if (auto r = need_fd(to_string(m.kRequest), m.fd); !r) return r;
   b.put(to_wire(m.inflight));
   b.fd(m.fd.get());
   return {};
 }
 
 Result<> put(Builder& b, const AddMemReg& m) {
-  if (auto r = need_fd("ADD_MEM_REG", m.region.fd); !r) return r;
+  if (auto r = need_fd(to_string(m.kRequest), m.region.fd); !r) return r;
   b.put(wire::SingleMemoryRegion{0, to_wire(m.region.spec)});
   b.fd(m.region.fd.get());
   return {};
@@ -204,7 +207,7 @@ Result<> put(Builder& b, const GetSharedObject& m) {
 }
 
 Result<> put(Builder& b, const SetDeviceStateFd& m) {
-  if (auto r = need_fd("SET_DEVICE_STATE_FD", m.fd); !r) return r;
+  if (auto r = need_fd(to_string(m.kRequest), m.fd); !r) return r;
   b.put(wire::DeviceStateTransfer{m.direction, m.phase});
   b.fd(m.fd.get());
   return {};

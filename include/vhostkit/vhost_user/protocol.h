@@ -73,9 +73,20 @@ enum class BackendRequest : std::uint32_t {
   shared_object_lookup = 8,
 };
 
-// "SET_VRING_NUM", or "request 99" for a number the spec does not define.
+// "SET_VRING_NUM"; "unknown request" ("unknown back-end request") for a number the spec does
+// not define.
 std::string_view to_string(Request r) noexcept;
 std::string_view to_string(BackendRequest r) noexcept;
+
+// What the back-end owes the front-end after a request, beyond REPLY_ACK.
+enum class ReplyRule : std::uint8_t {
+  ack,                // nothing of its own: a REPLY_ACK when NEED_REPLY asks (and it is negotiated)
+  body,               // a reply with a body of its own, always: the front-end waits for it even
+                      // when the request failed
+  body_if_log_shmfd,  // SET_LOG_BASE: a u64 reply once LOG_SHMFD is negotiated, else as `ack`
+};
+// From the same request table as to_string() and decode(); `ack` for an unknown number.
+ReplyRule reply_rule(Request r) noexcept;
 
 // Header flags.
 inline constexpr std::uint32_t kVersionMask = 0x3;
