@@ -41,6 +41,7 @@
 #include <spdlog/spdlog.h>
 
 #include "fuzz_util.h"
+#include "testing/fd_count.h"
 #include "vhostkit/blk/blk_device.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/blk.h"
@@ -212,7 +213,7 @@ bool all_taken(vhost::Device& dev, std::uint16_t requests) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   World& w = world();
-  const std::size_t fds_before = fuzz::fd_count();
+  const std::size_t fds_before = vhostkit::testing::vhostkit_fd_count();
   Reader in{data, size};
   const std::uint8_t mode = in.u8();
   const std::uint16_t qsize = static_cast<std::uint16_t>(8u << (mode & 3));
@@ -326,6 +327,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (w.image_size() != kImageBytes) finding("the image changed size");
   if (read_only && !w.image_is_pristine()) finding("a read-only image was written");
   if (!read_only) w.restore();
-  if (fuzz::fd_count() != fds_before) finding("fd count changed across one input");
+  if (vhostkit::testing::vhostkit_fd_count() != fds_before)
+    finding("fd count changed across one input");
   return 0;
 }

@@ -57,6 +57,7 @@
 #include <spdlog/spdlog.h>
 
 #include "fuzz_util.h"
+#include "testing/fd_count.h"
 #include "vhostkit/vhost/backend.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost_user/backend_session.h"
@@ -203,17 +204,7 @@ struct Model {
 
 // Counts the memfd mappings in this process (the harness's own guest mapping and whatever the
 // device mapped).
-std::size_t memfd_mappings() {
-  std::FILE* f = std::fopen("/proc/self/maps", "re");
-  if (f == nullptr) finding("open /proc/self/maps");
-  std::size_t n = 0;
-  char line[512];
-  while (std::fgets(line, sizeof line, f) != nullptr) {
-    if (std::strstr(line, "/memfd:") != nullptr) ++n;
-  }
-  std::fclose(f);
-  return n;
-}
+std::size_t memfd_mappings() { return vhostkit::testing::mapping_count("/memfd:"); }
 
 int make_raw_fd(std::uint8_t fdsel, const Guest& g) {
   if (fdsel & 0x20) return ::fcntl(g.memfd.get(), F_DUPFD_CLOEXEC, 0);
@@ -492,7 +483,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   guest.quiet();
   std::memset(guest.mem, 0, kGuestBytes);
-  const std::size_t fds_before = fuzz::fd_count();
+  const std::size_t fds_before = vhostkit::testing::vhostkit_fd_count();
   const std::size_t maps_before = memfd_mappings();
   {
     auto pair = socketpair();
@@ -531,10 +522,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   if (device.memory().region_count() != 0) finding("guest memory kept after the session closed");
   if (memfd_mappings() != maps_before) finding("a memfd is still mapped after the session closed");
-  if (fuzz::fd_count() != fds_before) {
-    std::fprintf(stderr, "fd leak: %zu open fds after the input, %zu before\n", fuzz::fd_count(),
-                 fds_before);
-    fuzz::fd_count(true);
+  if (vhostkit::testing::vhostkit_fd_count() != fds_before) {
+    std::fprintf(stderr, "fd leak: %zu open fds after the input, %zu before\n",
+                 vhostkit::testing::vhostkit_fd_count(), fds_before);
+    vhostkit::testing::vhostkit_fd_count(true);
     finding("fd leak");
   }
   return 0;

@@ -117,14 +117,14 @@ struct Hostile {
 
 // Runs a hostile case and the common checks around it.
 inline void hostile(const std::function<void(Hostile&)>& body) {
-  const std::size_t fds_before = test::open_fd_count();
+  const std::size_t fds_before = vhostkit::testing::open_fd_count();
   {
     Hostile h;
     body(h);
     if (::testing::Test::HasFatalFailure()) return;
     h.well_behaved_after();
   }
-  EXPECT_LE(test::open_fd_count(), fds_before) << "fds leaked";
+  EXPECT_LE(vhostkit::testing::open_fd_count(), fds_before) << "fds leaked";
 }
 
 }  // namespace vhostkit::vhost_user::hostile_rig

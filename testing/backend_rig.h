@@ -384,7 +384,7 @@ inline void fd_stable_over_cycles(int cycles) {
   ThreadedSession ts;
   one_cycle(ts);
   if (::testing::Test::HasFatalFailure()) return;
-  const std::size_t after_first = open_fd_count();
+  const std::size_t after_first = vhostkit::testing::open_fd_count();
   for (int c = 1; c < cycles; ++c) {
     one_cycle(ts, 2);
     if (::testing::Test::HasFatalFailure()) {
@@ -392,7 +392,7 @@ inline void fd_stable_over_cycles(int cycles) {
       return;
     }
   }
-  EXPECT_EQ(open_fd_count(), after_first) << "after " << cycles << " cycles";
+  EXPECT_EQ(vhostkit::testing::open_fd_count(), after_first) << "after " << cycles << " cycles";
 }
 
 }  // namespace vhostkit::vhost_user::test

@@ -14,8 +14,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <dirent.h>
-
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -37,16 +35,6 @@ inline bool wait_fd(int fd, int timeout_ms) {
   if (::poll(&p, 1, timeout_ms) != 1) return false;
   std::uint64_t v;
   return ::read(fd, &v, sizeof v) == sizeof v;
-}
-
-inline std::size_t count_fds() {
-  std::size_t n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  while (dirent* e = ::readdir(d)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(d);
-  return n - 1;  // the DIR's own fd
 }
 
 class GuestRings {

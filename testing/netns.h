@@ -1,5 +1,5 @@
 // Helpers for the port tests: a private network (and mount) namespace per test process, shell
-// setup inside it, leak counters, and hand-built frames with their checksums.
+// setup inside it, and hand-built frames with their checksums.
 #pragma once
 
 #include <fcntl.h>
@@ -45,21 +45,6 @@ inline std::string read_sys(const std::string& path) {
   std::string s;
   std::getline(f, s);
   return s;
-}
-
-inline std::size_t open_fd_count() {
-  std::size_t n = 0;
-  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
-  return n;
-}
-
-// Mappings of socket memory (mapped AF_PACKET rings show as "socket:[inode]"); counting every
-// line of /proc/self/maps would also count what the allocator (or ASan) maps meanwhile.
-inline std::size_t socket_maps_count() {
-  std::ifstream f("/proc/self/maps");
-  std::size_t n = 0;
-  for (std::string line; std::getline(f, line);) n += line.find("socket:[") != std::string::npos;
-  return n;
 }
 
 inline bool wait_readable(int fd, int timeout_ms) {

@@ -14,7 +14,7 @@ namespace {
 
 using testing::make_memfd;
 using testing::mapping_count;
-using testing::open_fd_count;
+using vhostkit::testing::open_fd_count;
 
 constexpr std::uint64_t kPage = DirtyLog::kPageSize;
 

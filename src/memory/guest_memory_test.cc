@@ -16,10 +16,10 @@ namespace vhostkit::memory {
 namespace {
 
 using testing::dup_fd;
-using testing::is_mapping_start;
 using testing::make_memfd;
 using testing::mapping_count;
-using testing::open_fd_count;
+using vhostkit::testing::is_mapping_start;
+using vhostkit::testing::open_fd_count;
 
 constexpr std::uint64_t kU64Max = std::numeric_limits<std::uint64_t>::max();
 constexpr std::uint64_t kPage = 0x1000;

@@ -12,12 +12,17 @@
 #include <set>
 #include <vector>
 
+#include "testing/fd_count.h"
 #include "testing/netns.h"
 
 namespace vhostkit::net {
 namespace {
 
 using namespace testing;
+using vhostkit::testing::open_fd_count;
+
+// Mappings of socket memory (a mapped AF_PACKET ring shows as "socket:[inode]").
+std::size_t socket_maps_count() { return vhostkit::testing::mapping_count("socket:["); }
 
 constexpr std::uint16_t kTestEthertype = 0x88b5;  // IEEE local experimental: the stack ignores it
 

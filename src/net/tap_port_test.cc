@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "testing/fd_count.h"
 #include "testing/netns.h"
 #include "vhostkit/virtio/features.h"
 #include "vhostkit/virtio/net.h"
@@ -21,6 +22,7 @@ namespace vhostkit::net {
 namespace {
 
 using namespace testing;
+using vhostkit::testing::open_fd_count;
 namespace nf = virtio::net_feature;
 using virtio::bit;
 

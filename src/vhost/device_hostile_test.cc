@@ -1,6 +1,7 @@
 // vhost::Device against a hostile frontend: every validation rule, one test each.
 #include <gtest/gtest.h>
 
+#include "testing/fd_count.h"
 #include "testing/vhost_rig.h"
 #include "vhostkit/vhost/device.h"
 
@@ -50,9 +51,9 @@ TEST_F(Hostile, GetVringBaseIndexOutOfRange) {
 }
 TEST_F(Hostile, SetVringKickIndexOutOfRange) {
   auto fd = testing::make_eventfd();
-  const std::size_t fds = testing::count_fds();
+  const std::size_t fds = vhostkit::testing::open_fd_count();
   expect_error(dev.set_vring_kick(2, std::move(fd)), Errc::out_of_range, "index 2");
-  EXPECT_EQ(testing::count_fds(), fds - 1) << "the refused fd is closed, not leaked";
+  EXPECT_EQ(vhostkit::testing::open_fd_count(), fds - 1) << "the refused fd is closed, not leaked";
 }
 TEST_F(Hostile, SetVringCallIndexOutOfRange) {
   expect_error(dev.set_vring_call(2, testing::make_eventfd()), Errc::out_of_range, "index 2");
@@ -170,7 +171,7 @@ TEST(HostileOwner, CallAndErrFdsBeforeSetOwner) {
   Device dev(be, DeviceOptions{});
   UniqueFd call = testing::make_eventfd();
   UniqueFd seen = testing::dup_fd(call.get());
-  const std::size_t fds_before = testing::count_fds();
+  const std::size_t fds_before = vhostkit::testing::open_fd_count();
   EXPECT_TRUE(dev.set_vring_call(0, std::move(call)).has_value());
   EXPECT_TRUE(dev.set_vring_err(0, testing::make_eventfd()).has_value());
   EXPECT_FALSE(dev.has_owner());
@@ -181,7 +182,7 @@ TEST(HostileOwner, CallAndErrFdsBeforeSetOwner) {
   dev.queue(0).signal();  // SET_OWNER kept the call fd
   EXPECT_TRUE(testing::wait_fd(seen.get(), 1000));
   dev.reset();  // the session's end closes both
-  EXPECT_EQ(testing::count_fds(), fds_before - 1);
+  EXPECT_EQ(vhostkit::testing::open_fd_count(), fds_before - 1);
   dev.queue(0).signal();
   EXPECT_FALSE(testing::wait_fd(seen.get(), 50));
 }

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <thread>
 
+#include "testing/fd_count.h"
 #include "testing/vhost_rig.h"
 
 namespace vhostkit::vhost {
@@ -345,12 +346,12 @@ TEST(Device, BrokenRingStopsSignalsErrAndOthersLiveOn) {
 
 TEST(Device, ResetLeavesNoFdsAndServesSecondConnection) {
   EchoBackend be;
-  const std::size_t fds_before = testing::count_fds();
+  const std::size_t fds_before = vhostkit::testing::open_fd_count();
   {
     Device dev(be, opts(PollMode::event));
     for (int conn = 0; conn < 2; ++conn) {
       Rig rig;
-      const std::size_t fds_rig = testing::count_fds();
+      const std::size_t fds_rig = vhostkit::testing::open_fd_count();
       bring_up(dev, rig);
       rig.configure(dev, 0);
       rig.configure(dev, 1);
@@ -366,10 +367,10 @@ TEST(Device, ResetLeavesNoFdsAndServesSecondConnection) {
       EXPECT_FALSE(dev.queue(0).started());
       err.reset();
       // The rig's own fds (memfd, kick, call) are still open; nothing of the device's is.
-      EXPECT_EQ(testing::count_fds(), fds_rig + 4) << "connection " << conn;
+      EXPECT_EQ(vhostkit::testing::open_fd_count(), fds_rig + 4) << "connection " << conn;
     }
   }
-  EXPECT_EQ(testing::count_fds(), fds_before);
+  EXPECT_EQ(vhostkit::testing::open_fd_count(), fds_before);
 }
 
 TEST(Device, ResetOwnerThenNewOwner) {

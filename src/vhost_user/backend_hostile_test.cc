@@ -148,13 +148,13 @@ TEST(BackendHostile, NineFdsWithNeedReplyAreRefusedWithAnAck) {
     ASSERT_TRUE(h.fe->handshake());
     const NineFds nine;
     const std::vector<int>& raw = nine.raw;
-    const std::size_t fds_before = test::open_fd_count();
+    const std::size_t fds_before = vhostkit::testing::open_fd_count();
     const std::uint64_t v = 0;
     h.raw(Request::set_vring_call, kNeedReplyFlag, bytes_of(v), raw);
     EXPECT_TRUE(h.last);
     EXPECT_NE(h.ack(Request::set_vring_call), 0u);
     EXPECT_EQ(h.session->last_error().code, Errc::too_many);
-    EXPECT_EQ(test::open_fd_count(), fds_before);
+    EXPECT_EQ(vhostkit::testing::open_fd_count(), fds_before);
     h.expect_alive();
   });
 }

@@ -16,9 +16,9 @@
 namespace vhostkit::vhost_user {
 namespace {
 
-using test::make_fd;
-using test::open_fd_count;
-using test::same_file;
+using vhostkit::testing::make_fd;
+using vhostkit::testing::open_fd_count;
+using vhostkit::testing::same_file;
 
 std::pair<Channel, Channel> make_pair() {
   auto p = socketpair();

@@ -16,8 +16,8 @@
 namespace vhostkit::vhost_user {
 namespace {
 
-using test::make_fd;
-using test::open_fd_count;
+using vhostkit::testing::make_fd;
+using vhostkit::testing::open_fd_count;
 
 class Hostile : public ::testing::Test {
  protected:

@@ -21,7 +21,7 @@ namespace vhostkit::vhost_user {
 namespace {
 
 using namespace std::chrono_literals;
-using test::open_fd_count;
+using vhostkit::testing::open_fd_count;
 
 constexpr std::uint64_t pbit(unsigned n) { return std::uint64_t{1} << n; }
 constexpr std::uint64_t kOffered = kFrontendNetFeatures | virtio::bit(virtio::net_feature::mq) |

@@ -27,7 +27,7 @@ namespace vhostkit::vhost_user {
 namespace {
 
 using namespace std::chrono_literals;
-using test::open_fd_count;
+using vhostkit::testing::open_fd_count;
 
 constexpr std::array<std::uint8_t, 6> kMac{0x02, 0x11, 0x22, 0x33, 0x44, 0x55};
 

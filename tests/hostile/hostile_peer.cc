@@ -28,7 +28,6 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -38,6 +37,7 @@
 
 #include "cases.h"
 #include "raw_peer.h"
+#include "testing/fd_count.h"
 #include "vhostkit/vhost_user/frontend_session.h"
 #include "vhostkit/virtio/blk.h"
 
@@ -134,15 +134,6 @@ struct Sample {
   long threads = 0;
 };
 
-long count_dir(const std::string& path) {
-  DIR* d = ::opendir(path.c_str());
-  if (d == nullptr) return -1;
-  long n = 0;
-  while (const dirent* e = ::readdir(d)) n += e->d_name[0] != '.';
-  ::closedir(d);
-  return n;
-}
-
 // The child's threads, less io_uring's workers (iou-wrk-*): the kernel starts those on demand
 // for a ring's blocking requests and ends them when idle, so their number says nothing about
 // threads the child keeps.
@@ -164,25 +155,14 @@ long count_threads(const std::string& base) {
 Sample sample(pid_t pid) {
   Sample s;
   const std::string base = fmt::format("/proc/{}/", pid);
-  s.fds = count_dir(base + "fd");
+  s.fds = static_cast<long>(testing::open_fd_count(pid));
   std::ifstream st(base + "status");
   for (std::string l; std::getline(st, l);) {
     if (l.rfind("VmRSS:", 0) == 0) s.rss_kib = std::strtol(l.c_str() + 6, nullptr, 10);
   }
   s.threads = count_threads(base);
-  std::ifstream maps(base + "maps");
-  for (std::string l; std::getline(maps, l);) {
-    if (kCountAnonMaps) {
-      ++s.maps;
-      continue;
-    }
-    // "start-end perms offset dev inode [path]": file-backed when a path (not [heap] etc.) follows.
-    std::istringstream f(l);
-    std::string field, path;
-    for (int i = 0; i < 5; ++i) f >> field;
-    f >> path;
-    s.maps += !path.empty() && path[0] != '[';
-  }
+  s.maps = static_cast<long>(kCountAnonMaps ? testing::mapping_count({}, pid)
+                                            : testing::file_mapping_count(pid));
   return s;
 }
 
