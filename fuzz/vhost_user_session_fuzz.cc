@@ -58,6 +58,7 @@
 
 #include "fuzz_util.h"
 #include "testing/fd_count.h"
+#include "testing/raw_send.h"
 #include "vhostkit/vhost/backend.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost_user/backend_session.h"
@@ -217,29 +218,12 @@ int make_raw_fd(std::uint8_t fdsel, const Guest& g) {
   return fd;
 }
 
+// The header as the input says, whatever its size field claims; never blocks on a back-end that
+// stopped reading.
 void send_record(int sock, std::uint32_t request, std::uint32_t flags, const std::uint8_t* payload,
                  std::size_t len, const std::vector<int>& fds) {
-  std::vector<std::uint8_t> buf(12 + len);
-  const std::uint32_t size = static_cast<std::uint32_t>(len);
-  std::memcpy(buf.data(), &request, 4);
-  std::memcpy(buf.data() + 4, &flags, 4);
-  std::memcpy(buf.data() + 8, &size, 4);
-  if (len != 0) std::memcpy(buf.data() + 12, payload, len);
-  iovec iov{buf.data(), buf.size()};
-  msghdr mh{};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  alignas(cmsghdr) std::uint8_t cbuf[CMSG_SPACE(sizeof(int) * 16)] = {};
-  if (!fds.empty()) {
-    mh.msg_control = cbuf;
-    mh.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  }
-  (void)::sendmsg(sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+  const Header h{request, flags, static_cast<std::uint32_t>(len)};
+  (void)test::send_raw(sock, h, std::span<const std::uint8_t>(payload, len), fds, MSG_DONTWAIT);
 }
 
 // Reads and drops whatever the back-end replied, so the socket never fills up.

@@ -17,8 +17,9 @@ namespace vhostkit::vhost_user::test {
 
 // True if the whole message went out (the Channel refuses more than 8 fds and mismatched
 // sizes; this does not).
+// `send_flags`: MSG_NOSIGNAL always; add MSG_DONTWAIT where the peer may not be reading.
 inline bool send_raw(int sock, const Header& h, std::span<const std::uint8_t> payload,
-                     std::span<const int> fds = {}) {
+                     std::span<const int> fds = {}, int send_flags = 0) {
   std::vector<std::uint8_t> buf(sizeof(Header) + payload.size());
   std::memcpy(buf.data(), &h, sizeof(Header));
   if (!payload.empty()) std::memcpy(buf.data() + sizeof(Header), payload.data(), payload.size());
@@ -36,7 +37,7 @@ inline bool send_raw(int sock, const Header& h, std::span<const std::uint8_t> pa
     c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
     std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
   }
-  return ::sendmsg(sock, &mh, MSG_NOSIGNAL) == static_cast<ssize_t>(buf.size());
+  return ::sendmsg(sock, &mh, MSG_NOSIGNAL | send_flags) == static_cast<ssize_t>(buf.size());
 }
 
 }  // namespace vhostkit::vhost_user::test
