@@ -328,6 +328,29 @@ inline vhost::DeviceOptions dev_opts(vhost::PollMode mode) {
   return o;
 }
 
+// A NetDevice with a guest brought up on it: on a FakePort (frames the device sends are seen,
+// frames from the host injected) or, with no port, on the loopback (the guest's frames come back
+// with the MACs swapped).
+struct DeviceRig {
+  DeviceRig(bool with_port, bool vnet, std::uint64_t features,
+            vhost::PollMode mode = vhost::PollMode::event)
+      : port(with_port ? new FakePort(vnet) : nullptr),
+        net(make(port)),
+        dev(net, dev_opts(mode)),
+        g(3, features) {
+    g.bring_up(dev);
+  }
+  static NetOptions make(FakePort* p) {
+    NetOptions o;
+    o.port.reset(p);  // null: loopback
+    return o;
+  }
+  FakePort* port;  // owned by net; null on the loopback
+  NetDevice net;
+  vhost::Device dev;
+  Guest g;
+};
+
 // Waits until all tx chains in flight on queue q came back.
 inline bool wait_tx_done(Guest& g, std::uint16_t q, std::size_t ring_size = 256,
                          int timeout_ms = 20000) {

@@ -191,23 +191,9 @@ TEST(NetDeviceConfig, FeaturesQueuesAndConfigSpace) {
 
 // ---- port ---------------------------------------------------------------------------------------
 
-struct PortRig {
+struct PortRig : DeviceRig {
   PortRig(bool vnet, std::uint64_t features, PollMode mode = PollMode::event)
-      : port_ptr(new FakePort(vnet)),
-        net(make(port_ptr)),
-        dev(net, dev_opts(mode)),
-        g(3, features) {
-    g.bring_up(dev);
-  }
-  static NetOptions make(FakePort* p) {
-    NetOptions o;
-    o.port.reset(p);
-    return o;
-  }
-  FakePort* port_ptr;
-  NetDevice net;
-  vhost::Device dev;
-  Guest g;
+      : DeviceRig(true, vnet, features, mode) {}
 };
 
 TEST(PortTx, FramesReachThePortWithoutHeader) {
@@ -220,7 +206,7 @@ TEST(PortTx, FramesReachThePortWithoutHeader) {
   }
   r.g.kick(0);
   ASSERT_TRUE(wait_tx_done(r.g, 0));
-  auto got = r.port_ptr->take_sent();
+  auto got = r.port->take_sent();
   ASSERT_EQ(got.size(), sent.size());
   for (std::size_t i = 0; i < sent.size(); ++i) EXPECT_EQ(got[i], sent[i]);
   EXPECT_EQ(r.net.stats(0).tx_frames, 100u);
@@ -237,7 +223,7 @@ TEST(PortTx, VnetPortGetsTheGuestHeader) {
   ASSERT_TRUE(r.g.send(0, fr, 3, &hdr));
   r.g.kick(0);
   ASSERT_TRUE(wait_tx_done(r.g, 0));
-  auto got = r.port_ptr->take_sent();
+  auto got = r.port->take_sent();
   ASSERT_EQ(got.size(), 1u);
   Bytes want = hdr;
   want.insert(want.end(), fr.begin(), fr.end());
@@ -254,7 +240,7 @@ TEST(PortTx, LegacyHeaderIsWidenedForVnetPort) {
   ASSERT_TRUE(r.g.send(0, fr, 2, &hdr));
   r.g.kick(0);
   ASSERT_TRUE(wait_tx_done(r.g, 0));
-  auto got = r.port_ptr->take_sent();
+  auto got = r.port->take_sent();
   ASSERT_EQ(got.size(), 1u);
   ASSERT_EQ(got[0].size(), 12 + fr.size());
   EXPECT_EQ(got[0][0], virtio::kNetHdrFNeedsCsum);
@@ -264,7 +250,7 @@ TEST(PortTx, LegacyHeaderIsWidenedForVnetPort) {
 
 TEST(PortTx, RefusedSendsAreCountedDrops) {
   PortRig r(false, kBase | kEventIdx);
-  r.port_ptr->refuse_sends = true;
+  r.port->refuse_sends = true;
   std::mt19937 rng(6);
   for (int i = 0; i < 10; ++i) ASSERT_TRUE(r.g.send(0, random_frame(rng, 100)));
   r.g.kick(0);
@@ -287,7 +273,7 @@ TEST_P(PortRx, FramesFromThePortReachTheGuest) {
     Bytes fr = random_frame(rng, 60 + rng() % 1455);
     frames.push_back(fr);
     hdr.insert(hdr.end(), fr.begin(), fr.end());
-    r.port_ptr->inject(std::move(hdr));
+    r.port->inject(std::move(hdr));
     if (i % 50 == 49) {
       ASSERT_TRUE(rx.wait_frames(i + 1));
       rx.refill();
@@ -313,7 +299,7 @@ TEST(PortRxMerge, LargeFramesSpreadOverSeveralBuffers) {
   std::vector<Bytes> frames;
   for (int i = 0; i < 40; ++i) {
     frames.push_back(random_frame(rng, 1400 + rng() % 64000));
-    r.port_ptr->inject(frames.back());
+    r.port->inject(frames.back());
     ASSERT_TRUE(rx.wait_frames(i + 1));
     rx.refill();
   }
@@ -328,9 +314,9 @@ TEST(PortRxMerge, WithoutMrgRxbufTooLargeFrameIsDropped) {
   Receiver rx(r.g, 1, {1526});
   rx.refill();
   std::mt19937 rng(9);
-  r.port_ptr->inject(random_frame(rng, 3000));
+  r.port->inject(random_frame(rng, 3000));
   const Bytes ok = random_frame(rng, 500);
-  r.port_ptr->inject(ok);
+  r.port->inject(ok);
   ASSERT_TRUE(rx.wait_frames(1));
   EXPECT_EQ(rx.frames[0].data, ok);
   EXPECT_EQ(r.net.stats(0).rx_drops, 1u);
@@ -351,8 +337,8 @@ TEST(PortRxFlow, FailedPortIsNoLongerWatched) {
   PortRig r(false, kBase | kEventIdx | kMrg);
   Receiver rx(r.g, 1, {1526});
   rx.refill();
-  r.port_ptr->fail_reads = true;
-  r.port_ptr->poke();
+  r.port->fail_reads = true;
+  r.port->poke();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   while (r.net.stats(0).rx_errors == 0 && std::chrono::steady_clock::now() < deadline) {
     settle(r.dev.worker_for(1));
@@ -379,27 +365,27 @@ TEST(PortRxFlow, EmptyRingStopsWatchingAndKickResumes) {
   std::vector<Bytes> frames;
   for (int i = 0; i < 10; ++i) {
     frames.push_back(random_frame(rng, 100));
-    r.port_ptr->inject(frames.back());
+    r.port->inject(frames.back());
   }
   settle(r.dev.worker_for(1));
   const auto w0 = r.dev.worker_for(1).wakeups();
   // A spinning worker would wake thousands of times in 100 ms; a negative is watched a while.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_LT(r.dev.worker_for(1).wakeups() - w0, 5u) << "worker spins on a readable port fd";
-  EXPECT_EQ(r.port_ptr->waiting(), 10u);
+  EXPECT_EQ(r.port->waiting(), 10u);
   Receiver rx(r.g, 1, {1526});
   for (int i = 0; i < 4; ++i) ASSERT_TRUE(r.g.post_rx(1, 1526));
   r.g.kick(1);
   ASSERT_TRUE(rx.wait_frames(4));
   // Ring empty again with 6 frames waiting; once more.
   settle(r.dev.worker_for(1));
-  EXPECT_EQ(r.port_ptr->waiting(), 6u);
+  EXPECT_EQ(r.port->waiting(), 6u);
   rx.refill();
   ASSERT_TRUE(rx.wait_frames(10));
   for (int i = 0; i < 10; ++i) EXPECT_EQ(rx.frames[i].data, frames[i]);
   // And the port fd is watched again: a new frame arrives without a kick.
   frames.push_back(random_frame(rng, 77));
-  r.port_ptr->inject(frames.back());
+  r.port->inject(frames.back());
   ASSERT_TRUE(rx.wait_frames(11));
   EXPECT_EQ(rx.frames[10].data, frames.back());
 }

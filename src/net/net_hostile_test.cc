@@ -79,23 +79,8 @@ TEST(NetHostile, TxChainWithWritableOnlyDescriptors) {
 }
 
 // A port device for the tx cases where "nothing reached the port" must be seen directly.
-struct PortRig {
-  PortRig()
-      : port(new FakePort(false)),
-        net(make(port)),
-        dev(net, dev_opts(PollMode::event)),
-        g(3, kBase | kEventIdx | kMrg) {
-    g.bring_up(dev);
-  }
-  static NetOptions make(FakePort* p) {
-    NetOptions o;
-    o.port.reset(p);
-    return o;
-  }
-  FakePort* port;  // owned by net
-  NetDevice net;
-  vhost::Device dev;
-  Guest g;
+struct PortRig : DeviceRig {
+  PortRig() : DeviceRig(true, false, kBase | kEventIdx | kMrg) {}
 };
 
 // A whole header and frame, readable, then a writable descriptor: the transmitq is for

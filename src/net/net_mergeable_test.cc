@@ -35,19 +35,8 @@ std::size_t chains_for(std::size_t frame, std::size_t chain_bytes) {
 
 // A device with an in-memory port (frames injected from the host side) or the loopback (frames
 // the guest transmits come back with the MACs swapped).
-struct MrgRig {
-  explicit MrgRig(bool loopback)
-      : port(loopback ? nullptr : new FakePort(false)),
-        net(make(port)),
-        dev(net, dev_opts(PollMode::event)),
-        g(3, kBase | kEventIdx | kMrg) {
-    g.bring_up(dev);
-  }
-  static NetOptions make(FakePort* p) {
-    NetOptions o;
-    o.port.reset(p);  // null: loopback
-    return o;
-  }
+struct MrgRig : DeviceRig {
+  explicit MrgRig(bool loopback) : DeviceRig(!loopback, false, kBase | kEventIdx | kMrg) {}
 
   // Posts `n` rx chains of the given writable buffer sizes, every byte of each slot's first
   // kSlotSpan set to kGuard; returns their slots in posting order.
@@ -85,11 +74,6 @@ struct MrgRig {
     }
     return got;
   }
-
-  FakePort* port;
-  NetDevice net;
-  vhost::Device dev;
-  Guest g;
 };
 
 struct Case {
