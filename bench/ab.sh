@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# A/B of two build trees on this host: the same measurements run on each, interleaved
+# (A B A B ...), reported as medians with min..max and the ratio B/A.
+#
+#   bench/ab.sh --a DIR --b DIR [--rounds N] [--duration S] [--size B] [--what LIST] [--keep-logs]
+#
+#   --a, --b     build trees (Release) holding the programs below; A is the reference
+#   --rounds     rounds per side (default 3; at least 3 for a claim, see DESIGN.md "How we measure")
+#   --duration   seconds measured per c4 point, after a 1 s warm-up (default 5)
+#   --size       frame size for c4 (default 64)
+#   --what       comma list of: ring (bench/ring_bench, every benchmark), c4 (each tree's
+#                vhostkit-bench loop <-> its vhostkit-net --loopback --poll=busy); default ring,c4
+#
+# Writes bench/results/ab-<utc>.csv (one row per measurement) and prints a table. Runs as any
+# user; the two trees must be built first (ninja ring_bench vhostkit-net vhostkit-bench).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VK_SCRIPT_NAME=ab
+source "$root/scripts/lib/vhostkit.sh"
+
+a="" b="" rounds=3 duration=5 size=64 what=ring,c4 keep=0
+while (($#)); do
+  case $1 in
+    --a) a=${2:-}; shift ;;
+    --a=*) a=${1#*=} ;;
+    --b) b=${2:-}; shift ;;
+    --b=*) b=${1#*=} ;;
+    --rounds) rounds=${2:-}; shift ;;
+    --rounds=*) rounds=${1#*=} ;;
+    --duration) duration=${2:-}; shift ;;
+    --duration=*) duration=${1#*=} ;;
+    --size) size=${2:-}; shift ;;
+    --size=*) size=${1#*=} ;;
+    --what) what=${2:-}; shift ;;
+    --what=*) what=${1#*=} ;;
+    --keep-logs) keep=1 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "ab.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ -n $a && -n $b ]] || { echo "ab.sh: --a DIR and --b DIR are required (see --help)" >&2; exit 2; }
+for n in rounds duration size; do
+  [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "ab.sh: --$n must be a whole number >= 1" >&2; exit 2; }
+done
+want() { [[ ,$what, == *,$1,* ]]; }
+want ring || want c4 || { echo "ab.sh: --what takes ring and/or c4" >&2; exit 2; }
+declare -A DIR=([A]=$(cd "$a" && pwd) [B]=$(cd "$b" && pwd))
+for s in A B; do
+  d=${DIR[$s]}
+  if want ring; then
+    [[ -x $d/bench/ring_bench ]] || { echo "ab.sh: $d/bench/ring_bench not built" >&2; exit 1; }
+  fi
+  if want c4; then
+    for p in vhostkit-net vhostkit-bench; do
+      [[ -x $d/src/tools/$p/$p ]] || { echo "ab.sh: $d/src/tools/$p/$p not built" >&2; exit 1; }
+    done
+  fi
+done
+
+VK_KEEP=$keep vk_tmpdir
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$root/bench/results"
+out=$root/bench/results/ab-$stamp.csv
+echo "side,round,what,value,unit" >"$out"
+say() { echo "[ab.sh] $*" >&2; }
+say "A=${DIR[A]} B=${DIR[B]}, $rounds rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
+
+ring_round() {  # SIDE ROUND
+  local d=${DIR[$1]} csv=$VK_TMP/ring-$1-$2.csv
+  "$d/bench/ring_bench" --benchmark_format=csv --benchmark_min_time=0.5 >"$csv" 2>/dev/null ||
+    { say "ring_bench failed in $d"; return 1; }
+  # items_per_second, in millions; one row per benchmark.
+  awk -F, -v s="$1" -v r="$2" 'NR > 1 && $7 != "" {
+    gsub(/"/, "", $1); printf "%s,%s,ring %s,%.3f,M items/s\n", s, r, $1, $7 / 1e6 }' "$csv" >>"$out"
+}
+
+c4_round() {  # SIDE ROUND: vhostkit-bench loop against vhostkit-net --loopback, busy, cores 0/1
+  local d=${DIR[$1]} sock=$VK_TMP/c4-$1-$2.sock log=$VK_TMP/c4-$1-$2.log mpps
+  rm -f "$sock"
+  VK_NET_BIN=$d/src/tools/vhostkit-net/vhostkit-net vk_net_start "$log" -- \
+    --socket-path="$sock" --loopback --poll=busy --cpu=1
+  vk_net_wait_listening "$sock" 30 "$log" || { say "vhostkit-net did not listen (see $log)"; return 1; }
+  "$d/src/tools/vhostkit-bench/vhostkit-bench" loop --socket-path="$sock" --size="$size" \
+    --duration="$duration" --warmup=1 --poll=busy --cpu=0 --label="$1" \
+    --csv="$VK_TMP/c4-$1-$2.csv" >"$VK_TMP/c4-$1-$2.out" 2>&1 ||
+    { say "vhostkit-bench failed: $(tail -1 "$VK_TMP/c4-$1-$2.out")"; vk_net_stop "$VK_NET_PID"; return 1; }
+  vk_net_stop "$VK_NET_PID" >/dev/null || true
+  mpps=$(awk -F, 'NR == 2 { print $10 }' "$VK_TMP/c4-$1-$2.csv")
+  echo "$1,$2,c4 ${size} B,$mpps,Mpps" >>"$out"
+}
+
+for ((r = 1; r <= rounds; r++)); do
+  for s in A B; do
+    # Alternate which side goes first, so a slow drift of the host favours neither.
+    [[ $((r % 2)) -eq 0 ]] && s=$([[ $s == A ]] && echo B || echo A)
+    say "round $r/$rounds: $s"
+    if want ring; then ring_round "$s" "$r"; fi
+    if want c4; then c4_round "$s" "$r"; fi
+  done
+done
+
+# Medians with min..max per side and measurement, and B/A of the medians.
+awk -F, 'NR > 1 { key = $3; v[key, $1] = v[key, $1] " " $4; u[key] = $5; if (!(key in seen)) { seen[key] = 1; order[++n] = key } }
+  function stats(list,   a, k, i, j, t, m) {
+    k = split(list, a, " ")
+    for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+    m = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+    MED = m; LO = a[1]; HI = a[k]
+  }
+  END {
+    printf "%-34s %-26s %-26s %s\n", "measurement", "A median (min..max)", "B median (min..max)", "B/A"
+    for (i = 1; i <= n; i++) {
+      key = order[i]
+      stats(v[key, "A"]); ma = MED; sa = sprintf("%.3f (%.3f..%.3f)", MED, LO, HI)
+      stats(v[key, "B"]); mb = MED; sb = sprintf("%.3f (%.3f..%.3f)", MED, LO, HI)
+      printf "%-34s %-26s %-26s %.3f\n", key " [" u[key] "]", sa, sb, (ma > 0 ? mb / ma : 0)
+    }
+  }' "$out"
+say "rows in $out"
