@@ -63,6 +63,19 @@ std::optional<int> BackendProgram::parse(int argc, char** argv) {
   return std::nullopt;
 }
 
+vhost::DeviceOptions BackendConfig::device_options(std::string name,
+                                                   std::uint16_t queues_per_worker,
+                                                   std::uint16_t unpinned_workers) const {
+  vhost::DeviceOptions o;
+  o.name = std::move(name);
+  o.mode = poll;
+  o.cpus = cpus;
+  o.queues_per_worker = queues_per_worker;
+  o.unpinned_workers = unpinned_workers;
+  o.adaptive_spin_us = adaptive_spin_us;
+  return o;
+}
+
 BackendConfig BackendProgram::check() {
   const BackendArgs& a = args_;
   BackendConfig c;
@@ -95,6 +108,7 @@ BackendConfig BackendProgram::check() {
     c.where = "listening on " + a.socket_path;
   }
   c.stats_interval = std::chrono::milliseconds(static_cast<long>(a.stats * 1000));
+  c.adaptive_spin_us = a.spin_us;
   return c;
 }
 

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -45,6 +46,13 @@ struct BackendConfig {
   vhost_user::ServerOptions server;
   std::string where;  // "listening on PATH", "connecting to PATH", "fd N"
   std::chrono::milliseconds stats_interval{0};
+  std::uint32_t adaptive_spin_us = 100;
+
+  // The worker layout both programs build from the shared options: --poll, --cpu (one pinned
+  // worker each) and --spin-us; without --cpu, `unpinned_workers` threads. Queue i runs on
+  // worker (i / queues_per_worker) % workers.
+  vhost::DeviceOptions device_options(std::string name, std::uint16_t queues_per_worker,
+                                      std::uint16_t unpinned_workers) const;
 };
 
 class BackendProgram {

@@ -93,13 +93,8 @@ int main(int argc, char** argv) {
   // Before any thread starts, so that every thread inherits the blocked mask.
   prog.block_signals();
 
-  vhost::DeviceOptions dopts;
-  dopts.name = "blk";
-  dopts.mode = cfg.poll;
-  dopts.cpus = cfg.cpus;
-  dopts.queues_per_worker = 1;  // queues are independent: spread them over the workers
-  dopts.unpinned_workers = dev.num_queues();  // without --cpu: a worker per queue
-  dopts.adaptive_spin_us = prog.args().spin_us;
+  // Queues are independent: spread them over the workers; without --cpu, a worker per queue.
+  const vhost::DeviceOptions dopts = cfg.device_options("blk", 1, dev.num_queues());
   vhost::Device device(dev, dopts);
 
   vhost_user::ServerOptions sopts = std::move(cfg.server);

@@ -99,13 +99,8 @@ int main(int argc, char** argv) {
   if (!netdev) prog.die_usage(netdev.error().message());
   net::NetDevice& dev = **netdev;
 
-  vhost::DeviceOptions dopts;
-  dopts.name = "net";
-  dopts.mode = cfg.poll;
-  dopts.cpus = cfg.cpus;
-  dopts.queues_per_worker = 2;                 // a pair's rx and tx rings share a worker
-  dopts.unpinned_workers = dev.queue_pairs();  // without --cpu: a worker per queue pair
-  dopts.adaptive_spin_us = prog.args().spin_us;
+  // A pair's rx and tx rings share a worker; without --cpu, a worker per queue pair.
+  const vhost::DeviceOptions dopts = cfg.device_options("net", 2, dev.queue_pairs());
   vhost::Device device(dev, dopts);
 
   vhost_user::ServerOptions sopts = std::move(cfg.server);
