@@ -27,6 +27,7 @@
 #include "vhostkit/vhost_user/channel.h"
 #include "vhostkit/vhost_user/message.h"
 #include "vhostkit/virtio/features.h"
+#include "vhostkit/virtq/iov.h"
 #include "vhostkit/virtq/split_queue.h"
 
 namespace vhostkit::vhost_user::test {
@@ -72,25 +73,8 @@ class EchoBackend : public vhost::DeviceBackend {
         if (virtq::breaks_queue(c.error())) break;
         continue;
       }
-      std::uint32_t copied = 0;
-      std::size_t wi = 0, woff = 0;
-      for (const iovec& r : c->readable) {
-        std::size_t roff = 0;
-        while (roff < r.iov_len && wi < c->writable.size()) {
-          const iovec& w = c->writable[wi];
-          const std::size_t n2 = std::min(r.iov_len - roff, w.iov_len - woff);
-          std::memcpy(static_cast<std::uint8_t*>(w.iov_base) + woff,
-                      static_cast<const std::uint8_t*>(r.iov_base) + roff, n2);
-          roff += n2;
-          woff += n2;
-          copied += static_cast<std::uint32_t>(n2);
-          if (woff == w.iov_len) {
-            ++wi;
-            woff = 0;
-          }
-        }
-      }
-      vq.push_used(c->head, copied);
+      const std::size_t copied = virtq::iov_copy(c->writable, 0, c->readable, 0, c->readable_len);
+      vq.push_used(c->head, static_cast<std::uint32_t>(copied));
     }
     if (did) q.publish_and_notify();
     return did;

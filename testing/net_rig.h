@@ -21,6 +21,7 @@
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/features.h"
 #include "vhostkit/virtio/net.h"
+#include "vhostkit/virtq/iov.h"
 #include "vhostkit/virtq/split_queue.h"
 
 namespace vhostkit::net::testing {
@@ -56,11 +57,8 @@ class FakePort final : public Port {
     return {};
   }
   bool send(std::uint16_t, std::span<const iovec> pieces) noexcept override {
-    Bytes b;
-    for (const iovec& v : pieces) {
-      auto* p = static_cast<const std::uint8_t*>(v.iov_base);
-      b.insert(b.end(), p, p + v.iov_len);
-    }
+    Bytes b(virtq::iov_size(pieces));
+    virtq::iov_read(pieces, 0, b.data(), b.size());
     std::lock_guard lk(mu_);
     if (refuse_sends) return false;
     sent.push_back(std::move(b));
@@ -78,16 +76,8 @@ class FakePort final : public Port {
       std::uint64_t v;
       [[maybe_unused]] auto r = ::read(fds_[qp].get(), &v, sizeof v);
     }
-    std::size_t cap = 0;
-    for (const iovec& v : into) cap += v.iov_len;
-    if (f.size() > cap) return std::unexpected(Errc::too_many);
-    std::size_t off = 0;
-    for (const iovec& v : into) {
-      const std::size_t k = std::min(v.iov_len, f.size() - off);
-      std::memcpy(v.iov_base, f.data() + off, k);
-      off += k;
-    }
-    return f.size();
+    if (f.size() > virtq::iov_size(into)) return std::unexpected(Errc::too_many);
+    return virtq::iov_write(into, 0, f.data(), f.size());
   }
   PortStats stats(std::uint16_t) const noexcept override { return {}; }
 

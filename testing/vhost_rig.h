@@ -17,6 +17,7 @@
 #include "testing/guest_rig.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/virtio/features.h"
+#include "vhostkit/virtq/iov.h"
 #include "vhostkit/virtq/split_queue.h"
 
 namespace vhostkit::vhost::testing {
@@ -41,24 +42,8 @@ class EchoBackend : public DeviceBackend {
       ++n;
       auto c = vq.pop(segs_);
       if (!c) continue;  // answered with len 0 by the DeviceQueue, counted there
-      std::uint32_t copied = 0;
-      std::size_t wi = 0, woff = 0;
-      for (const iovec& r : c->readable) {
-        std::size_t roff = 0;
-        while (roff < r.iov_len && wi < c->writable.size()) {
-          const iovec& w = c->writable[wi];
-          const std::size_t k = std::min(r.iov_len - roff, w.iov_len - woff);
-          std::memcpy(static_cast<char*>(w.iov_base) + woff, static_cast<char*>(r.iov_base) + roff,
-                      k);
-          roff += k;
-          woff += k;
-          copied += static_cast<std::uint32_t>(k);
-          if (woff == w.iov_len) {
-            ++wi;
-            woff = 0;
-          }
-        }
-      }
+      const auto copied = static_cast<std::uint32_t>(
+          virtq::iov_copy(c->writable, 0, c->readable, 0, c->readable_len));
       vq.push_used(c->head, copied);
       q.stats().add(q.stats().chains);
       q.stats().add(q.stats().bytes, copied);

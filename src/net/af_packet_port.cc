@@ -17,6 +17,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "vhostkit/virtq/iov.h"
+
 namespace vhostkit::net {
 namespace {
 
@@ -54,29 +56,6 @@ Geometry geometry(std::uint32_t frame_size, std::uint32_t frames) {
   std::uint32_t per_block = block / frame_size;
   std::uint32_t blocks = (std::max(frames, 1u) + per_block - 1) / per_block;
   return {block, blocks, blocks * per_block};
-}
-
-std::size_t total_len(std::span<const iovec> iov) noexcept {
-  std::size_t n = 0;
-  for (const iovec& v : iov) n += v.iov_len;
-  return n;
-}
-
-// Scatters `len` bytes from `src` into `into`, starting `skip` bytes into it.
-void scatter(std::span<const iovec> into, std::size_t skip, const std::uint8_t* src,
-             std::size_t len) noexcept {
-  for (const iovec& v : into) {
-    if (len == 0) return;
-    if (skip >= v.iov_len) {
-      skip -= v.iov_len;
-      continue;
-    }
-    std::size_t n = std::min(len, v.iov_len - skip);
-    std::memcpy(static_cast<std::uint8_t*>(v.iov_base) + skip, src, n);
-    src += n;
-    len -= n;
-    skip = 0;
-  }
 }
 
 std::uint32_t sum16(const std::uint8_t* p, std::size_t len, std::uint32_t sum) noexcept {
@@ -294,7 +273,7 @@ bool AfPacketPort::send(std::uint16_t qp, std::span<const iovec> pieces) noexcep
   if (qp >= queue_pairs_) return false;
   Pair& p = pairs_[qp];
   const std::uint32_t fs = options_.frame_size;
-  std::size_t len = total_len(pieces);
+  std::size_t len = virtq::iov_size(pieces);
   if (len < kEthHdrLen || len > max_tx_frame_) {
     p.counters.tx_drop();
     return false;
@@ -311,11 +290,7 @@ bool AfPacketPort::send(std::uint16_t qp, std::span<const iovec> pieces) noexcep
     }
   }
   auto* data = reinterpret_cast<std::uint8_t*>(h) + kTxDataOffset;
-  std::size_t off = 0;
-  for (const iovec& v : pieces) {
-    std::memcpy(data + off, v.iov_base, v.iov_len);
-    off += v.iov_len;
-  }
+  virtq::iov_read(pieces, 0, data, len);
   // The kernel accepts the 4 extra bytes only for an 802.1Q-tagged frame.
   bool tagged = data[12] == 0x81 && data[13] == 0x00;
   if (len > mtu_ + kEthHdrLen + (tagged ? kVlanTagLen : 0)) {
@@ -367,7 +342,7 @@ std::expected<std::size_t, Errc> AfPacketPort::recv(std::uint16_t qp,
   // The receive path moved an 802.1Q/802.1ad tag into tp_vlan_tci: put it back where it was.
   bool vlan = (status & TP_STATUS_VLAN_VALID) != 0;
   std::size_t out_len = snap + (vlan ? kVlanTagLen : 0);
-  if (out_len > total_len(into)) {
+  if (out_len > virtq::iov_size(into)) {
     give_back();
     p.counters.rx_truncated();
     return std::unexpected(Errc::too_many);
@@ -377,11 +352,12 @@ std::expected<std::size_t, Errc> AfPacketPort::recv(std::uint16_t qp,
     std::uint8_t tag[kVlanTagLen] = {
         static_cast<std::uint8_t>(tpid >> 8), static_cast<std::uint8_t>(tpid),
         static_cast<std::uint8_t>(h->tp_vlan_tci >> 8), static_cast<std::uint8_t>(h->tp_vlan_tci)};
-    scatter(into, 0, frame, kMacAddrsLen);
-    scatter(into, kMacAddrsLen, tag, kVlanTagLen);
-    scatter(into, kMacAddrsLen + kVlanTagLen, frame + kMacAddrsLen, snap - kMacAddrsLen);
+    virtq::IovCursor out(into);
+    out.write(frame, kMacAddrsLen);
+    out.write(tag, kVlanTagLen);
+    out.write(frame + kMacAddrsLen, snap - kMacAddrsLen);
   } else {
-    scatter(into, 0, frame, snap);
+    virtq::iov_write(into, 0, frame, snap);
   }
   give_back();
   p.counters.rx(out_len);

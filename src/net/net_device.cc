@@ -213,9 +213,9 @@ bool NetDevice::handle_ctrl(vhost::Queue& q) noexcept {
       continue;
     }
     std::uint8_t hdr[2];
-    detail::gather(c->readable, 0, hdr, 2);
+    virtq::iov_read(c->readable, 0, hdr, 2);
     std::uint8_t ack = exec_ctrl(hdr[0], hdr[1], c->readable, c->readable_len - 2);
-    detail::scatter(c->writable, 0, &ack, 1);
+    virtq::iov_write(c->writable, 0, &ack, 1);
     vq.push_used(c->head, 1);
   }
   if (any) q.publish_and_notify();
@@ -227,7 +227,8 @@ std::uint8_t NetDevice::exec_ctrl(std::uint8_t cls, std::uint8_t cmd,
                                   std::uint64_t data_len) noexcept {
   namespace c = virtio::net_ctrl;
   auto read = [&](std::uint64_t off, void* dst, std::size_t n) {
-    return off <= data_len && n <= data_len - off && detail::gather(readable, 2 + off, dst, n) == n;
+    return off <= data_len && n <= data_len - off &&
+           virtq::iov_read(readable, 2 + off, dst, n) == n;
   };
   switch (cls) {
     case c::rx: {

@@ -1,5 +1,5 @@
-// Internal to the net module: per-queue-pair data-path state of NetDevice, and the iovec helpers
-// the tx, rx and loopback paths share.
+// Internal to the net module: per-queue-pair data-path state of NetDevice, and what the tx, rx
+// and loopback paths share.
 #pragma once
 
 #include <sys/uio.h>
@@ -16,6 +16,7 @@
 #include "vhostkit/net/net_device.h"
 #include "vhostkit/vhost/queue.h"
 #include "vhostkit/vhost/worker.h"
+#include "vhostkit/virtq/iov.h"
 
 namespace vhostkit::net {
 
@@ -38,108 +39,6 @@ struct Counter {
     if (n != 0) v.fetch_add(n, std::memory_order_relaxed);
   }
   std::uint64_t get() const noexcept { return v.load(std::memory_order_relaxed); }
-};
-
-// Copies n bytes from `src` at byte offset `off` into dst. Returns the bytes copied (less than
-// n only when src is shorter).
-inline std::size_t gather(std::span<const iovec> src, std::size_t off, void* dst,
-                          std::size_t n) noexcept {
-  auto* out = static_cast<std::uint8_t*>(dst);
-  std::size_t done = 0;
-  for (const iovec& v : src) {
-    if (done == n) break;
-    if (off >= v.iov_len) {
-      off -= v.iov_len;
-      continue;
-    }
-    const std::size_t k = std::min(v.iov_len - off, n - done);
-    std::memcpy(out + done, static_cast<const std::uint8_t*>(v.iov_base) + off, k);
-    done += k;
-    off = 0;
-  }
-  return done;
-}
-
-// Copies n bytes from src into `dst` at byte offset `off` (a header split across pieces lands
-// piecewise). Returns the bytes copied.
-inline std::size_t scatter(std::span<const iovec> dst, std::size_t off, const void* src,
-                           std::size_t n) noexcept {
-  const auto* in = static_cast<const std::uint8_t*>(src);
-  std::size_t done = 0;
-  for (const iovec& v : dst) {
-    if (done == n) break;
-    if (off >= v.iov_len) {
-      off -= v.iov_len;
-      continue;
-    }
-    const std::size_t k = std::min(v.iov_len - off, n - done);
-    std::memcpy(static_cast<std::uint8_t*>(v.iov_base) + off, in + done, k);
-    done += k;
-    off = 0;
-  }
-  return done;
-}
-
-// The pieces of `src` after its first `off` bytes, into `out` (no data copied). Returns the
-// number of pieces; `out` must hold src.size() pieces.
-inline std::size_t skip(std::span<const iovec> src, std::size_t off,
-                        std::span<iovec> out) noexcept {
-  std::size_t n = 0;
-  for (const iovec& v : src) {
-    if (off >= v.iov_len) {
-      off -= v.iov_len;
-      continue;
-    }
-    if (n == out.size()) break;
-    out[n++] = iovec{static_cast<std::uint8_t*>(v.iov_base) + off, v.iov_len - off};
-    off = 0;
-  }
-  return n;
-}
-
-// A cursor over an iovec list: the source of a frame being copied into rx chains.
-struct IovCursor {
-  std::span<const iovec> v;
-  std::size_t i = 0;    // current piece
-  std::size_t off = 0;  // offset inside it
-
-  // Moves past n bytes.
-  void advance(std::size_t n) noexcept {
-    while (n != 0 && i < v.size()) {
-      const std::size_t k = std::min(v[i].iov_len - off, n);
-      n -= k;
-      off += k;
-      if (off == v[i].iov_len) {
-        ++i;
-        off = 0;
-      }
-    }
-  }
-  // Copies up to n bytes into `dst` at offset dst_off; returns bytes copied.
-  std::size_t copy_to(std::span<const iovec> dst, std::size_t dst_off, std::size_t n) noexcept {
-    std::size_t done = 0;
-    std::size_t d = 0;
-    while (d < dst.size() && dst_off >= dst[d].iov_len) dst_off -= dst[d++].iov_len;
-    while (done < n && d < dst.size() && i < v.size()) {
-      const std::size_t sk = v[i].iov_len - off;
-      const std::size_t dk = dst[d].iov_len - dst_off;
-      const std::size_t k = std::min({sk, dk, n - done});
-      std::memcpy(static_cast<std::uint8_t*>(dst[d].iov_base) + dst_off,
-                  static_cast<const std::uint8_t*>(v[i].iov_base) + off, k);
-      done += k;
-      off += k;
-      dst_off += k;
-      if (off == v[i].iov_len) {
-        ++i;
-        off = 0;
-      }
-      if (dst_off == dst[d].iov_len) {
-        ++d;
-        dst_off = 0;
-      }
-    }
-    return done;
-  }
 };
 
 // At most one log line per second per limiter: a guest that sends bad chains in a loop must not

@@ -76,15 +76,15 @@ Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t h
   // The frame source; in loopback its first 12 bytes (destination, source) come swapped, from
   // a little array placed in front of the rest of the frame.
   std::uint8_t swapped[12];
-  IovCursor cur{src};
+  virtq::IovCursor cur{src};
   if (swap_mac && frame_len >= 12) {
     std::uint8_t m[12];
-    gather(src, src_off, m, 12);
+    virtq::iov_read(src, src_off, m, 12);
     std::memcpy(swapped, m + 6, 6);
     std::memcpy(swapped + 6, m, 6);
     p.io[0] = iovec{swapped, 12};
-    const std::size_t k = skip(src, src_off + 12, std::span<iovec>(p.io).subspan(1));
-    cur = IovCursor{std::span<const iovec>(p.io.data(), k + 1)};
+    const std::size_t k = virtq::iov_tail(src, src_off + 12, std::span<iovec>(p.io).subspan(1));
+    cur = virtq::IovCursor{std::span<const iovec>(p.io.data(), k + 1)};
   } else {
     cur.advance(src_off);
   }
@@ -139,7 +139,7 @@ Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t h
   std::memcpy(hdr, hdr10, 10);
   const auto num_buffers = static_cast<std::uint16_t>(extra + 1);
   std::memcpy(hdr + 10, &num_buffers, 2);  // little-endian host (virtio/ring.h checks)
-  scatter(first->writable, 0, hdr, hdr_len);
+  virtq::iov_write(first->writable, 0, hdr, hdr_len);
   // The frame's chains must be consecutive in the used ring: the driver takes num_buffers
   // entries from where the first one is.
   vq.push_used(first->head, static_cast<std::uint32_t>(hdr_len + n1));

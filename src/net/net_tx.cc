@@ -82,12 +82,12 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
     } else if (vnet) {
       // Legacy 10-byte header: the port wants 12 (num_buffers is meaningless on tx).
       p.hdr_scratch.fill(0);
-      detail::gather(c.readable, 0, p.hdr_scratch.data(), 10);
+      virtq::iov_read(c.readable, 0, p.hdr_scratch.data(), 10);
       io[0] = iovec{p.hdr_scratch.data(), 12};
-      const std::size_t k = detail::skip(c.readable, 10, io.subspan(1));
+      const std::size_t k = virtq::iov_tail(c.readable, 10, io.subspan(1));
       pieces = io.first(k + 1);
     } else {
-      const std::size_t k = detail::skip(c.readable, hdr_len_, io);
+      const std::size_t k = virtq::iov_tail(c.readable, hdr_len_, io);
       pieces = io.first(k);
     }
     if (port_->send(p.qp, pieces)) {

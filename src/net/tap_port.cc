@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "vhostkit/virtio/features.h"
+#include "vhostkit/virtq/iov.h"
 
 // The kernel ABI has had these since Linux 6.2; older uapi headers lack them. An older kernel
 // refuses them with EINVAL, which set_guest_offloads() handles.
@@ -105,12 +106,6 @@ std::unexpected<Error> setiff_error(const std::string& ifname, int e, std::uint1
   std::string detail = fmt::format("tap {}: TUNSETIFF failed: {}", ifname, errno_text(e));
   if (!hint.empty()) detail += " (" + hint + ")";
   return fail(Errc::system, std::move(detail), e);
-}
-
-std::size_t total_len(std::span<const iovec> iov) noexcept {
-  std::size_t n = 0;
-  for (const iovec& v : iov) n += v.iov_len;
-  return n;
 }
 
 }  // namespace
@@ -256,7 +251,7 @@ std::expected<std::size_t, Errc> TapPort::recv(std::uint16_t qp,
   if (qp >= queue_pairs_) return std::unexpected(Errc::invalid_argument);
   Pair& p = pairs_[qp];
   std::size_t count = std::min(into.size(), kMaxIov - 1);
-  std::size_t capacity = total_len(into.first(count));
+  std::size_t capacity = virtq::iov_size(into.first(count));
   // The kernel drops the frame it dequeued if the header does not fit: refuse before reading.
   if (capacity < kTapVnetHdrSize) return std::unexpected(Errc::invalid_argument);
   std::copy_n(into.begin(), count, p.iov.get());
