@@ -258,11 +258,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     o.name = "blk-fuzz";
     vhost::Device dev(blk, o);
     if (!dev.set_owner() || !dev.set_features(features)) finding("bring-up refused");
-    std::vector<vhost::MemRegionFd> table;
+    std::vector<memory::RegionFd> table;
     table.push_back({memory::RegionSpec{0, kGuestBytes, w.uva(0), 0},
                      UniqueFd(::fcntl(w.memfd, F_DUPFD_CLOEXEC, 0))});
     if (!dev.set_mem_table(std::move(table))) finding("memory table refused");
-    vhost::VringAddr a;
+    memory::VringAddr a;
     a.desc_user_addr = w.uva(kDescGpa);
     a.avail_user_addr = w.uva(kAvailGpa);
     a.used_user_addr = w.uva(kUsedGpa);

@@ -70,7 +70,7 @@ template <auto R>
 bool same(const FdPayload<R>& a, const FdPayload<R>& b) {
   return same(a.fd, b.fd);
 }
-bool same(const MemRegion& a, const MemRegion& b) {
+bool same(const memory::RegionFd& a, const memory::RegionFd& b) {
   return same(a.spec, b.spec) && same(a.fd, b.fd);
 }
 bool same(const SetMemTable& a, const SetMemTable& b) {

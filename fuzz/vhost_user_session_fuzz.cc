@@ -280,7 +280,7 @@ class Run {
     SetMemTable t;
     auto region = [&](std::uint64_t gpa, std::uint64_t size) {
       t.regions.push_back(
-          MemRegion{memory::RegionSpec{gpa, size, kUva + gpa, gpa}, dup_fd(g_.memfd.get())});
+          memory::RegionFd{memory::RegionSpec{gpa, size, kUva + gpa, gpa}, dup_fd(g_.memfd.get())});
     };
     if (v & 4) {
       region(0, 2 * kGuestBytes);
@@ -312,10 +312,10 @@ class Run {
     model_.ring_ok[q] = true;
     SetVringAddr a;
     a.index = q;
-    a.flags = (o & 8) ? virtio::kVhostVringFLog : 0;
-    a.desc_user_addr = kUva + Guest::ring(q);
-    a.avail_user_addr = kUva + Guest::ring(q) + kAvailOff;
-    a.used_user_addr = kUva + Guest::ring(q) + kUsedOff;
+    a.addr.flags = (o & 8) ? virtio::kVhostVringFLog : 0;
+    a.addr.desc_user_addr = kUva + Guest::ring(q);
+    a.addr.avail_user_addr = kUva + Guest::ring(q) + kAvailOff;
+    a.addr.used_user_addr = kUva + Guest::ring(q) + kUsedOff;
     SetVringCall call;
     call.index = static_cast<std::uint8_t>(q);
     if (!(o & 16)) call.fd = dup_fd(g_.call[q].get());

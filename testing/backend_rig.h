@@ -212,7 +212,7 @@ class TestFrontend {
 
   Result<> set_mem_table() {
     SetMemTable t;
-    t.regions.push_back(MemRegion{region(), dup_memfd()});
+    t.regions.push_back(memory::RegionFd{region(), dup_memfd()});
     return ok(t);
   }
 
@@ -234,9 +234,9 @@ class TestFrontend {
     if (auto res = ok(SetVringBase{i, 0}); !res) return res;
     SetVringAddr a;
     a.index = i;
-    a.desc_user_addr = uva_base() + off + layout.desc_offset;
-    a.avail_user_addr = uva_base() + off + layout.avail_offset;
-    a.used_user_addr = uva_base() + off + layout.used_offset;
+    a.addr.desc_user_addr = uva_base() + off + layout.desc_offset;
+    a.addr.avail_user_addr = uva_base() + off + layout.avail_offset;
+    a.addr.used_user_addr = uva_base() + off + layout.used_offset;
     if (auto res = ok(a); !res) return res;
     SetVringCall c;
     c.index = static_cast<std::uint8_t>(i);

@@ -81,9 +81,9 @@ class GuestRings {
 
   // The memory table as SET_MEM_TABLE takes it: the one region, with its own fd.
   memory::RegionSpec spec() const { return memory::RegionSpec{0, mem_size_, uva(0), 0}; }
-  MemRegionFd region() const { return MemRegionFd{spec(), dup_fd(memfd_.get())}; }
-  std::vector<MemRegionFd> table() const {
-    std::vector<MemRegionFd> t;
+  memory::RegionFd region() const { return memory::RegionFd{spec(), dup_fd(memfd_.get())}; }
+  std::vector<memory::RegionFd> table() const {
+    std::vector<memory::RegionFd> t;
     t.push_back(region());
     return t;
   }
@@ -105,8 +105,8 @@ class GuestRings {
     ASSERT_TRUE(r.has_value()) << r.error().message();
   }
 
-  VringAddr addr(std::uint16_t q) const {
-    VringAddr a;
+  memory::VringAddr addr(std::uint16_t q) const {
+    memory::VringAddr a;
     a.desc_user_addr = uva(drivers_[q].desc_gpa());
     a.avail_user_addr = uva(drivers_[q].avail_gpa());
     a.used_user_addr = uva(drivers_[q].used_gpa());

@@ -62,9 +62,9 @@ class TwoRegionGuest : public vhost::testing::GuestRings {
   void bring_up_two_regions(vhost::Device& dev) {
     ASSERT_TRUE(dev.set_owner().has_value());
     ASSERT_TRUE(dev.set_features(features()).has_value());
-    std::vector<vhost::MemRegionFd> t;
+    std::vector<memory::RegionFd> t;
     t.push_back(region());
-    t.push_back(vhost::MemRegionFd{
+    t.push_back(memory::RegionFd{
         memory::RegionSpec{kBoundary, kSizeB, reinterpret_cast<std::uint64_t>(base_b_), 0},
         dup_fd(memfd_b_.get())});
     auto m = dev.set_mem_table(std::move(t));

@@ -118,8 +118,9 @@ struct Device::Impl {
   }
 
   // The three parts of a ring of `num` entries at `a`, each inside one region of `m`.
-  static Result<virtq::SplitRing> translate(const memory::GuestMemory& m, const VringAddr& a,
-                                            std::uint32_t num, std::uint32_t index) {
+  static Result<virtq::SplitRing> translate(const memory::GuestMemory& m,
+                                            const memory::VringAddr& a, std::uint32_t num,
+                                            std::uint32_t index) {
     virtq::SplitRing r;
     r.size = static_cast<std::uint16_t>(num);
     auto missing = [&](const char* what, std::uint64_t uva, std::size_t len) {
@@ -148,7 +149,7 @@ struct Device::Impl {
   void set_log_hook(Queue& q) {
     q.mem = &mem;
     q.log_used = false;
-    if (q.addr.flags & virtio::kVhostVringFLog) {
+    if (q.addr.log_used()) {
       if (auto gpa = mem.uva_to_gpa(q.addr.used_user_addr)) {
         q.used_log_gpa = *gpa;
         q.log_used = true;
@@ -473,7 +474,7 @@ Result<> Device::set_features(std::uint64_t features) {
   return {};
 }
 
-Result<> Device::set_mem_table(std::vector<MemRegionFd> regions) {
+Result<> Device::set_mem_table(std::vector<memory::RegionFd> regions) {
   Impl& d = *impl_;
   if (auto r = d.need_owner("SET_MEM_TABLE"); !r) return r;
   // A transaction, as Linux's VHOST_SET_MEM_TABLE (this request's equivalent ioctl) is: the
@@ -514,7 +515,7 @@ Result<> Device::set_mem_table(std::vector<MemRegionFd> regions) {
   return d.try_start_all();
 }
 
-Result<> Device::add_mem_region(MemRegionFd region) {
+Result<> Device::add_mem_region(memory::RegionFd region) {
   Impl& d = *impl_;
   if (auto r = d.need_owner("ADD_MEM_REG"); !r) return r;
   Result<> res;
@@ -528,7 +529,7 @@ Result<> Device::remove_mem_region(const memory::RegionSpec& spec) {
   if (auto r = d.need_owner("REM_MEM_REG"); !r) return r;
   for (auto& q : d.queues) {
     if (!q->started()) continue;
-    const VringAddr& a = q->addr;
+    const memory::VringAddr& a = q->addr;
     const std::uint32_t n = q->num;
     if (ranges_overlap(a.desc_user_addr, virtio::desc_table_bytes(n), spec.userspace_addr,
                        spec.size) ||
@@ -570,7 +571,7 @@ Result<> Device::set_vring_num(std::uint32_t index, std::uint32_t num) {
   return impl_->try_start(**q);
 }
 
-Result<> Device::set_vring_addr(std::uint32_t index, const VringAddr& addr) {
+Result<> Device::set_vring_addr(std::uint32_t index, const memory::VringAddr& addr) {
   Impl& d = *impl_;
   auto qr = d.ring("SET_VRING_ADDR", index);
   if (!qr) return std::unexpected(qr.error());

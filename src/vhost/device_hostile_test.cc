@@ -80,40 +80,40 @@ TEST_F(Hostile, RingSizeMaximumAccepted) { EXPECT_TRUE(dev.set_vring_num(0, 3276
 
 TEST_F(Hostile, DescAddressNotMapped) {
   ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   a.desc_user_addr = 0x10000;  // nobody's memory
   expect_error(dev.set_vring_addr(0, a), Errc::not_mapped, "desc table");
 }
 TEST_F(Hostile, UsedAddressNotMapped) {
   ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   a.used_user_addr = rig.uva(Rig::kMemSize) + 0x1000;
   expect_error(dev.set_vring_addr(0, a), Errc::not_mapped, "used ring");
 }
 TEST_F(Hostile, DescMisaligned) {
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   a.desc_user_addr += 8;
   expect_error(dev.set_vring_addr(0, a), Errc::invalid_argument, "16-byte aligned");
 }
 TEST_F(Hostile, AvailMisaligned) {
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   a.avail_user_addr += 1;
   expect_error(dev.set_vring_addr(0, a), Errc::invalid_argument, "2-byte aligned");
 }
 TEST_F(Hostile, UsedMisaligned) {
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   a.used_user_addr += 2;
   expect_error(dev.set_vring_addr(0, a), Errc::invalid_argument, "4-byte aligned");
 }
 TEST_F(Hostile, RingStraddlesEndOfRegion) {
   ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   // The desc table starts inside memory, but its 4 KiB run past the region's end.
   a.desc_user_addr = rig.uva(Rig::kMemSize - 2048);
   expect_error(dev.set_vring_addr(0, a), Errc::not_mapped, "desc table");
 }
 TEST_F(Hostile, AddressCheckedAtStartWhenSizeCameLater) {
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   a.used_user_addr = rig.uva(Rig::kMemSize - 1024);   // fits 16 entries, not 256
   ASSERT_TRUE(dev.set_vring_addr(0, a).has_value());  // size unknown yet: deferred
   ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
@@ -146,7 +146,7 @@ TEST(HostileOwner, VringOpsBeforeSetOwner) {
     EXPECT_NE(r.error().detail.find("before SET_OWNER"), std::string::npos);
   };
   check(dev.set_vring_num(0, 256));
-  check(dev.set_vring_addr(0, VringAddr{}));
+  check(dev.set_vring_addr(0, memory::VringAddr{}));
   check(dev.set_vring_base(0, 0));
   check(dev.set_vring_kick(0, testing::make_eventfd()));
   check(dev.set_vring_enable(0, true));
@@ -225,7 +225,7 @@ TEST_F(Hostile, SetVringNumWhileRunning) {
 }
 TEST_F(Hostile, MoveRingAddressWhileRunning) {
   rig.configure(dev, 0);
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   a.used_user_addr += 4096;
   expect_error(dev.set_vring_addr(0, a), Errc::bad_state);
 }
@@ -237,7 +237,7 @@ TEST_F(Hostile, VringBaseOver16Bits) {
 
 TEST_F(Hostile, BadMemTableLeavesOldIntact) {
   rig.configure(dev, 0);
-  std::vector<MemRegionFd> bad;
+  std::vector<memory::RegionFd> bad;
   bad.push_back(rig.region());
   bad.push_back(rig.region());  // the same range twice: overlap
   auto r = dev.set_mem_table(std::move(bad));
@@ -255,11 +255,11 @@ TEST_F(Hostile, BadMemTableThenGoodTable) {
   rig.configure(dev, 0);
   const std::uint8_t* host = dev.memory().gpa_to_host(Rig::kDataGpa, 16);
   ASSERT_NE(host, nullptr);
-  std::vector<MemRegionFd> bad;
+  std::vector<memory::RegionFd> bad;
   bad.push_back(rig.region());
   // A second region past the end of the memfd: the first maps, the second fails.
   const memory::RegionSpec past{Rig::kMemSize, 4096, rig.uva(0) + Rig::kMemSize * 2, Rig::kMemSize};
-  bad.push_back(MemRegionFd{past, testing::dup_fd(rig.memfd())});
+  bad.push_back(memory::RegionFd{past, testing::dup_fd(rig.memfd())});
   ASSERT_FALSE(dev.set_mem_table(std::move(bad)).has_value());
   ASSERT_EQ(dev.memory().region_count(), 1u);
   EXPECT_EQ(dev.memory().gpa_to_host(Rig::kDataGpa, 16), host);
@@ -278,11 +278,11 @@ TEST_F(Hostile, BadMemTableThenGoodTable) {
 }
 TEST_F(Hostile, MemTableNotCoveringRunningRingRefused) {
   rig.configure(dev, 0);
-  std::vector<MemRegionFd> t;
+  std::vector<memory::RegionFd> t;
   // Only the second half of memory: the ring (at gpa 0) is gone.
-  t.push_back(MemRegionFd{memory::RegionSpec{Rig::kMemSize / 2, Rig::kMemSize / 2,
-                                             rig.uva(Rig::kMemSize / 2), Rig::kMemSize / 2},
-                          testing::dup_fd(rig.memfd())});
+  t.push_back(memory::RegionFd{memory::RegionSpec{Rig::kMemSize / 2, Rig::kMemSize / 2,
+                                                  rig.uva(Rig::kMemSize / 2), Rig::kMemSize / 2},
+                               testing::dup_fd(rig.memfd())});
   auto r = dev.set_mem_table(std::move(t));
   ASSERT_FALSE(r.has_value());
   EXPECT_NE(r.error().detail.find("running ring"), std::string::npos) << r.error().message();
@@ -300,9 +300,9 @@ TEST(HostileMemTable, TableNotCoveringAReadyRingChangesNothing) {
   ASSERT_TRUE(dev.set_features(kEchoFeatures).has_value());
   // Memory from `from` up; the rings (from gpa 0) lie below the data area.
   auto from = [&](std::uint64_t gpa) {
-    std::vector<MemRegionFd> t;
-    t.push_back(MemRegionFd{memory::RegionSpec{gpa, Rig::kMemSize - gpa, rig.uva(gpa), gpa},
-                            testing::dup_fd(rig.memfd())});
+    std::vector<memory::RegionFd> t;
+    t.push_back(memory::RegionFd{memory::RegionSpec{gpa, Rig::kMemSize - gpa, rig.uva(gpa), gpa},
+                                 testing::dup_fd(rig.memfd())});
     return t;
   };
   ASSERT_TRUE(dev.set_mem_table(from(Rig::kDataGpa)).has_value());

@@ -436,7 +436,7 @@ TEST(Device, UsedRingWritesMarkedInDirtyLog) {
   auto lr = dev.set_log_base(testing::dup_fd(logfd.get()), kLogBytes, 0);
   ASSERT_TRUE(lr.has_value()) << lr.error().message();
   rig.init_driver(0);
-  VringAddr a = rig.addr(0);
+  memory::VringAddr a = rig.addr(0);
   a.flags = 1;  // VHOST_VRING_F_LOG
   ASSERT_TRUE(dev.set_vring_num(0, 256).has_value());
   ASSERT_TRUE(dev.set_vring_addr(0, a).has_value());

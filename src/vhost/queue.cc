@@ -24,7 +24,7 @@ void Queue::reset() noexcept {
   num = 0;
   base = 0;
   has_addr = false;
-  addr = VringAddr{};
+  addr = memory::VringAddr{};
   kick_set = false;
   enabled = false;
   started_.store(false, std::memory_order_release);

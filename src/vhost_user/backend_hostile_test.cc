@@ -244,7 +244,7 @@ TEST(BackendHostile, RemMemRegWithAStrayFdIsTolerated) {
   hostile([](Hostile& h) {
     ASSERT_TRUE(h.fe->handshake());
     AddMemReg add;
-    add.region = MemRegion{h.fe->region(), h.fe->dup_memfd()};
+    add.region = memory::RegionFd{h.fe->region(), h.fe->dup_memfd()};
     ASSERT_TRUE(h.fe->ok(add));
     UniqueFd stray = test::make_eventfd();
     const int raw = stray.get();
@@ -279,9 +279,9 @@ TEST_P(BadRing, IsRefusedAndServingGoesOn) {
 SetVringAddr addr_for(Hostile& h, std::uint32_t index, std::uint64_t desc_off = 0) {
   SetVringAddr a;
   a.index = index;
-  a.desc_user_addr = h.fe->uva_base() + desc_off;
-  a.avail_user_addr = h.fe->uva_base() + 0x2000;
-  a.used_user_addr = h.fe->uva_base() + 0x3000;
+  a.addr.desc_user_addr = h.fe->uva_base() + desc_off;
+  a.addr.avail_user_addr = h.fe->uva_base() + 0x2000;
+  a.addr.used_user_addr = h.fe->uva_base() + 0x3000;
   return a;
 }
 
@@ -329,7 +329,7 @@ const RingCase kRingCases[] = {
      [](Hostile& h) {
        ASSERT_TRUE(h.fe->ok(SetVringNum{0, 64}));
        auto a = addr_for(h, 0);
-       a.desc_user_addr = 0x10;
+       a.addr.desc_user_addr = 0x10;
        h.expect_refused(a);
      }},
     {"AddrRingPastRegionEnd",
@@ -359,7 +359,7 @@ const RingCase kBeforeOwner[] = {
     {"SetMemTable",
      [](Hostile& h) {
        SetMemTable t;
-       t.regions.push_back(MemRegion{h.fe->region(), h.fe->dup_memfd()});
+       t.regions.push_back(memory::RegionFd{h.fe->region(), h.fe->dup_memfd()});
        h.expect_refused(t);
      }},
     {"SetVringNum", [](Hostile& h) { h.expect_refused(SetVringNum{0, 64}); }},
@@ -378,7 +378,7 @@ const RingCase kBeforeOwner[] = {
     {"AddMemReg",
      [](Hostile& h) {
        AddMemReg m;
-       m.region = MemRegion{h.fe->region(), h.fe->dup_memfd()};
+       m.region = memory::RegionFd{h.fe->region(), h.fe->dup_memfd()};
        h.expect_refused(m);
      }},
     {"SetConfig",

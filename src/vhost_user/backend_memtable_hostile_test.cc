@@ -49,8 +49,8 @@ void expect_bad_table(Hostile& h, const std::uint8_t* host_before, SetMemTable t
 
 SetMemTable two_regions(Hostile& h, memory::RegionSpec a, memory::RegionSpec b) {
   SetMemTable t;
-  t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
-  t.regions.push_back(MemRegion{b, h.fe->dup_memfd()});
+  t.regions.push_back(memory::RegionFd{a, h.fe->dup_memfd()});
+  t.regions.push_back(memory::RegionFd{b, h.fe->dup_memfd()});
   return t;
 }
 
@@ -82,7 +82,7 @@ TEST(BackendHostile, MemTableWrappingRegion) {
     auto a = h.fe->region();
     a.guest_phys_addr = std::numeric_limits<std::uint64_t>::max() - 4095;
     SetMemTable t;
-    t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    t.regions.push_back(memory::RegionFd{a, h.fe->dup_memfd()});
     expect_bad_table(h, host, std::move(t));
   });
 }
@@ -93,7 +93,7 @@ TEST(BackendHostile, MemTableOffsetPastTheFile) {
     auto a = h.fe->region();
     a.mmap_offset = TestFrontend::kMemSize;
     SetMemTable t;
-    t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    t.regions.push_back(memory::RegionFd{a, h.fe->dup_memfd()});
     expect_bad_table(h, host, std::move(t));
   });
 }
@@ -104,7 +104,7 @@ TEST(BackendHostile, MemTableZeroSizeRegion) {
     auto a = h.fe->region();
     a.size = 0;
     SetMemTable t;
-    t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    t.regions.push_back(memory::RegionFd{a, h.fe->dup_memfd()});
     expect_bad_table(h, host, std::move(t));
   });
 }
@@ -113,7 +113,7 @@ TEST(BackendHostile, MemTableNotAMappableFd) {
   hostile([](Hostile& h) {
     const std::uint8_t* host = running(h);
     SetMemTable t;
-    t.regions.push_back(MemRegion{h.fe->region(), test::make_eventfd()});
+    t.regions.push_back(memory::RegionFd{h.fe->region(), test::make_eventfd()});
     expect_bad_table(h, host, std::move(t));
   });
 }
@@ -167,7 +167,7 @@ TEST(BackendHostile, MemTableNotCoveringTheRunningRings) {
     a.mmap_offset = TestFrontend::kMemSize / 2;
     a.size = TestFrontend::kMemSize / 2;
     SetMemTable t;
-    t.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    t.regions.push_back(memory::RegionFd{a, h.fe->dup_memfd()});
     expect_bad_table(h, host, std::move(t));
   });
 }
@@ -181,7 +181,7 @@ TEST(BackendHostile, BadTableThenGoodTable) {
     auto a = h.fe->region();
     a.size = 0;
     SetMemTable bad;
-    bad.regions.push_back(MemRegion{a, h.fe->dup_memfd()});
+    bad.regions.push_back(memory::RegionFd{a, h.fe->dup_memfd()});
     ASSERT_TRUE(h.fe->request(bad, false));
     EXPECT_TRUE(h.last.has_value()) << h.last.error().message();
     expect_old_table_serving(h, host);
@@ -205,7 +205,7 @@ TEST(BackendHostile, AddMemRegOverlappingAnExistingRegion) {
     r.guest_phys_addr += 4096;
     r.userspace_addr += r.size * 2;
     r.size = 4096;
-    m.region = MemRegion{r, h.fe->dup_memfd()};
+    m.region = memory::RegionFd{r, h.fe->dup_memfd()};
     h.expect_refused(m);
     EXPECT_EQ(h.device.memory().region_count(), 1u);
   });
@@ -219,7 +219,7 @@ TEST(BackendHostile, AddMemRegWithoutConfigureMemSlots) {
     ASSERT_TRUE(
         h.fe->request(SetProtocolFeatures{protocol_bit(protocol_feature::reply_ack)}, false));
     AddMemReg m;
-    m.region = MemRegion{h.fe->region(), h.fe->dup_memfd()};
+    m.region = memory::RegionFd{h.fe->region(), h.fe->dup_memfd()};
     h.expect_refused(m);
   });
 }

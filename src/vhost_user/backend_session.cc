@@ -218,15 +218,12 @@ BackendSession::Outcome BackendSession::on(ResetOwner&) {
 
 BackendSession::Outcome BackendSession::on(SetMemTable& m) {
   if (!device_.has_owner()) return Outcome::err(no_owner("SET_MEM_TABLE"));
-  std::vector<vhost::MemRegionFd> regions;
-  regions.reserve(m.regions.size());
-  for (auto& r : m.regions) regions.push_back({r.spec, std::move(r.fd)});
   // A refused table changed nothing (vhost::Device::set_mem_table): the old one and the rings
   // on it stay as they were, and the front-end hears of the failure like any other (a failure
   // ack with NEED_REPLY, which QEMU sets for this request; a log line otherwise). QEMU only logs
   // a refused update of a running device and carries on: rings still served on the old table
   // keep the guest's device working, where dropping the table would stop it with QEMU unaware.
-  return Outcome::from(device_.set_mem_table(std::move(regions)));
+  return Outcome::from(device_.set_mem_table(std::move(m.regions)));
 }
 
 BackendSession::Outcome BackendSession::on(SetLogBase& m) {
@@ -250,13 +247,7 @@ BackendSession::Outcome BackendSession::on(SetVringNum& m) {
 }
 
 BackendSession::Outcome BackendSession::on(SetVringAddr& m) {
-  vhost::VringAddr a;
-  a.flags = m.flags;
-  a.desc_user_addr = m.desc_user_addr;
-  a.used_user_addr = m.used_user_addr;
-  a.avail_user_addr = m.avail_user_addr;
-  a.log_guest_addr = m.log_guest_addr;
-  return Outcome::from(device_.set_vring_addr(m.index, a));
+  return Outcome::from(device_.set_vring_addr(m.index, m.addr));
 }
 
 BackendSession::Outcome BackendSession::on(SetVringBase& m) {
@@ -401,7 +392,7 @@ BackendSession::Outcome BackendSession::on(AddMemReg& m) {
         Error{Errc::too_many, 0,
               fmt::format("ADD_MEM_REG: all {} memory slots are in use", opts_.max_mem_slots)});
   }
-  return Outcome::from(device_.add_mem_region({m.region.spec, std::move(m.region.fd)}));
+  return Outcome::from(device_.add_mem_region(std::move(m.region)));
 }
 
 BackendSession::Outcome BackendSession::on(RemMemReg& m) {

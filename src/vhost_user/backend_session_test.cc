@@ -289,7 +289,7 @@ TEST(BackendSession, AddAndRemoveMemoryRegions) {
   Sync s;
   ASSERT_TRUE(s.fe->handshake());
   AddMemReg add;
-  add.region = MemRegion{s.fe->region(), s.fe->dup_memfd()};
+  add.region = memory::RegionFd{s.fe->region(), s.fe->dup_memfd()};
   ASSERT_TRUE(s.fe->ok(add));
   EXPECT_EQ(s.device.memory().region_count(), 1u);
   for (std::uint32_t i = 0; i < 2; ++i) ASSERT_TRUE(s.fe->setup_ring(i));
@@ -376,7 +376,7 @@ TEST(BackendSession, RequestsBeforeSetOwnerAreRefused) {
   ASSERT_TRUE(p);
   ASSERT_TRUE(s.fe->request(SetProtocolFeatures{*p}, false));
   SetMemTable t;
-  t.regions.push_back(MemRegion{s.fe->region(), s.fe->dup_memfd()});
+  t.regions.push_back(memory::RegionFd{s.fe->region(), s.fe->dup_memfd()});
   auto a = s.fe->request(t, true);
   ASSERT_TRUE(a);
   EXPECT_NE(*a, 0u);

@@ -52,7 +52,7 @@ TEST(Channel, PassesFdsWithSetMemTable) {
     auto [front, back] = make_pair();
     SetMemTable table;
     for (std::uint64_t i = 0; i < kMaxMemRegions; ++i) {
-      table.regions.push_back(MemRegion{
+      table.regions.push_back(memory::RegionFd{
           {.guest_phys_addr = i << 20, .size = 1 << 20, .userspace_addr = i << 32}, make_fd()});
     }
     ASSERT_TRUE(front.send_message(table));

@@ -270,12 +270,12 @@ Result<> FrontendSession::setup_memory() {
   base_ = static_cast<std::uint8_t*>(p);
 
   SetMemTable mt;
-  mt.regions.push_back(
-      MemRegion{.spec = memory::RegionSpec{.guest_phys_addr = 0,
-                                           .size = mem_size_,
-                                           .userspace_addr = reinterpret_cast<std::uint64_t>(base_),
-                                           .mmap_offset = 0},
-                .fd = std::move(memfd_)});
+  mt.regions.push_back(memory::RegionFd{
+      .spec = memory::RegionSpec{.guest_phys_addr = 0,
+                                 .size = mem_size_,
+                                 .userspace_addr = reinterpret_cast<std::uint64_t>(base_),
+                                 .mmap_offset = 0},
+      .fd = std::move(memfd_)});
   auto r = request(mt, "SET_MEM_TABLE");
   memfd_ = std::move(mt.regions[0].fd);  // the message only borrowed it
   return r;
@@ -318,11 +318,11 @@ Result<> FrontendSession::setup_ring(std::uint16_t i) {
   if (auto v = request(base, ring_step("SET_VRING_BASE", i)); !v) return v;
   const auto uva = [&](std::uint64_t gpa) { return reinterpret_cast<std::uint64_t>(base_) + gpa; };
   SetVringAddr addr{.index = i,
-                    .flags = 0,
-                    .desc_user_addr = uva(r.vq.desc_gpa()),
-                    .used_user_addr = uva(r.vq.used_gpa()),
-                    .avail_user_addr = uva(r.vq.avail_gpa()),
-                    .log_guest_addr = 0};
+                    .addr = {.flags = 0,
+                             .desc_user_addr = uva(r.vq.desc_gpa()),
+                             .used_user_addr = uva(r.vq.used_gpa()),
+                             .avail_user_addr = uva(r.vq.avail_gpa()),
+                             .log_guest_addr = 0}};
   if (auto v = request(addr, ring_step("SET_VRING_ADDR", i)); !v) return v;
 
   const bool event = opts_.notify == FrontendOptions::Notify::event;

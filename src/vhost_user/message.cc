@@ -212,7 +212,7 @@ Result<> parse(SetMemTable& m, Input& in) {
   for (std::size_t i = 0; i < nregions; ++i) {
     const auto w =
         in.load<wire::MemoryRegion>(wire::kMemoryHeaderSize + i * sizeof(wire::MemoryRegion));
-    m.regions.push_back(MemRegion{to_spec(w), UniqueFd{}});
+    m.regions.push_back(memory::RegionFd{to_spec(w), UniqueFd{}});
   }
   return {};
 }
@@ -229,11 +229,11 @@ Result<> parse(SetVringAddr& m, Input& in) {
   if (auto r = in.size(sizeof(wire::VringAddr)); !r) return r;
   const auto w = in.load<wire::VringAddr>();
   m = SetVringAddr{.index = w.index,
-                   .flags = w.flags,
-                   .desc_user_addr = w.desc_user_addr,
-                   .used_user_addr = w.used_user_addr,
-                   .avail_user_addr = w.avail_user_addr,
-                   .log_guest_addr = w.log_guest_addr};
+                   .addr = {.flags = w.flags,
+                            .desc_user_addr = w.desc_user_addr,
+                            .used_user_addr = w.used_user_addr,
+                            .avail_user_addr = w.avail_user_addr,
+                            .log_guest_addr = w.log_guest_addr}};
   return {};
 }
 

@@ -115,8 +115,9 @@ Result<> put(Builder& b, const SetLogBase& m) {
 }
 
 Result<> put(Builder& b, const SetVringAddr& m) {
-  b.put(wire::VringAddr{m.index, m.flags, m.desc_user_addr, m.used_user_addr, m.avail_user_addr,
-                        m.log_guest_addr});
+  const memory::VringAddr& a = m.addr;
+  b.put(wire::VringAddr{m.index, a.flags, a.desc_user_addr, a.used_user_addr, a.avail_user_addr,
+                        a.log_guest_addr});
   return {};
 }
 

@@ -162,11 +162,11 @@ TEST(MessageRoundTrip, SetMemTable) {
   {
     SetMemTable m;
     for (std::uint64_t i = 0; i < kMaxMemRegions; ++i) {
-      m.regions.push_back(MemRegion{{.guest_phys_addr = i << 30,
-                                     .size = 0x1000 * (i + 1),
-                                     .userspace_addr = 0x7f00'0000'0000 + (i << 32),
-                                     .mmap_offset = i * 4096},
-                                    make_fd()});
+      m.regions.push_back(memory::RegionFd{{.guest_phys_addr = i << 30,
+                                            .size = 0x1000 * (i + 1),
+                                            .userspace_addr = 0x7f00'0000'0000 + (i << 32),
+                                            .mmap_offset = i * 4096},
+                                           make_fd()});
     }
     auto out = encode(m);
     ASSERT_TRUE(out);
@@ -211,18 +211,18 @@ TEST(MessageRoundTrip, SetLogBase) {
 
 TEST(MessageRoundTrip, SetVringAddr) {
   SetVringAddr m{.index = 1,
-                 .flags = virtio::kVhostVringFLog,
-                 .desc_user_addr = 0x7f00'1000,
-                 .used_user_addr = 0x7f00'3000,
-                 .avail_user_addr = 0x7f00'2000,
-                 .log_guest_addr = 0x4000'3000};
+                 .addr = {.flags = virtio::kVhostVringFLog,
+                          .desc_user_addr = 0x7f00'1000,
+                          .used_user_addr = 0x7f00'3000,
+                          .avail_user_addr = 0x7f00'2000,
+                          .log_guest_addr = 0x4000'3000}};
   auto back = roundtrip(m);
   EXPECT_EQ(back.index, 1u);
-  EXPECT_TRUE(back.log_used());
-  EXPECT_EQ(back.desc_user_addr, m.desc_user_addr);
-  EXPECT_EQ(back.used_user_addr, m.used_user_addr);
-  EXPECT_EQ(back.avail_user_addr, m.avail_user_addr);
-  EXPECT_EQ(back.log_guest_addr, m.log_guest_addr);
+  EXPECT_TRUE(back.addr.log_used());
+  EXPECT_EQ(back.addr.desc_user_addr, m.addr.desc_user_addr);
+  EXPECT_EQ(back.addr.used_user_addr, m.addr.used_user_addr);
+  EXPECT_EQ(back.addr.avail_user_addr, m.addr.avail_user_addr);
+  EXPECT_EQ(back.addr.log_guest_addr, m.addr.log_guest_addr);
 }
 
 TEST(MessageRoundTrip, SendRarp) {
@@ -298,11 +298,11 @@ TEST(MessageRoundTrip, Inflight) {
 }
 
 TEST(MessageRoundTrip, AddAndRemMemReg) {
-  AddMemReg a{MemRegion{{.guest_phys_addr = 0x1'0000'0000,
-                         .size = 1 << 21,
-                         .userspace_addr = 0x7f12'0000'0000,
-                         .mmap_offset = 0},
-                        make_fd()}};
+  AddMemReg a{memory::RegionFd{{.guest_phys_addr = 0x1'0000'0000,
+                                .size = 1 << 21,
+                                .userspace_addr = 0x7f12'0000'0000,
+                                .mmap_offset = 0},
+                               make_fd()}};
   auto out = encode(a);
   ASSERT_TRUE(out);
   EXPECT_EQ(out->header.size, 40u);

@@ -329,9 +329,9 @@ void ring_setup(std::vector<Case>& c) {
                  auto addr = [&](std::uint64_t d, std::uint64_t a, std::uint64_t u) {
                    SetVringAddr m;
                    m.index = 0;
-                   m.desc_user_addr = d;
-                   m.avail_user_addr = a;
-                   m.used_user_addr = u;
+                   m.addr.desc_user_addr = d;
+                   m.addr.avail_user_addr = a;
+                   m.addr.used_user_addr = u;
                    return p.ask(m);
                  };
                  const std::uint64_t b = p.uva();
@@ -541,9 +541,9 @@ void order(std::vector<Case>& c) {
                  // With no table the device can only check alignment; translation waits for the
                  // start.
                  SetVringAddr a;
-                 a.desc_user_addr = p.uva();
-                 a.avail_user_addr = p.uva(8192);
-                 a.used_user_addr = p.uva(12288);
+                 a.addr.desc_user_addr = p.uva();
+                 a.addr.avail_user_addr = p.uva(8192);
+                 a.addr.used_user_addr = p.uva(12288);
                  const Answer addr = p.ask(a);
                  const Answer num = p.ask(SetVringNum{0, 64});
                  UniqueFd k = make_eventfd();

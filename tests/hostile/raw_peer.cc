@@ -128,7 +128,7 @@ Result<> RawPeer::handshake() {
 
 Result<> RawPeer::set_mem_table() {
   SetMemTable t;
-  t.regions.push_back(MemRegion{region(), dup_memfd()});
+  t.regions.push_back(memory::RegionFd{region(), dup_memfd()});
   return ok(t);
 }
 
@@ -148,9 +148,9 @@ Result<> RawPeer::setup_ring(std::uint32_t i) {
   if (auto res = ok(SetVringBase{i, 0}); !res) return res;
   SetVringAddr a;
   a.index = i;
-  a.desc_user_addr = uva(off + layout.desc_offset);
-  a.avail_user_addr = uva(off + layout.avail_offset);
-  a.used_user_addr = uva(off + layout.used_offset);
+  a.addr.desc_user_addr = uva(off + layout.desc_offset);
+  a.addr.avail_user_addr = uva(off + layout.avail_offset);
+  a.addr.used_user_addr = uva(off + layout.used_offset);
   if (auto res = ok(a); !res) return res;
   auto dup = [](const UniqueFd& fd) { return UniqueFd(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0)); };
   SetVringErr e;

@@ -11,8 +11,6 @@
 namespace vhostkit::live {
 namespace {
 
-using vhost_user::MemRegion;
-
 constexpr std::uint64_t kMemSlots = std::uint64_t{1}
                                     << vhost_user::protocol_feature::configure_mem_slots;
 
@@ -35,7 +33,7 @@ struct ExtraRegion {
   ~ExtraRegion() {
     if (map != nullptr) ::munmap(map, spec.size);
   }
-  MemRegion region() const { return MemRegion{spec, UniqueFd(::dup(fd.get()))}; }
+  memory::RegionFd region() const { return memory::RegionFd{spec, UniqueFd(::dup(fd.get()))}; }
 
   UniqueFd fd;
   void* map = nullptr;
@@ -58,7 +56,7 @@ TEST(LiveMemTable, ReplacedExtendedAddedAndRemovedWhileFramesFlow) {
       .size = fe.memory().size(),
       .userspace_addr = reinterpret_cast<std::uint64_t>(fe.memory().data()),
       .mmap_offset = 0};
-  auto own_region = [&] { return MemRegion{own, UniqueFd(::dup(memfd.get()))}; };
+  auto own_region = [&] { return memory::RegionFd{own, UniqueFd(::dup(memfd.get()))}; };
   ExtraRegion extra(std::uint64_t{1} << 32, 2u << 20);
   ASSERT_NE(extra.map, nullptr);
 

@@ -343,11 +343,11 @@ class Control {
     if (auto e = request(vhost_user::SetVringNum{.index = i, .num = s.queue_size()}); !e) return e;
     if (auto e = request(vhost_user::SetVringBase{.index = i, .num = base}); !e) return e;
     vhost_user::SetVringAddr addr{.index = i,
-                                  .flags = 0,
-                                  .desc_user_addr = uva(r.vq.desc_gpa()),
-                                  .used_user_addr = uva(r.vq.used_gpa()),
-                                  .avail_user_addr = uva(r.vq.avail_gpa()),
-                                  .log_guest_addr = 0};
+                                  .addr = {.flags = 0,
+                                           .desc_user_addr = uva(r.vq.desc_gpa()),
+                                           .used_user_addr = uva(r.vq.used_gpa()),
+                                           .avail_user_addr = uva(r.vq.avail_gpa()),
+                                           .log_guest_addr = 0}};
     if (auto e = request(addr); !e) return e;
     vhost_user::SetVringKick kick{.index = static_cast<std::uint8_t>(i),
                                   .fd = UniqueFd(::dup(r.kick.get()))};

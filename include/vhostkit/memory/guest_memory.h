@@ -22,6 +22,7 @@
 
 #include "vhostkit/error.h"
 #include "vhostkit/unique_fd.h"
+#include "vhostkit/virtio/ring.h"
 
 namespace vhostkit::memory {
 
@@ -31,6 +32,26 @@ struct RegionSpec {
   std::uint64_t size = 0;
   std::uint64_t userspace_addr = 0;  // the frontend's virtual address of the region
   std::uint64_t mmap_offset = 0;     // where the region starts within the fd
+};
+
+// A region as the frontend hands it over: what it says, and the fd to map it from. The codec
+// decodes SET_MEM_TABLE and ADD_MEM_REG into these and vhost::Device takes them as they are.
+struct RegionFd {
+  RegionSpec spec;
+  UniqueFd fd;
+};
+
+// Where a ring's three parts live, in the frontend's address space (vhost_vring_addr, as
+// SET_VRING_ADDR carries it); uva_to_host translates them. The codec decodes into this type and
+// vhost::Device takes it as it is.
+struct VringAddr {
+  std::uint32_t flags = 0;  // virtio::kVhostVringFLog: log used-ring writes
+  std::uint64_t desc_user_addr = 0;
+  std::uint64_t used_user_addr = 0;
+  std::uint64_t avail_user_addr = 0;
+  std::uint64_t log_guest_addr = 0;
+  bool log_used() const noexcept { return (flags & virtio::kVhostVringFLog) != 0; }
+  bool operator==(const VringAddr&) const = default;
 };
 
 // One mapped region.

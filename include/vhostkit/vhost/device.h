@@ -33,11 +33,6 @@ struct DeviceOptions {
   std::uint32_t adaptive_spin_us = 100;
 };
 
-struct MemRegionFd {
-  memory::RegionSpec spec;
-  UniqueFd fd;
-};
-
 class Device {
  public:
   static constexpr std::uint32_t kMaxQueueSize = 32768;
@@ -58,14 +53,14 @@ class Device {
   // Extra transport bits a session offers on top of the backend's (e.g. PROTOCOL_FEATURES).
   void add_offered_features(std::uint64_t bits) noexcept;
 
-  Result<> set_mem_table(std::vector<MemRegionFd> regions);
-  Result<> add_mem_region(MemRegionFd region);
+  Result<> set_mem_table(std::vector<memory::RegionFd> regions);
+  Result<> add_mem_region(memory::RegionFd region);
   Result<> remove_mem_region(const memory::RegionSpec& spec);
   const memory::GuestMemory& memory() const noexcept;
 
   std::uint16_t num_queues() const noexcept;
   Result<> set_vring_num(std::uint32_t index, std::uint32_t num);
-  Result<> set_vring_addr(std::uint32_t index, const VringAddr& addr);
+  Result<> set_vring_addr(std::uint32_t index, const memory::VringAddr& addr);
   Result<> set_vring_base(std::uint32_t index, std::uint32_t base);
   // Stops the ring and returns where the driver should resume (last_avail_idx). The kick fd is
   // closed: the ring starts again only after a new set_vring_kick (vhost-user semantics).

@@ -12,15 +12,6 @@
 
 namespace vhostkit::vhost {
 
-// Ring addresses as vhost-user's SET_VRING_ADDR carries them: frontend userspace addresses.
-struct VringAddr {
-  std::uint32_t flags = 0;  // virtio::kVhostVringFLog: log used-ring writes
-  std::uint64_t desc_user_addr = 0;
-  std::uint64_t used_user_addr = 0;
-  std::uint64_t avail_user_addr = 0;
-  std::uint64_t log_guest_addr = 0;
-};
-
 // Per-queue counters. Written by the worker thread only (relaxed), read by anyone.
 struct QueueStats {
   std::atomic<std::uint64_t> chains{0};
@@ -71,7 +62,7 @@ class Queue {
   std::uint32_t num = 0;   // SET_VRING_NUM
   std::uint32_t base = 0;  // SET_VRING_BASE (last_avail_idx to resume from)
   bool has_addr = false;
-  VringAddr addr;
+  memory::VringAddr addr;
   UniqueFd kick;
   UniqueFd call;
   UniqueFd err;

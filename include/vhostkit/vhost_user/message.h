@@ -27,7 +27,6 @@
 #include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/vhost_user/protocol.h"
-#include "vhostkit/virtio/ring.h"
 
 namespace vhostkit::vhost_user {
 
@@ -125,15 +124,9 @@ using SetStatus = U64Payload<Request::set_status>;
 using GetStatus = NoPayload<Request::get_status>;
 using CheckDeviceState = NoPayload<Request::check_device_state>;
 
-// One memory region and the fd it is mapped from.
-struct MemRegion {
-  memory::RegionSpec spec;
-  UniqueFd fd;
-};
-
 struct SetMemTable {
   static constexpr auto kRequest = Request::set_mem_table;
-  std::vector<MemRegion> regions;  // 0..kMaxMemRegions, one fd each
+  std::vector<memory::RegionFd> regions;  // 0..kMaxMemRegions, one fd each
 };
 
 struct SetLogBase {
@@ -146,12 +139,7 @@ struct SetLogBase {
 struct SetVringAddr {
   static constexpr auto kRequest = Request::set_vring_addr;
   std::uint32_t index = 0;
-  std::uint32_t flags = 0;  // virtio::kVhostVringFLog
-  std::uint64_t desc_user_addr = 0;
-  std::uint64_t used_user_addr = 0;
-  std::uint64_t avail_user_addr = 0;
-  std::uint64_t log_guest_addr = 0;
-  bool log_used() const noexcept { return (flags & virtio::kVhostVringFLog) != 0; }
+  memory::VringAddr addr;
   bool operator==(const SetVringAddr&) const = default;
 };
 
@@ -213,7 +201,7 @@ struct SetInflightFd {
 
 struct AddMemReg {
   static constexpr auto kRequest = Request::add_mem_reg;
-  MemRegion region;
+  memory::RegionFd region;
 };
 
 // Identified by guest address, user address and size; mmap_offset is ignored. An fd sent by a
