@@ -160,5 +160,51 @@ TEST(DirtyLog, DetachAndReattachLeakNothing) {
   EXPECT_EQ(mapping_count(), maps0);
 }
 
+// A chain's writable pieces, as host addresses the table translated, marked by what the device
+// wrote (the used length): two regions, gpa 0x10000.. and 0x100000.., each 16 pages.
+TEST(DirtyLog, HostWritesAreMarkedAtTheirGuestPages) {
+  std::vector<std::uint8_t> a(16 * kPage), b(16 * kPage);
+  GuestMemory mem;
+  ASSERT_TRUE(mem.add_local_region({0x10000, 16 * kPage, 0x7000'0000, 0}, a.data()));
+  ASSERT_TRUE(mem.add_local_region({0x100000, 16 * kPage, 0x9000'0000, 0}, b.data()));
+  std::array<std::uint8_t, 64> bits{};
+  DirtyLog log;
+  ASSERT_TRUE(log.attach_local(bits));
+  mem.set_dirty_log(&log);
+  const iovec iov[] = {{a.data() + 3 * kPage + 10, 100},       // gpa page 0x13
+                       {b.data() + 5 * kPage - 1, 2 * kPage},  // pages 0x104 .. 0x106
+                       {a.data() + 9 * kPage, kPage}};         // past the used length
+  mem.log_host_write(iov, 100 + 2 * kPage);
+  for (std::uint64_t p = 0; p < 64 * 8; ++p) {
+    const bool want = p == 0x13 || (p >= 0x104 && p <= 0x106);
+    EXPECT_EQ(log.is_dirty(p * kPage), want) << "page " << p;
+  }
+  EXPECT_EQ(log.dropped(), 0u);
+}
+
+TEST(DirtyLog, HostWriteOutsideTheTableIsCountedNotMarked) {
+  std::vector<std::uint8_t> a(4 * kPage);
+  std::array<std::uint8_t, 8> other{};
+  GuestMemory mem;
+  ASSERT_TRUE(mem.add_local_region({0, 4 * kPage, 0x7000'0000, 0}, a.data()));
+  std::array<std::uint8_t, 8> bits{};
+  DirtyLog log;
+  ASSERT_TRUE(log.attach_local(bits));
+  mem.set_dirty_log(&log);
+  const iovec iov[] = {{other.data(), other.size()}};
+  mem.log_host_write(iov, other.size());
+  EXPECT_EQ(log.dropped(), 1u);
+  EXPECT_EQ(bits, (std::array<std::uint8_t, 8>{}));
+}
+
+TEST(DirtyLog, HostWriteWithoutALogDoesNothing) {
+  std::vector<std::uint8_t> a(kPage);
+  GuestMemory mem;
+  ASSERT_TRUE(mem.add_local_region({0, kPage, 0x7000'0000, 0}, a.data()));
+  const iovec iov[] = {{a.data(), 10}};
+  mem.log_host_write(iov, 10);  // no log attached: must not crash or mark
+  EXPECT_EQ(mem.dirty_log(), nullptr);
+}
+
 }  // namespace
 }  // namespace vhostkit::memory

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <limits>
 #include <utility>
 
@@ -346,6 +347,37 @@ std::expected<std::uint64_t, XlateError> GuestMemory::uva_to_gpa(std::uint64_t u
 
 void GuestMemory::log_write(std::uint64_t gpa, std::uint64_t len) const noexcept {
   if (log_ != nullptr && len != 0) log_->mark(gpa, len);
+}
+
+void GuestMemory::log_host_write(std::span<const iovec> iov, std::size_t len) const noexcept {
+  if (log_ == nullptr) return;
+  for (const iovec& v : iov) {
+    if (len == 0) return;
+    auto hva = reinterpret_cast<std::uintptr_t>(v.iov_base);
+    std::size_t left = std::min(v.iov_len, len);
+    len -= left;
+    // Regions do not overlap in host space, and a translated piece lies inside one region;
+    // walking on from region to region also covers a piece that runs across two mappings.
+    while (left != 0) {
+      const Region* r = nullptr;
+      for (const Region& c : regions_) {
+        const auto base = reinterpret_cast<std::uintptr_t>(c.host);
+        if (hva >= base && hva - base < c.spec.size) {
+          r = &c;
+          break;
+        }
+      }
+      if (r == nullptr) {
+        log_->count_dropped();
+        break;
+      }
+      const std::uint64_t off = hva - reinterpret_cast<std::uintptr_t>(r->host);
+      const auto k = static_cast<std::size_t>(std::min<std::uint64_t>(left, r->spec.size - off));
+      log_->mark(r->spec.guest_phys_addr + off, k);
+      hva += k;
+      left -= k;
+    }
+  }
 }
 
 }  // namespace vhostkit::memory

@@ -136,6 +136,12 @@ class GuestMemory {
   DirtyLog* dirty_log() const noexcept { return log_; }
   // Marks [gpa, gpa + len) dirty if a log is attached. Called after every device write.
   void log_write(std::uint64_t gpa, std::uint64_t len) const noexcept;
+  // Marks the pages behind the first `len` bytes of `iov`, host addresses this table
+  // translated (a chain's writable buffers), if a log is attached. The used length of a chain
+  // is what the device wrote into its writable part, so one call per used entry covers every
+  // buffer write. A piece outside every region (not from this table) is skipped and counted
+  // in the log's dropped().
+  void log_host_write(std::span<const iovec> iov, std::size_t len) const noexcept;
 
  private:
   std::uint8_t* gpa_to_host_slow(std::uint64_t gpa, std::uint64_t len) const noexcept;
@@ -176,7 +182,12 @@ class DirtyLog {
 
   void mark(std::uint64_t gpa, std::uint64_t len) noexcept;
   bool is_dirty(std::uint64_t gpa) const noexcept;
-  // Marks that reached past the end of the bitmap (each counted once, however many pages).
+  // A mark the caller could not place (a host address outside the memory table).
+  void count_dropped() noexcept {
+    std::atomic_ref<std::uint64_t>(dropped_).fetch_add(1, std::memory_order_relaxed);
+  }
+  // Marks that reached past the end of the bitmap (each counted once, however many pages), and
+  // those counted by count_dropped().
   std::uint64_t dropped() const noexcept {
     // atomic_ref<const T> is C++26; the load does not modify.
     return std::atomic_ref<std::uint64_t>(const_cast<std::uint64_t&>(dropped_))
