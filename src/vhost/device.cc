@@ -117,17 +117,25 @@ struct Device::Impl {
     return queues[index].get();
   }
 
-  // The three parts of a ring of `num` entries at `a`, each inside one region of `m`.
-  static Result<virtq::SplitRing> translate(const memory::GuestMemory& m,
-                                            const memory::VringAddr& a, std::uint32_t num,
-                                            std::uint32_t index) {
-    virtq::SplitRing r;
-    r.size = static_cast<std::uint16_t>(num);
+  // The one translation of a ring: the three parts of a ring of `num` entries at `a`, each
+  // inside one region of `m`, and the index words aligned in host memory too (a region whose
+  // mmap_offset and userspace_addr differ in alignment moves them; atomic_ref needs them
+  // aligned). Its result is kept (Queue::mapped) and handed to the worker as it is.
+  static Result<MappedRing> translate(const memory::GuestMemory& m, const memory::VringAddr& a,
+                                      std::uint32_t num, std::uint32_t index) {
     auto missing = [&](const char* what, std::uint64_t uva, std::size_t len) {
       return fail(Errc::not_mapped,
                   fmt::format("vring {}: {} at 0x{:x} ({} bytes for size {}) is not inside one "
                               "memory region",
                               index, what, uva, len, num));
+    };
+    auto misaligned = [&](const char* what, std::uint64_t uva, const void* host,
+                          std::size_t align) {
+      return fail(Errc::invalid_argument,
+                  fmt::format("vring {}: {} at 0x{:x} lands at host address {} which is not "
+                              "{}-byte aligned (its region's mmap_offset and userspace_addr "
+                              "differ in alignment)",
+                              index, what, uva, host, align));
     };
     const std::size_t dl = virtio::desc_table_bytes(num);
     const std::size_t al = virtio::avail_ring_bytes(num);
@@ -138,28 +146,44 @@ struct Device::Impl {
     if (av == nullptr) return missing("avail ring", a.avail_user_addr, al);
     auto* u = m.uva_to_host(a.used_user_addr, ul);
     if (u == nullptr) return missing("used ring", a.used_user_addr, ul);
-    r.desc = reinterpret_cast<virtio::VirtqDesc*>(d);
-    r.avail = reinterpret_cast<virtio::VirtqAvail*>(av);
-    r.used = reinterpret_cast<virtio::VirtqUsed*>(u);
+    // Descriptors are copied out through untyped pointers; only the index words need alignment.
+    if (reinterpret_cast<std::uintptr_t>(av) % virtio::kAvailAlign != 0) {
+      return misaligned("avail ring", a.avail_user_addr, av, virtio::kAvailAlign);
+    }
+    if (reinterpret_cast<std::uintptr_t>(u) % virtio::kUsedAlign != 0) {
+      return misaligned("used ring", a.used_user_addr, u, virtio::kUsedAlign);
+    }
+    MappedRing r;
+    r.parts.desc = reinterpret_cast<virtio::VirtqDesc*>(d);
+    r.parts.avail = reinterpret_cast<virtio::VirtqAvail*>(av);
+    r.parts.used = reinterpret_cast<virtio::VirtqUsed*>(u);
+    r.parts.size = static_cast<std::uint16_t>(num);
+    // The used ring translated into one region, so its guest address exists.
+    r.used_gpa = m.uva_to_gpa(a.used_user_addr).value_or(0);
     return r;
+  }
+
+  // Keeps q.mapped the translation of q's addresses and size into the current table: called
+  // whenever one of the three changes, so a start never translates again.
+  void map_ring(Queue& q) {
+    if (q.num == 0 || !q.has_addr || mem.region_count() == 0) {
+      q.mapped = Queue::unmapped();
+      return;
+    }
+    q.mapped = translate(mem, q.addr, q.num, q.index_);
   }
 
   // --- on the worker ---------------------------------------------------------------------
 
-  void set_log_hook(Queue& q) {
+  void set_log_hook(Queue& q, const MappedRing& r) {
     q.mem = &mem;
-    q.log_used = false;
-    if (q.addr.log_used()) {
-      if (auto gpa = mem.uva_to_gpa(q.addr.used_user_addr)) {
-        q.used_log_gpa = *gpa;
-        q.log_used = true;
-      }
-    }
+    q.log_used = q.addr.log_used();
+    q.used_log_gpa = r.used_gpa;
   }
 
-  Result<> start_on_worker(Queue& q, Worker& w, const virtq::SplitRing& r) {
+  Result<> start_on_worker(Queue& q, Worker& w, const MappedRing& r) {
     if (q.started()) return {};
-    q.vq_.attach(&mem, r, acked, static_cast<std::uint16_t>(q.base));
+    q.vq_.attach(&mem, r.parts, acked, static_cast<std::uint16_t>(q.base));
     if (!q.vq_.broken() && q.vq_.used_idx() != q.vq_.last_avail_idx()) {
       // The driver restarted the ring at a base that is not where the used ring stands. DPDK's
       // virtio-user does this when it reconnects to a restarted back-end (base 0, its ring and
@@ -169,12 +193,12 @@ struct Device::Impl {
       // out twice; an rx buffer is simply filled).
       spdlog::warn("vhost {}: vring {} base {} but used index {}; resuming from the used index",
                    opts.name, q.index_, q.base, q.vq_.used_idx());
-      q.vq_.attach(&mem, r, acked, q.vq_.used_idx());
+      q.vq_.attach(&mem, r.parts, acked, q.vq_.used_idx());
     }
     q.errors_seen = errors_total(q.vq_);
     q.broken_.store(false, std::memory_order_relaxed);
     q.rekick_pending = false;
-    set_log_hook(q);
+    set_log_hook(q, r);
     if (q.kick) {
       auto id = w.watch(q.kick.get(), [this, &q] { on_kick(q); });
       if (!id) {
@@ -321,11 +345,11 @@ struct Device::Impl {
 
   Result<> try_start(Queue& q) {
     if (!startable(q) || mem.region_count() == 0) return {};
-    auto r = translate(mem, q.addr, q.num, q.index_);
-    if (!r) return std::unexpected(r.error());
+    if (!q.mapped) return std::unexpected(q.mapped.error());
     Worker& w = worker_of(q.index_);
+    const MappedRing& r = *q.mapped;
     Result<> res;
-    w.run_sync([&] { res = start_on_worker(q, w, *r); });
+    w.run_sync([&] { res = start_on_worker(q, w, r); });
     return res;
   }
 
@@ -394,12 +418,12 @@ struct Device::Impl {
   }
 
   // Ring pointers into the (new) table for a running ring, resuming where it was.
-  void reattach(Queue& q, const virtq::SplitRing& r) {
+  void reattach(Queue& q, const MappedRing& r) {
     const std::uint16_t last = q.vq_.last_avail_idx();
-    q.vq_.attach(&mem, r, acked, last);
+    q.vq_.attach(&mem, r.parts, acked, last);
     q.errors_seen = errors_total(q.vq_);
     if (q.poller_id != 0) q.vq_.disable_notifications();
-    set_log_hook(q);
+    set_log_hook(q, r);
   }
 
   void reset() noexcept {
@@ -488,27 +512,34 @@ Result<> Device::set_mem_table(std::vector<memory::RegionFd> regions) {
                   r.error().sys_errno);
     }
   }
-  // Running rings move to the new table, and rings waiting only for memory start on it: both
-  // must lie inside it.
-  std::vector<std::pair<Queue*, virtq::SplitRing>> running;
+  // Every configured ring is translated into the new table once, here. Running rings move to
+  // it, and rings waiting only for memory start on it: both must lie inside it. A ring still
+  // missing its kick or enable keeps its failed translation, reported when it starts.
+  std::vector<Result<MappedRing>> mapped;
+  mapped.reserve(d.queues.size());
   for (auto& q : d.queues) {
-    const bool now = q->started();
-    if (!now && !d.startable(*q)) continue;
-    auto r = Impl::translate(next, q->addr, q->num, q->index_);
-    if (!r) {
-      return fail(r.error().code,
-                  fmt::format("SET_MEM_TABLE: the new table does not cover {} ring: {}",
-                              now ? "a running" : "a ready", r.error().detail));
+    if (q->num == 0 || !q->has_addr || next.region_count() == 0) {
+      mapped.push_back(Queue::unmapped());
+    } else {
+      mapped.push_back(Impl::translate(next, q->addr, q->num, q->index_));
     }
-    if (now) running.emplace_back(q.get(), *r);
+    const bool now = q->started();
+    if ((now || d.startable(*q)) && !mapped.back()) {
+      return fail(mapped.back().error().code,
+                  fmt::format("SET_MEM_TABLE: the new table does not cover {} ring: {}",
+                              now ? "a running" : "a ready", mapped.back().error().detail));
+    }
   }
   d.with_workers_parked([&] {
     d.quiesce_running();
     std::swap(d.mem, next);
     d.mem.set_dirty_log(d.log.get());
     next.set_dirty_log(nullptr);
-    for (auto& [q, r] : running) d.reattach(*q, r);
+    for (std::size_t i = 0; i < d.queues.size(); ++i) {
+      if (d.queues[i]->started()) d.reattach(*d.queues[i], *mapped[i]);
+    }
   });
+  for (std::size_t i = 0; i < d.queues.size(); ++i) d.queues[i]->mapped = std::move(mapped[i]);
   // `next` (the old table) is unmapped when it goes out of scope: no ring points into it now.
   // Every ready ring was checked against the table above, so a start can fail here only on a
   // system error (watching its kick fd); the table stays installed and that error is returned.
@@ -521,6 +552,10 @@ Result<> Device::add_mem_region(memory::RegionFd region) {
   Result<> res;
   d.with_workers_parked([&] { res = d.mem.add_region(region.spec, std::move(region.fd)); });
   if (!res) return res;
+  // A new region moves no mapped ring; it may hold one that did not translate before.
+  for (auto& q : d.queues) {
+    if (!q->mapped) d.map_ring(*q);
+  }
   return d.try_start_all();
 }
 
@@ -547,6 +582,11 @@ Result<> Device::remove_mem_region(const memory::RegionSpec& spec) {
     d.quiesce_running();
     res = d.mem.remove_region(spec);
   });
+  if (!res) return res;
+  // No running ring was in the region (refused above); a stopped one may have been.
+  for (auto& q : d.queues) {
+    if (!q->started()) d.map_ring(*q);
+  }
   return res;
 }
 
@@ -568,6 +608,7 @@ Result<> Device::set_vring_num(std::uint32_t index, std::uint32_t num) {
                             num, kMaxQueueSize));
   }
   (*q)->num = num;
+  impl_->map_ring(**q);
   return impl_->try_start(**q);
 }
 
@@ -585,10 +626,6 @@ Result<> Device::set_vring_addr(std::uint32_t index, const memory::VringAddr& ad
   if (addr.avail_user_addr % virtio::kAvailAlign)
     return misaligned("avail", addr.avail_user_addr, 2);
   if (addr.used_user_addr % virtio::kUsedAlign) return misaligned("used", addr.used_user_addr, 4);
-  // With the size and memory known, check now; otherwise the start checks.
-  if (q.num != 0 && d.mem.region_count() != 0) {
-    if (auto r = Impl::translate(d.mem, addr, q.num, index); !r) return std::unexpected(r.error());
-  }
   if (q.started()) {
     if (addr.desc_user_addr != q.addr.desc_user_addr ||
         addr.avail_user_addr != q.addr.avail_user_addr ||
@@ -597,12 +634,23 @@ Result<> Device::set_vring_addr(std::uint32_t index, const memory::VringAddr& ad
           Errc::bad_state,
           fmt::format("SET_VRING_ADDR: vring {} is running; only the log flag may change", index));
     }
+    // The same parts: the ring's translation stands.
     Worker& w = d.worker_of(index);
+    const MappedRing& r = *q.mapped;
     w.run_sync([&] {
       q.addr = addr;
-      d.set_log_hook(q);
+      d.set_log_hook(q, r);
     });
     return {};
+  }
+  // With the size and memory known, translate now and refuse what does not map; otherwise the
+  // translation waits for them.
+  if (q.num != 0 && d.mem.region_count() != 0) {
+    auto r = Impl::translate(d.mem, addr, q.num, index);
+    if (!r) return std::unexpected(r.error());
+    q.mapped = std::move(r);
+  } else {
+    q.mapped = Queue::unmapped();
   }
   q.addr = addr;
   q.has_addr = true;

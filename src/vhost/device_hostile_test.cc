@@ -339,6 +339,85 @@ TEST(HostileMemTable, TableNotCoveringAReadyRingChangesNothing) {
   ASSERT_TRUE(u.has_value()) << "the ring did not serve within 20 s";
   EXPECT_EQ(rig.reply(0, 3, 7), "started");
 }
+// A ring is translated once, when its size, addresses and memory are all known, and the start
+// uses that translation: it must follow every change of the table. Ring 0 lives in the first
+// kRingStride bytes (region A), everything else in region B.
+std::vector<memory::RegionFd> split_table(const Rig& rig, bool with_a) {
+  std::vector<memory::RegionFd> t;
+  if (with_a) {
+    t.push_back(memory::RegionFd{memory::RegionSpec{0, Rig::kRingStride, rig.uva(0), 0},
+                                 testing::dup_fd(rig.memfd())});
+  }
+  t.push_back(
+      memory::RegionFd{memory::RegionSpec{Rig::kRingStride, Rig::kMemSize - Rig::kRingStride,
+                                          rig.uva(Rig::kRingStride), Rig::kRingStride},
+                       testing::dup_fd(rig.memfd())});
+  return t;
+}
+// Without the table change reaching the kept translation, the restart would attach the ring to
+// pointers into the unmapped region.
+TEST(HostileMemTable, RemovedRegionUnderAStoppedRingIsNotUsed) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  Rig rig;
+  ASSERT_TRUE(dev.set_owner().has_value());
+  ASSERT_TRUE(dev.set_features(kEchoFeatures).has_value());
+  ASSERT_TRUE(dev.set_mem_table(split_table(rig, true)).has_value());
+  rig.configure(dev, 0);
+  ASSERT_TRUE(dev.queue(0).started());
+  ASSERT_TRUE(dev.get_vring_base(0).has_value());
+  ASSERT_FALSE(dev.queue(0).started());
+  ASSERT_TRUE(dev.remove_mem_region(split_table(rig, true)[0].spec).has_value());
+  rig.set_kick(0, testing::make_eventfd());
+  auto r = dev.set_vring_kick(0, testing::dup_fd(rig.kick_fd(0)));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, Errc::not_mapped) << r.error().message();
+  EXPECT_NE(r.error().detail.find("desc table"), std::string::npos) << r.error().message();
+  EXPECT_FALSE(dev.queue(0).started());
+}
+// A ready ring whose addresses did not translate starts once ADD_MEM_REG brings its memory.
+TEST(HostileMemTable, AddedRegionStartsAReadyRing) {
+  EchoBackend be;
+  Device dev(be, DeviceOptions{});
+  Rig rig;
+  ASSERT_TRUE(dev.set_owner().has_value());
+  ASSERT_TRUE(dev.set_features(kEchoFeatures).has_value());
+  ASSERT_TRUE(dev.set_mem_table(split_table(rig, false)).has_value());
+  rig.init_driver(0);
+  ASSERT_TRUE(dev.set_vring_addr(0, rig.addr(0)).has_value());  // no size yet: not translated
+  ASSERT_TRUE(dev.set_vring_num(0, rig.ring_size()).has_value());
+  ASSERT_TRUE(dev.set_vring_base(0, 0).has_value());
+  UniqueFd call = testing::make_eventfd();
+  ASSERT_TRUE(dev.set_vring_call(0, testing::dup_fd(call.get())).has_value());
+  ASSERT_TRUE(dev.set_vring_enable(0, true).has_value());
+  rig.set_kick(0, testing::make_eventfd());
+  EXPECT_FALSE(dev.set_vring_kick(0, testing::dup_fd(rig.kick_fd(0))).has_value());
+  ASSERT_FALSE(dev.queue(0).started());
+  auto a = dev.add_mem_region(std::move(split_table(rig, true)[0]));
+  ASSERT_TRUE(a.has_value()) << a.error().message();
+  ASSERT_TRUE(dev.queue(0).started());
+  rig.post(0, "added", 4);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  std::optional<virtq::DriverQueue::Used> u;
+  while (!(u = rig.driver(0).get_used()) && std::chrono::steady_clock::now() < deadline) {
+    testing::wait_fd(call.get(), 50);
+  }
+  ASSERT_TRUE(u.has_value()) << "the ring did not serve within 20 s";
+  EXPECT_EQ(rig.reply(0, 4, 5), "added");
+}
+// A region whose mmap_offset and userspace_addr differ in alignment moves an aligned used ring
+// to a misaligned host address, where the ring's index words can't be read atomically: the
+// translation refuses it at SET_VRING_ADDR, naming the part, instead of a ring that starts
+// broken.
+TEST_F(Hostile, RingMisalignedInHostMemory) {
+  std::vector<memory::RegionFd> t;
+  t.push_back(memory::RegionFd{memory::RegionSpec{0, Rig::kMemSize - 4096, rig.uva(0), 2},
+                               testing::dup_fd(rig.memfd())});
+  ASSERT_TRUE(dev.set_mem_table(std::move(t)).has_value());
+  ASSERT_TRUE(dev.set_vring_num(0, rig.ring_size()).has_value());
+  expect_error(dev.set_vring_addr(0, rig.addr(0)), Errc::invalid_argument, "used ring at 0x");
+  EXPECT_FALSE(dev.queue(0).started());
+}
 TEST_F(Hostile, RemoveRegionUnderRunningRingRefused) {
   rig.configure(dev, 0);
   auto r = dev.remove_mem_region(rig.spec());

@@ -25,6 +25,7 @@ void Queue::reset() noexcept {
   base = 0;
   has_addr = false;
   addr = memory::VringAddr{};
+  mapped = unmapped();
   kick_set = false;
   enabled = false;
   started_.store(false, std::memory_order_release);

@@ -5,12 +5,20 @@
 #include <atomic>
 #include <cstdint>
 
+#include "vhostkit/error.h"
 #include "vhostkit/memory/guest_memory.h"
-
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/virtq/split_queue.h"
 
 namespace vhostkit::vhost {
+
+// A ring's addresses translated into one memory table: each part inside one region, aligned in
+// host memory as the ring's index words need. Only vhost::Device makes one, once per set of
+// addresses, size and table; a ring starts (virtq::DeviceQueue::attach) from it as it is.
+struct MappedRing {
+  virtq::SplitRing parts;
+  std::uint64_t used_gpa = 0;  // the used ring's guest address, for the dirty log
+};
 
 // Per-queue counters. Written by the worker thread only (relaxed), read by anyone.
 struct QueueStats {
@@ -63,6 +71,9 @@ class Queue {
   std::uint32_t base = 0;  // SET_VRING_BASE (last_avail_idx to resume from)
   bool has_addr = false;
   memory::VringAddr addr;
+  // The translation of addr and num into the device's table, made when the last of the three
+  // arrives and again whenever one changes; why it failed otherwise. Control thread only.
+  Result<MappedRing> mapped = unmapped();
   UniqueFd kick;
   UniqueFd call;
   UniqueFd err;
@@ -81,6 +92,10 @@ class Queue {
   bool log_used = false;
   virtq::DeviceQueue vq_;
   QueueStats stats_;
+
+  static Result<MappedRing> unmapped() {
+    return fail(Errc::bad_state, "the vring has no size, addresses or memory yet");
+  }
 };
 
 }  // namespace vhostkit::vhost
