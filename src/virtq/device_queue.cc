@@ -14,42 +14,7 @@ using virtio::kDescFIndirect;
 using virtio::kDescFNext;
 using virtio::kDescFWrite;
 
-// The longest chain a device accepts in total bytes: used->len is 32 bits.
-constexpr std::uint64_t kMaxChainBytes = std::numeric_limits<std::uint32_t>::max();
-
-ChainError from_xlate(memory::XlateError e) noexcept {
-  switch (e) {
-    case memory::XlateError::wraps: return ChainError::desc_len_wraps;
-    case memory::XlateError::too_many_iov: return ChainError::too_many_segments;
-    case memory::XlateError::not_mapped: break;
-  }
-  return ChainError::desc_not_mapped;
-}
-
 }  // namespace
-
-const char* to_string(ChainError e) noexcept {
-  switch (e) {
-    case ChainError::queue_broken: return "queue broken";
-    case ChainError::avail_idx_runaway: return "avail idx moved more than the queue size";
-    case ChainError::head_out_of_range: return "avail ring head out of range";
-    case ChainError::next_out_of_range: return "descriptor next out of range";
-    case ChainError::chain_too_long: return "descriptor chain longer than the queue size";
-    case ChainError::desc_not_mapped: return "descriptor buffer not in guest memory";
-    case ChainError::desc_len_wraps: return "descriptor addr + len wraps";
-    case ChainError::total_too_large: return "chain longer than 4 GiB";
-    case ChainError::indirect_not_negotiated: return "indirect descriptor not negotiated";
-    case ChainError::indirect_not_mapped: return "indirect table not in guest memory";
-    case ChainError::indirect_bad_len: return "indirect table length 0 or not a multiple of 16";
-    case ChainError::indirect_nested: return "indirect descriptor inside an indirect table";
-    case ChainError::indirect_with_next: return "descriptor with both INDIRECT and NEXT";
-    case ChainError::readable_after_writable: return "readable descriptor after a writable one";
-    case ChainError::too_many_segments: return "chain needs more segments than provided";
-    case ChainError::empty: return "no chain available";
-    case ChainError::kCount: break;
-  }
-  return "unknown chain error";
-}
 
 void DeviceQueue::attach(const memory::GuestMemory* mem, SplitRing ring, std::uint64_t features,
                          std::uint16_t last_avail_idx) noexcept {
@@ -60,6 +25,8 @@ void DeviceQueue::attach(const memory::GuestMemory* mem, SplitRing ring, std::ui
   indirect_ = virtio::has(features, virtio::feature::ring_indirect_desc);
   broken_ = false;
   errors_ = {};
+  in_order_ = false;  // set once the ring is known good, with its table sized
+  merge_open_ = false;
   last_avail_idx_ = last_avail_idx;
   avail_idx_cache_ = last_avail_idx;
   used_idx_ = 0;
@@ -81,6 +48,34 @@ void DeviceQueue::attach(const memory::GuestMemory* mem, SplitRing ring, std::ui
   used_idx_ = std::atomic_ref<std::uint16_t>(ring_.used->idx).load(std::memory_order_acquire);
   published_used_idx_ = used_idx_;
   signalled_used_idx_ = used_idx_;
+  in_order_ = virtio::has(features, virtio::feature::in_order);
+  pop_seq_ = 0;
+  // Once per ring size: a re-attach of the same size allocates nothing.
+  if (in_order_) popped_.assign(ring.size, Popped{});
+}
+
+void DeviceQueue::note_popped(std::uint16_t head, std::uint64_t writable_len) noexcept {
+  popped_[head] = Popped{static_cast<std::uint32_t>(writable_len), pop_seq_++};
+}
+
+void DeviceQueue::push_used_in_order(std::uint16_t head, std::uint32_t len) noexcept {
+  const Popped p = head < ring_.size ? popped_[head] : Popped{kNeverComplete, 0};
+  // The run may grow only by the chain popped right after its last one, and only when that one
+  // was written completely: the driver takes every chain the element skips as used in full.
+  if (merge_open_ && merge_complete_ && head < ring_.size && p.seq == merge_seq_ + 1) {
+    virtio::VirtqUsedElem& e = ring_.used->ring[merge_slot_];
+    e.id = head;
+    e.len = len;
+  } else {
+    merge_slot_ = used_idx_ & mask_;
+    virtio::VirtqUsedElem& e = ring_.used->ring[merge_slot_];
+    e.id = head;
+    e.len = len;
+    merge_open_ = true;
+  }
+  merge_seq_ = p.seq;
+  merge_complete_ = head < ring_.size && len == p.writable;
+  ++used_idx_;
 }
 
 void DeviceQueue::detach() noexcept {
@@ -88,6 +83,8 @@ void DeviceQueue::detach() noexcept {
   ring_ = {};
   mask_ = 0;
   broken_ = false;
+  in_order_ = false;
+  merge_open_ = false;
 }
 
 void DeviceQueue::count(ChainError e) noexcept {
@@ -165,12 +162,12 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
           return std::unexpected(ChainError::readable_after_writable);
         rlen += d.len;
       }
-      if (rlen + wlen > kMaxChainBytes) [[unlikely]] {
+      if (rlen + wlen > detail::kMaxChainBytes) [[unlikely]] {
         return std::unexpected(ChainError::total_too_large);
       }
       auto pieces = mem_->gpa_to_iovec(d.addr, d.len, segs.subspan(nseg));
       if (!pieces) [[unlikely]]
-        return std::unexpected(from_xlate(pieces.error()));
+        return std::unexpected(detail::from_xlate(pieces.error()));
       nseg += *pieces;
       if (!writing) nread = nseg;
     }

@@ -79,6 +79,11 @@ Result<> DriverQueue::init(std::span<std::byte> ring, std::uint64_t ring_gpa, st
   indirect_ = use_indirect ? indirect : std::span<std::byte>{};
   indirect_gpa_ = use_indirect ? indirect_gpa : 0;
   max_indirect_ = use_indirect ? max_indirect : 0;
+  in_order_ = virtio::has(features, virtio::feature::in_order);
+  next_desc_ = 0;
+  oldest_head_ = 0;
+  drain_left_ = 0;
+  drain_len_ = 0;
   return {};
 }
 
@@ -86,7 +91,7 @@ std::expected<std::uint16_t, Errc> DriverQueue::add(std::span<const Buffer> out,
                                                     std::span<const Buffer> in,
                                                     std::uint64_t token) noexcept {
   const std::size_t n = out.size() + in.size();
-  if (n == 1 && free_count_ != 0) [[likely]] {
+  if (n == 1 && free_count_ != 0 && !in_order_) [[likely]] {
     // One buffer: one descriptor, never indirect.
     const bool is_in = out.empty();
     const Buffer& b = is_in ? in[0] : out[0];
@@ -112,7 +117,15 @@ std::expected<std::uint16_t, Errc> DriverQueue::add(std::span<const Buffer> out,
   std::uint64_t in_total = 0;
   for (const Buffer& b : in) in_total += b.len;
 
-  const std::uint16_t head = free_[--free_count_];
+  std::uint16_t head;
+  if (in_order_) {
+    // Ring order (2.7.5): the chain takes the next `needed` descriptors, wrapping at the end.
+    head = next_desc_;
+    next_desc_ = static_cast<std::uint16_t>((head + needed) & mask_);
+    free_count_ = static_cast<std::uint16_t>(free_count_ - needed);
+  } else {
+    head = free_[--free_count_];
+  }
   if (indirect) {
     const std::size_t table_off = std::size_t{head} * max_indirect_ * sizeof(virtio::VirtqDesc);
     auto* table = reinterpret_cast<virtio::VirtqDesc*>(indirect_.data() + table_off);
@@ -135,7 +148,7 @@ std::expected<std::uint16_t, Errc> DriverQueue::add(std::span<const Buffer> out,
       std::uint16_t flags = is_in ? virtio::kDescFWrite : 0;
       std::uint16_t nxt = 0;
       if (i + 1 < n) {
-        nxt = free_[--free_count_];
+        nxt = in_order_ ? static_cast<std::uint16_t>((cur + 1) & mask_) : free_[--free_count_];
         flags |= virtio::kDescFNext;
       }
       slots_[cur].next = nxt;
@@ -211,6 +224,7 @@ std::optional<DriverQueue::Used> DriverQueue::get_used() noexcept {
 
 std::size_t DriverQueue::get_used_burst(std::span<Used> out) noexcept {
   if (used_ == nullptr) return 0;
+  if (in_order_) return get_used_in_order(out);
   std::size_t got = 0;
   while (got < out.size()) {
     if (last_used_idx_ == used_idx_cache_) {
@@ -230,6 +244,70 @@ std::size_t DriverQueue::get_used_burst(std::span<Used> out) noexcept {
   }
   if (got != 0 && event_idx_ && interrupts_enabled_) {
     // Interrupt me when used->idx moves past what I have consumed.
+    std::atomic_ref<std::uint16_t>(*used_event_word(avail_, size_))
+        .store(last_used_idx_, std::memory_order_relaxed);
+  }
+  return got;
+}
+
+std::size_t DriverQueue::get_used_in_order(std::span<Used> out) noexcept {
+  std::size_t got = 0;
+  while (got < out.size()) {
+    if (drain_left_ != 0) {
+      // The chains a used element stands for, oldest first; all but the last written in full.
+      Slot& h = slots_[oldest_head_];
+      std::uint32_t len = h.in_len;
+      if (--drain_left_ == 0) {
+        len = drain_len_;
+        if (len > h.in_len) [[unlikely]] {
+          ++bad_used_;
+          len = h.in_len;
+        }
+      }
+      out[got++] = Used{h.token, len, oldest_head_};
+      free_count_ = static_cast<std::uint16_t>(free_count_ + h.chain_len);
+      const std::uint16_t next = static_cast<std::uint16_t>((oldest_head_ + h.chain_len) & mask_);
+      h.chain_len = 0;
+      oldest_head_ = next;
+      continue;
+    }
+    if (last_used_idx_ == used_idx_cache_) {
+      // Acquire: the used elements the device wrote before idx are visible after it.
+      const std::uint16_t idx =
+          std::atomic_ref<std::uint16_t>(used_->idx).load(std::memory_order_acquire);
+      if (idx == last_used_idx_) break;
+      if (!used_distance_ok(idx, last_used_idx_, size_)) [[unlikely]] {
+        ++bad_used_;  // more used than the ring holds: a broken device; take nothing
+        break;
+      }
+      used_idx_cache_ = idx;
+    }
+    virtio::VirtqUsedElem e;
+    std::memcpy(&e, &used_->ring[last_used_idx_ & mask_], sizeof e);
+    // Compiler-only fence: the checks below run on this copy, never on a second shared read.
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    // How many chains, from the oldest in flight, the element stands for. In-flight heads follow
+    // each other in ring order, so the walk meets e.id if it is one of them.
+    std::uint16_t chains = 0;
+    if (e.id < size_ && slots_[e.id].chain_len != 0) {
+      for (std::uint16_t h = oldest_head_; slots_[h].chain_len != 0 && chains < size_;) {
+        ++chains;
+        if (h == e.id) break;
+        h = static_cast<std::uint16_t>((h + slots_[h].chain_len) & mask_);
+      }
+    }
+    const auto published = static_cast<std::uint16_t>(used_idx_cache_ - last_used_idx_);
+    if (chains == 0 || chains > published) [[unlikely]] {
+      // Not a chain of ours, or more chains than the device says it used: skip the element.
+      ++bad_used_;
+      ++last_used_idx_;
+      continue;
+    }
+    last_used_idx_ = static_cast<std::uint16_t>(last_used_idx_ + chains);
+    drain_left_ = chains;
+    drain_len_ = e.len;
+  }
+  if (got != 0 && event_idx_ && interrupts_enabled_) {
     std::atomic_ref<std::uint16_t>(*used_event_word(avail_, size_))
         .store(last_used_idx_, std::memory_order_relaxed);
   }
@@ -259,7 +337,7 @@ bool DriverQueue::enable_interrupts() noexcept {
   std::atomic_thread_fence(std::memory_order_seq_cst);
   const std::uint16_t idx =
       std::atomic_ref<std::uint16_t>(used_->idx).load(std::memory_order_acquire);
-  return idx != last_used_idx_;
+  return idx != last_used_idx_ || drain_left_ != 0;
 }
 
 }  // namespace vhostkit::virtq

@@ -1,5 +1,5 @@
-// Split virtqueue wire layout (virtio 1.2, 2.7). All fields little-endian; vhostkit runs on
-// little-endian hosts only (checked below), so the structs are read in place.
+// Virtqueue wire layouts: split (virtio 1.2, 2.7) and packed (2.8). All fields little-endian;
+// vhostkit runs on little-endian hosts only (checked below), so the structs are read in place.
 #pragma once
 
 #include <bit>
@@ -86,6 +86,52 @@ constexpr bool vring_need_event(std::uint16_t event_idx, std::uint16_t new_idx,
                                 std::uint16_t old_idx) {
   return static_cast<std::uint16_t>(new_idx - event_idx - 1) <
          static_cast<std::uint16_t>(new_idx - old_idx);
+}
+
+// ---- Packed virtqueue (virtio 1.2, 2.8): one descriptor ring written by both sides, and two
+// event suppression structures. Sizes need not be powers of two (1..32768).
+
+// Descriptor flags of the packed ring, besides NEXT, WRITE and INDIRECT above. A descriptor is
+// available when AVAIL matches the driver's wrap counter and USED does not; used when both
+// match the device's wrap counter.
+inline constexpr std::uint16_t kDescFAvail = 1u << 7;
+inline constexpr std::uint16_t kDescFUsed = 1u << 15;
+
+// Event suppression flags (2.8.10): enable, disable, or only at the descriptor named by
+// off_wrap (valid with VIRTIO_F_EVENT_IDX only). The value 3 is reserved.
+inline constexpr std::uint16_t kRingEventFlagsEnable = 0;
+inline constexpr std::uint16_t kRingEventFlagsDisable = 1;
+inline constexpr std::uint16_t kRingEventFlagsDesc = 2;
+inline constexpr std::uint16_t kRingEventFlagsMask = 3;
+// off_wrap: bits 0-14 the descriptor offset, bit 15 the wrap counter.
+inline constexpr std::uint16_t kEventWrapBit = 1u << 15;
+
+// struct pvirtq_desc { le64 addr; le32 len; le16 id; le16 flags; }
+struct PackedDesc {
+  std::uint64_t addr;  // guest-physical
+  std::uint32_t len;
+  std::uint16_t id;  // buffer id: in the last descriptor of a chain
+  std::uint16_t flags;
+};
+static_assert(sizeof(PackedDesc) == 16);
+static_assert(offsetof(PackedDesc, addr) == 0);
+static_assert(offsetof(PackedDesc, len) == 8);
+static_assert(offsetof(PackedDesc, id) == 12);
+static_assert(offsetof(PackedDesc, flags) == 14);
+
+// struct pvirtq_event_suppress { le16 desc (off:15, wrap:1); le16 flags; }
+struct PackedEventSuppress {
+  std::uint16_t off_wrap;
+  std::uint16_t flags;
+};
+static_assert(sizeof(PackedEventSuppress) == 4);
+
+// Alignment the spec requires of each part (2.8.10.1).
+inline constexpr std::size_t kPackedDescAlign = 16;
+inline constexpr std::size_t kEventSuppressAlign = 4;
+
+constexpr bool is_valid_packed_queue_size(std::uint32_t size) {
+  return size != 0 && size <= kMaxQueueSize;
 }
 
 }  // namespace vhostkit::virtio

@@ -23,6 +23,7 @@
 #include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/virtio/features.h"
 #include "vhostkit/virtio/ring.h"
+#include "vhostkit/virtq/chain.h"
 
 namespace vhostkit::virtq {
 
@@ -36,45 +37,6 @@ inline std::uint16_t* avail_event_word(virtio::VirtqUsed* used, std::uint16_t si
   return reinterpret_cast<std::uint16_t*>(reinterpret_cast<std::byte*>(used) + 4 +
                                           8 * std::size_t{size});
 }
-
-// What was wrong with one chain. Errors marked (broken) stop the whole queue: after them the
-// device can no longer tell which chains are real, so it stops serving the ring until reset.
-enum class ChainError : std::uint8_t {
-  queue_broken,             // the queue was marked broken earlier (broken)
-  avail_idx_runaway,        // avail->idx moved more than the queue size at once (broken)
-  head_out_of_range,        // the avail ring names a head >= queue size (broken)
-  next_out_of_range,        // a next field >= the table's size
-  chain_too_long,           // more descriptors than the queue size: also how loops end
-  desc_not_mapped,          // a buffer outside guest memory
-  desc_len_wraps,           // addr + len overflows 64 bits
-  total_too_large,          // the chain's total length exceeds 4 GiB
-  indirect_not_negotiated,  // INDIRECT flag without VIRTIO_F_RING_INDIRECT_DESC
-  indirect_not_mapped,      // an indirect table outside guest memory
-  indirect_bad_len,         // an indirect table of length 0 or not a multiple of 16
-  indirect_nested,          // an indirect descriptor inside an indirect table
-  indirect_with_next,       // INDIRECT and NEXT both set on one descriptor
-  readable_after_writable,  // a device-readable buffer after a device-writable one
-  too_many_segments,        // the caller's segment array is too small for this chain
-  empty,                    // pop() with nothing available (a caller slip; not counted)
-  kCount
-};
-inline constexpr std::size_t kChainErrorCount = static_cast<std::size_t>(ChainError::kCount);
-const char* to_string(ChainError e) noexcept;
-constexpr bool breaks_queue(ChainError e) noexcept {
-  return e == ChainError::queue_broken || e == ChainError::avail_idx_runaway ||
-         e == ChainError::head_out_of_range;
-}
-
-// A validated chain: host pieces of the device-readable part, then of the device-writable part.
-// The spans point into the segment array the caller passed to pop(); valid until it is reused.
-struct Chain {
-  std::uint16_t head = 0;
-  std::uint16_t desc_count = 0;  // descriptors walked (indirect ones included)
-  std::span<iovec> readable;
-  std::span<iovec> writable;
-  std::uint64_t readable_len = 0;
-  std::uint64_t writable_len = 0;
-};
 
 // Host addresses of the three parts of a ring, already translated and checked to lie in guest
 // memory by the caller (vhost::Device), with the queue size.
@@ -115,6 +77,9 @@ class DeviceQueue {
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
 
   // Queues a used element (head, bytes written); visible to the driver only after publish_used().
+  // With IN_ORDER, a chain pushed right after the one popped before it, when that one was
+  // written completely, shares its used element (one element for the run with the last head,
+  // used->idx still counting each chain: 2.7.8).
   void push_used(std::uint16_t head, std::uint32_t len) noexcept;
   // Makes every queued used element visible with one release store of used->idx.
   void publish_used() noexcept;
@@ -142,6 +107,9 @@ class DeviceQueue {
   std::expected<Chain, ChainError> pop_slow(std::span<iovec> segs) noexcept;
   void count(ChainError e) noexcept;
   void mark_broken(ChainError e) noexcept;
+  // IN_ORDER bookkeeping (only with the feature): what pop handed out, in which order.
+  void note_popped(std::uint16_t head, std::uint64_t writable_len) noexcept;
+  void push_used_in_order(std::uint16_t head, std::uint32_t len) noexcept;
 
   const memory::GuestMemory* mem_ = nullptr;
   SplitRing ring_{};
@@ -149,12 +117,26 @@ class DeviceQueue {
   bool event_idx_ = false;
   bool indirect_ = false;
   bool broken_ = false;
+  // On the same cache line as the indices: pop, push_used and publish_used test them.
+  bool in_order_ = false;
+  bool merge_open_ = false;
   std::uint16_t last_avail_idx_ = 0;
   std::uint16_t avail_idx_cache_ = 0;  // last avail->idx read
   std::uint16_t used_idx_ = 0;         // next used slot to fill (not yet published)
   std::uint16_t published_used_idx_ = 0;
   std::uint16_t signalled_used_idx_ = 0;  // used->idx when we last decided about a signal
   std::array<std::uint64_t, kChainErrorCount> errors_{};
+  struct Popped {
+    std::uint32_t writable = 0;  // the chain's writable bytes (kNeverComplete: a refused chain)
+    std::uint32_t seq = 0;       // pop order
+  };
+  static constexpr std::uint32_t kNeverComplete = 0xffffffff;
+  std::vector<Popped> popped_;  // per head, IN_ORDER only
+  std::uint32_t pop_seq_ = 0;
+  // The used element the last push wrote, while unpublished: IN_ORDER may fold the next into it.
+  bool merge_complete_ = false;
+  std::uint16_t merge_slot_ = 0;
+  std::uint32_t merge_seq_ = 0;
 };
 
 // Where the three parts of a ring of `size` live in one block of driver memory (each part
@@ -206,7 +188,9 @@ class DriverQueue {
 
   // Reclaims one used chain (its descriptors return to the free list).
   std::optional<Used> get_used() noexcept;
-  // Reclaims up to out.size() used chains; returns how many.
+  // Reclaims up to out.size() used chains; returns how many. With IN_ORDER a used element with
+  // head X returns every chain up to X in the order they were added (the ones before X written
+  // completely); descriptors are then handed out in ring order, as 2.7.5 requires.
   std::size_t get_used_burst(std::span<Used> out) noexcept;
 
   // Interrupt (call) suppression on the used side, with the same race rule as the device's.
@@ -227,11 +211,13 @@ class DriverQueue {
   virtio::VirtqAvail* avail_ = nullptr;
   virtio::VirtqUsed* used_ = nullptr;
   bool reclaim(std::uint16_t slot, Used& out) noexcept;
+  std::size_t get_used_in_order(std::span<Used> out) noexcept;
 
   std::uint16_t size_ = 0;
   std::uint16_t mask_ = 0;
   bool event_idx_ = false;
   bool use_indirect_ = false;
+  bool in_order_ = false;
   bool interrupts_enabled_ = true;
   std::uint16_t free_count_ = 0;
   std::uint16_t avail_idx_ = 0;         // next avail slot (not yet published)
@@ -253,6 +239,12 @@ class DriverQueue {
   std::span<std::byte> indirect_{};
   std::uint64_t indirect_gpa_ = 0;
   std::uint16_t max_indirect_ = 0;
+  // IN_ORDER: descriptors go out in ring order from next_desc_ and come back from oldest_head_;
+  // a used element standing for several chains is drained over calls.
+  std::uint16_t next_desc_ = 0;
+  std::uint16_t oldest_head_ = 0;
+  std::uint16_t drain_left_ = 0;
+  std::uint32_t drain_len_ = 0;
 };
 
 }  // namespace vhostkit::virtq
@@ -322,10 +314,14 @@ inline std::expected<Chain, ChainError> DeviceQueue::pop(std::span<iovec> segs) 
         c.readable = segs.first(1);
         c.readable_len = d.len;
       }
+      if (in_order_) [[unlikely]]
+        note_popped(head, c.writable_len);
       return c;
     }
   }
   auto chain = walk(head, d, segs);
+  if (in_order_) [[unlikely]]
+    note_popped(head, chain ? chain->writable_len : kNeverComplete);
   if (!chain) [[unlikely]] {
     push_used(head, 0);
     count(chain.error());
@@ -334,6 +330,10 @@ inline std::expected<Chain, ChainError> DeviceQueue::pop(std::span<iovec> segs) 
 }
 
 inline void DeviceQueue::push_used(std::uint16_t head, std::uint32_t len) noexcept {
+  if (in_order_) [[unlikely]] {
+    push_used_in_order(head, len);
+    return;
+  }
   virtio::VirtqUsedElem& e = ring_.used->ring[used_idx_ & mask_];
   e.id = head;
   e.len = len;
@@ -344,6 +344,7 @@ inline void DeviceQueue::publish_used() noexcept {
   // Release: the used elements written above are visible before the new idx.
   std::atomic_ref<std::uint16_t>(ring_.used->idx).store(used_idx_, std::memory_order_release);
   published_used_idx_ = used_idx_;
+  merge_open_ = false;  // the driver may read that element now: it is no longer ours to change
 }
 
 inline void DriverQueue::publish() noexcept {

@@ -1,0 +1,102 @@
+// What both ring layouts hand the device: a validated chain, or the reason one was refused.
+// DeviceQueue (split) and PackedDeviceQueue (packed) share these types and the names of their
+// methods, so a device can be written once as a template over the ring (the concepts below)
+// with no virtual call on the data path.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <array>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <expected>
+#include <limits>
+#include <span>
+
+#include "vhostkit/memory/guest_memory.h"
+
+namespace vhostkit::virtq {
+
+// What was wrong with one chain. Errors marked (broken) stop the whole queue: after them the
+// device can no longer tell which chains are real, so it stops serving the ring until reset.
+// Errors marked (dropped) consume the chain without an answer: it has no buffer id the device
+// may complete. Every other error answers the chain with used len 0.
+enum class ChainError : std::uint8_t {
+  queue_broken,             // the queue was marked broken earlier (broken)
+  avail_idx_runaway,        // split: avail->idx moved more than the queue size at once (broken)
+  head_out_of_range,        // split: the avail ring names a head >= queue size (broken)
+  next_out_of_range,        // a next field >= the table's size
+  chain_too_long,           // more descriptors than the queue size: also how loops end
+  desc_not_mapped,          // a buffer outside guest memory
+  desc_len_wraps,           // addr + len overflows 64 bits
+  total_too_large,          // the chain's total length exceeds 4 GiB
+  indirect_not_negotiated,  // INDIRECT flag without VIRTIO_F_RING_INDIRECT_DESC
+  indirect_not_mapped,      // an indirect table outside guest memory
+  indirect_bad_len,         // an indirect table of length 0 or not a multiple of 16
+  indirect_nested,          // an indirect descriptor inside an indirect table
+  indirect_with_next,       // INDIRECT and NEXT both set on one descriptor
+  readable_after_writable,  // a device-readable buffer after a device-writable one
+  too_many_segments,        // the caller's segment array is too small for this chain
+  chain_unterminated,       // packed: a chain runs into a descriptor not made available, or
+                            // over more than the queue size (broken)
+  wrap_state_invalid,       // packed: a resume point past the ring or used ahead of avail (broken)
+  id_out_of_range,          // packed: a buffer id >= queue size (dropped)
+  id_in_flight,             // packed: a buffer id still in flight reused (dropped)
+  indirect_in_chain,        // packed: an INDIRECT descriptor after NEXT ones (2.8.7 forbids)
+  empty,                    // pop() with nothing available (a caller slip; not counted)
+  kCount
+};
+inline constexpr std::size_t kChainErrorCount = static_cast<std::size_t>(ChainError::kCount);
+const char* to_string(ChainError e) noexcept;
+constexpr bool breaks_queue(ChainError e) noexcept {
+  return e == ChainError::queue_broken || e == ChainError::avail_idx_runaway ||
+         e == ChainError::head_out_of_range || e == ChainError::chain_unterminated ||
+         e == ChainError::wrap_state_invalid;
+}
+// The chain was consumed but not answered (no used element carries it).
+constexpr bool drops_chain(ChainError e) noexcept {
+  return e == ChainError::id_out_of_range || e == ChainError::id_in_flight;
+}
+
+// A validated chain: host pieces of the device-readable part, then of the device-writable part.
+// The spans point into the segment array the caller passed to pop(); valid until it is reused.
+struct Chain {
+  std::uint16_t head = 0;  // what push_used() takes: split, the head index; packed, the buffer id
+  std::uint16_t desc_count = 0;  // descriptors walked (indirect ones included)
+  std::span<iovec> readable;
+  std::span<iovec> writable;
+  std::uint64_t readable_len = 0;
+  std::uint64_t writable_len = 0;
+};
+
+// The device side of either layout, as the vhost and net layers use it.
+template <class Q>
+concept DeviceRing = requires(Q q, const Q cq, std::span<iovec> segs) {
+  { q.pending() } -> std::same_as<std::uint16_t>;
+  { q.pop(segs) } -> std::same_as<std::expected<Chain, ChainError>>;
+  q.push_used(std::uint16_t{}, std::uint32_t{});
+  q.publish_used();
+  { q.needs_notify() } -> std::same_as<bool>;
+  q.disable_notifications();
+  { q.enable_notifications() } -> std::same_as<bool>;
+  { cq.broken() } -> std::same_as<bool>;
+  { cq.size() } -> std::same_as<std::uint16_t>;
+  { cq.errors() } -> std::same_as<const std::array<std::uint64_t, kChainErrorCount>&>;
+};
+
+namespace detail {
+// The longest chain a device accepts in total bytes: a used length is 32 bits.
+inline constexpr std::uint64_t kMaxChainBytes = std::numeric_limits<std::uint32_t>::max();
+
+constexpr ChainError from_xlate(memory::XlateError e) noexcept {
+  switch (e) {
+    case memory::XlateError::wraps: return ChainError::desc_len_wraps;
+    case memory::XlateError::too_many_iov: return ChainError::too_many_segments;
+    case memory::XlateError::not_mapped: break;
+  }
+  return ChainError::desc_not_mapped;
+}
+}  // namespace detail
+
+}  // namespace vhostkit::virtq
