@@ -1,22 +1,16 @@
-// The vhost-user-blk front-end's control path: options, connect, config space.
-#include "vhostkit/vhost_user/blk_frontend.h"
+// The virtio-blk driver's control path: options, connect, config space.
+#include "vhostkit/driver/blk_driver.h"
 
 #include <fmt/format.h>
 
 #include <bit>
 #include <utility>
 
-namespace vhostkit::vhost_user {
+namespace vhostkit::driver {
 namespace {
 
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
-
-// A slot: data, then header and status, rounded up to a page so every slot's data is aligned.
-std::uint32_t slot_bytes(std::uint32_t max_data) {
-  return static_cast<std::uint32_t>(
-      align_up(std::size_t{max_data} + sizeof(virtio::VirtioBlkOutHdr) + 1, kPage));
-}
 
 template <typename T>
 T load(std::span<const std::uint8_t> c, std::size_t off) {
@@ -27,15 +21,25 @@ T load(std::span<const std::uint8_t> c, std::size_t off) {
 
 }  // namespace
 
-Result<FrontendOptions> BlkFrontendOptions::session_options() && {
-  if (depth == 0 || depth > BlkFrontend::kMaxDepth) {
+// A slot: data, then header and status, rounded up to a page so every slot's data is aligned.
+std::uint32_t BlkDriver::slot_bytes(std::uint32_t max_data) noexcept {
+  return static_cast<std::uint32_t>(
+      align_up(std::size_t{max_data} + sizeof(virtio::VirtioBlkOutHdr) + 1, kPage));
+}
+
+Result<vhost_user::FrontendOptions> BlkDriverOptions::session_options() && {
+  if (num_queues == 0 || num_queues > BlkDriver::kMaxQueues) {
     return fail(Errc::out_of_range,
-                fmt::format("depth {} not in 1..{}", depth, BlkFrontend::kMaxDepth));
+                fmt::format("num_queues {} not in 1..{}", num_queues, BlkDriver::kMaxQueues));
   }
-  if (max_data < virtio::kBlkSectorSize || max_data > BlkFrontend::kMaxData ||
+  if (depth == 0 || depth > BlkDriver::kMaxDepth) {
+    return fail(Errc::out_of_range,
+                fmt::format("depth {} not in 1..{}", depth, BlkDriver::kMaxDepth));
+  }
+  if (max_data < virtio::kBlkSectorSize || max_data > BlkDriver::kMaxData ||
       max_data % virtio::kBlkSectorSize != 0) {
     return fail(Errc::out_of_range, fmt::format("max_data {} is not a multiple of 512 in 512..{}",
-                                                max_data, BlkFrontend::kMaxData));
+                                                max_data, BlkDriver::kMaxData));
   }
   // Three descriptors per request.
   const std::uint32_t need = 3u * depth;
@@ -51,16 +55,20 @@ Result<FrontendOptions> BlkFrontendOptions::session_options() && {
                                                 "{} wanted in flight",
                                                 size, size / 3, depth));
   }
-  FrontendOptions o;
-  o.device = FrontendOptions::Device::blk;
+  vhost_user::FrontendOptions o;
   o.socket_path = std::move(socket_path);
   o.channel = std::move(channel);
-  o.num_queues = num_queues;
+  o.rings = num_queues;
   o.queue_size = static_cast<std::uint16_t>(size);
-  o.buffer_size = slot_bytes(max_data);
-  o.ring_buffers = depth;
+  o.ring_area_bytes = std::size_t{depth} * BlkDriver::slot_bytes(max_data);
   o.memory_size = 0;
-  o.features = features;
+  o.features =
+      features.value_or(kBlkFeatures | (num_queues > 1 ? virtio::bit(virtio::blk_feature::mq) : 0));
+  o.drivable = kBlkDrivableFeatures;
+  o.queues = {.count = num_queues,
+              .mq_feature = virtio::blk_feature::mq,
+              .mq_name = "VIRTIO_BLK_F_MQ",
+              .unit = "queues"};
   o.notify = notify;
   o.timeout = timeout;
   o.name = std::move(name);
@@ -68,7 +76,7 @@ Result<FrontendOptions> BlkFrontendOptions::session_options() && {
   return o;
 }
 
-Result<BlkInfo> BlkFrontend::parse_config(std::span<const std::uint8_t> c, std::uint64_t features) {
+Result<BlkInfo> BlkDriver::parse_config(std::span<const std::uint8_t> c, std::uint64_t features) {
   using virtio::VirtioBlkConfig;
   namespace bf = virtio::blk_feature;
   if (c.size() < kConfigBytes) {
@@ -113,18 +121,27 @@ Result<BlkInfo> BlkFrontend::parse_config(std::span<const std::uint8_t> c, std::
   return info;
 }
 
-Result<std::unique_ptr<BlkFrontend>> BlkFrontend::connect(BlkFrontendOptions opts) {
+Result<std::unique_ptr<BlkDriver>> BlkDriver::connect(BlkDriverOptions opts) {
   const std::uint16_t depth = opts.depth;
   const std::uint32_t max_data = opts.max_data;
   const std::uint16_t queues = opts.num_queues;
   auto so = std::move(opts).session_options();
   if (!so) return std::unexpected(std::move(so.error()));
-  auto s = FrontendSession::connect(std::move(*so));
+  auto s = vhost_user::FrontendSession::connect(std::move(*so));
   if (!s) return std::unexpected(std::move(s.error()));
-  std::unique_ptr<BlkFrontend> f(new BlkFrontend());
+  std::unique_ptr<BlkDriver> f(new BlkDriver());
   f->session_ = std::move(*s);
   f->depth_ = depth;
   f->max_data_ = max_data;
+  // Every ring is a request queue whose slots all start free; nothing is posted before a
+  // request is submitted.
+  f->queues_.resize(queues);
+  for (std::uint16_t q = 0; q < queues; ++q) {
+    Queue& r = f->queues_[q];
+    r.init(f->session_->ring(q), slot_bytes(max_data), depth, kBurst);
+    for (std::uint16_t b = depth; b-- > 0;) r.free[r.free_top++] = b;
+  }
+  if (auto r = f->session_->start_rings(); !r) return std::unexpected(std::move(r.error()));
   // Without CONFIG there is no capacity to stay within: a driver can't use such a disk.
   auto raw = f->session_->get_config(0, kConfigBytes);
   if (!raw) return std::unexpected(std::move(raw.error()));
@@ -147,9 +164,9 @@ Result<std::unique_ptr<BlkFrontend>> BlkFrontend::connect(BlkFrontendOptions opt
   return f;
 }
 
-Result<std::vector<std::uint32_t>> BlkFrontend::stop() {
+Result<std::vector<std::uint32_t>> BlkDriver::stop() {
   stopped_ = true;
   return session_->stop();
 }
 
-}  // namespace vhostkit::vhost_user
+}  // namespace vhostkit::driver

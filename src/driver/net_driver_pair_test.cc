@@ -1,6 +1,6 @@
-// Our front-end against our back-end in one process: FrontendSession <-> BackendSession /
-// BackendServer over a socketpair and over socket paths, with a loopback net-like device that
-// moves each frame from a pair's transmitq into its receiveq.
+// Our net driver against our back-end in one process: NetDriver (on FrontendSession) <->
+// BackendSession / BackendServer over a socketpair and over socket paths, with a loopback
+// net-like device that moves each frame from a pair's transmitq into its receiveq.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <sys/eventfd.h>
@@ -16,18 +16,23 @@
 #include <vector>
 
 #include "testing/fd_count.h"
+#include "vhostkit/driver/net_driver.h"
 #include "vhostkit/vhost/backend.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost_user/backend_session.h"
-#include "vhostkit/vhost_user/frontend_session.h"
 #include "vhostkit/vhost_user/server.h"
 #include "vhostkit/virtio/net.h"
 
-namespace vhostkit::vhost_user {
+namespace vhostkit::driver {
 namespace {
 
 using namespace std::chrono_literals;
+using vhost_user::BackendServer;
+using vhost_user::BackendSession;
+using vhost_user::Channel;
+using vhost_user::ServerOptions;
 using vhostkit::testing::open_fd_count;
+namespace protocol_feature = vhost_user::protocol_feature;
 
 constexpr std::array<std::uint8_t, 6> kMac{0x02, 0x11, 0x22, 0x33, 0x44, 0x55};
 
@@ -51,7 +56,7 @@ class LoopbackBackend : public vhost::DeviceBackend {
   void attach(vhost::Device* d) { dev_ = d; }
 
   std::uint64_t features() const noexcept override {
-    return kFrontendNetFeatures | virtio::bit(virtio::net_feature::mq) |
+    return kNetFeatures | virtio::bit(virtio::net_feature::mq) |
            virtio::bit(virtio::feature::ring_indirect_desc) |
            virtio::bit(virtio::net_feature::csum);
   }
@@ -199,7 +204,7 @@ std::vector<std::uint8_t> make_frame(std::uint32_t seq, std::size_t len) {
 }
 
 // Sends `count` frames on pair qp and checks each comes back byte-exact and in order.
-void exchange(FrontendSession& s, std::uint16_t qp, std::uint32_t count, bool event) {
+void exchange(NetDriver& s, std::uint16_t qp, std::uint32_t count, bool event) {
   std::uint32_t sent = 0, received = 0;
   const auto deadline = std::chrono::steady_clock::now() + 60s;
   std::vector<std::vector<std::uint8_t>> burst;
@@ -221,71 +226,74 @@ void exchange(FrontendSession& s, std::uint16_t qp, std::uint32_t count, bool ev
       ++received;
     });
     if (got == 0 && (sent - received >= 128 || sent == count)) {
-      if (event) s.wait_call(FrontendSession::rx_index(qp), 10ms);
+      if (event) s.wait_call(NetDriver::rx_index(qp), 10ms);
     }
   }
-  EXPECT_EQ(s.stats(FrontendSession::rx_index(qp)).bad, 0u);
-  EXPECT_EQ(s.stats(FrontendSession::tx_index(qp)).oversize, 0u);
+  EXPECT_EQ(s.stats(NetDriver::rx_index(qp)).bad, 0u);
+  EXPECT_EQ(s.stats(NetDriver::tx_index(qp)).oversize, 0u);
 }
 
-FrontendOptions opts_on(Channel ch) {
-  FrontendOptions o;
+NetDriverOptions opts_on(Channel ch) {
+  NetDriverOptions o;
   o.channel = std::move(ch);
   o.memory_size = 0;
   return o;
 }
 
-TEST(FrontendPair, NegotiatesOverSocketpair) {
+TEST(NetDriverPair, NegotiatesOverSocketpair) {
   Rig rig;
-  auto pair = socketpair();
+  auto pair = vhost_user::socketpair();
   ASSERT_TRUE(pair);
   SessionThread backend(rig.device, std::move(pair->second));
-  auto s = FrontendSession::connect(opts_on(std::move(pair->first)));
+  auto s = NetDriver::connect(opts_on(std::move(pair->first)));
   ASSERT_TRUE(s) << s.error().message();
   auto& f = **s;
-  EXPECT_EQ(f.offered_features() & ~virtio::bit(virtio::feature::protocol_features),
+  EXPECT_EQ(f.session().offered_features() & ~virtio::bit(virtio::feature::protocol_features),
             rig.backend.features());
   // Acked: what we want and know how to drive; never INDIRECT or checksum offload.
-  EXPECT_EQ(f.features(), kFrontendNetFeatures | virtio::bit(virtio::feature::protocol_features));
+  EXPECT_EQ(f.features(), kNetFeatures | virtio::bit(virtio::feature::protocol_features));
   EXPECT_EQ(rig.backend.acked() & ~virtio::bit(virtio::feature::protocol_features),
             f.features() & ~virtio::bit(virtio::feature::protocol_features));
-  EXPECT_TRUE(f.has_protocol(protocol_feature::reply_ack));
-  EXPECT_TRUE(f.has_protocol(protocol_feature::mq));
-  EXPECT_TRUE(f.has_protocol(protocol_feature::config));
-  EXPECT_EQ(f.protocol_features(), f.offered_protocol_features() & kFrontendProtocolFeatures);
-  EXPECT_EQ(f.backend_queue_num(), 2u);
+  const auto& proto = f.session();
+  EXPECT_TRUE(proto.has_protocol(protocol_feature::reply_ack));
+  EXPECT_TRUE(proto.has_protocol(protocol_feature::mq));
+  EXPECT_TRUE(proto.has_protocol(protocol_feature::config));
+  EXPECT_EQ(proto.protocol_features(),
+            proto.offered_protocol_features() & vhost_user::kFrontendProtocolFeatures);
+  EXPECT_EQ(proto.backend_queue_num(), 2u);
   EXPECT_EQ(f.net_hdr_len(), 12u);
-  EXPECT_EQ(f.num_rings(), 2);
+  EXPECT_EQ(proto.num_rings(), 2);
   auto mac = f.mac();
   ASSERT_TRUE(mac) << mac.error().message();
   EXPECT_EQ(*mac, kMac);
-  EXPECT_EQ(backend.session.protocol_features(), f.protocol_features());
+  EXPECT_EQ(backend.session.protocol_features(), proto.protocol_features());
   // Both rings started on the back-end.
   EXPECT_TRUE(rig.device.queue(0).started());
   EXPECT_TRUE(rig.device.queue(1).started());
   EXPECT_EQ(rig.device.queue(1).ring_size(), 256u);
 }
 
-class FrontendPairModes : public ::testing::TestWithParam<bool> {};
+class NetDriverPairModes : public ::testing::TestWithParam<bool> {};
 
-TEST_P(FrontendPairModes, TenThousandFramesByteExactThenTeardownBases) {
+TEST_P(NetDriverPairModes, TenThousandFramesByteExactThenTeardownBases) {
   const bool event = GetParam();
   Rig rig(1, event ? vhost::PollMode::event : vhost::PollMode::busy);
-  auto pair = socketpair();
+  auto pair = vhost_user::socketpair();
   ASSERT_TRUE(pair);
   SessionThread backend(rig.device, std::move(pair->second));
   auto o = opts_on(std::move(pair->first));
-  o.notify = event ? FrontendOptions::Notify::event : FrontendOptions::Notify::poll;
-  auto s = FrontendSession::connect(std::move(o));
+  o.notify = event ? vhost_user::FrontendOptions::Notify::event
+                   : vhost_user::FrontendOptions::Notify::poll;
+  auto s = NetDriver::connect(std::move(o));
   ASSERT_TRUE(s) << s.error().message();
   exchange(**s, 0, 10000, event);
   EXPECT_EQ(rig.backend.frames(), 10000u);
   EXPECT_EQ((*s)->stats(0).frames, 10000u);
   EXPECT_EQ((*s)->stats(1).frames, 10000u);
   if (event) {
-    EXPECT_GT((*s)->stats(1).kicks, 0u);
+    EXPECT_GT((*s)->session().ring(1).kicks, 0u);
   } else {
-    EXPECT_EQ((*s)->stats(1).kicks, 0u);  // no kick fd at all
+    EXPECT_EQ((*s)->session().ring(1).kicks, 0u);  // no kick fd at all
   }
   auto bases = (*s)->stop();
   ASSERT_TRUE(bases) << bases.error().message();
@@ -300,17 +308,17 @@ TEST_P(FrontendPairModes, TenThousandFramesByteExactThenTeardownBases) {
   EXPECT_EQ((*s)->rx_burst(0, 32, [](auto) {}), 0u);
 }
 
-INSTANTIATE_TEST_SUITE_P(EventAndBusy, FrontendPairModes, ::testing::Values(true, false),
+INSTANTIATE_TEST_SUITE_P(EventAndBusy, NetDriverPairModes, ::testing::Values(true, false),
                          [](const auto& i) { return i.param ? "event" : "busy"; });
 
-TEST(FrontendPair, TwoQueuePairs) {
+TEST(NetDriverPair, TwoQueuePairs) {
   Rig rig(2);
-  auto pair = socketpair();
+  auto pair = vhost_user::socketpair();
   ASSERT_TRUE(pair);
   SessionThread backend(rig.device, std::move(pair->second));
   auto o = opts_on(std::move(pair->first));
   o.queue_pairs = 2;
-  auto s = FrontendSession::connect(std::move(o));
+  auto s = NetDriver::connect(std::move(o));
   ASSERT_TRUE(s) << s.error().message();
   EXPECT_TRUE(virtio::has((*s)->features(), virtio::net_feature::mq));
   exchange(**s, 0, 500, true);
@@ -318,7 +326,7 @@ TEST(FrontendPair, TwoQueuePairs) {
   EXPECT_EQ(rig.backend.frames(), 1000u);
 }
 
-TEST(FrontendPair, ServerSocketPathAndReconnect) {
+TEST(NetDriverPair, ServerSocketPathAndReconnect) {
   Rig rig;
   const std::string path = temp_sock("srv");
   StopFd stop;
@@ -326,10 +334,10 @@ TEST(FrontendPair, ServerSocketPathAndReconnect) {
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
   ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
   for (int round = 0; round < 2; ++round) {
-    FrontendOptions o;
+    NetDriverOptions o;
     o.socket_path = path;
     o.memory_size = 0;
-    auto s = FrontendSession::connect(std::move(o));
+    auto s = NetDriver::connect(std::move(o));
     ASSERT_TRUE(s) << s.error().message();
     exchange(**s, 0, 1000, true);
   }
@@ -339,10 +347,10 @@ TEST(FrontendPair, ServerSocketPathAndReconnect) {
   EXPECT_FALSE(std::filesystem::exists(path));
 }
 
-TEST(FrontendPair, BackendClientReconnectsToListeningFrontend) {
+TEST(NetDriverPair, BackendClientReconnectsToListeningFrontend) {
   Rig rig;
   const std::string path = temp_sock("cli");
-  auto listener = listen_unix(path);
+  auto listener = vhost_user::listen_unix(path);
   ASSERT_TRUE(listener) << listener.error().message();
   StopFd stop;
   auto so = ServerOptions::connect(path);
@@ -351,14 +359,14 @@ TEST(FrontendPair, BackendClientReconnectsToListeningFrontend) {
   BackendServer server(rig.device, std::move(so));
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
   for (int round = 0; round < 3; ++round) {
-    auto ch = accept(listener->get());
+    auto ch = vhost_user::accept(listener->get());
     eventually([&] {
       if (ch || ch.error().code != Errc::would_block) return true;
-      ch = accept(listener->get());
+      ch = vhost_user::accept(listener->get());
       return false;
     });
     ASSERT_TRUE(ch) << ch.error().message();
-    auto s = FrontendSession::connect(opts_on(std::move(*ch)));
+    auto s = NetDriver::connect(opts_on(std::move(*ch)));
     ASSERT_TRUE(s) << s.error().message();
     exchange(**s, 0, 300, true);
   }
@@ -369,7 +377,7 @@ TEST(FrontendPair, BackendClientReconnectsToListeningFrontend) {
   ::unlink(path.c_str());
 }
 
-TEST(FrontendPair, DisconnectMidTrafficThenReconnect) {
+TEST(NetDriverPair, DisconnectMidTrafficThenReconnect) {
   Rig rig;
   const std::string path = temp_sock("mid");
   StopFd stop;
@@ -377,22 +385,22 @@ TEST(FrontendPair, DisconnectMidTrafficThenReconnect) {
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
   ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
   {
-    FrontendOptions o;
+    NetDriverOptions o;
     o.socket_path = path;
     o.memory_size = 0;
-    auto s = FrontendSession::connect(std::move(o));
+    auto s = NetDriver::connect(std::move(o));
     ASSERT_TRUE(s) << s.error().message();
     // Frames in flight both ways, none drained, then hang up without GET_VRING_BASE: the
     // socket just closes under the back-end.
     std::vector<std::uint8_t> f = make_frame(1, 200);
     std::array<std::span<const std::uint8_t>, 1> one{f};
     for (int i = 0; i < 100; ++i) (*s)->tx_burst(0, one);
-    ::shutdown((*s)->socket_fd(), SHUT_RDWR);
+    ::shutdown((*s)->session().socket_fd(), SHUT_RDWR);
   }
-  FrontendOptions o;
+  NetDriverOptions o;
   o.socket_path = path;
   o.memory_size = 0;
-  auto s = FrontendSession::connect(std::move(o));
+  auto s = NetDriver::connect(std::move(o));
   ASSERT_TRUE(s) << s.error().message();
   exchange(**s, 0, 1000, true);
   s->reset();
@@ -401,7 +409,7 @@ TEST(FrontendPair, DisconnectMidTrafficThenReconnect) {
   EXPECT_EQ(server.sessions(), 2u);
 }
 
-TEST(FrontendPair, FdCountStableAcrossHundredCycles) {
+TEST(NetDriverPair, FdCountStableAcrossHundredCycles) {
   Rig rig;
   const std::string path = temp_sock("fds");
   StopFd stop;
@@ -409,11 +417,11 @@ TEST(FrontendPair, FdCountStableAcrossHundredCycles) {
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
   ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
   auto cycle = [&] {
-    FrontendOptions o;
+    NetDriverOptions o;
     o.socket_path = path;
     o.memory_size = 0;
     o.queue_size = 64;
-    auto s = FrontendSession::connect(std::move(o));
+    auto s = NetDriver::connect(std::move(o));
     ASSERT_TRUE(s) << s.error().message();
     exchange(**s, 0, 32, true);
   };
@@ -438,4 +446,4 @@ TEST(FrontendPair, FdCountStableAcrossHundredCycles) {
 }
 
 }  // namespace
-}  // namespace vhostkit::vhost_user
+}  // namespace vhostkit::driver

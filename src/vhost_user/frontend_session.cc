@@ -1,5 +1,4 @@
-// The vhost-user front-end: negotiation, shared memory, ring setup and teardown. The data path
-// is inline in the header; only its rarely taken pieces live here.
+// The vhost-user front-end's protocol side: negotiation, shared memory, ring setup and teardown.
 #include "vhostkit/vhost_user/frontend_session.h"
 
 #include <fmt/format.h>
@@ -13,27 +12,24 @@ namespace vhostkit::vhost_user {
 namespace {
 
 constexpr std::size_t kPage = 4096;
-// The largest frame we gather from several mergeable rx buffers (a 64 KiB GSO frame).
-constexpr std::size_t kMaxMergedFrame = 65536 + 14 + 4;
-// The largest blk request buffer: 16 MiB of data plus a page for header and status.
-constexpr std::size_t kMaxBlkBuffer = (16u << 20) + 4096;
 
 constexpr std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
 
+// Rings first, then each ring's driver area.
 struct Layout {
-  std::size_t ring_block = 0;    // bytes per ring (page-aligned)
-  std::size_t buffer_block = 0;  // bytes of buffers per ring (page-aligned)
+  std::size_t ring_block = 0;  // bytes per ring (page-aligned)
+  std::size_t area_block = 0;  // bytes of driver area per ring (page-aligned)
   std::size_t rings = 0;
   std::size_t ring_offset(std::size_t i) const { return i * ring_block; }
-  std::size_t buffer_offset(std::size_t i) const { return rings * ring_block + i * buffer_block; }
-  std::size_t total() const { return rings * (ring_block + buffer_block); }
+  std::size_t area_offset(std::size_t i) const { return rings * ring_block + i * area_block; }
+  std::size_t total() const { return rings * (ring_block + area_block); }
 };
 
 Layout layout_for(const FrontendOptions& o) {
   Layout l;
-  l.rings = o.rings();
+  l.rings = o.rings;
   l.ring_block = align_up(virtq::DriverRingLayout::for_size(o.queue_size).total_bytes, kPage);
-  l.buffer_block = align_up(std::size_t{o.buffers_per_ring()} * o.buffer_size, kPage);
+  l.area_block = align_up(o.ring_area_bytes, kPage);
   return l;
 }
 
@@ -43,39 +39,34 @@ std::string ring_step(std::string_view req, std::uint16_t i) {
 
 }  // namespace
 
+std::size_t FrontendOptions::layout_bytes() const noexcept { return layout_for(*this).total(); }
+
 Result<> FrontendOptions::validate() const {
   if (socket_path.empty() && !channel.valid()) {
     return fail(Errc::invalid_argument, "no socket path and no connected channel");
   }
-  const bool blk = device == Device::blk;
-  if (!blk && (queue_pairs == 0 || queue_pairs > FrontendSession::kMaxQueuePairs)) {
-    return fail(Errc::out_of_range, fmt::format("queue pairs {} not in 1..{}", queue_pairs,
-                                                FrontendSession::kMaxQueuePairs));
-  }
-  if (blk && (num_queues == 0 || num_queues > FrontendSession::kMaxQueuePairs)) {
-    return fail(Errc::out_of_range, fmt::format("num_queues {} not in 1..{}", num_queues,
-                                                FrontendSession::kMaxQueuePairs));
+  if (rings == 0 || rings > FrontendSession::kMaxRings) {
+    return fail(Errc::out_of_range,
+                fmt::format("rings {} not in 1..{}", rings, FrontendSession::kMaxRings));
   }
   if (!virtio::is_valid_queue_size(queue_size) || queue_size < 2) {
     return fail(Errc::invalid_argument,
                 fmt::format("queue size {} is not a power of two in 2..32768", queue_size));
   }
-  const std::size_t min_buffer = blk ? virtio::kBlkSectorSize : 64;
-  const std::size_t max_buffer =
-      blk ? kMaxBlkBuffer : kMaxMergedFrame + sizeof(virtio::VirtioNetHdrMrg);
-  if (buffer_size < min_buffer || buffer_size > max_buffer) {
+  if (queues.count == 0 || queues.count > rings) {
     return fail(Errc::out_of_range,
-                fmt::format("buffer size {} not in {}..{}", buffer_size, min_buffer, max_buffer));
+                fmt::format("{} {} on {} rings", queues.count, queues.unit, rings));
   }
-  if (blk && ring_buffers > queue_size) {
-    return fail(Errc::out_of_range, fmt::format("{} buffers per ring exceed the ring size {}",
-                                                ring_buffers, queue_size));
+  // An area no mmap could hold: refused before its size is rounded and multiplied.
+  if (ring_area_bytes > (std::size_t{1} << 40)) {
+    return fail(Errc::out_of_range, fmt::format("ring area {} bytes too large", ring_area_bytes));
   }
-  const std::size_t need = layout_for(*this).total();
+  const std::size_t need = layout_bytes();
   if (memory_size != 0 && memory_size < need) {
     return fail(Errc::out_of_range,
-                fmt::format("memory size {} too small: {} rings of {} with {}-byte buffers need {}",
-                            memory_size, rings(), queue_size, buffer_size, need));
+                fmt::format("memory size {} too small: {} rings of {} with {} bytes of buffers "
+                            "each need {}",
+                            memory_size, rings, queue_size, ring_area_bytes, need));
   }
   if (timeout.count() <= 0) return fail(Errc::invalid_argument, "timeout must be positive");
   return {};
@@ -105,14 +96,36 @@ Result<std::unique_ptr<FrontendSession>> FrontendSession::connect(FrontendOption
   };
   if (auto r = s->negotiate(); !r) return fail_all(std::move(r.error()));
   if (auto r = s->setup_memory(); !r) return fail_all(std::move(r.error()));
-  s->rings_.resize(s->opts_.rings());
+  s->rings_.resize(s->opts_.rings);
   for (std::uint16_t i = 0; i < s->rings_.size(); ++i) {
-    if (auto r = s->setup_ring(i); !r) return fail_all(std::move(r.error()));
+    if (auto r = s->layout_ring(i); !r) return fail_all(std::move(r.error()));
   }
-  if (auto r = s->enable_rings(); !r) return fail_all(std::move(r.error()));
-  spdlog::debug("vhost-user {}: connected, features {:#x} protocol {:#x}, {} rings of {}",
-                s->opts_.name, s->features_, s->protocol_, s->rings_.size(), s->opts_.queue_size);
   return s;
+}
+
+Result<> FrontendSession::start_rings() {
+  if (started_ || stopped_) return fail(Errc::bad_state, "the rings were started already");
+  started_ = true;
+  for (std::uint16_t i = 0; i < rings_.size(); ++i) {
+    if (auto r = start_ring(i); !r) {
+      healthy_ = false;
+      return r;
+    }
+  }
+  // Without PROTOCOL_FEATURES the rings are enabled by their kick; with it they start
+  // disabled until SET_VRING_ENABLE.
+  if (virtio::has(features_, virtio::feature::protocol_features)) {
+    for (std::uint16_t i = 0; i < rings_.size(); ++i) {
+      SetVringEnable en{.index = i, .num = 1};
+      if (auto r = request(en, ring_step("SET_VRING_ENABLE", i)); !r) {
+        healthy_ = false;
+        return r;
+      }
+    }
+  }
+  spdlog::debug("vhost-user {}: connected, features {:#x} protocol {:#x}, {} rings of {}",
+                opts_.name, features_, protocol_, rings_.size(), opts_.queue_size);
+  return {};
 }
 
 FrontendSession::~FrontendSession() { close(); }
@@ -121,7 +134,7 @@ Error FrontendSession::step_error(std::string_view what, const Error& e) const {
   return Error{e.code, e.sys_errno, fmt::format("{}: {}", what, e.detail)};
 }
 
-Result<Received> FrontendSession::recv_reply(Request req, std::string_view what) {
+Result<Received> FrontendSession::recv_reply(std::string_view what) {
   auto msg = channel_.recv();
   if (!msg) {
     healthy_ = false;
@@ -131,7 +144,6 @@ Result<Received> FrontendSession::recv_reply(Request req, std::string_view what)
     }
     return std::unexpected(step_error(what, msg.error()));
   }
-  (void)req;
   if (msg->fds_truncated) {
     healthy_ = false;
     return fail(Errc::too_many, fmt::format("{}: the back-end's reply came with more than {} fds; "
@@ -149,7 +161,7 @@ Result<> FrontendSession::request(T& msg, std::string_view what) {
     return std::unexpected(step_error(what, r.error()));
   }
   if (!ack) return {};
-  auto reply = recv_reply(T::kRequest, what);
+  auto reply = recv_reply(what);
   if (!reply) return std::unexpected(std::move(reply.error()));
   auto v = decode_u64_reply(*reply, T::kRequest);
   if (!v) {
@@ -176,7 +188,7 @@ Result<std::uint64_t> FrontendSession::query_u64(Request req) {
     healthy_ = false;
     return std::unexpected(step_error(what, sent.error()));
   }
-  auto reply = recv_reply(req, what);
+  auto reply = recv_reply(what);
   if (!reply) return std::unexpected(std::move(reply.error()));
   auto v = decode_u64_reply(*reply, req);
   if (!v) {
@@ -195,14 +207,7 @@ Result<> FrontendSession::negotiate() {
   // REPLY_ACK is not negotiated yet: this one is fire-and-forget.
   if (auto r = request(owner, "SET_OWNER"); !r) return r;
 
-  const bool blk = opts_.device == FrontendOptions::Device::blk;
-  // The feature that allows more than one queue (pair), and how many we want.
-  const unsigned mq_bit = blk ? virtio::blk_feature::mq : virtio::net_feature::mq;
-  const std::uint16_t queues = blk ? opts_.num_queues : opts_.queue_pairs;
-  const std::uint64_t wanted = opts_.features.value_or(
-      (blk ? kFrontendBlkFeatures : kFrontendNetFeatures) | (queues > 1 ? virtio::bit(mq_bit) : 0));
-  features_ =
-      wanted & offered_features_ & (blk ? kFrontendBlkDrivableFeatures : kFrontendDrivableFeatures);
+  features_ = opts_.features & offered_features_ & opts_.drivable;
   const bool proto = virtio::has(offered_features_, virtio::feature::protocol_features);
   if (proto) {
     features_ |= virtio::bit(virtio::feature::protocol_features);
@@ -217,43 +222,34 @@ Result<> FrontendSession::negotiate() {
     features_ &= ~virtio::bit(virtio::feature::protocol_features);
   }
 
-  const std::string_view unit = blk ? "queues" : "queue pairs";
-  if (queues > 1) {
-    if (!virtio::has(features_, mq_bit)) {
+  const auto& q = opts_.queues;
+  if (q.count > 1) {
+    if (!virtio::has(features_, q.mq_feature)) {
       return fail(Errc::unsupported,
-                  fmt::format("{} {} wanted but {} is not offered (or not wanted)", queues, unit,
-                              blk ? "VIRTIO_BLK_F_MQ" : "VIRTIO_NET_F_MQ"));
+                  fmt::format("{} {} wanted but {} is not offered (or not wanted)", q.count, q.unit,
+                              q.mq_name));
     }
     if (!has_protocol(protocol_feature::mq)) {
       return fail(
           Errc::unsupported,
-          fmt::format("{} {} wanted but the back-end lacks protocol feature MQ", queues, unit));
+          fmt::format("{} {} wanted but the back-end lacks protocol feature MQ", q.count, q.unit));
     }
   }
   if (has_protocol(protocol_feature::mq)) {
     auto n = query_u64(Request::get_queue_num);
     if (!n) return std::unexpected(std::move(n.error()));
     backend_queue_num_ = *n;
-    // Back-ends disagree on the unit for net (QEMU and DPDK: queue pairs; some: virtqueues);
-    // either way fewer than our pairs can't work. For blk it is request queues.
-    if (backend_queue_num_ < queues) {
+    // Back-ends disagree on the unit (QEMU and DPDK count queue pairs where a device pairs its
+    // rings, some count rings); either way fewer than the driver's count can't work.
+    if (backend_queue_num_ < q.count) {
       return fail(Errc::unsupported,
                   fmt::format("GET_QUEUE_NUM: the back-end has {} queues, {} {} wanted",
-                              backend_queue_num_, queues, unit));
+                              backend_queue_num_, q.count, q.unit));
     }
   }
 
   SetFeatures sf{.value = features_};
-  if (auto r = request(sf, "SET_FEATURES"); !r) return r;
-  if (blk) return {};
-  mrg_rxbuf_ = virtio::has(features_, virtio::net_feature::mrg_rxbuf);
-  hdr_len_ = virtio::net_hdr_size(virtio::has(features_, virtio::feature::version_1), mrg_rxbuf_);
-  if (opts_.buffer_size < hdr_len_ + 60) {
-    return fail(Errc::out_of_range, fmt::format("buffer size {} can't hold a {}-byte header and "
-                                                "a minimal frame",
-                                                opts_.buffer_size, hdr_len_));
-  }
-  return {};
+  return request(sf, "SET_FEATURES");
 }
 
 Result<> FrontendSession::setup_memory() {
@@ -270,23 +266,21 @@ Result<> FrontendSession::setup_memory() {
   base_ = static_cast<std::uint8_t*>(p);
 
   SetMemTable mt;
-  mt.regions.push_back(memory::RegionFd{
-      .spec = memory::RegionSpec{.guest_phys_addr = 0,
-                                 .size = mem_size_,
-                                 .userspace_addr = reinterpret_cast<std::uint64_t>(base_),
-                                 .mmap_offset = 0},
-      .fd = std::move(memfd_)});
+  auto& region = mt.regions.emplace_back();
+  region.spec = memory::RegionSpec{.guest_phys_addr = 0,
+                                   .size = mem_size_,
+                                   .userspace_addr = reinterpret_cast<std::uint64_t>(base_),
+                                   .mmap_offset = 0};
+  region.fd = std::move(memfd_);
   auto r = request(mt, "SET_MEM_TABLE");
   memfd_ = std::move(mt.regions[0].fd);  // the message only borrowed it
   return r;
 }
 
-Result<> FrontendSession::setup_ring(std::uint16_t i) {
+Result<> FrontendSession::layout_ring(std::uint16_t i) {
   const Layout l = layout_for(opts_);
   FrontendRing& r = rings_[i];
   r.index = i;
-  // net: receiveq first in each pair. blk: every ring is a request queue, driven like a transmitq.
-  r.is_rx = opts_.device == FrontendOptions::Device::net && (i % 2) == 0;
   const std::size_t roff = l.ring_offset(i);
   if (auto v =
           r.vq.init(std::span<std::byte>(reinterpret_cast<std::byte*>(base_ + roff), l.ring_block),
@@ -294,24 +288,16 @@ Result<> FrontendSession::setup_ring(std::uint16_t i) {
       !v) {
     return std::unexpected(step_error(fmt::format("ring {} init", i), v.error()));
   }
-  const std::size_t boff = l.buffer_offset(i);
-  r.buffers = base_ + boff;
-  r.buffers_gpa = boff;
-  r.buffer_size = opts_.buffer_size;
-  r.buffer_count = opts_.buffers_per_ring();
-  r.free.assign(r.buffer_count, 0);
-  r.used.resize(std::min<std::size_t>(kBurst, opts_.queue_size));
-  r.free_top = 0;
-  if (r.is_rx) {
-    if (mrg_rxbuf_) r.merge.resize(kMaxMergedFrame);
-    // Every rx buffer goes on the ring now; the device sees them once the ring starts.
-    for (std::uint16_t b = 0; b < r.buffer_count; ++b) r.free[r.free_top++] = b;
-    refill_rx(r);
-  } else {
-    for (std::uint16_t b = r.buffer_count; b-- > 0;) r.free[r.free_top++] = b;
-  }
+  const std::size_t aoff = l.area_offset(i);
+  r.area = base_ + aoff;
+  r.area_gpa = aoff;
+  r.area_bytes = opts_.ring_area_bytes;
   if (opts_.notify == FrontendOptions::Notify::poll) r.vq.disable_interrupts();
+  return {};
+}
 
+Result<> FrontendSession::start_ring(std::uint16_t i) {
+  FrontendRing& r = rings_[i];
   SetVringNum num{.index = i, .num = opts_.queue_size};
   if (auto v = request(num, ring_step("SET_VRING_NUM", i)); !v) return v;
   SetVringBase base{.index = i, .num = 0};
@@ -345,22 +331,6 @@ Result<> FrontendSession::setup_ring(std::uint16_t i) {
   return kr;
 }
 
-Result<> FrontendSession::enable_rings() {
-  // Without PROTOCOL_FEATURES the rings are enabled by their kick; with it they start
-  // disabled until SET_VRING_ENABLE.
-  if (virtio::has(features_, virtio::feature::protocol_features)) {
-    for (std::uint16_t i = 0; i < rings_.size(); ++i) {
-      SetVringEnable en{.index = i, .num = 1};
-      if (auto r = request(en, ring_step("SET_VRING_ENABLE", i)); !r) return r;
-    }
-  }
-  // The rx rings are full of buffers the device has not been told about.
-  for (FrontendRing& r : rings_) {
-    if (r.is_rx) kick(r.index);
-  }
-  return {};
-}
-
 Result<std::vector<std::uint8_t>> FrontendSession::get_config(std::uint32_t offset,
                                                               std::uint32_t size) {
   if (!has_protocol(protocol_feature::config)) {
@@ -374,7 +344,7 @@ Result<std::vector<std::uint8_t>> FrontendSession::get_config(std::uint32_t offs
     healthy_ = false;
     return std::unexpected(step_error("GET_CONFIG", r.error()));
   }
-  auto reply = recv_reply(Request::get_config, "GET_CONFIG");
+  auto reply = recv_reply("GET_CONFIG");
   if (!reply) return std::unexpected(std::move(reply.error()));
   auto c = decode_config_reply(*reply);
   if (!c) {
@@ -389,20 +359,10 @@ Result<std::vector<std::uint8_t>> FrontendSession::get_config(std::uint32_t offs
   return std::move(c->data);
 }
 
-Result<std::array<std::uint8_t, 6>> FrontendSession::mac() {
-  if (!virtio::has(features_, virtio::net_feature::mac)) {
-    return fail(Errc::unsupported, "VIRTIO_NET_F_MAC not negotiated");
-  }
-  auto c = get_config(0, 6);
-  if (!c) return std::unexpected(std::move(c.error()));
-  std::array<std::uint8_t, 6> m{};
-  std::copy_n(c->begin(), 6, m.begin());
-  return m;
-}
-
 Result<std::vector<std::uint32_t>> FrontendSession::stop() {
   if (stopped_) return stopped_bases_;
   if (!channel_.valid()) return fail(Errc::disconnected, "GET_VRING_BASE: not connected");
+  if (!started_) return fail(Errc::bad_state, "GET_VRING_BASE: the rings were never started");
   std::vector<std::uint32_t> bases;
   for (std::uint16_t i = 0; i < rings_.size(); ++i) {
     const std::string what = ring_step("GET_VRING_BASE", i);
@@ -410,7 +370,7 @@ Result<std::vector<std::uint32_t>> FrontendSession::stop() {
       healthy_ = false;
       return std::unexpected(step_error(what, r.error()));
     }
-    auto reply = recv_reply(Request::get_vring_base, what);
+    auto reply = recv_reply(what);
     if (!reply) return std::unexpected(std::move(reply.error()));
     auto st = decode_vring_state_reply(*reply, Request::get_vring_base);
     if (!st) {
@@ -433,7 +393,7 @@ Result<std::vector<std::uint32_t>> FrontendSession::stop() {
 }
 
 void FrontendSession::close() noexcept {
-  if (channel_.valid() && healthy_ && !stopped_ && !rings_.empty()) {
+  if (channel_.valid() && healthy_ && started_ && !stopped_ && !rings_.empty()) {
     if (auto r = stop(); !r) {
       spdlog::debug("vhost-user {}: teardown: {}", opts_.name, r.error().message());
     }
@@ -449,67 +409,6 @@ void FrontendSession::close() noexcept {
   memfd_.reset();
 }
 
-void FrontendSession::refill_rx(FrontendRing& r) noexcept {
-  std::size_t added = 0;
-  while (r.free_top > 0) {
-    const std::uint16_t b = r.free[r.free_top - 1];
-    const virtq::DriverQueue::Buffer in{r.buffer_gpa(b), r.buffer_size};
-    if (!r.vq.add({}, std::span(&in, 1), b)) break;
-    --r.free_top;
-    ++added;
-  }
-  if (added != 0) {
-    r.vq.publish();
-    if (!stopped_) kick_if_needed(r.index);
-  }
-}
-
-bool FrontendSession::deliver_buffer(FrontendRing& r, const virtq::DriverQueue::Used& u,
-                                     std::span<const std::uint8_t>& frame) noexcept {
-  const std::uint8_t* p = r.buffer(static_cast<std::uint16_t>(u.token));
-  const std::size_t len = u.len;  // DriverQueue clamps it to the buffer's size
-  if (r.merge_left != 0) {
-    // A continuation buffer of a mergeable frame: all payload, no header.
-    if (!r.merge_bad && r.merge_len + len <= r.merge.size()) {
-      std::memcpy(r.merge.data() + r.merge_len, p, len);
-      r.merge_len += len;
-    } else {
-      r.merge_bad = true;
-    }
-    if (--r.merge_left != 0) return false;
-    if (r.merge_bad) {
-      ++r.stats.bad;
-      return false;
-    }
-    frame = std::span<const std::uint8_t>(r.merge.data(), r.merge_len);
-    return true;
-  }
-  if (len < hdr_len_) {
-    ++r.stats.bad;
-    return false;
-  }
-  std::uint16_t nbuf = 1;
-  if (mrg_rxbuf_) {
-    std::memcpy(&nbuf, p + offsetof(virtio::VirtioNetHdrMrg, num_buffers), sizeof nbuf);
-    if (nbuf == 0 || nbuf > r.buffer_count) {
-      ++r.stats.bad;
-      return false;
-    }
-  }
-  if (nbuf == 1) {
-    frame = std::span<const std::uint8_t>(p + hdr_len_, len - hdr_len_);
-    return true;
-  }
-  r.merge_bad = len - hdr_len_ > r.merge.size();
-  r.merge_len = 0;
-  if (!r.merge_bad) {
-    std::memcpy(r.merge.data(), p + hdr_len_, len - hdr_len_);
-    r.merge_len = len - hdr_len_;
-  }
-  r.merge_left = static_cast<std::uint16_t>(nbuf - 1);
-  return false;
-}
-
 bool FrontendSession::wait_call(std::uint16_t i, std::chrono::milliseconds timeout) noexcept {
   FrontendRing& r = rings_[i];
   if (!r.call.valid()) return true;  // poll mode: the caller just polls again
@@ -520,7 +419,7 @@ bool FrontendSession::wait_call(std::uint16_t i, std::chrono::milliseconds timeo
   const int n = ::poll(&pfd, 1, static_cast<int>(timeout.count()));
   if (n <= 0) return false;
   std::uint64_t v = 0;
-  if (::read(r.call.get(), &v, sizeof v) == static_cast<ssize_t>(sizeof v)) ++r.stats.calls;
+  if (::read(r.call.get(), &v, sizeof v) == static_cast<ssize_t>(sizeof v)) ++r.calls;
   return true;
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Our vhost-user front-end against a real back-end: vhostkit-probe (FrontendSession) connects to
+# Our vhost-user front-end against a real back-end: vhostkit-probe (NetDriver) connects to
 # DPDK testpmd's vhost PMD (macswap forwarding), negotiates, sets up the rings, sends frames and
 # counts them coming back. Both sides must agree: testpmd reports the device ready and counts
 # the same traffic the probe does. Runs in event mode (kick/call eventfds) and in poll mode

@@ -38,7 +38,7 @@
 #include "cases.h"
 #include "raw_peer.h"
 #include "testing/fd_count.h"
-#include "vhostkit/vhost_user/frontend_session.h"
+#include "vhostkit/driver/net_driver.h"
 #include "vhostkit/virtio/blk.h"
 
 namespace vhostkit::hostile {
@@ -193,12 +193,12 @@ std::uint8_t image_byte(std::uint64_t off) {
 
 // 32 frames out through the loopback and back, each checked.
 Result<> good_net(const std::string& sock) {
-  vhost_user::FrontendOptions o;
+  driver::NetDriverOptions o;
   o.socket_path = sock;
   o.queue_size = 256;
   o.memory_size = 0;
   o.timeout = 5000ms;
-  auto s = vhost_user::FrontendSession::connect(std::move(o));
+  auto s = driver::NetDriver::connect(std::move(o));
   if (!s) return std::unexpected(s.error());
   constexpr std::size_t kFrames = 32;
   std::vector<std::vector<std::uint8_t>> frames(kFrames);
@@ -227,7 +227,7 @@ Result<> good_net(const std::string& sock) {
       }
       ++got;
     });
-    if (got < kFrames) (*s)->wait_call(vhost_user::FrontendSession::rx_index(0), 20ms);
+    if (got < kFrames) (*s)->wait_call(driver::NetDriver::rx_index(0), 20ms);
   }
   (*s)->close();
   if (got != kFrames)

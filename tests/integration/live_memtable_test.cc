@@ -45,22 +45,22 @@ TEST(LiveMemTable, ReplacedExtendedAddedAndRemovedWhileFramesFlow) {
   ASSERT_TRUE(be.listening);
   auto s = be.connect(1, kMemSlots);
   ASSERT_TRUE(s) << s.error().message();
-  FrontendSession& fe = **s;
-  ASSERT_TRUE(fe.has_protocol(vhost_user::protocol_feature::configure_mem_slots));
+  NetDriver& fe = **s;
+  ASSERT_TRUE(fe.session().has_protocol(vhost_user::protocol_feature::configure_mem_slots));
 
   // The session's one region, as its SET_MEM_TABLE described it.
-  UniqueFd memfd = memfd_of(fe.memory());
+  UniqueFd memfd = memfd_of(fe.session().memory());
   ASSERT_TRUE(memfd.valid()) << "no fd for the front-end's memory";
   const memory::RegionSpec own{
       .guest_phys_addr = 0,
-      .size = fe.memory().size(),
-      .userspace_addr = reinterpret_cast<std::uint64_t>(fe.memory().data()),
+      .size = fe.session().memory().size(),
+      .userspace_addr = reinterpret_cast<std::uint64_t>(fe.session().memory().data()),
       .mmap_offset = 0};
   auto own_region = [&] { return memory::RegionFd{own, UniqueFd(::dup(memfd.get()))}; };
   ExtraRegion extra(std::uint64_t{1} << 32, 2u << 20);
   ASSERT_NE(extra.map, nullptr);
 
-  Control ctl(fe.socket_fd());
+  Control ctl(fe.session().socket_fd());
   // After each ack the session thread is idle: reading the table's size here races with nothing.
   auto regions = [&] { return be.device.memory().region_count(); };
 
@@ -111,7 +111,7 @@ TEST(LiveMemTable, ReplacedExtendedAddedAndRemovedWhileFramesFlow) {
   EXPECT_EQ(drv.received(), drv.sent()) << drv.describe();
   EXPECT_EQ(drv.drops(), 0u) << drv.describe();
   for (std::uint16_t i = 0; i < 2; ++i) {
-    EXPECT_EQ(fe.ring(i).vq.bad_used(), 0u) << "ring " << i;
+    EXPECT_EQ(fe.session().ring(i).vq.bad_used(), 0u) << "ring " << i;
     EXPECT_TRUE(be.device.queue(i).started()) << "ring " << i;
     EXPECT_FALSE(be.device.queue(i).broken()) << "ring " << i;
   }

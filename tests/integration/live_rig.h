@@ -1,8 +1,9 @@
 // Test support for the live-traffic tests: a real back-end (NetDevice in loopback, vhost::Device,
-// BackendServer on a socket path), our front-end (FrontendSession), a driver thread per queue
-// pair that keeps frames moving and checks every one that comes back, and a second control
-// channel on the front-end's socket through which a test sends the control events a front-end
-// like QEMU sends while the guest runs (SET_MEM_TABLE, GET_VRING_BASE, SET_VRING_ENABLE ...).
+// BackendServer on a socket path), our front-end (NetDriver on FrontendSession), a driver thread
+// per queue pair that keeps frames moving and checks every one that comes back, and a second
+// control channel on the front-end's socket through which a test sends the control events a
+// front-end like QEMU sends while the guest runs (SET_MEM_TABLE, GET_VRING_BASE, SET_VRING_ENABLE
+// ...).
 //
 // Every frame carries its pair, a sequence number and a checksum, and has a length that follows
 // from its sequence number, so a frame lost, duplicated, reordered, truncated or overwritten is
@@ -32,17 +33,17 @@
 #include <string>
 #include <thread>
 
+#include "vhostkit/driver/net_driver.h"
 #include "vhostkit/net/net_device.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost_user/channel.h"
-#include "vhostkit/vhost_user/frontend_session.h"
 #include "vhostkit/vhost_user/message.h"
 #include "vhostkit/vhost_user/server.h"
 
 namespace vhostkit::live {
 
 using namespace std::chrono_literals;
-using vhost_user::FrontendSession;
+using driver::NetDriver;
 
 // Generous: the host is a loaded 2-core VM; these normally pass in milliseconds.
 inline constexpr auto kDeadline = 30s;
@@ -114,7 +115,7 @@ class PairDriver {
   static constexpr std::uint32_t kWindow = 96;
   static constexpr std::size_t kBurst = 32;
 
-  PairDriver(FrontendSession& s, net::NetDevice& dev, std::uint16_t qp, bool exact)
+  PairDriver(NetDriver& s, net::NetDevice& dev, std::uint16_t qp, bool exact)
       : s_(s), dev_(dev), qp_(qp), exact_(exact), drops_at_start_(dev.stats(qp).tx_drops) {
     thread_ = std::thread([this] { run(); });
   }
@@ -218,11 +219,11 @@ class PairDriver {
           s_.rx_burst(qp_, 64, [&](std::span<const std::uint8_t> f) { check(f); });
       did = did || got != 0;
       // Nothing to do: sleep until the device calls (or a while, when the ring is stopped).
-      if (!did) s_.wait_call(FrontendSession::rx_index(qp_), 20ms);
+      if (!did) s_.wait_call(NetDriver::rx_index(qp_), 20ms);
     }
   }
 
-  FrontendSession& s_;
+  NetDriver& s_;
   net::NetDevice& dev_;
   const std::uint16_t qp_;
   const bool exact_;
@@ -271,15 +272,15 @@ struct NetBackend {
   }
 
   // A front-end on this back-end with `pairs` queue pairs and the given extra protocol features.
-  Result<std::unique_ptr<FrontendSession>> connect(std::uint16_t pairs,
-                                                   std::uint64_t extra_protocol = 0) {
-    vhost_user::FrontendOptions o;
+  Result<std::unique_ptr<NetDriver>> connect(std::uint16_t pairs,
+                                             std::uint64_t extra_protocol = 0) {
+    driver::NetDriverOptions o;
     o.socket_path = path;
     o.queue_pairs = pairs;
     o.memory_size = 0;
     o.protocol_features |= extra_protocol;
     o.timeout = 15s;
-    return FrontendSession::connect(std::move(o));
+    return NetDriver::connect(std::move(o));
   }
 
   std::string path;
@@ -294,8 +295,8 @@ struct NetBackend {
 
 // ---- a second control channel on the front-end's socket ------------------------------------
 
-// Speaks for the front-end on its own socket (a dup of it) while the FrontendSession's data
-// path runs: the session's control path is idle after connect(), so replies reach only us.
+// Speaks for the front-end on its own socket (a dup of it) while the NetDriver's data path
+// runs: the session's control path is idle after connect(), so replies reach only us.
 class Control {
  public:
   explicit Control(int session_fd) : ch_(UniqueFd(::dup(session_fd))) {
@@ -335,8 +336,8 @@ class Control {
   // What QEMU sends to start a ring again after GET_VRING_BASE stopped it (vhost_virtqueue_start,
   // then vhost_user_set_vring_enable): size, base, addresses, kick, call, enable. The kick and
   // call fds are the session's own eventfds, so its data path goes on as before.
-  Result<> restart_ring(FrontendSession& s, std::uint16_t i, std::uint32_t base) {
-    FrontendRing& r = s.ring(i);
+  Result<> restart_ring(vhost_user::FrontendSession& s, std::uint16_t i, std::uint32_t base) {
+    const vhost_user::FrontendRing& r = s.ring(i);
     const auto uva = [&](std::uint64_t gpa) {
       return reinterpret_cast<std::uint64_t>(s.memory().data()) + gpa;
     };
@@ -359,7 +360,6 @@ class Control {
   }
 
  private:
-  using FrontendRing = vhost_user::FrontendRing;
   vhost_user::Channel ch_;
 };
 

@@ -15,12 +15,12 @@
 namespace vhostkit::live {
 namespace {
 
-std::uint16_t used_idx(FrontendSession& s, std::uint16_t ring) {
-  return std::atomic_ref<std::uint16_t>(s.ring(ring).vq.used()->idx)
+std::uint16_t used_idx(NetDriver& s, std::uint16_t ring) {
+  return std::atomic_ref<std::uint16_t>(s.session().ring(ring).vq.used()->idx)
       .load(std::memory_order_acquire);
 }
-std::uint16_t avail_idx(FrontendSession& s, std::uint16_t ring) {
-  return std::atomic_ref<std::uint16_t>(s.ring(ring).vq.avail()->idx)
+std::uint16_t avail_idx(NetDriver& s, std::uint16_t ring) {
+  return std::atomic_ref<std::uint16_t>(s.session().ring(ring).vq.avail()->idx)
       .load(std::memory_order_acquire);
 }
 
@@ -41,16 +41,16 @@ class LiveVringBase : public ::testing::TestWithParam<Stopped> {};
 TEST_P(LiveVringBase, StoppedMidBurstResumesFromTheReturnedBase) {
   const Stopped which = GetParam();
   std::vector<std::uint16_t> rings;  // QEMU stops them in index order: receiveq first
-  if (which != Stopped::tx) rings.push_back(FrontendSession::rx_index(0));
-  if (which != Stopped::rx) rings.push_back(FrontendSession::tx_index(0));
+  if (which != Stopped::tx) rings.push_back(NetDriver::rx_index(0));
+  if (which != Stopped::rx) rings.push_back(NetDriver::tx_index(0));
   const bool tx_stops = which != Stopped::rx;
 
   NetBackend be(1, "vringbase");
   ASSERT_TRUE(be.listening);
   auto s = be.connect(1);
   ASSERT_TRUE(s) << s.error().message();
-  FrontendSession& fe = **s;
-  Control ctl(fe.socket_fd());
+  NetDriver& fe = **s;
+  Control ctl(fe.session().socket_fd());
 
   // With only the transmitq stopped nothing may be lost: the frames wait in its avail ring.
   // With the receiveq stopped the loopback has nowhere to put frames and drops them, counted.
@@ -74,7 +74,7 @@ TEST_P(LiveVringBase, StoppedMidBurstResumesFromTheReturnedBase) {
     // Let the driver run into the stopped ring(s): frames wait in the stopped transmitq, or the
     // loopback drops them for want of a receiveq.
     if (tx_stops) {
-      const std::uint16_t tx = FrontendSession::tx_index(0);
+      const std::uint16_t tx = NetDriver::tx_index(0);
       ASSERT_TRUE(eventually([&] {
         return static_cast<std::uint16_t>(avail_idx(fe, tx) - base[tx]) >= PairDriver::kBurst;
       })) << "no frames waiting in the stopped transmitq: "
@@ -84,7 +84,7 @@ TEST_P(LiveVringBase, StoppedMidBurstResumesFromTheReturnedBase) {
           << "no frame dropped while the receiveq was stopped: " << drv.describe();
     }
     for (std::uint16_t i : rings) {
-      auto r = ctl.restart_ring(fe, i, base[i]);
+      auto r = ctl.restart_ring(fe.session(), i, base[i]);
       ASSERT_TRUE(r) << "restarting ring " << i << ": " << r.error().message();
       EXPECT_TRUE(be.device.queue(i).started()) << "ring " << i;
     }
@@ -102,7 +102,7 @@ TEST_P(LiveVringBase, StoppedMidBurstResumesFromTheReturnedBase) {
     EXPECT_GT(drv.drops(), 0u) << drv.describe();
   }
   for (std::uint16_t i = 0; i < 2; ++i) {
-    EXPECT_EQ(fe.ring(i).vq.bad_used(), 0u) << "ring " << i;
+    EXPECT_EQ(fe.session().ring(i).vq.bad_used(), 0u) << "ring " << i;
     EXPECT_FALSE(be.device.queue(i).broken()) << "ring " << i;
   }
   EXPECT_EQ(fe.stats(0).bad, 0u);
@@ -124,8 +124,8 @@ TEST(LiveMultiqueue, PairsDisabledAndEnabledWhileOthersCarryTraffic) {
   ASSERT_TRUE(be.listening);
   auto s = be.connect(kPairs);
   ASSERT_TRUE(s) << s.error().message();
-  FrontendSession& fe = **s;
-  Control ctl(fe.socket_fd());
+  NetDriver& fe = **s;
+  Control ctl(fe.session().socket_fd());
 
   // Pair 0 is never disabled: every one of its frames must come back, in order. The others may
   // lose frames between their receiveq and transmitq being disabled (QEMU disables them in index
@@ -138,7 +138,7 @@ TEST(LiveMultiqueue, PairsDisabledAndEnabledWhileOthersCarryTraffic) {
 
   auto enable = [&](const std::vector<std::uint16_t>& pairs, bool on) -> Result<> {
     for (std::uint16_t p : pairs) {
-      for (std::uint16_t i : {FrontendSession::rx_index(p), FrontendSession::tx_index(p)}) {
+      for (std::uint16_t i : {NetDriver::rx_index(p), NetDriver::tx_index(p)}) {
         if (auto r = ctl.request(vhost_user::SetVringEnable{.index = i, .num = on ? 1u : 0u}); !r) {
           return r;
         }
@@ -153,8 +153,8 @@ TEST(LiveMultiqueue, PairsDisabledAndEnabledWhileOthersCarryTraffic) {
     ASSERT_TRUE(r) << r.error().message();
     std::array<std::uint64_t, kPairs> frozen{};
     for (std::uint16_t p : off) {
-      EXPECT_FALSE(be.device.queue(FrontendSession::rx_index(p)).started()) << "pair " << p;
-      EXPECT_FALSE(be.device.queue(FrontendSession::tx_index(p)).started()) << "pair " << p;
+      EXPECT_FALSE(be.device.queue(NetDriver::rx_index(p)).started()) << "pair " << p;
+      EXPECT_FALSE(be.device.queue(NetDriver::tx_index(p)).started()) << "pair " << p;
       frozen[p] = moved(be.net, p);
     }
     for (std::uint16_t p = 0; p < kPairs; ++p) {
@@ -167,7 +167,7 @@ TEST(LiveMultiqueue, PairsDisabledAndEnabledWhileOthersCarryTraffic) {
     r = enable(off, true);
     ASSERT_TRUE(r) << r.error().message();
     for (std::uint16_t p : off) {
-      EXPECT_TRUE(be.device.queue(FrontendSession::tx_index(p)).started()) << "pair " << p;
+      EXPECT_TRUE(be.device.queue(NetDriver::tx_index(p)).started()) << "pair " << p;
       ASSERT_TRUE(drv[p]->wait_progress(300)) << "re-enabled pair stalled: " << drv[p]->describe();
     }
   }
@@ -178,7 +178,7 @@ TEST(LiveMultiqueue, PairsDisabledAndEnabledWhileOthersCarryTraffic) {
   }
   EXPECT_EQ(drv[0]->drops(), 0u) << drv[0]->describe();
   for (std::uint16_t i = 0; i < 2 * kPairs; ++i) {
-    EXPECT_EQ(fe.ring(i).vq.bad_used(), 0u) << "ring " << i;
+    EXPECT_EQ(fe.session().ring(i).vq.bad_used(), 0u) << "ring " << i;
     EXPECT_FALSE(be.device.queue(i).broken()) << "ring " << i;
   }
 }

@@ -137,14 +137,14 @@ TEST(LiveStuckPeer, FramesKeepMovingWhileTheControlPathIsStuck) {
   ASSERT_TRUE(sp) << sp.error().message();
   ASSERT_TRUE(sp->second.set_timeout(60s));
   SessionThread st(dev_a, std::move(sp->second));
-  vhost_user::FrontendOptions o;
+  driver::NetDriverOptions o;
   o.channel = std::move(sp->first);
   o.memory_size = 0;
   o.timeout = 15s;
-  auto sa = FrontendSession::connect(std::move(o));
+  auto sa = NetDriver::connect(std::move(o));
   ASSERT_TRUE(sa) << sa.error().message();
-  FrontendSession& fa = **sa;
-  ASSERT_TRUE(fa.has_protocol(vhost_user::protocol_feature::reply_ack));
+  NetDriver& fa = **sa;
+  ASSERT_TRUE(fa.session().has_protocol(vhost_user::protocol_feature::reply_ack));
   // Device B: a neighbour with a session of its own.
   NetBackend other(1, "neighbour");
   ASSERT_TRUE(other.listening);
@@ -157,9 +157,9 @@ TEST(LiveStuckPeer, FramesKeepMovingWhileTheControlPathIsStuck) {
   ASSERT_TRUE(db.wait_progress(200)) << db.describe();
 
   // A part of front-end A that sends requests on its socket and never reads the acks.
-  vhost_user::Channel rogue(UniqueFd(::dup(fa.socket_fd())));
+  vhost_user::Channel rogue(UniqueFd(::dup(fa.session().socket_fd())));
   ASSERT_TRUE(rogue.set_timeout(15s));
-  const auto msg = acked_request(fa.protocol_features());
+  const auto msg = acked_request(fa.session().protocol_features());
   ASSERT_FALSE(msg.empty());
   std::uint64_t requests = 0;
   bool stuck = false;
@@ -193,7 +193,7 @@ TEST(LiveStuckPeer, FramesKeepMovingWhileTheControlPathIsStuck) {
   }
   auto bases = fa.stop();
   ASSERT_TRUE(bases) << bases.error().message();
-  EXPECT_EQ((*bases)[FrontendSession::tx_index(0)], da.sent() % 65536);
+  EXPECT_EQ((*bases)[NetDriver::tx_index(0)], da.sent() % 65536);
   EXPECT_FALSE(st.ended.load());
 
   ASSERT_TRUE(db.stop()) << db.describe();

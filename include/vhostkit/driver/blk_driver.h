@@ -1,8 +1,9 @@
-// A vhost-user-blk front-end: a userspace virtio-blk driver on top of FrontendSession (which does
-// the negotiation, the shared memfd and the ring setup for device = blk). It reads the disk's
-// geometry from config space (GET_CONFIG) and puts requests on N request queues.
+// A userspace virtio-blk driver over a vhost-user front-end (FrontendSession, the protocol side:
+// negotiation, the shared memfd, the ring setup). It reads the disk's geometry from config space
+// (GET_CONFIG) and puts requests on N request queues.
 //
-// Each queue owns `depth` request slots in the shared memory; a slot holds one request at a time:
+// Each queue owns `depth` request slots in its ring's area of the shared memory; a slot holds
+// one request at a time:
 //
 //   +0          data, max_data bytes (page-aligned, so an O_DIRECT back-end can use it as is)
 //   +max_data   the 16-byte request header (virtio_blk_outhdr)
@@ -32,30 +33,45 @@
 #include <string>
 #include <vector>
 
+#include "vhostkit/driver/ring_buffers.h"
 #include "vhostkit/error.h"
 #include "vhostkit/vhost_user/channel.h"
 #include "vhostkit/vhost_user/frontend_session.h"
 #include "vhostkit/virtio/blk.h"
+#include "vhostkit/virtio/features.h"
 
-namespace vhostkit::vhost_user {
+namespace vhostkit::driver {
 
-struct BlkFrontendOptions {
+// Feature bits we ask a blk back-end for by default (MQ is added when num_queues > 1).
+// SEG_MAX, BLK_SIZE and RO only let the device tell us its limits (RO: writes will fail);
+// FLUSH lets us ask for one.
+inline constexpr std::uint64_t kBlkFeatures =
+    virtio::bit(virtio::feature::version_1) | virtio::bit(virtio::feature::ring_event_idx) |
+    virtio::bit(virtio::blk_feature::seg_max) | virtio::bit(virtio::blk_feature::blk_size) |
+    virtio::bit(virtio::blk_feature::ro) | virtio::bit(virtio::blk_feature::flush) |
+    virtio::bit(virtio::blk_feature::size_max);
+// Feature bits this driver knows how to drive: anything else is never acked.
+inline constexpr std::uint64_t kBlkDrivableFeatures =
+    kBlkFeatures | virtio::bit(virtio::blk_feature::mq) |
+    virtio::bit(virtio::feature::protocol_features);
+
+struct BlkDriverOptions {
   // Where to connect, unless `channel` is already connected.
   std::string socket_path;
-  Channel channel;
+  vhost_user::Channel channel;
 
-  std::uint16_t num_queues = 1;   // request queues, 1..FrontendSession::kMaxQueuePairs
+  std::uint16_t num_queues = 1;   // request queues, 1..BlkDriver::kMaxQueues
   std::uint16_t depth = 32;       // request slots per queue (requests in flight), 1..kMaxDepth
   std::uint16_t queue_size = 0;   // ring size; 0: the smallest power of two >= 3 * depth, >= 64
   std::uint32_t max_data = 4096;  // data bytes per request: a multiple of 512, 512..16 MiB
-  FrontendOptions::Notify notify = FrontendOptions::Notify::event;
-  // Feature bits wanted; unset: kFrontendBlkFeatures (+ MQ when num_queues > 1).
+  vhost_user::FrontendOptions::Notify notify = vhost_user::FrontendOptions::Notify::event;
+  // Feature bits wanted; unset: kBlkFeatures (+ MQ when num_queues > 1).
   std::optional<std::uint64_t> features;
   std::chrono::milliseconds timeout{2000};
   std::string name = "blk-frontend";
 
   // The FrontendOptions these become (checks the blk-specific fields first).
-  Result<FrontendOptions> session_options() &&;
+  Result<vhost_user::FrontendOptions> session_options() &&;
 };
 
 // The disk as config space describes it, checked.
@@ -69,26 +85,37 @@ struct BlkInfo {
   bool flush = false;            // VIRTIO_BLK_F_FLUSH acked
 };
 
-class BlkFrontend {
+// Per-queue counters; written by the queue's data-path thread only.
+struct BlkQueueStats {
+  std::uint64_t requests = 0;   // requests put on the ring
+  std::uint64_t bytes = 0;      // data bytes of those requests
+  std::uint64_t completed = 0;  // requests the device returned
+};
+
+class BlkDriver {
  public:
+  static constexpr std::uint16_t kMaxQueues = 128;
   static constexpr std::uint16_t kMaxDepth = 8192;
+  static constexpr std::size_t kBurst = 64;  // used entries reclaimed per step
   static constexpr std::uint32_t kMaxData = 16u << 20;
   // The status a slot reports when the device returned it without writing a status byte.
   static constexpr std::uint8_t kStatusNotWritten = 0xff;
   // The config bytes we read: everything up to and including num_queues.
   static constexpr std::uint32_t kConfigBytes = offsetof(virtio::VirtioBlkConfig, num_queues) + 2;
 
-  static Result<std::unique_ptr<BlkFrontend>> connect(BlkFrontendOptions opts);
+  static Result<std::unique_ptr<BlkDriver>> connect(BlkDriverOptions opts);
+  // Bytes of shared memory one request slot takes (data, header, status, page-aligned).
+  static std::uint32_t slot_bytes(std::uint32_t max_data) noexcept;
   // Checks raw config bytes (at least kConfigBytes) against the acked features. Public so the
   // hostile cases can be tested without a back-end.
   static Result<BlkInfo> parse_config(std::span<const std::uint8_t> config, std::uint64_t features);
 
-  ~BlkFrontend() = default;  // the session closes itself
-  BlkFrontend(const BlkFrontend&) = delete;
-  BlkFrontend& operator=(const BlkFrontend&) = delete;
+  ~BlkDriver() = default;  // the session closes itself
+  BlkDriver(const BlkDriver&) = delete;
+  BlkDriver& operator=(const BlkDriver&) = delete;
 
   const BlkInfo& info() const noexcept { return info_; }
-  FrontendSession& session() noexcept { return *session_; }
+  vhost_user::FrontendSession& session() noexcept { return *session_; }
   std::uint16_t num_queues() const noexcept { return session_->num_rings(); }
   std::uint16_t depth() const noexcept { return depth_; }
   std::uint32_t max_data() const noexcept { return max_data_; }
@@ -109,15 +136,12 @@ class BlkFrontend {
               std::uint32_t len) noexcept;
   // Makes submitted requests visible and kicks if the device wants it.
   void publish(std::uint16_t q) noexcept;
-  // Calls on_done(slot, status) for each finished request (up to FrontendSession::kBurst per
+  // Calls on_done(slot, status) for each finished request (up to kBurst per
   // round, until none is left), then frees its slot. Returns how many finished.
   template <typename OnDone>
   std::size_t complete(std::uint16_t q, OnDone&& on_done) noexcept;
   // Requests of queue q in flight.
-  std::uint16_t inflight(std::uint16_t q) const noexcept {
-    const FrontendRing& r = session_->ring(q);
-    return static_cast<std::uint16_t>(r.buffer_count - r.free_top);
-  }
+  std::uint16_t inflight(std::uint16_t q) const noexcept { return queues_[q].in_use(); }
   // Event mode: arm call notifications and sleep until the device calls or timeout. Busy
   // mode keeps them off: see disable_calls().
   bool wait_call(std::uint16_t q, std::chrono::milliseconds timeout) noexcept {
@@ -125,17 +149,24 @@ class BlkFrontend {
   }
   // Asks the device not to call on queue q (a busy-polling driver reads the used ring anyway).
   void disable_calls(std::uint16_t q) noexcept { session_->ring(q).vq.disable_interrupts(); }
+  const BlkQueueStats& stats(std::uint16_t q) const noexcept { return queues_[q].stats; }
 
   // Stops every ring (GET_VRING_BASE); the data path is inert afterwards.
   Result<std::vector<std::uint32_t>> stop();
 
  private:
-  BlkFrontend() = default;
+  // A request queue's slots (RingBuffers: one buffer per slot) and counters.
+  struct Queue : RingBuffers {
+    BlkQueueStats stats;
+  };
+
+  BlkDriver() = default;
   std::uint8_t* status_byte(std::uint16_t q, std::uint16_t slot) noexcept {
     return data(q, slot) + max_data_ + sizeof(virtio::VirtioBlkOutHdr);
   }
 
-  std::unique_ptr<FrontendSession> session_;
+  std::unique_ptr<vhost_user::FrontendSession> session_;
+  std::vector<Queue> queues_;
   BlkInfo info_;
   std::uint16_t depth_ = 0;
   std::uint32_t max_data_ = 0;
@@ -144,26 +175,26 @@ class BlkFrontend {
 
 // ---- Inline data path ----
 
-inline int BlkFrontend::acquire(std::uint16_t q) noexcept {
-  FrontendRing& r = session_->ring(q);
+inline int BlkDriver::acquire(std::uint16_t q) noexcept {
+  Queue& r = queues_[q];
   if (stopped_ || r.free_top == 0) return -1;
   return r.free[--r.free_top];
 }
 
-inline void BlkFrontend::release(std::uint16_t q, std::uint16_t slot) noexcept {
-  FrontendRing& r = session_->ring(q);
+inline void BlkDriver::release(std::uint16_t q, std::uint16_t slot) noexcept {
+  Queue& r = queues_[q];
   r.free[r.free_top++] = slot;
 }
 
-inline std::uint8_t* BlkFrontend::data(std::uint16_t q, std::uint16_t slot) noexcept {
-  return session_->ring(q).buffer(slot);
+inline std::uint8_t* BlkDriver::data(std::uint16_t q, std::uint16_t slot) noexcept {
+  return queues_[q].buffer(slot);
 }
 
-inline bool BlkFrontend::submit(std::uint16_t q, std::uint16_t slot, std::uint32_t type,
-                                std::uint64_t sector, std::uint32_t len) noexcept {
+inline bool BlkDriver::submit(std::uint16_t q, std::uint16_t slot, std::uint32_t type,
+                              std::uint64_t sector, std::uint32_t len) noexcept {
   if (stopped_ || len > max_data_ || len % virtio::kBlkSectorSize != 0) return false;
   if ((type == virtio::blk_type::flush) != (len == 0)) return false;
-  FrontendRing& r = session_->ring(q);
+  Queue& r = queues_[q];
   const virtio::VirtioBlkOutHdr hdr{type, 0, sector};
   std::memcpy(data(q, slot) + max_data_, &hdr, sizeof hdr);
   *status_byte(q, slot) = kStatusNotWritten;
@@ -174,33 +205,33 @@ inline bool BlkFrontend::submit(std::uint16_t q, std::uint16_t slot, std::uint32
   const Buffer status{gpa + max_data_ + sizeof hdr, 1};
   std::expected<std::uint16_t, Errc> head;
   if (len == 0) {
-    head = r.vq.add(std::span(&header, 1), std::span(&status, 1), slot);
+    head = r.ring->vq.add(std::span(&header, 1), std::span(&status, 1), slot);
   } else if (type == virtio::blk_type::out) {
     const Buffer out[2] = {header, payload};
-    head = r.vq.add(out, std::span(&status, 1), slot);
+    head = r.ring->vq.add(out, std::span(&status, 1), slot);
   } else {
     const Buffer in[2] = {payload, status};
-    head = r.vq.add(std::span(&header, 1), in, slot);
+    head = r.ring->vq.add(std::span(&header, 1), in, slot);
   }
   if (!head) return false;
-  ++r.stats.frames;
+  ++r.stats.requests;
   r.stats.bytes += len;
   return true;
 }
 
-inline void BlkFrontend::publish(std::uint16_t q) noexcept {
+inline void BlkDriver::publish(std::uint16_t q) noexcept {
   if (stopped_) return;
   session_->ring(q).vq.publish();
   session_->kick_if_needed(q);
 }
 
 template <typename OnDone>
-std::size_t BlkFrontend::complete(std::uint16_t q, OnDone&& on_done) noexcept {
-  FrontendRing& r = session_->ring(q);
+std::size_t BlkDriver::complete(std::uint16_t q, OnDone&& on_done) noexcept {
+  Queue& r = queues_[q];
   if (stopped_) return 0;
   std::size_t total = 0;
   for (;;) {
-    const std::size_t n = r.vq.get_used_burst(r.used);
+    const std::size_t n = r.ring->vq.get_used_burst(r.used);
     for (std::size_t k = 0; k < n; ++k) {
       // The token is a slot we posted: DriverQueue only returns chains it has in flight.
       const auto slot = static_cast<std::uint16_t>(r.used[k].token);
@@ -216,4 +247,4 @@ std::size_t BlkFrontend::complete(std::uint16_t q, OnDone&& on_done) noexcept {
   return total;
 }
 
-}  // namespace vhostkit::vhost_user
+}  // namespace vhostkit::driver

@@ -10,9 +10,7 @@
 
 namespace vhostkit::bench {
 
-namespace vu = vhostkit::vhost_user;
-
-void run_blk_queue(vu::BlkFrontend& f, const BlkQueueConfig& cfg, const Control& ctl,
+void run_blk_queue(driver::BlkDriver& f, const BlkQueueConfig& cfg, const Control& ctl,
                    BlkCounters& out, Histogram& hist) noexcept {
   pin_to(cfg.cpu);
   if (cfg.blocks == 0) return;  // a disk smaller than one request: nothing to do
@@ -94,7 +92,7 @@ Sums sum(const std::unique_ptr<BlkCounters[]>& c, std::uint16_t n) {
 
 }  // namespace
 
-BlkResult run_blk(vu::BlkFrontend& f, const BlkRunConfig& cfg, int sigfd, bool& stopped) {
+BlkResult run_blk(driver::BlkDriver& f, const BlkRunConfig& cfg, int sigfd, bool& stopped) {
   const std::uint16_t queues = f.num_queues();
   const std::uint64_t blocks = f.info().capacity * virtio::kBlkSectorSize / cfg.bs;
   Control ctl;

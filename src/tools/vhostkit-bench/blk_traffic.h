@@ -13,7 +13,7 @@
 #include "histogram.h"
 #include "report.h"
 #include "traffic.h"
-#include "vhostkit/vhost_user/blk_frontend.h"
+#include "vhostkit/driver/blk_driver.h"
 
 namespace vhostkit::bench {
 
@@ -36,7 +36,7 @@ struct BlkQueueConfig {
 
 // Runs queue cfg.q until ctl says done: submits while the phase is warmup or measure, keeps
 // completing through drain. `hist` gets latencies (ns) of requests completed during measure.
-void run_blk_queue(vhost_user::BlkFrontend& f, const BlkQueueConfig& cfg, const Control& ctl,
+void run_blk_queue(driver::BlkDriver& f, const BlkQueueConfig& cfg, const Control& ctl,
                    BlkCounters& out, Histogram& hist) noexcept;
 
 struct BlkRunConfig {
@@ -52,6 +52,6 @@ struct BlkRunConfig {
 
 // One run over every queue of `f`: warm-up, measured window (live lines), drain, result.
 // `stopped` is set when SIGINT/SIGTERM (on sigfd) cut it short.
-BlkResult run_blk(vhost_user::BlkFrontend& f, const BlkRunConfig& cfg, int sigfd, bool& stopped);
+BlkResult run_blk(driver::BlkDriver& f, const BlkRunConfig& cfg, int sigfd, bool& stopped);
 
 }  // namespace vhostkit::bench

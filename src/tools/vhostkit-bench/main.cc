@@ -37,11 +37,12 @@
 #include "histogram.h"
 #include "report.h"
 #include "traffic.h"
-#include "vhostkit/vhost_user/blk_frontend.h"
+#include "vhostkit/driver/blk_driver.h"
+#include "vhostkit/driver/net_driver.h"
 #include "vhostkit/vhost_user/channel.h"
-#include "vhostkit/vhost_user/frontend_session.h"
 
 namespace vu = vhostkit::vhost_user;
+namespace vd = vhostkit::driver;
 namespace vb = vhostkit::bench;
 using json = nlohmann::json;
 
@@ -104,7 +105,7 @@ Totals sum(const std::unique_ptr<vb::PairCounters[]>& c, std::uint16_t n) {
 
 // One size: start a data thread per pair, warm up, measure, drain, stop. `stopped` is set when
 // a stop signal cut the run short.
-vb::RunResult run_one(vu::FrontendSession& s, const Args& a, vb::Mode mode, std::uint32_t size,
+vb::RunResult run_one(vd::NetDriver& s, const Args& a, vb::Mode mode, std::uint32_t size,
                       const std::vector<int>& cpus, int sigfd, bool& stopped) {
   const std::uint16_t pairs = s.queue_pairs();
   vb::Control ctl;
@@ -224,7 +225,7 @@ int stopped_before_run() {
 // early on a signal; it is gone once the run starts. Returns the exit code.
 int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::Channel channel,
              std::unique_ptr<vhostkit::cli::ShutdownOnStop> watch) {
-  vu::BlkFrontendOptions o;
+  vd::BlkDriverOptions o;
   o.name = "bench";
   o.channel = std::move(channel);
   o.num_queues = a.queues;
@@ -234,15 +235,15 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
   // Kicks stay eventfds even when we busy-poll: a back-end such as qemu-storage-daemon only
   // looks at a ring when kicked (and asks for no kicks itself when it polls).
   o.notify = vu::FrontendOptions::Notify::event;
-  auto f = vu::BlkFrontend::connect(std::move(o));
+  auto f = vd::BlkDriver::connect(std::move(o));
   if (watch->stopped()) return stopped_before_run();
   watch.reset();
   if (!f) {
     std::fprintf(stderr, "vhostkit-bench: %s\n", f.error().message().c_str());
     return 1;
   }
-  vu::BlkFrontend& blk = **f;
-  const vu::BlkInfo& info = blk.info();
+  vd::BlkDriver& blk = **f;
+  const vd::BlkInfo& info = blk.info();
   if (a.bs % info.blk_size != 0) {
     std::fprintf(stderr, "vhostkit-bench: --bs %u is not a multiple of the disk's block size %u\n",
                  a.bs, info.blk_size);
@@ -376,7 +377,7 @@ int main(int argc, char** argv) {
     auto r = vb::parse_rw(a.rw);
     if (!r) return bad(r.error().message());
     rw = *r;
-    if (auto b = vb::check_bs(a.bs, vu::BlkFrontend::kMaxData); !b) return bad(b.error().message());
+    if (auto b = vb::check_bs(a.bs, vd::BlkDriver::kMaxData); !b) return bad(b.error().message());
     // Three descriptors per request (header, data, status).
     if (qs->count() > 0 && a.queue_size < 3u * a.iodepth) {
       return bad(fmt::format("--queue-size {} holds {} requests, --iodepth {} wanted", a.queue_size,
@@ -438,7 +439,7 @@ int main(int argc, char** argv) {
     return blk_main(a, *rw, std::move(cpus), sigfd->get(), std::move(channel), std::move(*watch));
   }
 
-  vu::FrontendOptions o;
+  vd::NetDriverOptions o;
   o.name = "bench";
   o.queue_pairs = a.queues;
   o.queue_size = a.queue_size;
@@ -447,7 +448,7 @@ int main(int argc, char** argv) {
   o.notify =
       a.poll == "busy" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
   o.channel = std::move(channel);
-  auto s = vu::FrontendSession::connect(std::move(o));
+  auto s = vd::NetDriver::connect(std::move(o));
   if ((*watch)->stopped()) return stopped_before_run();
   watch->reset();
   if (!s) {

@@ -14,6 +14,7 @@
 namespace vhostkit::bench {
 
 namespace vu = vhostkit::vhost_user;
+using driver::NetDriver;
 
 namespace {
 
@@ -42,8 +43,7 @@ void sleep_on_calls(vu::FrontendRing* a, vu::FrontendRing* b, int timeout_ms) no
     for (int i = 0; i < n; ++i) {
       if ((pfd[i].revents & POLLIN) == 0) continue;
       std::uint64_t v = 0;
-      if (::read(pfd[i].fd, &v, sizeof v) == static_cast<ssize_t>(sizeof v))
-        ++rings[i]->stats.calls;
+      if (::read(pfd[i].fd, &v, sizeof v) == static_cast<ssize_t>(sizeof v)) ++rings[i]->calls;
     }
   }
   for (int i = 0; i < n; ++i) rings[i]->vq.disable_interrupts();
@@ -53,11 +53,11 @@ std::uint64_t outstanding(const vu::FrontendRing& r) noexcept {
   return static_cast<std::uint64_t>(r.vq.size() - r.vq.free_count());
 }
 
-void run_throughput(vu::FrontendSession& s, const PairConfig& cfg, const Control& ctl,
+void run_throughput(NetDriver& s, const PairConfig& cfg, const Control& ctl,
                     PairCounters& out) noexcept {
   const std::uint16_t qp = cfg.qp;
-  vu::FrontendRing& txr = s.tx_ring(qp);
-  vu::FrontendRing& rxr = s.rx_ring(qp);
+  vu::FrontendRing& txr = s.session().ring(NetDriver::tx_index(qp));
+  vu::FrontendRing& rxr = s.session().ring(NetDriver::rx_index(qp));
   const bool sends = cfg.mode != Mode::rxonly;
   const bool receives = cfg.mode != Mode::txonly;
   std::uint64_t tx = 0, rx = 0, seq = 0;
@@ -89,10 +89,10 @@ void run_throughput(vu::FrontendSession& s, const PairConfig& cfg, const Control
   }
 }
 
-void run_latency(vu::FrontendSession& s, const PairConfig& cfg, const Control& ctl,
-                 PairCounters& out, Histogram& hist) noexcept {
+void run_latency(NetDriver& s, const PairConfig& cfg, const Control& ctl, PairCounters& out,
+                 Histogram& hist) noexcept {
   const std::uint16_t qp = cfg.qp;
-  vu::FrontendRing& rxr = s.rx_ring(qp);
+  vu::FrontendRing& rxr = s.session().ring(NetDriver::rx_index(qp));
   const std::uint64_t timeout_ns = static_cast<std::uint64_t>(cfg.reply_timeout.count()) * 1000000u;
   std::uint64_t tx = 0, rx = 0, late = 0, seq = 0;
   while (ctl.get() < Phase::drain) {
@@ -149,7 +149,8 @@ void run_latency(vu::FrontendSession& s, const PairConfig& cfg, const Control& c
     out.rx.store(rx, std::memory_order_relaxed);
   }
   s.reclaim_tx(qp);
-  out.tx_outstanding.store(outstanding(s.tx_ring(qp)), std::memory_order_relaxed);
+  out.tx_outstanding.store(outstanding(s.session().ring(NetDriver::tx_index(qp))),
+                           std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -203,13 +204,13 @@ bool read_frame(std::span<const std::uint8_t> f, std::uint64_t& seq, std::uint64
   return true;
 }
 
-void run_pair(vu::FrontendSession& s, const PairConfig& cfg, const Control& ctl, PairCounters& out,
+void run_pair(NetDriver& s, const PairConfig& cfg, const Control& ctl, PairCounters& out,
               Histogram& hist) noexcept {
   pin_to(cfg.cpu);
   if (!cfg.busy) {
     // Notifications stay off while we work; sleep_on_calls arms them before each sleep.
-    s.tx_ring(cfg.qp).vq.disable_interrupts();
-    s.rx_ring(cfg.qp).vq.disable_interrupts();
+    s.session().ring(NetDriver::tx_index(cfg.qp)).vq.disable_interrupts();
+    s.session().ring(NetDriver::rx_index(cfg.qp)).vq.disable_interrupts();
   }
   if (cfg.mode == Mode::latency) {
     run_latency(s, cfg, ctl, out, hist);

@@ -11,7 +11,7 @@
 
 #include "histogram.h"
 #include "report.h"
-#include "vhostkit/vhost_user/frontend_session.h"
+#include "vhostkit/driver/net_driver.h"
 
 namespace vhostkit::bench {
 
@@ -71,7 +71,7 @@ void cpu_relax() noexcept;
 
 // Runs the pair's loop until ctl says done. `hist` receives round-trip times (ns) in latency
 // mode during Phase::measure.
-void run_pair(vhost_user::FrontendSession& s, const PairConfig& cfg, const Control& ctl,
-              PairCounters& out, Histogram& hist) noexcept;
+void run_pair(driver::NetDriver& s, const PairConfig& cfg, const Control& ctl, PairCounters& out,
+              Histogram& hist) noexcept;
 
 }  // namespace vhostkit::bench

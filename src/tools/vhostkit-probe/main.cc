@@ -18,10 +18,11 @@
 #include <vector>
 
 #include "cli_util.h"
+#include "vhostkit/driver/net_driver.h"
 #include "vhostkit/vhost_user/channel.h"
-#include "vhostkit/vhost_user/frontend_session.h"
 
 namespace vu = vhostkit::vhost_user;
+namespace vd = vhostkit::driver;
 using namespace std::chrono_literals;
 using json = nlohmann::json;
 
@@ -54,11 +55,11 @@ struct PairResult {
 };
 
 // Stops early once `stop` saw SIGINT/SIGTERM.
-PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t frames,
+PairResult run_traffic(vd::NetDriver& s, std::uint16_t qp, std::uint64_t frames,
                        std::size_t frame_size, std::chrono::milliseconds wait,
                        const vhostkit::cli::ShutdownOnStop& stop) {
   PairResult r;
-  const bool event = s.notify() == vu::FrontendOptions::Notify::event;
+  const bool event = s.session().notify() == vu::FrontendOptions::Notify::event;
   auto on_frame = [&](std::span<const std::uint8_t> f) {
     std::uint32_t magic = 0;
     if (f.size() >= 22) std::memcpy(&magic, f.data() + 14, 4);
@@ -85,7 +86,7 @@ PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t f
     }
     if (s.rx_burst(qp, 64, on_frame) == 0 && n == 0) {
       // Poll mode spins: yielding on a loaded machine costs a whole time slice per window.
-      const bool woke = event ? s.wait_call(vu::FrontendSession::rx_index(qp), 1ms) : false;
+      const bool woke = event ? s.wait_call(vd::NetDriver::rx_index(qp), 1ms) : false;
       // Nothing for a while with a full window: assume the back-end dropped some, move on.
       if (!woke && ++idle > (event ? 1000u : 10000000u)) {
         r.lost_hint = r.sent - r.received;
@@ -100,7 +101,7 @@ PairResult run_traffic(vu::FrontendSession& s, std::uint16_t qp, std::uint64_t f
   while (r.received < r.sent && std::chrono::steady_clock::now() < deadline && !stop.stopped()) {
     if (s.rx_burst(qp, 64, on_frame) == 0) {
       if (event) {
-        s.wait_call(vu::FrontendSession::rx_index(qp), 10ms);
+        s.wait_call(vd::NetDriver::rx_index(qp), 10ms);
       } else {
         std::this_thread::sleep_for(100us);
       }
@@ -163,7 +164,7 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  vu::FrontendOptions o;
+  vd::NetDriverOptions o;
   o.name = "probe";
   o.queue_pairs = queues;
   o.queue_size = queue_size;
@@ -214,7 +215,7 @@ int main(int argc, char** argv) {
   if (!stop) return fail_json(stop.error().message());
   const vhostkit::cli::ShutdownOnStop& watch = **stop;
   const auto t0 = std::chrono::steady_clock::now();
-  auto s = vu::FrontendSession::connect(std::move(o));
+  auto s = vd::NetDriver::connect(std::move(o));
   // The set-up failed only because the signal shut the socket: not the back-end's error.
   if (watch.stopped()) return interrupted_json();
   if (!s) return fail_json(s.error().message());
@@ -223,11 +224,12 @@ int main(int argc, char** argv) {
       std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0);
   out["connected"] = true;
   out["setup_us"] = setup_us.count();
-  out["offered_features"] = hex(f.offered_features());
-  out["features"] = hex(f.features());
-  out["offered_protocol_features"] = hex(f.offered_protocol_features());
-  out["protocol_features"] = hex(f.protocol_features());
-  out["backend_queue_num"] = f.backend_queue_num();
+  const vu::FrontendSession& proto = f.session();
+  out["offered_features"] = hex(proto.offered_features());
+  out["features"] = hex(proto.features());
+  out["offered_protocol_features"] = hex(proto.offered_protocol_features());
+  out["protocol_features"] = hex(proto.protocol_features());
+  out["backend_queue_num"] = proto.backend_queue_num();
   out["queue_pairs"] = f.queue_pairs();
   out["queue_size"] = f.queue_size();
   out["net_hdr_len"] = f.net_hdr_len();
@@ -250,9 +252,9 @@ int main(int argc, char** argv) {
                        {"sent", r.sent},
                        {"received", r.received},
                        {"foreign", r.foreign},
-                       {"rx_bad", f.stats(vu::FrontendSession::rx_index(qp)).bad},
-                       {"tx_kicks", f.stats(vu::FrontendSession::tx_index(qp)).kicks},
-                       {"rx_calls", f.stats(vu::FrontendSession::rx_index(qp)).calls}});
+                       {"rx_bad", f.stats(vd::NetDriver::rx_index(qp)).bad},
+                       {"tx_kicks", proto.ring(vd::NetDriver::tx_index(qp)).kicks},
+                       {"rx_calls", proto.ring(vd::NetDriver::rx_index(qp)).calls}});
       if (r.received < expect) rc = 3;
     }
     out["traffic_us"] =

@@ -1,4 +1,4 @@
-// BlkFrontend (and the bench's blk loop) against a real vhostkit-blk device in this process:
+// BlkDriver (and the bench's blk loop) against a real vhostkit-blk device in this process:
 // BlkDevice on a temporary image, vhost::Device, BackendSession on its own thread, connected to
 // the front-end through a socketpair. Data written through the front-end must be read back
 // through it and found in the image file.
@@ -15,9 +15,9 @@
 #include "blk_traffic.h"
 #include "testing/blk_rig.h"
 #include "vhostkit/blk/blk_device.h"
+#include "vhostkit/driver/blk_driver.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost_user/backend_session.h"
-#include "vhostkit/vhost_user/blk_frontend.h"
 
 namespace vhostkit {
 namespace {
@@ -25,8 +25,8 @@ namespace {
 using namespace std::chrono_literals;
 using blk::testing::Bytes;
 using blk::testing::TempImage;
-using vhost_user::BlkFrontend;
-using vhost_user::BlkFrontendOptions;
+using driver::BlkDriver;
+using driver::BlkDriverOptions;
 namespace vb = vhostkit::bench;
 
 constexpr std::size_t kImageBytes = 8u << 20;  // 16384 sectors
@@ -62,20 +62,19 @@ struct Backend {
   std::thread thread;
 };
 
-std::unique_ptr<BlkFrontend> connect(Backend& b, std::uint16_t queues = 1,
-                                     std::uint16_t depth = 32) {
-  BlkFrontendOptions o;
+std::unique_ptr<BlkDriver> connect(Backend& b, std::uint16_t queues = 1, std::uint16_t depth = 32) {
+  BlkDriverOptions o;
   o.channel = std::move(b.frontend_end);
   o.num_queues = queues;
   o.depth = depth;
   o.max_data = kBs;
-  auto f = BlkFrontend::connect(std::move(o));
+  auto f = BlkDriver::connect(std::move(o));
   EXPECT_TRUE(f) << f.error().message();
   return f ? std::move(*f) : nullptr;
 }
 
 // Runs until every submitted request of queue q has come back; returns slot -> status.
-std::map<std::uint16_t, std::uint8_t> wait_all(BlkFrontend& f, std::uint16_t q) {
+std::map<std::uint16_t, std::uint8_t> wait_all(BlkDriver& f, std::uint16_t q) {
   std::map<std::uint16_t, std::uint8_t> got;
   const auto deadline = std::chrono::steady_clock::now() + 10s;
   while (f.inflight(q) != 0 && std::chrono::steady_clock::now() < deadline) {
@@ -86,7 +85,7 @@ std::map<std::uint16_t, std::uint8_t> wait_all(BlkFrontend& f, std::uint16_t q) 
   return got;
 }
 
-TEST(BlkFrontendPair, ReadsGeometryFromConfigSpace) {
+TEST(BlkDriverPair, ReadsGeometryFromConfigSpace) {
   TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 2);
   auto f = connect(b, 2);
@@ -104,7 +103,7 @@ TEST(BlkFrontendPair, ReadsGeometryFromConfigSpace) {
   EXPECT_TRUE(b.device.queue(1).started());
 }
 
-TEST(BlkFrontendPair, RandomWritesThenReadsReturnTheData) {
+TEST(BlkDriverPair, RandomWritesThenReadsReturnTheData) {
   TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 1);
   auto f = connect(b, 1, 32);
@@ -169,7 +168,7 @@ TEST(BlkFrontendPair, RandomWritesThenReadsReturnTheData) {
   EXPECT_EQ(b.dev->stats(0).reads, written.size());
 }
 
-TEST(BlkFrontendPair, BadSubmissionsAreRefusedLocally) {
+TEST(BlkDriverPair, BadSubmissionsAreRefusedLocally) {
   TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 1);
   auto f = connect(b, 1, 4);
@@ -187,7 +186,7 @@ TEST(BlkFrontendPair, BadSubmissionsAreRefusedLocally) {
   EXPECT_EQ(f->acquire(0), -1);
 }
 
-TEST(BlkFrontendPair, OutOfRangeSectorCompletesWithIoErr) {
+TEST(BlkDriverPair, OutOfRangeSectorCompletesWithIoErr) {
   TempImage img(kImageBytes, kImageDir);
   Backend b(img.path(), 1);
   auto f = connect(b);

@@ -1,0 +1,277 @@
+// A userspace virtio-net driver over a vhost-user front-end (FrontendSession, the protocol
+// side): queue pairs, a packet buffer pool per ring, tx and rx bursts. vhostkit-bench,
+// vhostkit-probe and the tests move frames with it.
+//
+// Buffers: each ring's area holds `queue_size` fixed-size buffers, owned by that ring for the
+// whole session. The rx ring is filled with all of its buffers before the back-end sees it and
+// refilled as frames are consumed; tx takes buffers from a free stack and returns them when the
+// device hands the chain back. Nothing on the data path allocates or throws.
+//
+// Queue numbering (virtio 1.2, 5.1.2): ring 2p is pair p's receiveq, ring 2p+1 its transmitq.
+//
+// The device is hostile too: a used length shorter than the virtio-net header, or a num_buffers
+// of 0 or more than the ring holds, costs that frame (RingStats::bad), nothing else.
+//
+// Threading: one thread drives the control path; each pair's data path may run on its own
+// thread, one thread per pair.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "vhostkit/driver/ring_buffers.h"
+#include "vhostkit/error.h"
+#include "vhostkit/vhost_user/channel.h"
+#include "vhostkit/vhost_user/frontend_session.h"
+#include "vhostkit/virtio/features.h"
+#include "vhostkit/virtio/net.h"
+
+namespace vhostkit::driver {
+
+// Feature bits we ask a net back-end for by default (MQ is added when queue_pairs > 1).
+inline constexpr std::uint64_t kNetFeatures =
+    virtio::bit(virtio::feature::version_1) | virtio::bit(virtio::feature::ring_event_idx) |
+    virtio::bit(virtio::net_feature::mrg_rxbuf) | virtio::bit(virtio::net_feature::mac) |
+    virtio::bit(virtio::net_feature::status);
+
+// Feature bits this driver knows how to drive: anything else is never acked, even if asked for.
+// (No offloads: we never build GSO frames or checksum-offload headers.)
+inline constexpr std::uint64_t kNetDrivableFeatures =
+    kNetFeatures | virtio::bit(virtio::net_feature::mq) | virtio::bit(virtio::net_feature::mtu) |
+    virtio::bit(virtio::feature::any_layout) | virtio::bit(virtio::feature::protocol_features);
+
+struct NetDriverOptions {
+  // Where to connect, unless `channel` is already connected.
+  std::string socket_path;
+  vhost_user::Channel channel;
+
+  std::uint16_t queue_pairs = 1;        // 1..NetDriver::kMaxQueuePairs; rings = 2 * queue_pairs
+  std::uint16_t queue_size = 256;       // power of two, 2..32768
+  std::size_t memory_size = 64u << 20;  // the shared region; 0: just what rings + buffers need
+  std::uint32_t buffer_size = 2048;     // per packet buffer, >= 64 (header + a minimal frame)
+  // Feature bits wanted (acked = wanted & offered & drivable). Unset: kNetFeatures plus MQ
+  // when queue_pairs > 1.
+  std::optional<std::uint64_t> features;
+  std::uint64_t protocol_features = vhost_user::kFrontendProtocolFeatures;
+  vhost_user::FrontendOptions::Notify notify = vhost_user::FrontendOptions::Notify::event;
+  // Bound on each control-path step (send, or wait for a reply).
+  std::chrono::milliseconds timeout{2000};
+  std::string name = "frontend";  // in log lines
+
+  // The FrontendOptions these become (checks the net-specific fields first).
+  Result<vhost_user::FrontendOptions> session_options() &&;
+};
+
+// Per-ring counters; written by the ring's data-path thread only. (Kicks and calls are the
+// protocol side's: FrontendRing::kicks, calls.)
+struct RingStats {
+  std::uint64_t frames = 0;     // tx: frames placed on the ring; rx: frames delivered
+  std::uint64_t bytes = 0;      // frame bytes (virtio-net header excluded)
+  std::uint64_t completed = 0;  // tx: chains the device returned
+  std::uint64_t full = 0;       // tx: frames refused for lack of a free buffer
+  std::uint64_t oversize = 0;   // tx: frames larger than a buffer (dropped)
+  std::uint64_t bad = 0;        // rx: used entries we could not make a frame of
+};
+
+// One ring's buffers. For tx the free stack holds the buffers not on the ring; for rx the ones
+// waiting to be given back to it.
+struct NetRing : RingBuffers {
+  bool is_rx = false;
+  // rx with MRG_RXBUF: a frame spread over several buffers is gathered here.
+  std::vector<std::uint8_t> merge;
+  std::size_t merge_len = 0;
+  std::uint16_t merge_left = 0;  // buffers still to come for the frame being gathered
+  bool merge_bad = false;        // the frame being gathered did not fit: drop it at its end
+  RingStats stats;
+};
+
+class NetDriver {
+ public:
+  static constexpr std::uint16_t kMaxQueuePairs = 128;
+  static constexpr std::size_t kBurst = 64;  // used entries reclaimed per step
+
+  // Connects, negotiates, fills the receive rings and starts every ring. On failure everything
+  // acquired so far is released and the error names the step that failed.
+  static Result<std::unique_ptr<NetDriver>> connect(NetDriverOptions opts);
+
+  ~NetDriver() = default;  // the session closes itself
+  NetDriver(const NetDriver&) = delete;
+  NetDriver& operator=(const NetDriver&) = delete;
+
+  // The protocol side: what was negotiated, the memory, the socket, kick and call.
+  vhost_user::FrontendSession& session() noexcept { return *session_; }
+  const vhost_user::FrontendSession& session() const noexcept { return *session_; }
+  std::uint64_t features() const noexcept { return session_->features(); }  // acked
+  std::uint16_t queue_pairs() const noexcept { return queue_pairs_; }
+  std::uint16_t queue_size() const noexcept { return session_->queue_size(); }
+  std::size_t net_hdr_len() const noexcept { return hdr_len_; }
+  // Largest frame tx_burst accepts (a buffer minus the virtio-net header).
+  std::size_t max_frame() const noexcept { return buffer_size_ - hdr_len_; }
+
+  // ---- Control path ----
+  // The MAC from config space (needs CONFIG and VIRTIO_NET_F_MAC).
+  Result<std::array<std::uint8_t, 6>> mac();
+  // GET_VRING_BASE on every ring: FrontendSession::stop().
+  Result<std::vector<std::uint32_t>> stop() { return session_->stop(); }
+  // FrontendSession::close().
+  void close() noexcept { session_->close(); }
+
+  // ---- Data path (noexcept, allocation-free) ----
+  static constexpr std::uint16_t rx_index(std::uint16_t qp) noexcept {
+    return static_cast<std::uint16_t>(2u * qp);
+  }
+  static constexpr std::uint16_t tx_index(std::uint16_t qp) noexcept {
+    return static_cast<std::uint16_t>(2u * qp + 1);
+  }
+  NetRing& tx_ring(std::uint16_t qp) noexcept { return rings_[tx_index(qp)]; }
+  NetRing& rx_ring(std::uint16_t qp) noexcept { return rings_[rx_index(qp)]; }
+  NetRing& ring(std::uint16_t i) noexcept { return rings_[i]; }
+  const RingStats& stats(std::uint16_t ring) const noexcept { return rings_[ring].stats; }
+
+  // Reclaims finished tx chains, then puts up to frames.size() frames on pair qp's transmitq
+  // (each with a zeroed virtio-net header in front), publishes and kicks if the device wants
+  // it. Returns how many frames were consumed from the front of `frames` (oversize ones are
+  // dropped and counted, and count as consumed); stops early when no buffer is free.
+  std::size_t tx_burst(std::uint16_t qp,
+                       std::span<const std::span<const std::uint8_t>> frames) noexcept;
+
+  // The same with the caller writing each frame in place: fill(i, room) writes frame i into
+  // `room` (max_frame() bytes) and returns its length (0 ends the burst early).
+  template <typename Fill>
+  std::size_t tx_burst_fill(std::uint16_t qp, std::size_t n, Fill&& fill) noexcept;
+
+  // Calls on_frame(std::span<const std::uint8_t>) for up to `max` received frames (header
+  // stripped; the span is valid during the call only), gives the buffers back to the ring,
+  // publishes and kicks if needed. Returns frames delivered.
+  template <typename OnFrame>
+  std::size_t rx_burst(std::uint16_t qp, std::size_t max, OnFrame&& on_frame) noexcept;
+
+  // Returns finished tx chains' buffers to the free stack; how many.
+  std::size_t reclaim_tx(std::uint16_t qp) noexcept;
+  // FrontendSession::wait_call on ring i.
+  bool wait_call(std::uint16_t ring, std::chrono::milliseconds timeout) noexcept {
+    return session_->wait_call(ring, timeout);
+  }
+
+ private:
+  NetDriver() = default;
+  Result<> setup(std::uint32_t buffer_size);
+
+  void refill_rx(NetRing& r) noexcept;
+  bool deliver_buffer(NetRing& r, const virtq::DriverQueue::Used& u,
+                      std::span<const std::uint8_t>& frame) noexcept;
+
+  std::unique_ptr<vhost_user::FrontendSession> session_;
+  std::uint16_t queue_pairs_ = 0;
+  std::uint32_t buffer_size_ = 0;
+  std::size_t hdr_len_ = sizeof(virtio::VirtioNetHdrMrg);
+  bool mrg_rxbuf_ = false;
+  std::vector<NetRing> rings_;
+};
+
+// ---- Inline data path ----
+
+inline std::size_t NetDriver::reclaim_tx(std::uint16_t qp) noexcept {
+  NetRing& r = tx_ring(qp);
+  virtq::DriverQueue& vq = r.ring->vq;
+  std::size_t total = 0;
+  for (;;) {
+    const std::size_t n = vq.get_used_burst(r.used);
+    for (std::size_t k = 0; k < n; ++k) {
+      r.free[r.free_top++] = static_cast<std::uint16_t>(r.used[k].token);
+    }
+    total += n;
+    if (n < r.used.size()) break;
+  }
+  r.stats.completed += total;
+  return total;
+}
+
+template <typename Fill>
+std::size_t NetDriver::tx_burst_fill(std::uint16_t qp, std::size_t n, Fill&& fill) noexcept {
+  NetRing& r = tx_ring(qp);
+  if (session_->stopped()) return 0;
+  if (r.free_top < n) reclaim_tx(qp);
+  virtq::DriverQueue& vq = r.ring->vq;
+  const std::size_t room = r.buffer_size - hdr_len_;
+  std::size_t done = 0;
+  std::size_t added = 0;
+  for (; done < n; ++done) {
+    if (r.free_top == 0) {
+      r.stats.full += n - done;
+      break;
+    }
+    const std::uint16_t b = r.free[r.free_top - 1];
+    std::uint8_t* p = r.buffer(b);
+    const std::size_t len = fill(done, std::span<std::uint8_t>(p + hdr_len_, room));
+    if (len == 0) break;
+    if (len > room) {
+      ++r.stats.oversize;
+      continue;
+    }
+    // A zeroed header: no checksum offload, no GSO; num_buffers is 0 on transmit.
+    std::memset(p, 0, hdr_len_);
+    const virtq::DriverQueue::Buffer out{r.buffer_gpa(b),
+                                         static_cast<std::uint32_t>(hdr_len_ + len)};
+    if (!vq.add(std::span(&out, 1), {}, b)) {
+      ++r.stats.full;
+      break;
+    }
+    --r.free_top;
+    ++r.stats.frames;
+    r.stats.bytes += len;
+    ++added;
+  }
+  if (added != 0) {
+    vq.publish();
+    session_->kick_if_needed(r.ring->index);
+  }
+  return done;
+}
+
+inline std::size_t NetDriver::tx_burst(
+    std::uint16_t qp, std::span<const std::span<const std::uint8_t>> frames) noexcept {
+  const std::size_t room = max_frame();
+  return tx_burst_fill(qp, frames.size(), [&](std::size_t i, std::span<std::uint8_t> out) {
+    const auto& f = frames[i];
+    if (f.size() > room) return room + 1;  // counted as oversize, skipped
+    std::memcpy(out.data(), f.data(), f.size());
+    return f.size();
+  });
+}
+
+template <typename OnFrame>
+std::size_t NetDriver::rx_burst(std::uint16_t qp, std::size_t max, OnFrame&& on_frame) noexcept {
+  NetRing& r = rx_ring(qp);
+  if (session_->stopped()) return 0;
+  virtq::DriverQueue& vq = r.ring->vq;
+  std::size_t delivered = 0;
+  while (delivered < max) {
+    const std::size_t want = std::min(r.used.size(), max - delivered);
+    const std::size_t n = vq.get_used_burst(std::span(r.used.data(), want));
+    for (std::size_t k = 0; k < n; ++k) {
+      std::span<const std::uint8_t> frame;
+      if (deliver_buffer(r, r.used[k], frame)) {
+        on_frame(frame);
+        ++r.stats.frames;
+        r.stats.bytes += frame.size();
+        ++delivered;
+      }
+      // The frame has been consumed (or gathered into `merge`): the buffer may go back.
+      r.free[r.free_top++] = static_cast<std::uint16_t>(r.used[k].token);
+    }
+    if (n < want || n == 0) break;
+  }
+  refill_rx(r);
+  return delivered;
+}
+
+}  // namespace vhostkit::driver
