@@ -164,15 +164,7 @@ BlkResult run_blk(driver::BlkDriver& f, const BlkRunConfig& cfg, int sigfd, bool
   // A request still in flight after the drain never completed: an error too.
   r.errors = fin.errors + fin.inflight;
   if (window > 0) r.iops = static_cast<double>(r.requests) / window;
-  Histogram h;
-  for (const auto& x : hists) h.merge(*x);
-  r.samples = h.count();
-  r.p50_us = static_cast<double>(h.percentile(0.50)) / 1e3;
-  r.p99_us = static_cast<double>(h.percentile(0.99)) / 1e3;
-  r.p999_us = static_cast<double>(h.percentile(0.999)) / 1e3;
-  r.min_us = static_cast<double>(h.min()) / 1e3;
-  r.max_us = static_cast<double>(h.max()) / 1e3;
-  r.mean_us = h.mean() / 1e3;
+  set_latency(r, hists);
   return r;
 }
 

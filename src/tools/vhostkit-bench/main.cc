@@ -196,17 +196,7 @@ vb::RunResult run_one(vd::NetDriver& s, const Args& a, vb::Mode mode, std::uint3
     r.tx_pps = static_cast<double>(end.tx - start.tx) / window;
     r.rx_pps = static_cast<double>(end.rx - start.rx) / window;
   }
-  if (mode == vb::Mode::latency) {
-    vb::Histogram h;
-    for (const auto& x : hists) h.merge(*x);
-    r.samples = h.count();
-    r.p50_us = static_cast<double>(h.percentile(0.50)) / 1e3;
-    r.p99_us = static_cast<double>(h.percentile(0.99)) / 1e3;
-    r.p999_us = static_cast<double>(h.percentile(0.999)) / 1e3;
-    r.min_us = static_cast<double>(h.min()) / 1e3;
-    r.max_us = static_cast<double>(h.max()) / 1e3;
-    r.mean_us = h.mean() / 1e3;
-  }
+  if (mode == vb::Mode::latency) vb::set_latency(r, hists);
   return r;
 }
 

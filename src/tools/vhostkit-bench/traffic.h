@@ -8,6 +8,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "histogram.h"
 #include "report.h"
@@ -68,6 +70,21 @@ inline double seconds_since(std::chrono::steady_clock::time_point t) noexcept {
 void pin_to(int cpu) noexcept;
 // A spin-wait hint to the CPU (PAUSE on x86).
 void cpu_relax() noexcept;
+
+// Merges the data threads' histograms (ns) into the latency fields (us) of a RunResult or a
+// BlkResult.
+template <typename Result>
+void set_latency(Result& r, const std::vector<std::unique_ptr<Histogram>>& hists) {
+  Histogram h;
+  for (const auto& x : hists) h.merge(*x);
+  r.samples = h.count();
+  r.p50_us = static_cast<double>(h.percentile(0.50)) / 1e3;
+  r.p99_us = static_cast<double>(h.percentile(0.99)) / 1e3;
+  r.p999_us = static_cast<double>(h.percentile(0.999)) / 1e3;
+  r.min_us = static_cast<double>(h.min()) / 1e3;
+  r.max_us = static_cast<double>(h.max()) / 1e3;
+  r.mean_us = h.mean() / 1e3;
+}
 
 // Runs the pair's loop until ctl says done. `hist` receives round-trip times (ns) in latency
 // mode during Phase::measure.
