@@ -101,6 +101,7 @@ struct Device::Impl {
     return {};
   }
 
+  // The vring index check, for every ring request; each names its request and the index.
   Result<Queue*> ring(std::string_view op, std::uint32_t index) {
     if (auto r = need_owner(op); !r) return std::unexpected(r.error());
     return any_ring(op, index);
@@ -465,6 +466,8 @@ Result<> Device::reset_owner() {
 
 bool Device::has_owner() const noexcept { return impl_->owner; }
 
+Result<> Device::check_owner(std::string_view request) const { return impl_->need_owner(request); }
+
 std::uint64_t Device::offered_features() const noexcept { return impl_->offered(); }
 
 void Device::add_offered_features(std::uint64_t bits) noexcept { impl_->extra_offered |= bits; }
@@ -551,7 +554,10 @@ Result<> Device::add_mem_region(memory::RegionFd region) {
   if (auto r = d.need_owner("ADD_MEM_REG"); !r) return r;
   Result<> res;
   d.with_workers_parked([&] { res = d.mem.add_region(region.spec, std::move(region.fd)); });
-  if (!res) return res;
+  if (!res) {
+    return fail(res.error().code, fmt::format("ADD_MEM_REG: {}", res.error().detail),
+                res.error().sys_errno);
+  }
   // A new region moves no mapped ring; it may hold one that did not translate before.
   for (auto& q : d.queues) {
     if (!q->mapped) d.map_ring(*q);

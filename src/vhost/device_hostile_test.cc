@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "testing/fd_count.h"
+#include "testing/memfd.h"
 #include "testing/vhost_rig.h"
 #include "vhostkit/vhost/device.h"
 
@@ -417,6 +418,31 @@ TEST_F(Hostile, RingMisalignedInHostMemory) {
   ASSERT_TRUE(dev.set_vring_num(0, rig.ring_size()).has_value());
   expect_error(dev.set_vring_addr(0, rig.addr(0)), Errc::invalid_argument, "used ring at 0x");
   EXPECT_FALSE(dev.queue(0).started());
+}
+// The slot limit is the table's own (GuestMemory::kMaxRegions, what GET_MAX_MEM_SLOTS
+// advertises); the refusal names the request and the limit.
+TEST_F(Hostile, AddMemRegPastTheSlotLimit) {
+  constexpr std::uint64_t kPage = 4096;
+  const std::uint64_t n = memory::GuestMemory::kMaxRegions;
+  UniqueFd fd = memory::testing::make_memfd(n * kPage);
+  const std::uint64_t gpa0 = Rig::kMemSize;                   // past the rig's own region
+  const std::uint64_t uva0 = rig.uva(0) + 2 * Rig::kMemSize;  // a frontend address range of its own
+  auto region = [&](std::uint64_t i) {
+    return memory::RegionFd{
+        memory::RegionSpec{gpa0 + i * kPage, kPage, uva0 + i * kPage, i * kPage},
+        testing::dup_fd(fd.get())};
+  };
+  for (std::uint64_t i = 0; i + 1 < n; ++i) {  // the rig's region holds one slot
+    auto r = dev.add_mem_region(region(i));
+    ASSERT_TRUE(r.has_value()) << "region " << i << ": " << r.error().message();
+  }
+  ASSERT_EQ(dev.memory().region_count(), n);
+  auto r = dev.add_mem_region(region(n - 1));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, Errc::too_many);
+  EXPECT_EQ(r.error().detail.rfind("ADD_MEM_REG: ", 0), 0u) << r.error().message();
+  EXPECT_NE(r.error().detail.find("(max 509)"), std::string::npos) << r.error().message();
+  EXPECT_EQ(dev.memory().region_count(), n);
 }
 TEST_F(Hostile, RemoveRegionUnderRunningRingRefused) {
   rig.configure(dev, 0);

@@ -180,9 +180,6 @@ Error need(std::string_view what, std::string_view feature) {
       Errc::bad_state, 0,
       fmt::format("{} needs protocol feature {}, which was not negotiated", what, feature)};
 }
-Error no_owner(std::string_view what) {
-  return Error{Errc::bad_state, 0, fmt::format("{} before SET_OWNER", what)};
-}
 }  // namespace
 
 BackendSession::Outcome BackendSession::on(GetFeatures&) {
@@ -209,7 +206,7 @@ BackendSession::Outcome BackendSession::on(SetOwner&) { return Outcome::from(dev
 
 BackendSession::Outcome BackendSession::on(ResetOwner&) {
   // Deprecated; the spec recommends treating it as "disable all rings" and nothing more.
-  if (!device_.has_owner()) return Outcome::err(no_owner("RESET_OWNER"));
+  if (auto r = device_.check_owner("RESET_OWNER"); !r) return Outcome::from(std::move(r));
   for (std::uint32_t i = 0; i < device_.num_queues(); ++i) {
     (void)device_.set_vring_enable(i, false);
   }
@@ -217,7 +214,6 @@ BackendSession::Outcome BackendSession::on(ResetOwner&) {
 }
 
 BackendSession::Outcome BackendSession::on(SetMemTable& m) {
-  if (!device_.has_owner()) return Outcome::err(no_owner("SET_MEM_TABLE"));
   // A refused table changed nothing (vhost::Device::set_mem_table): the old one and the rings
   // on it stay as they were, and the front-end hears of the failure like any other (a failure
   // ack with NEED_REPLY, which QEMU sets for this request; a log line otherwise). QEMU only logs
@@ -237,7 +233,7 @@ BackendSession::Outcome BackendSession::on(SetLogBase& m) {
 }
 
 BackendSession::Outcome BackendSession::on(SetLogFd& m) {
-  if (!device_.has_owner()) return Outcome::err(no_owner("SET_LOG_FD"));
+  if (auto r = device_.check_owner("SET_LOG_FD"); !r) return Outcome::from(std::move(r));
   log_fd_ = std::move(m.fd);
   return Outcome::ok();
 }
@@ -266,20 +262,16 @@ BackendSession::Outcome BackendSession::on(GetVringBase& m) {
 }
 
 BackendSession::Outcome BackendSession::on(SetVringKick& m) {
-  if (!device_.has_owner()) return Outcome::err(no_owner("SET_VRING_KICK"));
-  if (m.index >= device_.num_queues()) {
-    return Outcome::err(Error{Errc::out_of_range, 0,
-                              fmt::format("SET_VRING_KICK: vring index {} out of range (device "
-                                          "has {} queues)",
-                                          m.index, device_.num_queues())});
-  }
+  // The device checks the owner and the index, in this request's name.
+  auto r = device_.set_vring_kick(m.index, std::move(m.fd));
+  if (!r) return Outcome::from(std::move(r));
   // Without VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled as soon as it gets its kick;
-  // with it, rings stay disabled until SET_VRING_ENABLE. Enabling first means the ring starts
-  // once, on the kick.
+  // with it, rings stay disabled until SET_VRING_ENABLE. The kick is in place, so the ring
+  // starts once, on the enable.
   if ((device_.features() & virtio::bit(virtio::feature::protocol_features)) == 0) {
-    if (auto r = device_.set_vring_enable(m.index, true); !r) return Outcome::from(std::move(r));
+    return Outcome::from(device_.set_vring_enable(m.index, true));
   }
-  return Outcome::from(device_.set_vring_kick(m.index, std::move(m.fd)));
+  return Outcome::ok();
 }
 
 BackendSession::Outcome BackendSession::on(SetVringCall& m) {
@@ -323,7 +315,7 @@ BackendSession::Outcome BackendSession::on(SetVringEnable& m) {
 
 BackendSession::Outcome BackendSession::on(SendRarp& m) {
   if (!has(protocol_feature::rarp)) return Outcome::err(need("SEND_RARP", "RARP"));
-  if (!device_.has_owner()) return Outcome::err(no_owner("SEND_RARP"));
+  if (auto r = device_.check_owner("SEND_RARP"); !r) return Outcome::from(std::move(r));
   if (!opts_.send_rarp) {
     return Outcome::err(Error{Errc::unsupported, 0, "SEND_RARP: this device cannot announce"});
   }
@@ -332,7 +324,7 @@ BackendSession::Outcome BackendSession::on(SendRarp& m) {
 
 BackendSession::Outcome BackendSession::on(NetSetMtu& m) {
   if (!has(protocol_feature::net_mtu)) return Outcome::err(need("NET_SET_MTU", "NET_MTU"));
-  if (!device_.has_owner()) return Outcome::err(no_owner("NET_SET_MTU"));
+  if (auto r = device_.check_owner("NET_SET_MTU"); !r) return Outcome::from(std::move(r));
   if (m.value < virtio::kNetMinMtu || m.value > virtio::kNetMaxMtu) {
     return Outcome::err(Error{Errc::out_of_range, 0,
                               fmt::format("NET_SET_MTU: {} is outside {}..{}", m.value,
@@ -346,10 +338,6 @@ BackendSession::Outcome BackendSession::on(GetConfig& m) {
     return Outcome::with_reply(reply_config(m.offset, m.flags, {}), std::unexpected(std::move(e)));
   };
   if (!has(protocol_feature::config)) return failed(need("GET_CONFIG", "CONFIG"));
-  if (m.size == 0 || m.size > kMaxConfigSize) {
-    return failed(Error{Errc::out_of_range, 0,
-                        fmt::format("GET_CONFIG size {} is not in 1..{}", m.size, kMaxConfigSize)});
-  }
   std::array<std::uint8_t, kMaxConfigSize> buf{};
   std::span<std::uint8_t> out(buf.data(), m.size);
   if (auto r = device_.backend().read_config(m.offset, out); !r)
@@ -359,9 +347,7 @@ BackendSession::Outcome BackendSession::on(GetConfig& m) {
 
 BackendSession::Outcome BackendSession::on(SetConfig& m) {
   if (!has(protocol_feature::config)) return Outcome::err(need("SET_CONFIG", "CONFIG"));
-  if (!device_.has_owner()) return Outcome::err(no_owner("SET_CONFIG"));
-  if (m.data.empty())
-    return Outcome::err(Error{Errc::invalid_argument, 0, "SET_CONFIG of 0 bytes"});
+  if (auto r = device_.check_owner("SET_CONFIG"); !r) return Outcome::from(std::move(r));
   return Outcome::from(device_.backend().write_config(m.offset, m.data));
 }
 
@@ -369,7 +355,7 @@ BackendSession::Outcome BackendSession::on(ResetDevice&) {
   if (!has(protocol_feature::reset_device)) {
     return Outcome::err(need("RESET_DEVICE", "RESET_DEVICE"));
   }
-  if (!device_.has_owner()) return Outcome::err(no_owner("RESET_DEVICE"));
+  if (auto r = device_.check_owner("RESET_DEVICE"); !r) return Outcome::from(std::move(r));
   // Back to a fresh device; the front-end keeps ownership and the protocol features it
   // negotiated (they belong to the connection, and it won't send them again).
   device_.reset();
@@ -379,19 +365,15 @@ BackendSession::Outcome BackendSession::on(ResetDevice&) {
 }
 
 BackendSession::Outcome BackendSession::on(GetMaxMemSlots&) {
-  return Outcome::with_reply(reply_u64(Request::get_max_mem_slots, opts_.max_mem_slots));
+  return Outcome::with_reply(
+      reply_u64(Request::get_max_mem_slots, memory::GuestMemory::kMaxRegions));
 }
 
 BackendSession::Outcome BackendSession::on(AddMemReg& m) {
   if (!has(protocol_feature::configure_mem_slots)) {
     return Outcome::err(need("ADD_MEM_REG", "CONFIGURE_MEM_SLOTS"));
   }
-  if (!device_.has_owner()) return Outcome::err(no_owner("ADD_MEM_REG"));
-  if (device_.memory().region_count() >= opts_.max_mem_slots) {
-    return Outcome::err(
-        Error{Errc::too_many, 0,
-              fmt::format("ADD_MEM_REG: all {} memory slots are in use", opts_.max_mem_slots)});
-  }
+  // The device checks the owner; the table, the slot limit it advertises (GET_MAX_MEM_SLOTS).
   return Outcome::from(device_.add_mem_region(std::move(m.region)));
 }
 
@@ -404,7 +386,7 @@ BackendSession::Outcome BackendSession::on(RemMemReg& m) {
 
 BackendSession::Outcome BackendSession::on(SetStatus& m) {
   if (!has(protocol_feature::status)) return Outcome::err(need("SET_STATUS", "STATUS"));
-  if (!device_.has_owner()) return Outcome::err(no_owner("SET_STATUS"));
+  if (auto r = device_.check_owner("SET_STATUS"); !r) return Outcome::from(std::move(r));
   if (m.value > 0xff) {
     return Outcome::err(
         Error{Errc::invalid_argument, 0,

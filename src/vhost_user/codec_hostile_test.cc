@@ -437,6 +437,17 @@ TEST_F(Hostile, ConfigSizeOverLimit) {
   ASSERT_FALSE(huge);
 }
 
+// No config space at all is refused by the codec, for both requests; the session never sees it.
+TEST_F(Hostile, ConfigSizeZero) {
+  auto get = decode_with(req(Request::get_config), config(0, 0), 0);
+  ASSERT_FALSE(get);
+  EXPECT_EQ(get.error().code, Errc::invalid_argument);
+  EXPECT_EQ(get.error().detail, "GET_CONFIG config size 0 is not in 1..256");
+  auto set = decode_with(req(Request::set_config), config(0, 0), 0);
+  ASSERT_FALSE(set);
+  EXPECT_EQ(set.error().detail, "SET_CONFIG config size 0 is not in 1..256");
+}
+
 TEST_F(Hostile, ConfigSizeDisagreesWithPayload) {
   auto m = decode_with(req(Request::set_config), config(8, 4), 0);
   ASSERT_FALSE(m);

@@ -258,9 +258,18 @@ Result<wire::Config> parse_config_space(const Input& in) {
   return w;
 }
 
+// A request for, or a write of, no config space at all is refused here; a reply of size 0 is
+// how a back-end reports a failed GET_CONFIG, so parse_config_space admits it.
+Result<> no_config_space(const Input& in, const wire::Config& w) {
+  if (w.size != 0) return {};
+  return fail(Errc::invalid_argument,
+              fmt::format("{} config size 0 is not in 1..{}", in.name(), kMaxConfigSize));
+}
+
 Result<> parse(GetConfig& m, Input& in) {
   auto w = parse_config_space(in);
   if (!w) return std::unexpected(std::move(w.error()));
+  if (auto r = no_config_space(in, *w); !r) return r;
   m = GetConfig{.offset = w->offset, .size = w->size, .flags = w->flags};
   return {};
 }
@@ -268,6 +277,7 @@ Result<> parse(GetConfig& m, Input& in) {
 Result<> parse(SetConfig& m, Input& in) {
   auto w = parse_config_space(in);
   if (!w) return std::unexpected(std::move(w.error()));
+  if (auto r = no_config_space(in, *w); !r) return r;
   m.offset = w->offset;
   m.flags = w->flags;
   m.data.assign(w->region, w->region + w->size);

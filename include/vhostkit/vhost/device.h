@@ -12,6 +12,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -45,6 +46,9 @@ class Device {
   Result<> set_owner();
   Result<> reset_owner();  // back to the state before set_owner: rings stopped, memory gone
   bool has_owner() const noexcept;
+  // The owner check and its words ("SET_CONFIG before SET_OWNER"), for a transport's requests
+  // that need an owner but no call here; every method here that needs one checks it itself.
+  Result<> check_owner(std::string_view request) const;
 
   std::uint64_t offered_features() const noexcept;
   // Must be a subset of offered_features(). While rings run only LOG_ALL may change (migration).

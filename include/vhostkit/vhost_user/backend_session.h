@@ -45,8 +45,6 @@ using Mac = std::array<std::uint8_t, 6>;
 struct SessionOptions {
   // Protocol features offered (GET_PROTOCOL_FEATURES), masked by kSupportedProtocolFeatures.
   std::uint64_t protocol_features = kSupportedProtocolFeatures;
-  // GET_MAX_MEM_SLOTS, and the bound on regions added with ADD_MEM_REG.
-  std::uint32_t max_mem_slots = 509;
   // GET_QUEUE_NUM; 0 means the device's number of virtqueues. A net device may answer with its
   // number of queue pairs, as QEMU compares it with the queue pairs it was configured with.
   std::uint32_t queue_num = 0;
