@@ -255,6 +255,34 @@ TEST(PackedHostile, ResumePointThatMakesNoSenseBreaksTheQueue) {
   EXPECT_FALSE(rig.device.broken());
 }
 
+// Found by virtq_packed_fuzz: a driver that resumes with chains in flight and marks their
+// descriptors available as well. pending() counted them; the used writes for the chains popped
+// since cover them, so pop() found nothing while pending() stayed nonzero: a worker polling
+// "while (pending()) pop()" never left the loop.
+TEST(PackedHostile, DescriptorsInFlightClaimedAvailableEndThePollLoop) {
+  PackedRig rig(kSize);
+  PackedDesc* d = rig.driver.desc();
+  // Positions 4..7 available in this lap (wrap 1), 0..3 (in flight) as if in the next (wrap 0).
+  for (std::uint16_t i = 0; i < kSize; ++i) {
+    d[i] = PackedDesc{Rig::kDataGpa, 16, static_cast<std::uint16_t>(i),
+                      i >= 4 ? virtio::kDescFAvail : virtio::kDescFUsed};
+  }
+  rig.attach_device(PackedRingBase{4, true, 0, true});
+  ASSERT_FALSE(rig.device.broken());
+  std::array<iovec, 2> segs{};
+  int rounds = 0, popped = 0;
+  while (rig.device.pending() != 0 && rounds++ < 100) {
+    auto c = rig.device.pop(segs);
+    if (!c) continue;
+    ++popped;
+    rig.device.push_used(c->head, 0);
+    rig.device.publish_used();
+  }
+  EXPECT_LT(rounds, 100) << "pending() stayed nonzero";
+  EXPECT_EQ(popped, 4);
+  EXPECT_EQ(rig.device.pending(), 0);
+}
+
 // The driver rewrites a descriptor over and over while the device pops it: each pop works on
 // one copy, so whatever mix of old and new fields it sees, an accepted buffer lies in memory.
 TEST(PackedHostile, DescriptorRewrittenWhileTheDeviceReadsIt) {

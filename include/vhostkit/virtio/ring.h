@@ -120,11 +120,13 @@ static_assert(offsetof(PackedDesc, id) == 12);
 static_assert(offsetof(PackedDesc, flags) == 14);
 
 // struct pvirtq_event_suppress { le16 desc (off:15, wrap:1); le16 flags; }
-struct PackedEventSuppress {
+// Aligned to 4 as the spec places it: both sides access it as one 32-bit word (atomic_ref), which
+// clang inlines only when the type says it is aligned (else a libatomic call).
+struct alignas(4) PackedEventSuppress {
   std::uint16_t off_wrap;
   std::uint16_t flags;
 };
-static_assert(sizeof(PackedEventSuppress) == 4);
+static_assert(sizeof(PackedEventSuppress) == 4 && alignof(PackedEventSuppress) == 4);
 
 // Alignment the spec requires of each part (2.8.10.1).
 inline constexpr std::size_t kPackedDescAlign = 16;

@@ -354,7 +354,12 @@ inline std::expected<Chain, ChainError> PackedDeviceQueue::pop(std::span<iovec> 
   // Acquire: the driver wrote the chain's descriptors and buffers before this flags store.
   const std::uint16_t flags =
       std::atomic_ref<std::uint16_t>(slot->flags).load(std::memory_order_acquire);
-  if (!detail::desc_is_avail(flags, avail_.wrap)) return std::unexpected(ChainError::empty);
+  if (!detail::desc_is_avail(flags, avail_.wrap)) [[unlikely]] {
+    // What pending() counted is gone: a driver marked descriptors in flight available and our
+    // used writes covered them. Forget the count, or pending() would stay nonzero forever.
+    ahead_ = 0;
+    return std::unexpected(ChainError::empty);
+  }
   virtio::PackedDesc d = detail::read_packed_desc_once(slot);
   d.flags = flags;  // judged by the flags we acquired: one value, read once
   // Fast path: one non-empty descriptor inside one region, a fresh id (most network packets).
