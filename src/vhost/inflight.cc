@@ -100,7 +100,7 @@ Result<std::uint64_t> inflight_size(InflightLayout layout, std::uint32_t num_que
 
 // ---- one queue -------------------------------------------------------------------------------
 
-InflightSplitQueue::InflightSplitQueue(std::uint16_t index, std::uint8_t* base,
+InflightSplitQueue::InflightSplitQueue(Key, std::uint16_t index, std::uint8_t* base,
                                        std::uint16_t queue_size)
     : index_(index),
       base_(base),
@@ -328,7 +328,8 @@ Result<InflightRegion> InflightRegion::map(UniqueFd fd, std::uint64_t size, std:
   const std::uint64_t stride = inflight_queue_bytes(layout, queue_size);
   r.queues_.reserve(num_queues);
   for (std::uint32_t q = 0; q < num_queues; ++q) {
-    r.queues_.emplace_back(static_cast<std::uint16_t>(q), r.base_ + q * stride, r.queue_size_);
+    r.queues_.emplace_back(InflightSplitQueue::Key(), static_cast<std::uint16_t>(q),
+                           r.base_ + q * stride, r.queue_size_);
   }
   return r;
 }

@@ -98,7 +98,12 @@ struct InflightRecovery {
 // batch list by the count of published entries.
 class InflightSplitQueue {
  public:
-  InflightSplitQueue(std::uint16_t index, std::uint8_t* base, std::uint16_t queue_size);
+  // Only an InflightRegion makes these, over its own checked mapping.
+  class Key {
+    friend class InflightRegion;
+    Key() = default;
+  };
+  InflightSplitQueue(Key, std::uint16_t index, std::uint8_t* base, std::uint16_t queue_size);
 
   std::uint16_t index() const noexcept { return index_; }
   std::uint16_t queue_size() const noexcept { return size_; }
