@@ -1,6 +1,8 @@
-// Split-ring costs:
-//   DevicePopPush     device pop + push per chain, one thread (the avail ring is replayed)
-//   DriverAddReclaim  driver add + reclaim per chain, one thread (used elements echoed back)
+// Ring costs, each for the split and the packed layout (<Split>, <Packed>):
+//   DevicePopPush     device pop + push per chain, one thread (the avail side is replayed: split
+//                     moves avail->idx on by a ring; packed copies back a saved ring, 16 bytes
+//                     a chain, since its used writes overwrite the descriptors)
+//   DriverAddReclaim  driver add + reclaim per chain, one thread (used entries echoed back)
 //   RingTransfer/N    two pinned threads: the driver (core 0) copies N-byte packets into out
 //                     buffers and adds them in batches of 32; the device (core 1) pops, copies
 //                     each payload out, pushes used; the driver reclaims. Busy polling.
@@ -15,9 +17,11 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/virtio/features.h"
+#include "vhostkit/virtq/packed_queue.h"
 #include "vhostkit/virtq/split_queue.h"
 
 namespace {
@@ -43,41 +47,79 @@ struct FreeDeleter {
   void operator()(void* p) const noexcept { std::free(p); }
 };
 
+struct Split {
+  using Driver = virtq::DriverQueue;
+  using Device = virtq::DeviceQueue;
+  static std::size_t ring_bytes() { return virtq::DriverRingLayout::for_size(kSize).total_bytes; }
+  static void attach(Device& dev, const memory::GuestMemory& mem, const Driver& drv,
+                     std::uint64_t features) {
+    dev.attach(&mem, virtq::SplitRing{drv.desc(), drv.avail(), drv.used(), kSize}, features, 0);
+  }
+};
+struct Packed {
+  using Driver = virtq::PackedDriverQueue;
+  using Device = virtq::PackedDeviceQueue;
+  static std::size_t ring_bytes() { return virtq::PackedRingLayout::for_size(kSize).total_bytes; }
+  static void attach(Device& dev, const memory::GuestMemory& mem, const Driver& drv,
+                     std::uint64_t features) {
+    dev.attach(&mem, virtq::PackedRing{drv.desc(), drv.driver_event(), drv.device_event(), kSize},
+               features);
+  }
+};
+
 // One guest region holding the ring and kSize packet buffers; a driver and a device on it.
+template <class L>
 struct Setup {
   explicit Setup(std::uint64_t features = 0)
       : block(static_cast<std::byte*>(std::aligned_alloc(4096, kMemBytes))) {
     std::memset(block.get(), 0, kMemBytes);
     (void)mem.add_local_region(memory::RegionSpec{kGpa, kMemBytes, 0x7f0000000000ull, 0},
                                block.get());
-    const auto layout = virtq::DriverRingLayout::for_size(kSize);
-    (void)driver.init(std::span<std::byte>(block.get(), layout.total_bytes), kGpa, kSize, features);
-    device.attach(&mem, virtq::SplitRing{driver.desc(), driver.avail(), driver.used(), kSize},
-                  features, 0);
+    (void)driver.init(std::span<std::byte>(block.get(), L::ring_bytes()), kGpa, kSize, features);
+    L::attach(device, mem, driver, features);
   }
   std::uint64_t buf_gpa(std::size_t i) const { return kGpa + kRingArea + (i % kSize) * kBufStride; }
   std::byte* buf_host(std::size_t i) { return block.get() + kRingArea + (i % kSize) * kBufStride; }
 
   std::unique_ptr<std::byte, FreeDeleter> block;
   memory::GuestMemory mem;
-  virtq::DriverQueue driver;
-  virtq::DeviceQueue device;
+  typename L::Driver driver;
+  typename L::Device device;
 };
 
+// Makes the kSize chains the driver added available again, a full ring later.
+void replay(Setup<Split>& s, std::array<std::array<virtio::PackedDesc, kSize>, 2>&) {
+  // The same kSize heads sit in the avail ring; move idx on by a full ring.
+  s.driver.avail()->idx = static_cast<std::uint16_t>(s.driver.avail()->idx + kSize);
+}
+void replay(Setup<Packed>& s, std::array<std::array<virtio::PackedDesc, kSize>, 2>& saved) {
+  // The device's next lap runs with the wrap counter flipped: the ring as the driver would
+  // write it for that lap.
+  const bool wrap = s.device.base().avail_wrap;
+  std::memcpy(s.driver.desc(), saved[wrap ? 1 : 0].data(), sizeof saved[0]);
+}
+
+template <class L>
 void DevicePopPush(benchmark::State& state) {
-  Setup s;
+  Setup<L> s;
   for (std::size_t i = 0; i < kSize; ++i) {
     const Buf b{s.buf_gpa(i), 64};
     (void)s.driver.add(std::span(&b, 1), {}, i);
   }
   s.driver.publish();
+  // The packed ring as added, for either wrap counter (unused by the split ring).
+  std::array<std::array<virtio::PackedDesc, kSize>, 2> saved{};
+  if constexpr (std::is_same_v<L, Packed>) {
+    std::memcpy(saved[1].data(), s.driver.desc(), sizeof saved[1]);
+    saved[0] = saved[1];
+    for (auto& d : saved[0]) {
+      d.flags = static_cast<std::uint16_t>((d.flags & ~virtio::kDescFAvail) | virtio::kDescFUsed);
+    }
+  }
   std::array<iovec, 8> segs{};
   std::uint64_t chains = 0;
   for (auto _ : state) {
-    if (s.device.pending() == 0) {
-      // Replay: the same kSize heads sit in the avail ring; move idx on by a full ring.
-      s.driver.avail()->idx = static_cast<std::uint16_t>(s.driver.avail()->idx + kSize);
-    }
+    if (s.device.pending() == 0) replay(s, saved);
     for (std::size_t k = 0; k < kBatch && s.device.pending() != 0; ++k) {
       auto c = s.device.pop(segs);
       benchmark::DoNotOptimize(c);
@@ -89,12 +131,38 @@ void DevicePopPush(benchmark::State& state) {
   }
   state.SetItemsProcessed(static_cast<std::int64_t>(chains));
 }
-BENCHMARK(DevicePopPush);
+BENCHMARK_TEMPLATE(DevicePopPush, Split);
+BENCHMARK_TEMPLATE(DevicePopPush, Packed);
 
+// The "device" of DriverAddReclaim: answers the batch's chains (one descriptor each) in order
+// without walking them.
+void echo(Setup<Split>& s, const std::array<std::uint16_t, kBatch>& heads,
+          virtq::detail::RingCursor&) {
+  for (std::size_t k = 0; k < kBatch; ++k) s.device.push_used(heads[k], 0);
+  s.device.publish_used();
+}
+void echo(Setup<Packed>& s, const std::array<std::uint16_t, kBatch>& ids,
+          virtq::detail::RingCursor& cur) {
+  // Used descriptors written in place, where the chains were made available; first flags last.
+  const virtq::detail::RingCursor first = cur;
+  virtio::PackedDesc* d = s.driver.desc();
+  for (std::size_t k = 0; k < kBatch; ++k) {
+    d[cur.pos].id = ids[k];
+    d[cur.pos].len = 0;
+    if (k != 0) d[cur.pos].flags = virtq::detail::used_bits(cur.wrap);
+    cur.advance(1, kSize);
+  }
+  // Release: the batch's ids and later flags are visible before the first one reads as used.
+  std::atomic_ref<std::uint16_t>(d[first.pos].flags)
+      .store(virtq::detail::used_bits(first.wrap), std::memory_order_release);
+}
+
+template <class L>
 void DriverAddReclaim(benchmark::State& state) {
-  Setup s;
+  Setup<L> s;
   std::array<virtq::DriverQueue::Used, kBatch> used{};
   std::array<std::uint16_t, kBatch> heads{};
+  virtq::detail::RingCursor echo_cursor;  // the packed echo's next used slot
   std::uint64_t chains = 0;
   for (auto _ : state) {
     for (std::size_t k = 0; k < kBatch; ++k) {
@@ -103,18 +171,18 @@ void DriverAddReclaim(benchmark::State& state) {
     }
     s.driver.publish();
     benchmark::DoNotOptimize(s.driver.needs_kick());
-    // The "device": echo the heads back as used without walking them.
-    for (std::size_t k = 0; k < kBatch; ++k) s.device.push_used(heads[k], 0);
-    s.device.publish_used();
+    echo(s, heads, echo_cursor);
     chains += s.driver.get_used_burst(used);
   }
   state.SetItemsProcessed(static_cast<std::int64_t>(chains));
 }
-BENCHMARK(DriverAddReclaim);
+BENCHMARK_TEMPLATE(DriverAddReclaim, Split);
+BENCHMARK_TEMPLATE(DriverAddReclaim, Packed);
 
+template <class L>
 void RingTransfer(benchmark::State& state) {
   const auto pkt_len = static_cast<std::uint32_t>(state.range(0));
-  Setup s;
+  Setup<L> s;
   std::atomic<bool> stop{false};
   std::thread device([&] {
     pin(1);
@@ -169,7 +237,8 @@ void RingTransfer(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(packets));
   state.SetBytesProcessed(static_cast<std::int64_t>(packets * pkt_len));
 }
-BENCHMARK(RingTransfer)->Arg(64)->Arg(1518)->UseRealTime();
+BENCHMARK_TEMPLATE(RingTransfer, Split)->Arg(64)->Arg(1518)->UseRealTime();
+BENCHMARK_TEMPLATE(RingTransfer, Packed)->Arg(64)->Arg(1518)->UseRealTime();
 
 }  // namespace
 
