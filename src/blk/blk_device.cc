@@ -131,8 +131,10 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
   b.direct = d->direct_;
   b.block_device = block_device;
   b.dio_align = dio_align;
-  b.capacity = d->capacity_;
-  b.read_only = o.read_only;
+  b.limits.capacity = d->capacity_;
+  b.limits.read_only = o.read_only;
+  b.limits.max_transfer = kMaxTransfer;
+  b.limits.max_discard_sectors = kMaxDiscardSectors;
   b.inline_io = d->io_ == IoPath::inline_call;
   b.serial = &d->serial_;
   d->queues_ = std::make_unique<QueueState[]>(o.num_queues);
@@ -173,7 +175,10 @@ Result<> BlkDevice::read_config(std::uint32_t offset, std::span<std::uint8_t> ou
   return {};
 }
 
-void BlkDevice::set_features(std::uint64_t acked) noexcept { backing_->acked = acked; }
+void BlkDevice::set_features(std::uint64_t acked) noexcept {
+  backing_->limits.discard = virtio::has(acked, bf::discard);
+  backing_->limits.write_zeroes = virtio::has(acked, bf::write_zeroes);
+}
 
 void BlkDevice::queue_started(vhost::Queue& q, vhost::Worker& w) {
   if (q.index() >= opts_.num_queues) return;

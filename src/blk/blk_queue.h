@@ -1,6 +1,7 @@
 // Per-queue data-path state of the virtio-blk device: the queue's io_uring, its completion
-// eventfd, and a fixed pool of request slots (each with the iovec array its chain is popped into,
-// which is also the readv/writev vector handed to the kernel: no copy of guest data).
+// eventfd, and a fixed pool of request slots (each with the iovec array its chain is popped into
+// and the data pieces parse_blk_request picks out of it, which are the readv/writev vector handed
+// to the kernel: no copy of guest data).
 #pragma once
 
 #include <liburing.h>
@@ -12,9 +13,11 @@
 #include <vector>
 
 #include "vhostkit/blk/blk_device.h"
+#include "vhostkit/blk/blk_request.h"
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/vhost/queue.h"
 #include "vhostkit/vhost/worker.h"
+#include "vhostkit/virtq/split_queue.h"
 
 namespace vhostkit::blk {
 
@@ -25,33 +28,25 @@ struct BlkDevice::Backing {
   bool direct = false;
   bool block_device = false;
   std::uint32_t dio_align = 512;
-  std::uint64_t capacity = 0;  // 512-byte sectors
-  bool read_only = false;
   bool inline_io = false;  // IoPath::inline_call: no io_uring, every request answered at once
   const std::string* serial = nullptr;
-  std::uint64_t acked = 0;  // negotiated features (set before any ring starts)
+  // What requests are checked against; discard and write_zeroes follow the negotiated features
+  // (set before any ring starts).
+  BlkLimits limits;
   // WRITE_ZEROES without unmap uses FALLOC_FL_ZERO_RANGE until the file system refuses it once;
   // then punching a hole (which also reads back as zeros) instead.
   std::atomic<bool> zero_range_unsupported{false};
 };
-
-enum class Op : std::uint8_t { read, write, flush, discard, write_zeroes };
 
 struct Slot {
   // A chain of header + kSegMax data buffers + status, with room for a header split in bytes.
   static constexpr std::size_t kSegs = BlkDevice::kSegMax + 2 + 16;
 
   std::uint16_t head = 0;
-  Op op = Op::read;
   bool on_buffered = false;  // submitted through the buffered fd
-  std::uint8_t* status = nullptr;
-  std::uint32_t data_len = 0;  // bytes the request moves (read/write)
-  std::uint64_t offset = 0;    // bytes (read/write/discard/write_zeroes)
-  std::uint64_t length = 0;    // bytes (discard/write_zeroes)
-  bool unmap = false;          // write_zeroes may punch a hole
-  iovec* data = nullptr;       // into segs
-  unsigned ndata = 0;
-  iovec segs[kSegs];
+  BlkRequest req;            // as parsed; second chances change it
+  iovec segs[kSegs];         // the chain as popped
+  iovec data[kSegs];         // req.data's pieces: the readv/writev vector, into guest memory
 };
 
 struct Counters {
@@ -94,10 +89,15 @@ struct BlkDevice::QueueState {
   void on_completion(vhost::Queue& q) noexcept;
 
  private:
-  // Validates one popped chain and either answers it now (push_used) or fills an SQE for it.
-  // Returns true if an SQE was prepared (the slot is then in flight).
-  bool dispatch(vhost::Queue& q, Slot& s, std::uint32_t slot_index, std::uint64_t readable_len,
-                std::uint64_t writable_len, unsigned nreadable, unsigned nwritable) noexcept;
+  // Parses one popped chain, then answers a refusal or submits the request. Returns true if an
+  // SQE was prepared (the slot is then in flight).
+  bool dispatch(vhost::Queue& q, Slot& s, std::uint32_t slot_index,
+                const virtq::Chain& chain) noexcept;
+  // Carries out a parsed request (s.req): answers it now (GET_ID, an empty transfer, the inline
+  // path, a failure to submit) or prepares its SQE and returns true.
+  bool submit(vhost::Queue& q, Slot& s, std::uint32_t slot_index) noexcept;
+  // Answers a request parse_blk_request refused (or a chain with no status byte: used len 0).
+  void refuse(vhost::Queue& q, Slot& s, const BlkRefusal& r) noexcept;
   bool prep(Slot& s, std::uint32_t slot_index) noexcept;
   // The inline path: runs the request's system call(s) now; returns what a CQE would say.
   int run_inline(const Slot& s) noexcept;

@@ -2,14 +2,15 @@
 // or block device through io_uring, or by plain calls on the worker when the image is in memory
 // (see IoPath).
 //
-// Requests are validated in one place (src/blk/blk_io.cc), with the chain's guest buffers as the
-// readv/writev iovecs (no copy). On the io_uring path each request queue has its own ring, created
-// when the vring starts and owned by the queue's worker; a request is one SQE, completions arrive
-// out of order (io_uring's eventfd is watched by the worker, and the CQ is also reaped on every
-// handle_queue, so busy polling needs no wake-up), and FLUSH carries IOSQE_IO_DRAIN so it starts
-// only after every earlier request on its queue has completed. On the inline path the worker
-// makes the system call and answers the request before popping the next. Either way the status
-// byte is written after the data, then the used element is pushed.
+// Requests are parsed and checked in one place (parse_blk_request, blk_request.h), with the
+// chain's guest buffers as the readv/writev iovecs (no copy); src/blk/blk_io.cc carries them
+// out. On the io_uring path each request queue has its own ring, created when the vring starts
+// and owned by the queue's worker; a request is one SQE, completions arrive out of order
+// (io_uring's eventfd is watched by the worker, and the CQ is also reaped on every handle_queue, so
+// busy polling needs no wake-up), and FLUSH carries IOSQE_IO_DRAIN so it starts only after every
+// earlier request on its queue has completed. On the inline path the worker makes the system call
+// and answers the request before popping the next. Either way the status byte is written after the
+// data, then the used element is pushed.
 //
 // queue_stopped waits for every request in flight and answers it before the ring detaches: no
 // completion touches guest memory after the ring stops.
