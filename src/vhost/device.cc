@@ -176,13 +176,14 @@ struct Device::Impl {
 
   // --- on the worker ---------------------------------------------------------------------
 
-  void set_log_hook(Queue& q, const MappedRing& r) {
+  void set_log_hook(Queue& q, const MappedRing& r) VHOSTKIT_REQUIRES(q.worker_role_) {
     q.mem = &mem;
     q.log_used = q.addr.log_used();
     q.used_log_gpa = r.used_gpa;
   }
 
-  Result<> start_on_worker(Queue& q, Worker& w, const MappedRing& r) {
+  Result<> start_on_worker(Queue& q, Worker& w, const MappedRing& r)
+      VHOSTKIT_REQUIRES(q.worker_role_) {
     if (q.started()) return {};
     q.vq_.attach(&mem, r.parts, acked, static_cast<std::uint16_t>(q.base));
     if (!q.vq_.broken() && q.vq_.used_idx() != q.vq_.last_avail_idx()) {
@@ -201,7 +202,11 @@ struct Device::Impl {
     q.rekick_pending = false;
     set_log_hook(q, r);
     if (q.kick) {
-      auto id = w.watch(q.kick.get(), [this, &q] { on_kick(q); });
+      // The worker runs its handlers and pollers: they act as the queue's worker.
+      auto id = w.watch(q.kick.get(), [this, &q] {
+        q.worker_role_.assume();
+        on_kick(q);
+      });
       if (!id) {
         q.vq_.detach();
         return std::unexpected(id.error());
@@ -211,9 +216,14 @@ struct Device::Impl {
     const bool polled = !q.kick || opts.mode != PollMode::event;
     if (polled) {
       q.vq_.disable_notifications();
-      q.poller_id =
-          w.add_poller(Worker::Poller{[this, &q] { return poll_queue(q); },
-                                      [this, &q](bool enable) { return arm_queue(q, enable); }});
+      q.poller_id = w.add_poller(Worker::Poller{[this, &q] {
+                                                  q.worker_role_.assume();
+                                                  return poll_queue(q);
+                                                },
+                                                [this, &q](bool enable) {
+                                                  q.worker_role_.assume();
+                                                  return arm_queue(q, enable);
+                                                }});
     }
     q.started_.store(true, std::memory_order_release);
     backend.queue_started(q, w);
@@ -223,7 +233,7 @@ struct Device::Impl {
     return {};
   }
 
-  void stop_on_worker(Queue& q, Worker& w) {
+  void stop_on_worker(Queue& q, Worker& w) VHOSTKIT_REQUIRES(q.worker_role_) {
     if (!q.started()) return;
     if (q.watch_id != 0) w.unwatch(std::exchange(q.watch_id, 0));
     if (q.poller_id != 0) w.remove_poller(std::exchange(q.poller_id, 0));
@@ -237,7 +247,7 @@ struct Device::Impl {
     q.started_.store(false, std::memory_order_release);
   }
 
-  void mark_broken(Queue& q, std::string_view why) {
+  void mark_broken(Queue& q, std::string_view why) VHOSTKIT_REQUIRES(q.worker_role_) {
     stop_on_worker(q, worker_of(q.index_));
     q.broken_.store(true, std::memory_order_release);
     broken.store(true, std::memory_order_release);
@@ -255,7 +265,7 @@ struct Device::Impl {
 
   // After handler calls: bad-chain counters into stats, and a broken ring stopped.
   // Returns false if the ring was stopped.
-  bool account(Queue& q) {
+  bool account(Queue& q) VHOSTKIT_REQUIRES(q.worker_role_) {
     const std::uint64_t total = errors_total(q.vq_);
     if (total != q.errors_seen) {
       q.stats_.add(q.stats_.errors, total - q.errors_seen);
@@ -272,14 +282,14 @@ struct Device::Impl {
   }
 
   // Processes up to the budget; returns the number of handle_queue calls that found work.
-  int serve_budget(Queue& q) {
+  int serve_budget(Queue& q) VHOSTKIT_REQUIRES(q.worker_role_) {
     int n = 0;
     while (n < kHandleBudget && q.started() && backend.handle_queue(q)) ++n;
     return n;
   }
 
   // Event mode: serve with notifications off, then re-enable and re-check the race window.
-  void serve_event(Queue& q) {
+  void serve_event(Queue& q) VHOSTKIT_REQUIRES(q.worker_role_) {
     q.vq_.disable_notifications();
     for (;;) {
       const int n = serve_budget(q);
@@ -297,7 +307,7 @@ struct Device::Impl {
     }
   }
 
-  void on_kick(Queue& q) {
+  void on_kick(Queue& q) VHOSTKIT_REQUIRES(q.worker_role_) {
     std::uint64_t v = 0;
     const ssize_t r = ::read(q.kick.get(), &v, sizeof v);
     if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
@@ -319,14 +329,14 @@ struct Device::Impl {
     serve_event(q);
   }
 
-  bool poll_queue(Queue& q) {
+  bool poll_queue(Queue& q) VHOSTKIT_REQUIRES(q.worker_role_) {
     if (!q.started()) return false;
     const int n = serve_budget(q);
     account(q);
     return n > 0;
   }
 
-  bool arm_queue(Queue& q, bool enable) {
+  bool arm_queue(Queue& q, bool enable) VHOSTKIT_REQUIRES(q.worker_role_) {
     if (!q.started()) return false;
     if (!enable) {
       q.vq_.disable_notifications();
@@ -350,7 +360,10 @@ struct Device::Impl {
     Worker& w = worker_of(q.index_);
     const MappedRing& r = *q.mapped;
     Result<> res;
-    w.run_sync([&] { res = start_on_worker(q, w, r); });
+    w.run_sync([&] {
+      q.worker_role_.assume();  // a work item on the queue's worker
+      res = start_on_worker(q, w, r);
+    });
     return res;
   }
 
@@ -366,7 +379,10 @@ struct Device::Impl {
   void stop_ring(Queue& q) {
     if (!q.started()) return;
     Worker& w = worker_of(q.index_);
-    w.run_sync([&] { stop_on_worker(q, w); });
+    w.run_sync([&] {
+      q.worker_role_.assume();  // a work item on the queue's worker
+      stop_on_worker(q, w);
+    });
   }
 
   // Lets the backend finish requests that hold guest addresses; workers must be parked.
@@ -419,7 +435,7 @@ struct Device::Impl {
   }
 
   // Ring pointers into the (new) table for a running ring, resuming where it was.
-  void reattach(Queue& q, const MappedRing& r) {
+  void reattach(Queue& q, const MappedRing& r) VHOSTKIT_REQUIRES(q.worker_role_) {
     const std::uint16_t last = q.vq_.last_avail_idx();
     q.vq_.attach(&mem, r.parts, acked, last);
     q.errors_seen = errors_total(q.vq_);
@@ -539,7 +555,9 @@ Result<> Device::set_mem_table(std::vector<memory::RegionFd> regions) {
     d.mem.set_dirty_log(d.log.get());
     next.set_dirty_log(nullptr);
     for (std::size_t i = 0; i < d.queues.size(); ++i) {
-      if (d.queues[i]->started()) d.reattach(*d.queues[i], *mapped[i]);
+      Queue& q = *d.queues[i];
+      q.worker_role_.assume();  // its worker is parked
+      if (q.started()) d.reattach(q, *mapped[i]);
     }
   });
   for (std::size_t i = 0; i < d.queues.size(); ++i) d.queues[i]->mapped = std::move(mapped[i]);
@@ -644,6 +662,7 @@ Result<> Device::set_vring_addr(std::uint32_t index, const memory::VringAddr& ad
     Worker& w = d.worker_of(index);
     const MappedRing& r = *q.mapped;
     w.run_sync([&] {
+      q.worker_role_.assume();  // a work item on the queue's worker
       q.addr = addr;
       d.set_log_hook(q, r);
     });
@@ -720,7 +739,10 @@ Result<> Device::set_vring_call(std::uint32_t index, UniqueFd fd) {
     if (auto r = set_nonblocking(fd.get(), "call", index); !r) return r;
   }
   // The worker signals q.call: swap it there. The old fd closes here, after the swap.
-  d.worker_of(index).run_sync([&] { std::swap(q.call, fd); });
+  d.worker_of(index).run_sync([&] {
+    q.worker_role_.assume();  // a work item on the queue's worker
+    std::swap(q.call, fd);
+  });
   return {};
 }
 
@@ -732,7 +754,10 @@ Result<> Device::set_vring_err(std::uint32_t index, UniqueFd fd) {
   if (fd) {
     if (auto r = set_nonblocking(fd.get(), "err", index); !r) return r;
   }
-  d.worker_of(index).run_sync([&] { std::swap(q.err, fd); });
+  d.worker_of(index).run_sync([&] {
+    q.worker_role_.assume();  // a work item on the queue's worker
+    std::swap(q.err, fd);
+  });
   return {};
 }
 

@@ -8,6 +8,7 @@
 namespace vhostkit::vhost {
 
 void Queue::publish_and_notify() noexcept {
+  worker_role_.assume();  // the device's handlers call this on the worker
   vq_.publish_used();
   // Migration: the used ring was written; mark it dirty so the destination sees the update.
   // Coarse (the whole ring) on purpose: over-marking is safe, and this runs once per batch.
@@ -18,6 +19,7 @@ void Queue::publish_and_notify() noexcept {
 }
 
 void Queue::reset() noexcept {
+  worker_role_.assume();  // a stopped ring: no worker touches it any more
   kick.reset();
   call.reset();
   err.reset();
@@ -43,6 +45,7 @@ void Queue::reset() noexcept {
 }
 
 void Queue::signal() noexcept {
+  worker_role_.assume();  // the worker, or a test with the ring quiet
   if (!call) return;
   const std::uint64_t one = 1;
   // The fd is non-blocking (set by Device): a peer that never reads cannot stall the worker.

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "vhostkit/thread_annotations.h"
 #include "vhostkit/unique_fd.h"
 
 namespace vhostkit::vhost {
@@ -70,39 +71,49 @@ struct Worker::Impl {
   std::atomic<bool> stop_requested{false};
   std::atomic<bool> is_running{false};
   std::atomic<std::uint64_t> wakeups{0};
-  bool epoll_failed = false;  // worker thread only: the one epoll_wait error report was made
   UniqueFd epoll;
   UniqueFd wake;
 
-  // Touched on the worker thread only (or by the control thread while the worker is stopped).
-  std::unordered_map<Id, Watch> watches;  // references stay valid across inserts
-  std::vector<Id> dead_watches;           // erased after the current dispatch
-  std::vector<PollerEntry> pollers;
-  std::vector<PollerEntry> new_pollers;  // merged at the top of the loop, never mid-iteration
-  bool pollers_dirty = false;
-  Id next_id = 1;
+  // The worker thread, as a capability: what follows is touched only as the worker (on its
+  // thread, or by the control thread once that thread is joined).
+  ThreadRole role;
+  bool epoll_failed VHOSTKIT_GUARDED_BY(role) = false;  // the one epoll_wait error report
+  std::unordered_map<Id, Watch> watches VHOSTKIT_GUARDED_BY(role);  // stable across inserts
+  std::vector<Id> dead_watches VHOSTKIT_GUARDED_BY(role);  // erased after the current dispatch
+  std::vector<PollerEntry> pollers VHOSTKIT_GUARDED_BY(role);
+  // Merged at the top of the loop, never mid-iteration.
+  std::vector<PollerEntry> new_pollers VHOSTKIT_GUARDED_BY(role);
+  bool pollers_dirty VHOSTKIT_GUARDED_BY(role) = false;
+  Id next_id VHOSTKIT_GUARDED_BY(role) = 1;
 
   // Work list (vhost_work_queue). `accepting` is false while no thread will run the list; then
   // queue_work runs items inline.
-  std::mutex work_mu;
-  std::deque<std::function<void()>> work;
-  bool accepting = false;
+  Mutex work_mu;
+  std::deque<std::function<void()>> work VHOSTKIT_GUARDED_BY(work_mu);
+  bool accepting VHOSTKIT_GUARDED_BY(work_mu) = false;
+
+  // The public calls that only the worker may make (watch, add_poller, ...): checked at run
+  // time in debug builds, stated to the analysis here.
+  void as_worker(const Worker& self) const VHOSTKIT_ASSERT_CAPABILITY(role) {
+    assert(self.on_worker_thread() || !self.running());
+    (void)self;
+  }
 
   void wake_up() noexcept {
     const std::uint64_t one = 1;
     [[maybe_unused]] auto n = ::write(wake.get(), &one, sizeof one);
   }
 
-  void run_work() {
+  void run_work() VHOSTKIT_REQUIRES(role) {
     std::deque<std::function<void()>> batch;
     {
-      std::lock_guard lk(work_mu);
+      MutexLock lk(work_mu);
       batch.swap(work);
     }
     for (auto& fn : batch) fn();
   }
 
-  void reap() {
+  void reap() VHOSTKIT_REQUIRES(role) {
     for (Id id : dead_watches) watches.erase(id);
     dead_watches.clear();
     if (pollers_dirty) {
@@ -118,7 +129,7 @@ struct Worker::Impl {
   }
 
   // One epoll_wait plus dispatch. Returns true if any fd or work item was handled.
-  bool wait(int timeout_ms) {
+  bool wait(int timeout_ms) VHOSTKIT_REQUIRES(role) {
     epoll_event evs[kMaxEvents];
     int n = ::epoll_wait(epoll.get(), evs, kMaxEvents, timeout_ms);
     if (n < 0 && errno != EINTR) {
@@ -154,7 +165,7 @@ struct Worker::Impl {
     return true;
   }
 
-  bool poll_all() {
+  bool poll_all() VHOSTKIT_REQUIRES(role) {
     bool any = false;
     // Indexing, not iterators: a poller may remove itself (marked dead, erased in reap()).
     for (std::size_t i = 0; i < pollers.size(); ++i) {
@@ -165,7 +176,7 @@ struct Worker::Impl {
   }
 
   // Asks every poller to notify again before we sleep; true if one says work arrived meanwhile.
-  bool arm_all(bool enable) {
+  bool arm_all(bool enable) VHOSTKIT_REQUIRES(role) {
     bool arrived = false;
     for (std::size_t i = 0; i < pollers.size(); ++i) {
       if (pollers[i].dead || !pollers[i].p.arm) continue;
@@ -174,7 +185,7 @@ struct Worker::Impl {
     return arrived;
   }
 
-  void loop() {
+  void loop() VHOSTKIT_REQUIRES(role) {
     worker_id.store(std::this_thread::get_id());
     std::string name = "vk-" + opts.name;
     if (name.size() > 15) name.resize(15);
@@ -215,7 +226,7 @@ struct Worker::Impl {
     // Nothing queued from now on will find this thread: later items run inline in the caller.
     std::deque<std::function<void()>> rest;
     {
-      std::lock_guard lk(work_mu);
+      MutexLock lk(work_mu);
       accepting = false;
       rest.swap(work);
     }
@@ -251,10 +262,13 @@ Result<> Worker::start() {
   }
   s.stop_requested.store(false);
   {
-    std::lock_guard lk(s.work_mu);
+    MutexLock lk(s.work_mu);
     s.accepting = true;
   }
-  s.thread = std::thread([&s] { s.loop(); });
+  s.thread = std::thread([&s] {
+    ScopedRole as_worker(s.role);
+    s.loop();
+  });
   s.is_running.store(true);
   if (s.opts.cpu) {
     const int cpu = *s.opts.cpu;
@@ -282,6 +296,7 @@ void Worker::stop() noexcept {
   s.wake_up();
   s.thread.join();
   s.is_running.store(false);
+  ScopedRole as_worker(s.role);  // the worker thread is gone: this one plays it now
   // Handlers belong to the run that is over; the fds they watched are their owners' to close.
   s.watches.clear();
   s.dead_watches.clear();
@@ -297,7 +312,7 @@ const Worker::Options& Worker::options() const noexcept { return impl_->opts; }
 
 Result<Worker::Id> Worker::watch(int fd, FdHandler on_ready) {
   Impl& s = *impl_;
-  assert(on_worker_thread() || !running());
+  s.as_worker(*this);
   if (!s.epoll) return fail(Errc::bad_state, "worker vk-" + s.opts.name + " is not running");
   const Id id = s.next_id++;
   epoll_event ev{};
@@ -312,7 +327,7 @@ Result<Worker::Id> Worker::watch(int fd, FdHandler on_ready) {
 
 void Worker::unwatch(Id id) noexcept {
   Impl& s = *impl_;
-  assert(on_worker_thread() || !running());
+  s.as_worker(*this);
   auto it = s.watches.find(id);
   if (it == s.watches.end() || it->second.dead) return;
   if (s.epoll) ::epoll_ctl(s.epoll.get(), EPOLL_CTL_DEL, it->second.fd, nullptr);
@@ -323,7 +338,7 @@ void Worker::unwatch(Id id) noexcept {
 
 Worker::Id Worker::add_poller(Poller p) {
   Impl& s = *impl_;
-  assert(on_worker_thread() || !running());
+  s.as_worker(*this);
   const Id id = s.next_id++;
   s.new_pollers.push_back(Impl::PollerEntry{id, std::move(p), false});
   return id;
@@ -331,7 +346,7 @@ Worker::Id Worker::add_poller(Poller p) {
 
 void Worker::remove_poller(Id id) noexcept {
   Impl& s = *impl_;
-  assert(on_worker_thread() || !running());
+  s.as_worker(*this);
   for (auto* list : {&s.pollers, &s.new_pollers}) {
     for (auto& e : *list) {
       if (e.id == id && !e.dead) {
@@ -345,7 +360,7 @@ void Worker::remove_poller(Id id) noexcept {
 void Worker::queue_work(std::function<void()> fn) {
   Impl& s = *impl_;
   {
-    std::lock_guard lk(s.work_mu);
+    MutexLock lk(s.work_mu);
     if (s.accepting) {
       s.work.push_back(std::move(fn));
       s.wake_up();
@@ -366,7 +381,7 @@ void Worker::run_sync(const std::function<void()>& fn) {
   bool done = false;
   bool queued = false;
   {
-    std::lock_guard lk(s.work_mu);
+    MutexLock lk(s.work_mu);
     if (s.accepting) {
       s.work.push_back([&] {
         fn();

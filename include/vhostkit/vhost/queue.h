@@ -7,6 +7,7 @@
 
 #include "vhostkit/error.h"
 #include "vhostkit/memory/guest_memory.h"
+#include "vhostkit/thread_annotations.h"
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/virtq/split_queue.h"
 
@@ -42,7 +43,9 @@ struct QueueStats {
 class Queue {
  public:
   std::uint16_t index() const noexcept { return index_; }
-  virtq::DeviceQueue& vq() noexcept { return vq_; }
+  // For the device's handlers (DeviceBackend::handle_queue and the queue_* hooks), which run as
+  // the queue's worker; vhost::Device's own code is checked against worker_role_ instead.
+  virtq::DeviceQueue& vq() noexcept VHOSTKIT_NO_THREAD_SAFETY_ANALYSIS { return vq_; }
   QueueStats& stats() noexcept { return stats_; }
   const QueueStats& stats() const noexcept { return stats_; }
   // Running on its worker. Read from any thread (the worker clears it when the ring breaks).
@@ -54,9 +57,9 @@ class Queue {
   bool is_enabled() const noexcept { return enabled; }
 
   // Publishes used entries and signals the call eventfd if the driver wants it (EVENT_IDX or
-  // NO_INTERRUPT decide). Called by device handlers after a batch.
+  // NO_INTERRUPT decide). Called by device handlers after a batch, on the worker.
   void publish_and_notify() noexcept;
-  // Signals the call eventfd unconditionally (config changes, tests).
+  // Signals the call eventfd unconditionally (config changes; tests, with the ring quiet).
   void signal() noexcept;
   // Back to the state of a queue no front-end has configured: fds closed, addresses, size,
   // base, flags and counters cleared; the index stays. Only for a stopped ring (RESET_OWNER,
@@ -75,22 +78,30 @@ class Queue {
   // arrives and again whenever one changes; why it failed otherwise. Control thread only.
   Result<MappedRing> mapped = unmapped();
   UniqueFd kick;
-  UniqueFd call;
-  UniqueFd err;
   bool kick_set = false;  // a kick fd, or "no fd" (polling) was given
   bool enabled = false;
   std::atomic<bool> started_{false};
   std::atomic<bool> broken_{false};
-  bool broken_logged = false;   // the "ring broken" log line is written once per ring
-  bool rekick_pending = false;  // we kicked ourselves after running out of budget
-  std::uint64_t watch_id = 0;
-  std::uint64_t poller_id = 0;
-  std::uint64_t errors_seen = 0;  // sum of vq_.errors() already added to stats_.errors
+
+  // The worker that serves this queue, as a capability: the state below is touched only as
+  // that worker (on its thread, in a run_sync work item, or with the worker parked or the
+  // ring stopped). The control thread hands a ring over through started_ and run_sync.
+  ThreadRole worker_role_;
+  UniqueFd call VHOSTKIT_GUARDED_BY(worker_role_);  // signalled by the worker, swapped there
+  UniqueFd err VHOSTKIT_GUARDED_BY(worker_role_);
+  // The "ring broken" log line is written once per ring.
+  bool broken_logged VHOSTKIT_GUARDED_BY(worker_role_) = false;
+  // We kicked ourselves after running out of budget.
+  bool rekick_pending VHOSTKIT_GUARDED_BY(worker_role_) = false;
+  std::uint64_t watch_id VHOSTKIT_GUARDED_BY(worker_role_) = 0;
+  std::uint64_t poller_id VHOSTKIT_GUARDED_BY(worker_role_) = 0;
+  // Sum of vq_.errors() already added to stats_.errors.
+  std::uint64_t errors_seen VHOSTKIT_GUARDED_BY(worker_role_) = 0;
   // Dirty-log hook for used-ring writes (VHOST_VRING_F_LOG with a log attached).
-  const memory::GuestMemory* mem = nullptr;
-  std::uint64_t used_log_gpa = 0;
-  bool log_used = false;
-  virtq::DeviceQueue vq_;
+  const memory::GuestMemory* mem VHOSTKIT_GUARDED_BY(worker_role_) = nullptr;
+  std::uint64_t used_log_gpa VHOSTKIT_GUARDED_BY(worker_role_) = 0;
+  bool log_used VHOSTKIT_GUARDED_BY(worker_role_) = false;
+  virtq::DeviceQueue vq_ VHOSTKIT_GUARDED_BY(worker_role_);
   QueueStats stats_;
 
   static Result<MappedRing> unmapped() {
