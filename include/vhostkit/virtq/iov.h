@@ -22,24 +22,30 @@ namespace vhostkit::virtq {
 
 namespace detail {
 
-// A byte position inside an iovec list: piece i, offset off inside it (off <= its length).
+// A byte position inside an iovec list: piece i, offset off inside it (off < its length, or
+// i == the list's size at the end; a zero-length piece may also hold off == 0).
 struct IovPos {
   std::size_t i = 0;
   std::size_t off = 0;
 };
 
 // Moves pos past up to n bytes of v; returns the bytes moved over (less than n only at the end).
+// The loops keep the position in locals and store it once: a reference written per step would
+// be reloaded after every memcpy, which may write anywhere as far as the compiler knows.
 inline std::size_t iov_advance(std::span<const iovec> v, IovPos& pos, std::size_t n) noexcept {
-  std::size_t done = 0;
-  while (done < n && pos.i < v.size()) {
-    const std::size_t k = std::min(v[pos.i].iov_len - pos.off, n - done);
+  std::size_t i = pos.i, off = pos.off, done = 0;
+  while (done < n && i < v.size()) {
+    const std::size_t left = v[i].iov_len - off;
+    const std::size_t k = std::min(left, n - done);
     done += k;
-    pos.off += k;
-    if (pos.off == v[pos.i].iov_len) {
-      ++pos.i;
-      pos.off = 0;
+    if (k == left) {
+      ++i;
+      off = 0;
+    } else {
+      off += k;
     }
   }
+  pos = IovPos{i, off};
   return done;
 }
 
@@ -47,27 +53,31 @@ inline std::size_t iov_advance(std::span<const iovec> v, IovPos& pos, std::size_
 // bytes copied (less than n when either side ends first). Zero-length pieces are stepped over.
 inline std::size_t iov_copy(std::span<const iovec> dst, IovPos& dpos, std::span<const iovec> src,
                             IovPos& spos, std::size_t n) noexcept {
-  std::size_t done = 0;
-  while (done < n && dpos.i < dst.size() && spos.i < src.size()) {
-    const iovec& s = src[spos.i];
-    const iovec& d = dst[dpos.i];
-    const std::size_t k = std::min({s.iov_len - spos.off, d.iov_len - dpos.off, n - done});
+  std::size_t di = dpos.i, doff = dpos.off, si = spos.i, soff = spos.off, done = 0;
+  while (done < n && di < dst.size() && si < src.size()) {
+    const std::size_t sleft = src[si].iov_len - soff;
+    const std::size_t dleft = dst[di].iov_len - doff;
+    const std::size_t k = std::min(std::min(sleft, dleft), n - done);
     if (k != 0) {
-      std::memcpy(static_cast<std::uint8_t*>(d.iov_base) + dpos.off,
-                  static_cast<const std::uint8_t*>(s.iov_base) + spos.off, k);
+      std::memcpy(static_cast<std::uint8_t*>(dst[di].iov_base) + doff,
+                  static_cast<const std::uint8_t*>(src[si].iov_base) + soff, k);
     }
     done += k;
-    spos.off += k;
-    dpos.off += k;
-    if (spos.off == s.iov_len) {
-      ++spos.i;
-      spos.off = 0;
+    if (k == sleft) {
+      ++si;
+      soff = 0;
+    } else {
+      soff += k;
     }
-    if (dpos.off == d.iov_len) {
-      ++dpos.i;
-      dpos.off = 0;
+    if (k == dleft) {
+      ++di;
+      doff = 0;
+    } else {
+      doff += k;
     }
   }
+  dpos = IovPos{di, doff};
+  spos = IovPos{si, soff};
   return done;
 }
 
@@ -84,6 +94,11 @@ inline std::size_t iov_size(std::span<const iovec> v) noexcept {
 // only when src holds fewer than off + n.
 inline std::size_t iov_read(std::span<const iovec> src, std::size_t off, void* dst,
                             std::size_t n) noexcept {
+  // Most reads (a header, an address) lie inside the first piece: one memcpy, no walk.
+  if (!src.empty() && off <= src[0].iov_len && n <= src[0].iov_len - off) [[likely]] {
+    if (n != 0) std::memcpy(dst, static_cast<const std::uint8_t*>(src[0].iov_base) + off, n);
+    return n;
+  }
   detail::IovPos sp;
   if (detail::iov_advance(src, sp, off) != off) return 0;
   detail::IovPos dp;
@@ -95,6 +110,10 @@ inline std::size_t iov_read(std::span<const iovec> src, std::size_t off, void* d
 // piecewise). Returns the bytes copied: less than n only when dst holds fewer than off + n.
 inline std::size_t iov_write(std::span<const iovec> dst, std::size_t off, const void* src,
                              std::size_t n) noexcept {
+  if (!dst.empty() && off <= dst[0].iov_len && n <= dst[0].iov_len - off) [[likely]] {
+    if (n != 0) std::memcpy(static_cast<std::uint8_t*>(dst[0].iov_base) + off, src, n);
+    return n;
+  }
   detail::IovPos dp;
   if (detail::iov_advance(dst, dp, off) != off) return 0;
   detail::IovPos sp;
@@ -137,24 +156,24 @@ inline std::size_t iov_tail(std::span<const iovec> src, std::size_t off,
 class IovCursor {
  public:
   IovCursor() noexcept = default;
-  explicit IovCursor(std::span<const iovec> v) noexcept : v_(v), left_(iov_size(v)) {}
+  explicit IovCursor(std::span<const iovec> v) noexcept : v_(v) {}
 
-  // Bytes between the position and the end.
-  std::size_t remaining() const noexcept { return left_; }
-  bool at_end() const noexcept { return left_ == 0; }
+  // Bytes between the position and the end (a walk over the pieces left: the copies never need
+  // it, so the cursor does not keep a count up to date).
+  std::size_t remaining() const noexcept {
+    if (pos_.i >= v_.size()) return 0;
+    return iov_size(v_.subspan(pos_.i)) - pos_.off;
+  }
+  bool at_end() const noexcept { return remaining() == 0; }
 
   // Moves past n bytes (fewer at the end); returns how many.
-  std::size_t advance(std::size_t n) noexcept {
-    const std::size_t k = detail::iov_advance(v_, pos_, n);
-    left_ -= k;
-    return k;
-  }
+  std::size_t advance(std::size_t n) noexcept { return detail::iov_advance(v_, pos_, n); }
 
   // Copies up to n bytes from the position to dst and moves past them; returns how many.
   std::size_t read(void* dst, std::size_t n) noexcept {
     detail::IovPos dp;
     const iovec out{dst, n};
-    return moved(detail::iov_copy(std::span<const iovec>(&out, 1), dp, v_, pos_, n));
+    return detail::iov_copy(std::span<const iovec>(&out, 1), dp, v_, pos_, n);
   }
 
   // Copies up to n bytes from src into the pieces at the position and moves past them; returns
@@ -162,7 +181,7 @@ class IovCursor {
   std::size_t write(const void* src, std::size_t n) noexcept {
     detail::IovPos sp;
     const iovec in{const_cast<void*>(src), n};  // only ever read through
-    return moved(detail::iov_copy(v_, pos_, std::span<const iovec>(&in, 1), sp, n));
+    return detail::iov_copy(v_, pos_, std::span<const iovec>(&in, 1), sp, n);
   }
 
   // Copies up to n bytes from the position into dst, starting dst_off bytes into dst, and moves
@@ -170,14 +189,12 @@ class IovCursor {
   std::size_t copy_to(std::span<const iovec> dst, std::size_t dst_off, std::size_t n) noexcept {
     detail::IovPos dp;
     if (detail::iov_advance(dst, dp, dst_off) != dst_off) return 0;
-    return moved(detail::iov_copy(dst, dp, v_, pos_, n));
+    return detail::iov_copy(dst, dp, v_, pos_, n);
   }
 
   // Copies up to n bytes from this cursor's position to dst's, moving both; returns how many.
   std::size_t copy_to(IovCursor& dst, std::size_t n) noexcept {
-    const std::size_t k = detail::iov_copy(dst.v_, dst.pos_, v_, pos_, n);
-    dst.left_ -= k;
-    return moved(k);
+    return detail::iov_copy(dst.v_, dst.pos_, v_, pos_, n);
   }
 
   // The pieces from the position on, written to out without copying data (as iov_tail).
@@ -186,14 +203,8 @@ class IovCursor {
   }
 
  private:
-  std::size_t moved(std::size_t k) noexcept {
-    left_ -= k;
-    return k;
-  }
-
   std::span<const iovec> v_{};
   detail::IovPos pos_{};
-  std::size_t left_ = 0;
 };
 
 }  // namespace vhostkit::virtq
