@@ -175,14 +175,14 @@ NetStats NetDevice::stats(std::uint16_t qp) const noexcept {
   NetStats s;
   if (qp >= pairs_count_) return s;
   const Pair& p = pairs_[qp];
-  s.tx_frames = p.tx_frames.get();
-  s.tx_bytes = p.tx_bytes.get();
-  s.tx_drops = p.tx_drops.get();
-  s.tx_errors = p.tx_errors.get();
-  s.rx_frames = p.rx_frames.get();
-  s.rx_bytes = p.rx_bytes.get();
-  s.rx_drops = p.rx_drops.get();
-  s.rx_errors = p.rx_errors.get();
+  s.tx_frames = p.tx_frames.load();
+  s.tx_bytes = p.tx_bytes.load();
+  s.tx_drops = p.tx_drops.load();
+  s.tx_errors = p.tx_errors.load();
+  s.rx_frames = p.rx_frames.load();
+  s.rx_bytes = p.rx_bytes.load();
+  s.rx_drops = p.rx_drops.load();
+  s.rx_errors = p.rx_errors.load();
   return s;
 }
 

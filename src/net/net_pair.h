@@ -32,15 +32,6 @@ inline constexpr std::size_t kBounceBytes = 65536 + 64;
 // Chains one tx burst may pop before delivering any (NetOptions::burst's upper bound).
 inline constexpr std::size_t kMaxBurst = NetDevice::kMaxBurst;
 
-// A counter written by one worker at a time and read by anyone.
-struct Counter {
-  std::atomic<std::uint64_t> v{0};
-  void add(std::uint64_t n) noexcept {
-    if (n != 0) v.fetch_add(n, std::memory_order_relaxed);
-  }
-  std::uint64_t get() const noexcept { return v.load(std::memory_order_relaxed); }
-};
-
 // At most one log line per second per limiter: a guest that sends bad chains in a loop must not
 // fill the disk.
 struct RateLimit {
@@ -88,8 +79,10 @@ struct alignas(64) NetDevice::Pair {
   std::array<virtq::Chain, detail::kMaxBurst> tx_batch{};  // loopback: the burst popped
   std::unique_ptr<std::uint8_t[]> bounce;                  // kBounceBytes, port rx staging
 
-  detail::Counter tx_frames, tx_bytes, tx_drops, tx_errors;
-  detail::Counter rx_frames, rx_bytes, rx_drops, rx_errors;
+  // The pair's counters, since the device was made (NetDevice::stats). tx_* are written by the
+  // transmitq's worker, rx_* by the receiveq's (which in loopback is the same one).
+  vhost::Counter tx_frames, tx_bytes, tx_drops, tx_errors;
+  vhost::Counter rx_frames, rx_bytes, rx_drops, rx_errors;
   detail::RateLimit log_limit;
 };
 

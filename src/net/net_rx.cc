@@ -205,12 +205,6 @@ std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget
   p.rx_bytes.add(bytes);
   p.rx_drops.add(drops);
   p.rx_errors.add(errors);
-  auto& st = q.stats();
-  if (frames != 0) {
-    st.add(st.chains, frames);
-    st.add(st.bytes, bytes);
-  }
-  if (drops != 0) st.add(st.drops, drops);
   if (touched) q.publish_and_notify();  // after the counters: a reader of used sees them
   return frames + drops;
 }

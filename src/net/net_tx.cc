@@ -34,14 +34,33 @@ constexpr std::size_t kPrefetchBytes = 1536;
 // What became of one pop from the transmitq.
 enum class TxPop : std::uint8_t { ok, skip, stop };
 
+// What one tx burst did.
+struct TxTally {
+  std::uint64_t chains = 0;  // pops tried, malformed chains included
+  std::uint64_t frames = 0;
+  std::uint64_t bytes = 0;  // frame bytes, virtio-net header excluded
+  std::uint64_t drops = 0;
+  std::uint64_t errors = 0;  // malformed chains
+};
+
+// Each event once: frames, bytes, drops and errors in the pair's counters (NetDevice::stats),
+// the chains popped in the queue's. Before the used entries are published, so whoever sees
+// them also sees them counted.
+void count_tx(NetDevice::Pair& p, vhost::Queue& q, const TxTally& t) noexcept {
+  p.tx_frames.add(t.frames);
+  p.tx_bytes.add(t.bytes);
+  p.tx_drops.add(t.drops);
+  p.tx_errors.add(t.errors);
+  q.stats().chains.add(t.chains);
+}
+
 // Pops the next tx chain into `out`, its pieces into `segs` (kMaxSegs of room: a longer
 // chain is malformed). A malformed chain is answered (used len 0) and counted in `errors`
 // (skip); an error that breaks the queue ends the burst (stop).
 TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::span<iovec> segs, std::size_t hdr_len,
-             virtq::Chain& out, std::uint64_t& errors) noexcept {
+             virtq::Chain& out) noexcept {
   auto c = vq.pop(segs);
   if (!c) {
-    ++errors;
     // The walker answered the chain (used len 0) and counted it by kind; say which.
     if (c.error() != virtq::ChainError::empty && p.log_limit.allow()) {
       spdlog::warn("net: pair {}: bad tx chain: {}", p.qp, virtq::to_string(c.error()));
@@ -50,7 +69,6 @@ TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::span<iovec> segs, 
   }
   if (!tx_chain_ok(p, *c, hdr_len)) {
     vq.push_used(c->head, 0);
-    ++errors;
     return TxPop::skip;
   }
   out = *c;
@@ -66,15 +84,17 @@ bool NetDevice::handle_tx(Pair& p, vhost::Queue& q) noexcept {
 bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
   auto& vq = q.vq();
   const bool vnet = port_->vnet_hdr();
-  std::uint64_t frames = 0, bytes = 0, drops = 0, errors = 0, chains = 0;
+  TxTally t;
   const std::span<iovec> io(p.io);
   for (std::uint16_t n = 0; n < burst_ && vq.pending() != 0; ++n) {
-    ++chains;
+    ++t.chains;
     virtq::Chain c;
-    const TxPop r =
-        pop_tx(p, vq, std::span<iovec>(p.tx_segs).first(detail::kMaxSegs), hdr_len_, c, errors);
-    if (r == TxPop::stop) break;
-    if (r == TxPop::skip) continue;
+    const TxPop r = pop_tx(p, vq, std::span<iovec>(p.tx_segs).first(detail::kMaxSegs), hdr_len_, c);
+    if (r != TxPop::ok) {
+      ++t.errors;
+      if (r == TxPop::stop) break;
+      continue;
+    }
     const std::size_t frame = c.readable_len - hdr_len_;
     std::span<const iovec> pieces;
     if (vnet && hdr_len_ == 12) {
@@ -91,24 +111,16 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
       pieces = io.first(k);
     }
     if (port_->send(p.qp, pieces)) {
-      ++frames;
-      bytes += frame;
+      ++t.frames;
+      t.bytes += frame;
     } else {
-      ++drops;
+      ++t.drops;
     }
     vq.push_used(c.head, 0);
   }
-  if (chains == 0) return false;
+  if (t.chains == 0) return false;
   port_->flush(p.qp);
-  // Counters first: whoever sees the used entries also sees them counted.
-  p.tx_frames.add(frames);
-  p.tx_bytes.add(bytes);
-  p.tx_drops.add(drops);
-  p.tx_errors.add(errors);
-  auto& st = q.stats();
-  st.add(st.chains, chains);
-  st.add(st.bytes, bytes);
-  if (drops != 0) st.add(st.drops, drops);
+  count_tx(p, q, t);
   q.publish_and_notify();
   return true;
 }
@@ -126,19 +138,22 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
   }
   if (rxq != nullptr && !rxq->started()) rxq = nullptr;
   static constexpr std::uint8_t kZeroHdr[10] = {};
-  std::uint64_t frames = 0, bytes = 0, drops = 0, errors = 0, chains = 0;
+  TxTally t;
   bool rx_touched = false;
   // Two passes. First the whole burst is popped and each frame prefetched: the driver's core
   // wrote those lines last, and asking for all of them at once overlaps their transfers
   // instead of paying one after the other in the copy loop.
   const std::span<iovec> segs(p.tx_segs);
   std::size_t used_segs = 0, batched = 0;
-  while (chains < burst_ && vq.pending() != 0 && segs.size() - used_segs >= detail::kMaxSegs) {
-    ++chains;
+  while (t.chains < burst_ && vq.pending() != 0 && segs.size() - used_segs >= detail::kMaxSegs) {
+    ++t.chains;
     virtq::Chain& c = p.tx_batch[batched];
-    const TxPop r = pop_tx(p, vq, segs.subspan(used_segs, detail::kMaxSegs), hdr_len_, c, errors);
-    if (r == TxPop::stop) break;
-    if (r == TxPop::skip) continue;
+    const TxPop r = pop_tx(p, vq, segs.subspan(used_segs, detail::kMaxSegs), hdr_len_, c);
+    if (r != TxPop::ok) {
+      ++t.errors;
+      if (r == TxPop::stop) break;
+      continue;
+    }
     used_segs += c.readable.size() + c.writable.size();
     // The first piece, up to a full-size frame: lines beyond are left to the hardware
     // prefetcher, which follows the copy's stream.
@@ -157,29 +172,19 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
                                 frame, true, rx_touched);
     }
     if (d == detail::Delivery::delivered) {
-      ++frames;
-      bytes += frame;
+      ++t.frames;
+      t.bytes += frame;
     } else {
-      ++drops;  // every frame not delivered is a tx drop: sent == received + tx_drops
+      ++t.drops;  // every frame not delivered is a tx drop: sent == received + tx_drops
     }
     vq.push_used(c.head, 0);
   }
-  if (chains == 0) return false;
-  // Counters first: whoever sees the used entries also sees them counted.
-  p.tx_frames.add(frames);
-  p.tx_bytes.add(bytes);
-  p.tx_drops.add(drops);
-  p.tx_errors.add(errors);
-  auto& st = q.stats();
-  st.add(st.chains, chains);
-  st.add(st.bytes, bytes);
-  if (drops != 0) st.add(st.drops, drops);
+  if (t.chains == 0) return false;
+  count_tx(p, q, t);
   if (rx_touched) {
-    p.rx_frames.add(frames);
-    p.rx_bytes.add(bytes);
-    auto& rst = rxq->stats();
-    rst.add(rst.chains, frames);
-    rst.add(rst.bytes, bytes);
+    // Each frame delivered is a tx frame and an rx frame: the pair counts both directions.
+    p.rx_frames.add(t.frames);
+    p.rx_bytes.add(t.bytes);
     rxq->publish_and_notify();
   }
   q.publish_and_notify();

@@ -21,22 +21,34 @@ struct MappedRing {
   std::uint64_t used_gpa = 0;  // the used ring's guest address, for the dirty log
 };
 
-// Per-queue counters. Written by the worker thread only (relaxed), read by anyone.
-struct QueueStats {
-  std::atomic<std::uint64_t> chains{0};
-  std::atomic<std::uint64_t> bytes{0};
-  std::atomic<std::uint64_t> kicks{0};   // kick eventfd wake-ups received
-  std::atomic<std::uint64_t> calls{0};   // call eventfd signals sent
-  std::atomic<std::uint64_t> drops{0};   // packets/requests dropped (device-specific)
-  std::atomic<std::uint64_t> errors{0};  // bad chains (kinds in DeviceQueue::errors())
-
-  void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
-    c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+// The one counter type for statistics (per-queue stats here, the net device's per-pair
+// counters, blk's). One thread writes it at a time (the worker serving the queue) and any thread
+// reads it. With one writer a relaxed load and store lose no count, and the data path
+// pays no locked read-modify-write per burst; a reader sees every count, if slightly late.
+class Counter {
+ public:
+  void add(std::uint64_t n = 1) noexcept {
+    if (n != 0) v_.store(v_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
   }
+  std::uint64_t load() const noexcept { return v_.load(std::memory_order_relaxed); }
+  void clear() noexcept { v_.store(0, std::memory_order_relaxed); }
+
+ private:
+  std::atomic<std::uint64_t> v_{0};
+};
+
+// Per-queue counters of the ring itself, since the queue was last reset. Device-level events
+// (virtio-net's frames, bytes and drops) are counted once, by the device (NetDevice::stats).
+struct QueueStats {
+  Counter chains;  // chains popped by a backend that counts them (blk, net's transmitq, rigs)
+  Counter bytes;   // bytes moved, by a backend that counts them (blk, the rigs)
+  Counter kicks;   // kick eventfd wake-ups received
+  Counter calls;   // call eventfd signals sent
+  Counter errors;  // bad chains (kinds in DeviceQueue::errors())
+
+  void add(Counter& c, std::uint64_t n = 1) noexcept { c.add(n); }
   void clear() noexcept {
-    for (auto* c : {&chains, &bytes, &kicks, &calls, &drops, &errors}) {
-      c->store(0, std::memory_order_relaxed);
-    }
+    for (Counter* c : {&chains, &bytes, &kicks, &calls, &errors}) c->clear();
   }
 };
 
