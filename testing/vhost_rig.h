@@ -44,6 +44,7 @@ class EchoBackend : public DeviceBackend {
       if (!c) continue;  // answered with len 0 by the DeviceQueue, counted there
       const auto copied = static_cast<std::uint32_t>(
           virtq::iov_copy(c->writable, 0, c->readable, 0, c->readable_len));
+      q.vq().log_write(c->writable, copied);
       vq.push_used(c->head, copied);
       q.stats().add(q.stats().chains);
       q.stats().add(q.stats().bytes, copied);

@@ -248,8 +248,11 @@ TEST(NetDriverPair, NegotiatesOverSocketpair) {
   auto s = NetDriver::connect(opts_on(std::move(pair->first)));
   ASSERT_TRUE(s) << s.error().message();
   auto& f = **s;
-  EXPECT_EQ(f.session().offered_features() & ~virtio::bit(virtio::feature::protocol_features),
-            rig.backend.features());
+  // The session adds the transport's bits: PROTOCOL_FEATURES and LOG_ALL (live migration).
+  const std::uint64_t transport =
+      virtio::bit(virtio::feature::protocol_features) | virtio::bit(virtio::feature::log_all);
+  EXPECT_EQ(f.session().offered_features() & ~transport, rig.backend.features());
+  EXPECT_EQ(f.session().offered_features() & transport, transport);
   // Acked: what we want and know how to drive; never INDIRECT or checksum offload.
   EXPECT_EQ(f.features(), kNetFeatures | virtio::bit(virtio::feature::protocol_features));
   EXPECT_EQ(rig.backend.acked() & ~virtio::bit(virtio::feature::protocol_features),

@@ -443,6 +443,14 @@ struct Device::Impl {
     set_log_hook(q, r);
   }
 
+  // The table carries the dirty log only while the front-end asks for logging (LOG_ALL acked,
+  // as Linux's vhost gates buffer logging on the feature) and has given a log. Called with the
+  // workers parked or none running: a worker sees the log from its next write on.
+  void install_log() noexcept {
+    const bool all = (acked & virtio::bit(virtio::feature::log_all)) != 0;
+    mem.set_dirty_log(all && log ? log.get() : nullptr);
+  }
+
   void reset() noexcept {
     for (auto& q : queues) stop_ring(*q);
     for (auto& w : workers) w->stop();
@@ -509,10 +517,17 @@ Result<> Device::set_features(std::uint64_t features) {
           Errc::bad_state,
           fmt::format("SET_FEATURES: cannot change bits 0x{:x} while rings are running", changed));
     }
-    d.acked = features;
+    // QEMU waits for this request's answer before it starts copying memory, so every write
+    // after the answer must be logged: the workers are parked while the log is switched, and
+    // the next write of each sees it.
+    d.with_workers_parked([&] {
+      d.acked = features;
+      d.install_log();
+    });
     return {};
   }
   d.acked = features;
+  d.install_log();
   d.backend.set_features(features);
   return {};
 }
@@ -552,7 +567,7 @@ Result<> Device::set_mem_table(std::vector<memory::RegionFd> regions) {
   d.with_workers_parked([&] {
     d.quiesce_running();
     std::swap(d.mem, next);
-    d.mem.set_dirty_log(d.log.get());
+    d.install_log();
     next.set_dirty_log(nullptr);
     for (std::size_t i = 0; i < d.queues.size(); ++i) {
       Queue& q = *d.queues[i];
@@ -781,7 +796,7 @@ Result<> Device::set_log_base(UniqueFd fd, std::uint64_t size, std::uint64_t off
   if (auto r = log->attach(std::move(fd), size, offset); !r) return r;
   d.with_workers_parked([&] {
     std::swap(d.log, log);
-    d.mem.set_dirty_log(d.log.get());
+    d.install_log();
   });
   return {};  // the previous log (if any) is unmapped here, after no worker can use it
 }

@@ -40,10 +40,11 @@ BackendSession::BackendSession(vhost::Device& device, Channel channel, SessionOp
     : device_(device), channel_(std::move(channel)), opts_(std::move(opts)) {
   offered_protocol_ = opts_.protocol_features & kSupportedProtocolFeatures;
   if (!opts_.set_mtu) offered_protocol_ &= ~protocol_bit(protocol_feature::net_mtu);
-  // VHOST_F_LOG_ALL is not offered: the device marks only used-ring writes in the dirty log,
-  // not the guest buffers it writes, so a live migration through us could lose guest memory.
-  // Without it QEMU refuses to migrate, which is the honest answer until buffers are logged.
-  device_.add_offered_features(virtio::bit(virtio::feature::protocol_features));
+  // VHOST_F_LOG_ALL: live migration. Once acked (with a log from SET_LOG_BASE) every device
+  // write to guest memory is marked: the buffers through vhost::Queue::log_write, the used ring
+  // through VHOST_VRING_F_LOG.
+  device_.add_offered_features(virtio::bit(virtio::feature::protocol_features) |
+                               virtio::bit(virtio::feature::log_all));
 }
 
 BackendSession::~BackendSession() { close(); }

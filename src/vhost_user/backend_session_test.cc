@@ -146,7 +146,7 @@ TEST(BackendSession, ProtocolFeatureNegotiation) {
   auto f = s.fe->get(GetFeatures{});
   ASSERT_TRUE(f);
   EXPECT_TRUE(*f & virtio::bit(virtio::feature::protocol_features));
-  EXPECT_FALSE(*f & virtio::bit(virtio::feature::log_all));  // buffers are not logged yet
+  EXPECT_TRUE(*f & virtio::bit(virtio::feature::log_all));  // live migration
   EXPECT_TRUE(*f & virtio::bit(virtio::feature::version_1));
   auto p = s.fe->get(GetProtocolFeatures{});
   ASSERT_TRUE(p);

@@ -109,7 +109,8 @@ class Queue {
   std::uint64_t poller_id VHOSTKIT_GUARDED_BY(worker_role_) = 0;
   // Sum of vq_.errors() already added to stats_.errors.
   std::uint64_t errors_seen VHOSTKIT_GUARDED_BY(worker_role_) = 0;
-  // Dirty-log hook for used-ring writes (VHOST_VRING_F_LOG with a log attached).
+  // The used ring's dirty-log hook (VHOST_VRING_F_LOG). The table carries a log only while
+  // LOG_ALL is acked.
   const memory::GuestMemory* mem VHOSTKIT_GUARDED_BY(worker_role_) = nullptr;
   std::uint64_t used_log_gpa VHOSTKIT_GUARDED_BY(worker_role_) = 0;
   bool log_used VHOSTKIT_GUARDED_BY(worker_role_) = false;

@@ -83,6 +83,15 @@ class DeviceQueue {
   void push_used(std::uint16_t head, std::uint32_t len) noexcept;
   // Makes every queued used element visible with one release store of used->idx.
   void publish_used() noexcept;
+  // Live migration: marks the guest pages behind the first `len` bytes of a chain's writable
+  // buffers in the table's dirty log, which is there only while the front-end asked for logging
+  // (VHOST_F_LOG_ALL). Device handlers call it once per chain with what they wrote into it (the
+  // used length), after the writes and before publishing. A load and a branch when not logging.
+  void log_write(std::span<const iovec> writable, std::size_t len) const noexcept {
+    if (mem_ != nullptr && mem_->dirty_log() != nullptr) [[unlikely]] {
+      mem_->log_host_write(writable, len);
+    }
+  }
 
   // After publish_used(): should the driver be signalled (call eventfd)? Implements
   // EVENT_IDX (used_event) or the NO_INTERRUPT flag; remembers what was signalled.
