@@ -14,6 +14,7 @@
 #include <sys/vfs.h>
 
 #include "testing/blk_rig.h"
+#include "testing/dirty_log.h"
 
 namespace vhostkit::blk::testing {
 namespace {
@@ -236,6 +237,35 @@ TEST_P(BlkIo, WriteThenReadBack) {
   EXPECT_EQ(st.bytes_written, data.size());
   // Aligned requests go the buffered way only when O_DIRECT took the open and refused the I/O.
   EXPECT_EQ(st.buffered, d.opens && !d.works ? 2u : 0u);
+}
+
+// Live migration: with LOG_ALL acked on the running rings, a read's data pages and every status
+// byte's page are marked; a write's data (the device only reads it) is not.
+TEST_P(BlkIo, DirtyLogMarksReadDataAndStatusBytes) {
+  Rig r(opts());
+  vhostkit::testing::SharedLog log;
+  ASSERT_TRUE(log.ok());
+  r.dev.add_offered_features(virtio::bit(virtio::feature::log_all));
+  ASSERT_TRUE(r.dev.set_log_base(log.fd(), log.size(), 0));
+  ASSERT_TRUE(r.dev.set_features(kFeatures | virtio::bit(virtio::feature::log_all)));
+  const Bytes data = pattern(64 * 1024, 3);
+  auto w = r.guest.request(0, virtio::blk_type::out, 8, data, 0, 4);
+  ASSERT_TRUE(w);
+  EXPECT_EQ(r.guest.run(0, *w).first, virtio::kBlkSOk);
+  const std::uint64_t wbase = r.guest.slot_gpa(0, *w);
+  EXPECT_TRUE(log.dirty(wbase + BlkGuest::kStatusOff));
+  EXPECT_FALSE(log.dirty(wbase + BlkGuest::kDataOff));
+  EXPECT_FALSE(log.dirty(wbase + BlkGuest::kDataOff + data.size() - 1));
+
+  auto rd = r.guest.request(0, virtio::blk_type::in, 8, {}, 64 * 1024, 3);
+  ASSERT_TRUE(rd);
+  EXPECT_EQ(r.guest.run(0, *rd).first, virtio::kBlkSOk);
+  EXPECT_EQ(r.guest.data(0, *rd, data.size()), data);
+  const std::uint64_t rbase = r.guest.slot_gpa(0, *rd);
+  EXPECT_TRUE(log.dirty(rbase + BlkGuest::kStatusOff));
+  EXPECT_TRUE(log.all_dirty(rbase + BlkGuest::kDataOff, data.size()));
+  // Not a page more than the request's: the page after its data stays clean.
+  EXPECT_FALSE(log.dirty(rbase + BlkGuest::kDataOff + data.size()));
 }
 
 TEST_P(BlkIo, ReadsTheLastSector) {

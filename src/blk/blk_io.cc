@@ -165,6 +165,12 @@ void BlkDevice::QueueState::finish(vhost::Queue& q, Slot& s, std::uint8_t status
                                    std::uint32_t used_len) noexcept {
   // The status byte goes last, after the data the request moved; the used element after it.
   *s.req.status = status;
+  // Live migration: what the device wrote into guest memory is marked before the used element
+  // is published: a read's (or GET_ID's) data, then the status byte.
+  if (s.req.op == BlkOp::read || s.req.op == BlkOp::get_id)
+    q.vq().log_write(s.req.data, s.req.length);
+  const iovec status_byte{s.req.status, 1};
+  q.vq().log_write({&status_byte, 1}, 1);
   q.vq().push_used(s.head, used_len);
 }
 
@@ -187,6 +193,7 @@ void BlkDevice::QueueState::refuse(vhost::Queue& q, Slot& s, const BlkRefusal& r
     return;
   }
   Counters::add(counters.bad_requests);
+  s.req = BlkRequest{};  // nothing of the slot's last request may be answered or logged
   s.req.status = r.status;
   finish(q, s, r.answer, 1);
 }
