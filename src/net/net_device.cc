@@ -25,7 +25,7 @@ constexpr bool is_transmitq(std::uint16_t idx) { return (idx & 1u) != 0; }
 std::uint64_t base_features() {
   return bit(virtio::feature::version_1) | bit(virtio::feature::ring_event_idx) |
          bit(virtio::feature::ring_indirect_desc) | bit(nf::mrg_rxbuf) | bit(nf::mac) |
-         bit(nf::status) | bit(nf::ctrl_vq) | bit(nf::ctrl_rx);
+         bit(nf::status) | bit(nf::ctrl_vq) | bit(nf::ctrl_rx) | bit(nf::guest_announce);
 }
 
 // Checksum and segmentation offloads: only meaningful when the port carries the vnet header
@@ -125,6 +125,10 @@ void NetDevice::queue_started(vhost::Queue& q, vhost::Worker& w) {
   if (is_transmitq(idx)) {
     p.tx_worker.store(&w, std::memory_order_release);
     p.txq.store(&q, std::memory_order_release);
+    // An announce that came before this ring ran (see announce()).
+    if (p.qp == 0 && port_ && announce_pending_.load(std::memory_order_acquire)) {
+      w.queue_work([this] { send_announce(); });
+    }
     return;
   }
   p.rx_mode = w.options().mode;
@@ -216,6 +220,7 @@ bool NetDevice::handle_ctrl(vhost::Queue& q) noexcept {
     virtq::iov_read(c->readable, 0, hdr, 2);
     std::uint8_t ack = exec_ctrl(hdr[0], hdr[1], c->readable, c->readable_len - 2);
     virtq::iov_write(c->writable, 0, &ack, 1);
+    vq.log_write(c->writable, 1);
     vq.push_used(c->head, 1);
   }
   if (any) q.publish_and_notify();
@@ -295,8 +300,19 @@ void NetDevice::announce(const std::uint8_t mac[6]) {
     std::memcpy(announce_mac_.data(), mac, 6);
   }
   announce_pending_.store(true, std::memory_order_release);
-  // Deliver from pair 0's rx worker, the only thread that may write that ring. If the ring is
-  // not running yet, the next rx kick (the guest posting buffers) delivers it.
+  if (port_) {
+    // Switches learn where the guest lives now from a frame it sends: the RARP leaves through
+    // the port as if the guest had sent it (QEMU's own announce and DPDK's vhost library do the
+    // same). From pair 0's tx worker, the only thread that sends on pair 0; if that ring is not
+    // running yet, as soon as it starts.
+    if (vhost::Worker* w = pairs_[0].tx_worker.load(std::memory_order_acquire)) {
+      w->queue_work([this] { send_announce(); });
+    }
+    return;
+  }
+  // The loopback: the guest is all the network there is. Deliver from pair 0's rx worker, the
+  // only thread that may write that ring. If the ring is not running yet, the next rx kick (the
+  // guest posting buffers) delivers it.
   if (vhost::Worker* w = pairs_[0].rx_worker.load(std::memory_order_acquire)) {
     w->queue_work([this] {
       Pair& p = pairs_[0];
@@ -307,10 +323,9 @@ void NetDevice::announce(const std::uint8_t mac[6]) {
   }
 }
 
-bool NetDevice::inject_announce(Pair& p, vhost::Queue& q) noexcept {
-  if (p.qp != 0 || !announce_pending_.load(std::memory_order_acquire)) return false;
+void NetDevice::rarp_frame(std::uint8_t (&frame)[kRarpLen]) {
   // A gratuitous RARP (ethertype 0x8035) from the new location, as QEMU's announce sends.
-  std::uint8_t frame[60] = {};
+  std::memset(frame, 0, kRarpLen);
   {
     std::lock_guard lk(announce_mu_);
     std::memset(frame, 0xff, 6);
@@ -324,6 +339,33 @@ bool NetDevice::inject_announce(Pair& p, vhost::Queue& q) noexcept {
                                 6,    4,      // address lengths
                                 0x00, 0x03};  // op: reverse request
   std::memcpy(frame + 12, fixed, sizeof fixed);
+}
+
+void NetDevice::send_announce() noexcept {
+  if (!announce_pending_.exchange(false, std::memory_order_acq_rel)) return;
+  // A vnet port takes a virtio_net_hdr in front of every frame: all zero, nothing to offload.
+  std::uint8_t buf[12 + kRarpLen] = {};
+  const std::size_t h = port_->vnet_hdr() ? 12 : 0;
+  std::uint8_t frame[kRarpLen];
+  rarp_frame(frame);
+  std::memcpy(buf + h, frame, kRarpLen);
+  const iovec v{buf, h + kRarpLen};
+  const bool sent = port_->send(0, std::span<const iovec>(&v, 1));
+  port_->flush(0);
+  if (sent) {
+    spdlog::info("net: announced {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} on {} {} (RARP)",
+                 frame[6], frame[7], frame[8], frame[9], frame[10], frame[11], port_->kind(),
+                 port_->ifname());
+  } else {
+    spdlog::warn("net: the announce RARP could not be sent on {} {}", port_->kind(),
+                 port_->ifname());
+  }
+}
+
+bool NetDevice::inject_announce(Pair& p, vhost::Queue& q) noexcept {
+  if (port_ || p.qp != 0 || !announce_pending_.load(std::memory_order_acquire)) return false;
+  std::uint8_t frame[kRarpLen];
+  rarp_frame(frame);
   const std::uint8_t hdr10[10] = {};
   const iovec src{frame, sizeof frame};
   bool touched = false;

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include "testing/dirty_log.h"
 #include "testing/net_rig.h"
 
 namespace vhostkit::net {
@@ -81,6 +82,53 @@ INSTANTIATE_TEST_SUITE_P(Modes, Loopback,
                                            LoopCase{PollMode::event, true, true, 9000, 1526},
                                            LoopCase{PollMode::event, false, true, 9000, 1526},
                                            LoopCase{PollMode::busy, true, true, 9000, 1526}));
+
+// Live migration: LOG_ALL acked while the rings run, then frames looped back into 512-byte
+// mergeable rx buffers (a frame over up to four chains). Against a shadow of guest memory taken
+// when logging started: every page of the receiveq's buffers that the device changed is marked,
+// and no page of the transmitq's buffers (the device only reads those).
+TEST(LoopbackDirtyLog, EveryPageTheDeviceWroteIsMarked) {
+  NetDevice net(NetOptions{});
+  vhost::Device dev(net, dev_opts(PollMode::event));
+  dev.add_offered_features(virtio::bit(virtio::feature::log_all));
+  Guest g(3, kBase | kEventIdx | kMrg);
+  g.bring_up(dev);
+  vhostkit::testing::SharedLog log(8192);  // 256 MiB of guest memory
+  ASSERT_TRUE(log.ok());
+  ASSERT_TRUE(dev.set_log_base(log.fd(), log.size(), 0));
+  ASSERT_TRUE(dev.set_features(kBase | kEventIdx | kMrg | virtio::bit(virtio::feature::log_all)));
+  const std::uint64_t rx_begin = g.slot_gpa(1, 0), rx_end = g.slot_gpa(2, 0);
+  const std::uint64_t tx_begin = g.slot_gpa(0, 0), tx_end = rx_begin;
+  const std::vector<std::uint8_t> shadow(g.host(rx_begin), g.host(rx_end));
+
+  Receiver rx(g, 1, {512});
+  rx.refill();
+  std::mt19937 rng(7);
+  std::size_t sent = 0;
+  for (int round = 0; round < 20; ++round) {
+    for (int i = 0; i < 16; ++i, ++sent) {
+      ASSERT_TRUE(g.send(0, random_frame(rng, 60 + rng() % 1455)));
+    }
+    g.kick(0);
+    ASSERT_TRUE(rx.wait_frames(sent));
+    ASSERT_TRUE(wait_tx_done(g, 0));
+    rx.refill();
+  }
+  std::size_t changed = 0;
+  for (std::uint64_t gpa = rx_begin; gpa < rx_end; gpa += vhostkit::testing::SharedLog::kPage) {
+    const std::size_t off = gpa - rx_begin;
+    if (std::memcmp(g.host(gpa), shadow.data() + off, vhostkit::testing::SharedLog::kPage) == 0) {
+      continue;
+    }
+    ++changed;
+    EXPECT_TRUE(log.dirty(gpa)) << "rx page at gpa 0x" << std::hex << gpa << " written, not marked";
+  }
+  EXPECT_GT(changed, 20u);
+  for (std::uint64_t gpa = tx_begin; gpa < tx_end; gpa += vhostkit::testing::SharedLog::kPage) {
+    ASSERT_FALSE(log.dirty(gpa)) << "tx page at gpa 0x" << std::hex << gpa << " marked";
+  }
+  EXPECT_EQ(net.stats(0).rx_frames, sent);
+}
 
 TEST(LoopbackDrops, NoRxBuffersCountsDrops) {
   NetDevice net(NetOptions{});
@@ -505,6 +553,51 @@ TEST(Announce, RarpFrameReachesPairZero) {
   settle(dev.worker_for(1));
   rx.poll();
   EXPECT_EQ(rx.frames.size(), 2u);
+}
+
+// With a port, SEND_RARP's announce is for the network: the RARP leaves through the port (with
+// a zero virtio_net_hdr on a vnet port), once, and the guest gets nothing.
+class AnnouncePort : public ::testing::TestWithParam<bool> {};
+
+TEST_P(AnnouncePort, RarpLeavesThroughThePortNotToTheGuest) {
+  const bool vnet = GetParam();
+  DeviceRig r(true, vnet, kBase | kEventIdx | kMrg);
+  Receiver rx(r.g, 1, {1526});
+  rx.refill();
+  const std::uint8_t mac[6] = {0x52, 0x54, 0, 0x12, 0x34, 0x56};
+  r.net.announce(mac);
+  settle(r.dev.worker_for(1));
+  auto sent = r.port->take_sent();
+  ASSERT_EQ(sent.size(), 1u);
+  const std::size_t h = vnet ? 12 : 0;
+  const Bytes& f = sent[0];
+  ASSERT_EQ(f.size(), h + 60);
+  for (std::size_t i = 0; i < h; ++i) EXPECT_EQ(f[i], 0) << "header byte " << i;
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(f[h + i], 0xff);
+    EXPECT_EQ(f[h + 6 + i], mac[i]);
+  }
+  EXPECT_EQ(f[h + 12], 0x80);
+  EXPECT_EQ(f[h + 13], 0x35);
+  // Nothing for the guest, and nothing more for the port.
+  std::mt19937 rng(3);
+  const Bytes fr = random_frame(rng, 100);
+  Bytes in(h, 0);
+  in.insert(in.end(), fr.begin(), fr.end());
+  r.port->inject(in);
+  ASSERT_TRUE(rx.wait_frames(1));
+  settle(r.dev.worker_for(1));
+  rx.poll();
+  ASSERT_EQ(rx.frames.size(), 1u);
+  EXPECT_EQ(rx.frames[0].data, fr);
+  EXPECT_TRUE(r.port->take_sent().empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(Port, AnnouncePort, ::testing::Bool());
+
+TEST(Announce, GuestAnnounceIsOffered) {
+  NetDevice net(NetOptions{});
+  EXPECT_TRUE(virtio::has(net.features(), nf::guest_announce));
 }
 
 }  // namespace

@@ -69,6 +69,7 @@ Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t h
       std::memcpy(dst + hdr_len, s, frame_len);
     }
     touched = true;
+    vq.log_write(first->writable, hdr_len + frame_len);
     vq.push_used(first->head, static_cast<std::uint32_t>(hdr_len + frame_len));
     return Delivery::delivered;
   }
@@ -118,12 +119,15 @@ Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t h
       continue;
     }
     const std::size_t k = cur.copy_to(c->writable, 0, left);
+    vq.log_write(c->writable, k);  // even if the frame is dropped below: the bytes are written
     p.merge_head[extra] = c->head;
     p.merge_len[extra] = static_cast<std::uint32_t>(k);
     ++extra;
     left -= k;
   }
   touched = true;
+  // Live migration: the first chain's payload is written (and its header will be on success).
+  vq.log_write(first->writable, hdr_len + n1);
   if (!ok) {
     // The chains are consumed; they go back empty, the driver drops and recycles them.
     vq.push_used(first->head, 0);

@@ -74,9 +74,10 @@ class NetDevice final : public vhost::DeviceBackend {
   void queue_stopped(vhost::Queue& q, vhost::Worker& w) override;
   bool handle_queue(vhost::Queue& q) noexcept override;
 
-  // Injects a gratuitous RARP frame from `mac` into pair 0's receiveq (vhost-user SEND_RARP
-  // after migration, as QEMU's announce does). Delivered on the rx worker as soon as the guest
-  // has an rx buffer.
+  // vhost-user SEND_RARP, after a migration to a guest that did not ack GUEST_ANNOUNCE: a
+  // gratuitous RARP from `mac` goes out through the port (from pair 0's tx worker), so that the
+  // network learns the guest's new place. On the loopback, where the guest is the whole network,
+  // it is delivered to pair 0's receiveq as soon as the guest has an rx buffer.
   void announce(const std::uint8_t mac[6]);
 
   NetStats stats(std::uint16_t qp) const noexcept;
@@ -113,6 +114,9 @@ class NetDevice final : public vhost::DeviceBackend {
   std::size_t rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget, bool* ring_empty) noexcept;
   void on_port_readable(std::uint16_t qp) noexcept;
   bool inject_announce(Pair& p, vhost::Queue& q) noexcept;
+  static constexpr std::size_t kRarpLen = 60;
+  void rarp_frame(std::uint8_t (&frame)[kRarpLen]);
+  void send_announce() noexcept;
 
   NetOptions opts_;
   std::unique_ptr<Port> port_;
