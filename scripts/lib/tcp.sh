@@ -6,6 +6,9 @@
 #                                   OUT.rc gets nc's exit status when the peer closes
 #   vk_tcp_source_start PORT IN     listen on PORT in VK_NETNS, send IN to whoever connects, then
 #                                   half-close; IN.rc gets nc's exit status
+#   vk_tcp_paced_source_start PORT IN KIB_PER_S
+#                                   the same, sending at most KIB_PER_S KiB/s (so that a transfer
+#                                   spans a window the test needs, e.g. a live migration)
 #   vk_tcp_wait_done FILE TIMEOUT   wait for FILE.rc; returns the nc status (124 on timeout)
 #   vk_random_file PATH MIB         MIB MiB of random data
 #   vk_sha256 PATH                  the hex digest
@@ -40,6 +43,24 @@ vk_tcp_source_start() {
   # shellcheck disable=SC2016
   vk_netns_spawn "$in.log" bash -c '
     busybox nc -l -p "$1" <"$2" >/dev/null; echo $? >"$2.rc"' vk-source "$port" "$in"
+  vk_wait_for 10 vk__tcp_listening "$port" ||
+    { echo "tcp.sh: source on port $port did not start: $(cat "$in.log")" >&2; return 1; }
+}
+
+vk_tcp_paced_source_start() {
+  local port=$1 in=$2 rate=$3
+  rm -f "$in.rc"
+  # Pacing, not a barrier: a 64 KiB chunk every 64/rate seconds. The pipe holds the first chunk
+  # until nc accepts.
+  # shellcheck disable=SC2016
+  vk_netns_spawn "$in.log" bash -c '
+    python3 -c "
+import sys, time
+rate = int(sys.argv[2]) * 1024
+with open(sys.argv[1], \"rb\") as f:
+    while chunk := f.read(65536):
+        sys.stdout.buffer.write(chunk); sys.stdout.flush(); time.sleep(len(chunk) / rate)
+" "$2" "$3" | busybox nc -l -p "$1" >/dev/null; echo $? >"$2.rc"' vk-source "$port" "$in" "$rate"
   vk_wait_for 10 vk__tcp_listening "$port" ||
     { echo "tcp.sh: source on port $port did not start: $(cat "$in.log")" >&2; return 1; }
 }
