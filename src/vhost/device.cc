@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "ring_map.h"
 #include "vhostkit/virtio/features.h"
 #include "vhostkit/virtio/ring.h"
 
@@ -118,52 +119,6 @@ struct Device::Impl {
     return queues[index].get();
   }
 
-  // The one translation of a ring: the three parts of a ring of `num` entries at `a`, each
-  // inside one region of `m`, and the index words aligned in host memory too (a region whose
-  // mmap_offset and userspace_addr differ in alignment moves them; atomic_ref needs them
-  // aligned). Its result is kept (Queue::mapped) and handed to the worker as it is.
-  static Result<MappedRing> translate(const memory::GuestMemory& m, const memory::VringAddr& a,
-                                      std::uint32_t num, std::uint32_t index) {
-    auto missing = [&](const char* what, std::uint64_t uva, std::size_t len) {
-      return fail(Errc::not_mapped,
-                  fmt::format("vring {}: {} at 0x{:x} ({} bytes for size {}) is not inside one "
-                              "memory region",
-                              index, what, uva, len, num));
-    };
-    auto misaligned = [&](const char* what, std::uint64_t uva, const void* host,
-                          std::size_t align) {
-      return fail(Errc::invalid_argument,
-                  fmt::format("vring {}: {} at 0x{:x} lands at host address {} which is not "
-                              "{}-byte aligned (its region's mmap_offset and userspace_addr "
-                              "differ in alignment)",
-                              index, what, uva, host, align));
-    };
-    const std::size_t dl = virtio::desc_table_bytes(num);
-    const std::size_t al = virtio::avail_ring_bytes(num);
-    const std::size_t ul = virtio::used_ring_bytes(num);
-    auto* d = m.uva_to_host(a.desc_user_addr, dl);
-    if (d == nullptr) return missing("desc table", a.desc_user_addr, dl);
-    auto* av = m.uva_to_host(a.avail_user_addr, al);
-    if (av == nullptr) return missing("avail ring", a.avail_user_addr, al);
-    auto* u = m.uva_to_host(a.used_user_addr, ul);
-    if (u == nullptr) return missing("used ring", a.used_user_addr, ul);
-    // Descriptors are copied out through untyped pointers; only the index words need alignment.
-    if (reinterpret_cast<std::uintptr_t>(av) % virtio::kAvailAlign != 0) {
-      return misaligned("avail ring", a.avail_user_addr, av, virtio::kAvailAlign);
-    }
-    if (reinterpret_cast<std::uintptr_t>(u) % virtio::kUsedAlign != 0) {
-      return misaligned("used ring", a.used_user_addr, u, virtio::kUsedAlign);
-    }
-    MappedRing r;
-    r.parts.desc = reinterpret_cast<virtio::VirtqDesc*>(d);
-    r.parts.avail = reinterpret_cast<virtio::VirtqAvail*>(av);
-    r.parts.used = reinterpret_cast<virtio::VirtqUsed*>(u);
-    r.parts.size = static_cast<std::uint16_t>(num);
-    // The used ring translated into one region, so its guest address exists.
-    r.used_gpa = m.uva_to_gpa(a.used_user_addr).value_or(0);
-    return r;
-  }
-
   // Keeps q.mapped the translation of q's addresses and size into the current table: called
   // whenever one of the three changes, so a start never translates again.
   void map_ring(Queue& q) {
@@ -171,7 +126,7 @@ struct Device::Impl {
       q.mapped = Queue::unmapped();
       return;
     }
-    q.mapped = translate(mem, q.addr, q.num, q.index_);
+    q.mapped = translate_ring(mem, q.addr, q.num, q.index_);
   }
 
   // --- on the worker ---------------------------------------------------------------------
@@ -555,7 +510,7 @@ Result<> Device::set_mem_table(std::vector<memory::RegionFd> regions) {
     if (q->num == 0 || !q->has_addr || next.region_count() == 0) {
       mapped.push_back(Queue::unmapped());
     } else {
-      mapped.push_back(Impl::translate(next, q->addr, q->num, q->index_));
+      mapped.push_back(translate_ring(next, q->addr, q->num, q->index_));
     }
     const bool now = q->started();
     if ((now || d.startable(*q)) && !mapped.back()) {
@@ -686,7 +641,7 @@ Result<> Device::set_vring_addr(std::uint32_t index, const memory::VringAddr& ad
   // With the size and memory known, translate now and refuse what does not map; otherwise the
   // translation waits for them.
   if (q.num != 0 && d.mem.region_count() != 0) {
-    auto r = Impl::translate(d.mem, addr, q.num, index);
+    auto r = translate_ring(d.mem, addr, q.num, index);
     if (!r) return std::unexpected(r.error());
     q.mapped = std::move(r);
   } else {
