@@ -108,7 +108,7 @@ vk_check "QEMU migrates the running guest (source -> destination)"
 mig=$(python3 "$QMP" "$VK_TMP/src.qmp" migrate "unix:$VK_TMP/migrate.sock" --timeout 120 \
   --max-bandwidth 1073741824 2>&1) ||
   { cat "${LOG[src]}"; vk_fail "migration: $mig"; }
-python3 "$QMP" "$VK_TMP/dst.qmp" wait-status running --timeout 30 >/dev/null ||
+python3 "$QMP" "$VK_TMP/dst.qmp" wait-status running --timeout 90 >/dev/null ||
   vk_fail "the destination did not resume the guest"
 vk_pass "$mig; destination running after $(elapsed) s"
 python3 "$QMP" "$VK_TMP/src.qmp" run quit >/dev/null 2>&1
