@@ -366,21 +366,18 @@ bool NetDevice::inject_announce(Pair& p, vhost::Queue& q) noexcept {
   if (port_ || p.qp != 0 || !announce_pending_.load(std::memory_order_acquire)) return false;
   std::uint8_t frame[kRarpLen];
   rarp_frame(frame);
-  const std::uint8_t hdr10[10] = {};
   const iovec src{frame, sizeof frame};
-  bool touched = false;
-  const auto d =
-      detail::deliver_frame(p, q.vq(), hdr_len_, mrg_rxbuf_, hdr10, std::span<const iovec>(&src, 1),
-                            0, sizeof frame, false, touched);
-  if (d == detail::Delivery::delivered) {
+  const detail::FrameSource f{.pieces = std::span<const iovec>(&src, 1), .len = sizeof frame};
+  const detail::RxResult res = detail::deliver_frame(p, q.vq(), {hdr_len_, mrg_rxbuf_}, f);
+  if (res.delivery == detail::Delivery::delivered) {
     announce_pending_.store(false, std::memory_order_relaxed);
     p.rx_frames.add(1);
     p.rx_bytes.add(sizeof frame);
-  } else if (d == detail::Delivery::dropped) {
+  } else if (res.delivery == detail::Delivery::dropped) {
     announce_pending_.store(false, std::memory_order_relaxed);  // it can never fit
   }
-  if (touched) q.publish_and_notify();
-  return touched;
+  if (res.used_pushed) q.publish_and_notify();
+  return res.used_pushed;
 }
 
 }  // namespace vhostkit::net

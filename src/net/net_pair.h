@@ -96,14 +96,40 @@ enum class Delivery : std::uint8_t {
   dropped,    // did not fit (too big without MRG_RXBUF, or the ring ran out mid-frame)
 };
 
-// Writes one frame into the guest's rx ring: header (the first 10 bytes from hdr10, then
-// num_buffers when hdr_len is 12) followed by frame_len bytes read from src after src_off.
-// swap_mac exchanges the frame's destination and source addresses on the way (loopback).
-// Chains without room for the header are answered with used len 0 and counted in rx_errors.
-// `touched` is set when any used entry was pushed (the caller must publish).
-Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t hdr_len,
-                       bool mrg_rxbuf, const std::uint8_t* hdr10, std::span<const iovec> src,
-                       std::size_t src_off, std::size_t frame_len, bool swap_mac,
-                       bool& touched) noexcept;
+// The first 10 bytes of a virtio-net header that asks for nothing (no checksum or segmentation
+// offload): what a frame from a port without a vnet header, or from the loopback, carries.
+inline constexpr std::uint8_t kPlainHdr10[10] = {};
+
+// The receive ring's layout, as negotiated (NetDevice::set_features).
+struct RxFormat {
+  std::size_t hdr_len = 12;  // virtio-net header bytes in front of each frame: 10 or 12
+  bool mrg_rxbuf = false;    // a frame may spread over several chains (VIRTIO_NET_F_MRG_RXBUF)
+};
+
+// One frame on its way into the guest: `len` bytes found `offset` bytes into `pieces`.
+struct FrameSource {
+  // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, as the guest will see them;
+  // num_buffers is the device's to write.
+  const std::uint8_t* hdr10 = kPlainHdr10;
+  std::span<const iovec> pieces;
+  std::size_t offset = 0;
+  std::size_t len = 0;
+  bool swap_mac = false;  // exchange the destination and source addresses on the way (loopback)
+};
+
+// What deliver_frame did.
+struct RxResult {
+  Delivery delivery = Delivery::no_buffer;
+  // Used entries were pushed (the frame's, or bad chains answered with len 0): the caller must
+  // publish the used index. Also true for no_buffer when malformed chains were consumed.
+  bool used_pushed = false;
+};
+
+// Writes one frame into the guest's rx ring: the header (hdr10, then num_buffers when the
+// header is 12 bytes) followed by the frame. Chains without room for the header are answered
+// with used len 0 and counted in rx_errors; a frame that does not fit is counted in rx_drops.
+// Delivered frames are the caller's to count.
+RxResult deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt,
+                       const FrameSource& f) noexcept;
 
 }  // namespace vhostkit::net::detail

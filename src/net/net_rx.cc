@@ -17,89 +17,46 @@ namespace vhostkit::net {
 
 namespace detail {
 
-Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t hdr_len,
-                       bool mrg_rxbuf, const std::uint8_t* hdr10, std::span<const iovec> src,
-                       std::size_t src_off, std::size_t frame_len, bool swap_mac,
-                       bool& touched) noexcept {
-  // The first chain carries the header: it must have room for it.
-  std::optional<virtq::Chain> first;
-  std::uint64_t bad = 0;
-  while (vq.pending() != 0) {
-    auto c = vq.pop(p.rx_segs);
-    if (!c) {
-      ++bad;
-      touched = true;  // pop answered it with used len 0
-      if (virtq::breaks_queue(c.error())) break;
-      continue;
-    }
-    if (c->writable_len < hdr_len) {
-      vq.push_used(c->head, 0);
-      touched = true;
-      ++bad;
-      if (p.log_limit.allow()) {
-        spdlog::warn("net: pair {}: rx chain {} has {} writable bytes, header needs {}", p.qp,
-                     c->head, c->writable_len, hdr_len);
-      }
-      continue;
-    }
-    first = *c;
-    break;
-  }
-  p.rx_errors.add(bad);
-  if (!first) return Delivery::no_buffer;
+namespace {
 
-  // The common case, one piece on each side with room for all of it: straight copies, no
-  // cursor. (The guest may rewrite either buffer meanwhile; it only garbles its own frame.)
-  if (src.size() == 1 && src[0].iov_len >= src_off + frame_len &&
-      first->writable[0].iov_len >= hdr_len + frame_len && (!swap_mac || frame_len >= 12)) {
-    auto* dst = static_cast<std::uint8_t*>(first->writable[0].iov_base);
-    const auto* s = static_cast<const std::uint8_t*>(src[0].iov_base) + src_off;
-    std::uint8_t hdr[12];
-    std::memcpy(hdr, hdr10, 10);
-    const std::uint16_t one = 1;
-    std::memcpy(hdr + 10, &one, 2);  // num_buffers (little-endian host, virtio/ring.h checks)
-    std::memcpy(dst, hdr, hdr_len);
-    if (swap_mac) {
-      std::uint8_t m[12];
-      std::memcpy(m, s, 12);
-      std::memcpy(dst + hdr_len, m + 6, 6);
-      std::memcpy(dst + hdr_len + 6, m, 6);
-      std::memcpy(dst + hdr_len + 12, s + 12, frame_len - 12);
-    } else {
-      std::memcpy(dst + hdr_len, s, frame_len);
-    }
-    touched = true;
-    vq.log_write(first->writable, hdr_len + frame_len);
-    vq.push_used(first->head, static_cast<std::uint32_t>(hdr_len + frame_len));
-    return Delivery::delivered;
-  }
+// A 12-byte virtio-net header: hdr10, then num_buffers (little-endian host, virtio/ring.h
+// checks); a 10-byte header is its first 10 bytes.
+void make_hdr(std::uint8_t (&hdr)[12], const std::uint8_t* hdr10,
+              std::uint16_t num_buffers) noexcept {
+  std::memcpy(hdr, hdr10, 10);
+  std::memcpy(hdr + 10, &num_buffers, 2);
+}
 
-  // The frame source; in loopback its first 12 bytes (destination, source) come swapped, from
-  // a little array placed in front of the rest of the frame.
+// The frame into `first` and, with MRG_RXBUF, as many more chains as it needs (at most
+// kMaxMergeChains), then the header with num_buffers. A frame that does not fit gives every
+// chain it took back empty.
+Delivery fill_chains(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt, const FrameSource& f,
+                     const virtq::Chain& first) noexcept {
+  // The frame's bytes; in loopback its first 12 (destination, source) come swapped, from a
+  // little array placed in front of the rest of the frame.
   std::uint8_t swapped[12];
-  virtq::IovCursor cur{src};
-  if (swap_mac && frame_len >= 12) {
+  virtq::IovCursor cur;
+  if (f.swap_mac && f.len >= 12) {
     std::uint8_t m[12];
-    virtq::iov_read(src, src_off, m, 12);
+    virtq::iov_read(f.pieces, f.offset, m, 12);
     std::memcpy(swapped, m + 6, 6);
     std::memcpy(swapped + 6, m, 6);
     p.io[0] = iovec{swapped, 12};
-    const std::size_t k = virtq::iov_tail(src, src_off + 12, std::span<iovec>(p.io).subspan(1));
+    const std::size_t k =
+        virtq::iov_tail(f.pieces, f.offset + 12, std::span<iovec>(p.io).subspan(1));
     cur = virtq::IovCursor{std::span<const iovec>(p.io.data(), k + 1)};
   } else {
-    cur.advance(src_off);
+    cur = virtq::IovCursor{f.pieces};
+    cur.advance(f.offset);
   }
 
-  const std::uint64_t cap1 = first->writable_len - hdr_len;
-  std::size_t left = frame_len;
-  const std::size_t n1 = cur.copy_to(first->writable, hdr_len,
+  const std::uint64_t cap1 = first.writable_len - fmt.hdr_len;
+  std::size_t left = f.len;
+  const std::size_t n1 = cur.copy_to(first.writable, fmt.hdr_len,
                                      static_cast<std::size_t>(std::min<std::uint64_t>(left, cap1)));
   left -= n1;
-  std::size_t extra = 0;  // chains after the first
-  bool ok = true;
-  if (left != 0 && !mrg_rxbuf) {
-    ok = false;  // one chain per frame without MRG_RXBUF
-  }
+  std::size_t extra = 0;                 // chains after the first
+  bool ok = left == 0 || fmt.mrg_rxbuf;  // one chain per frame without MRG_RXBUF
   while (ok && left != 0) {
     if (extra == kMaxMergeChains || vq.pending() == 0) {
       ok = false;
@@ -107,14 +64,12 @@ Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t h
     }
     auto c = vq.pop(p.extra_segs);
     if (!c) {
-      touched = true;
       p.rx_errors.add(1);
       if (virtq::breaks_queue(c.error())) ok = false;
       continue;
     }
     if (c->writable_len == 0) {
       vq.push_used(c->head, 0);
-      touched = true;
       p.rx_errors.add(1);
       continue;
     }
@@ -125,30 +80,85 @@ Delivery deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::size_t h
     ++extra;
     left -= k;
   }
-  touched = true;
   // Live migration: the first chain's payload is written (and its header will be on success).
-  vq.log_write(first->writable, hdr_len + n1);
+  vq.log_write(first.writable, fmt.hdr_len + n1);
   if (!ok) {
     // The chains are consumed; they go back empty, the driver drops and recycles them.
-    vq.push_used(first->head, 0);
+    vq.push_used(first.head, 0);
     for (std::size_t i = 0; i < extra; ++i) vq.push_used(p.merge_head[i], 0);
     p.rx_drops.add(1);
     if (p.log_limit.allow()) {
-      spdlog::warn("net: pair {}: {}-byte frame does not fit the rx buffers; dropped", p.qp,
-                   frame_len);
+      spdlog::warn("net: pair {}: {}-byte frame does not fit the rx buffers; dropped", p.qp, f.len);
     }
     return Delivery::dropped;
   }
   std::uint8_t hdr[12];
-  std::memcpy(hdr, hdr10, 10);
-  const auto num_buffers = static_cast<std::uint16_t>(extra + 1);
-  std::memcpy(hdr + 10, &num_buffers, 2);  // little-endian host (virtio/ring.h checks)
-  virtq::iov_write(first->writable, 0, hdr, hdr_len);
+  make_hdr(hdr, f.hdr10, static_cast<std::uint16_t>(extra + 1));
+  virtq::iov_write(first.writable, 0, hdr, fmt.hdr_len);
   // The frame's chains must be consecutive in the used ring: the driver takes num_buffers
   // entries from where the first one is.
-  vq.push_used(first->head, static_cast<std::uint32_t>(hdr_len + n1));
+  vq.push_used(first.head, static_cast<std::uint32_t>(fmt.hdr_len + n1));
   for (std::size_t i = 0; i < extra; ++i) vq.push_used(p.merge_head[i], p.merge_len[i]);
   return Delivery::delivered;
+}
+
+}  // namespace
+
+RxResult deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt,
+                       const FrameSource& f) noexcept {
+  // The first chain carries the header: it must have room for it. The others are answered with
+  // used len 0 (pop does it for a chain the walker refused) and counted in rx_errors.
+  std::optional<virtq::Chain> first;
+  std::uint64_t bad = 0;
+  bool used_pushed = false;
+  while (vq.pending() != 0) {
+    auto c = vq.pop(p.rx_segs);
+    if (!c) {
+      ++bad;
+      used_pushed = true;  // pop answered it with used len 0
+      if (virtq::breaks_queue(c.error())) break;
+      continue;
+    }
+    if (c->writable_len < fmt.hdr_len) {
+      vq.push_used(c->head, 0);
+      used_pushed = true;
+      ++bad;
+      if (p.log_limit.allow()) {
+        spdlog::warn("net: pair {}: rx chain {} has {} writable bytes, header needs {}", p.qp,
+                     c->head, c->writable_len, fmt.hdr_len);
+      }
+      continue;
+    }
+    first = *c;
+    break;
+  }
+  p.rx_errors.add(bad);
+  if (!first) return RxResult{Delivery::no_buffer, used_pushed};
+
+  // The common case, one piece on each side with room for all of it: straight copies, no
+  // cursor. (The guest may rewrite either buffer meanwhile; it only garbles its own frame.)
+  if (f.pieces.size() == 1 && f.pieces[0].iov_len >= f.offset + f.len &&
+      first->writable[0].iov_len >= fmt.hdr_len + f.len && (!f.swap_mac || f.len >= 12)) {
+    auto* dst = static_cast<std::uint8_t*>(first->writable[0].iov_base);
+    const auto* s = static_cast<const std::uint8_t*>(f.pieces[0].iov_base) + f.offset;
+    std::uint8_t hdr[12];
+    make_hdr(hdr, f.hdr10, 1);
+    std::memcpy(dst, hdr, fmt.hdr_len);
+    if (f.swap_mac) {
+      std::uint8_t m[12];
+      std::memcpy(m, s, 12);
+      std::memcpy(dst + fmt.hdr_len, m + 6, 6);
+      std::memcpy(dst + fmt.hdr_len + 6, m, 6);
+      std::memcpy(dst + fmt.hdr_len + 12, s + 12, f.len - 12);
+    } else {
+      std::memcpy(dst + fmt.hdr_len, s, f.len);
+    }
+    vq.log_write(first->writable, fmt.hdr_len + f.len);
+    vq.push_used(first->head, static_cast<std::uint32_t>(fmt.hdr_len + f.len));
+    return RxResult{Delivery::delivered, true};
+  }
+  // fill_chains pushes a used entry for the first chain whatever happens.
+  return RxResult{fill_chains(p, vq, fmt, f, *first), true};
 }
 
 }  // namespace detail
@@ -157,7 +167,7 @@ std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget
                                     bool* ring_empty) noexcept {
   auto& vq = q.vq();
   const std::size_t port_hdr = port_->vnet_hdr() ? 12 : 0;
-  static constexpr std::uint8_t kZeroHdr[10] = {};
+  const detail::RxFormat fmt{hdr_len_, mrg_rxbuf_};
   std::uint64_t frames = 0, bytes = 0, drops = 0, errors = 0;
   bool touched = false;
   *ring_empty = false;
@@ -189,15 +199,17 @@ std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget
       ++errors;
       continue;
     }
-    const std::uint8_t* hdr10 = port_hdr != 0 ? p.bounce.get() : kZeroHdr;
-    const std::size_t frame = *r - port_hdr;
-    const auto d =
-        detail::deliver_frame(p, vq, hdr_len_, mrg_rxbuf_, hdr10, std::span<const iovec>(&stage, 1),
-                              port_hdr, frame, false, touched);
-    if (d == detail::Delivery::delivered) {
+    // With a vnet header the port's offload fields reach the guest as they are.
+    const detail::FrameSource f{.hdr10 = port_hdr != 0 ? p.bounce.get() : detail::kPlainHdr10,
+                                .pieces = std::span<const iovec>(&stage, 1),
+                                .offset = port_hdr,
+                                .len = *r - port_hdr};
+    const detail::RxResult res = detail::deliver_frame(p, vq, fmt, f);
+    touched |= res.used_pushed;
+    if (res.delivery == detail::Delivery::delivered) {
       ++frames;
-      bytes += frame;
-    } else if (d == detail::Delivery::no_buffer) {
+      bytes += f.len;
+    } else if (res.delivery == detail::Delivery::no_buffer) {
       // Every remaining chain was malformed: the frame is lost.
       ++drops;
       *ring_empty = true;

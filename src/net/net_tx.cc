@@ -55,8 +55,8 @@ void count_tx(NetDevice::Pair& p, vhost::Queue& q, const TxTally& t) noexcept {
 }
 
 // Pops the next tx chain into `out`, its pieces into `segs` (kMaxSegs of room: a longer
-// chain is malformed). A malformed chain is answered (used len 0) and counted in `errors`
-// (skip); an error that breaks the queue ends the burst (stop).
+// chain is malformed). A malformed chain is answered (used len 0) and skipped; an error that
+// breaks the queue ends the burst (stop). The caller counts both as errors.
 TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::span<iovec> segs, std::size_t hdr_len,
              virtq::Chain& out) noexcept {
   auto c = vq.pop(segs);
@@ -137,7 +137,7 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
     rxq = nullptr;
   }
   if (rxq != nullptr && !rxq->started()) rxq = nullptr;
-  static constexpr std::uint8_t kZeroHdr[10] = {};
+  const detail::RxFormat fmt{hdr_len_, mrg_rxbuf_};
   TxTally t;
   bool rx_touched = false;
   // Two passes. First the whole burst is popped and each frame prefetched: the driver's core
@@ -168,8 +168,12 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
     const std::size_t frame = c.readable_len - hdr_len_;
     auto d = detail::Delivery::no_buffer;
     if (rxq != nullptr) {
-      d = detail::deliver_frame(p, rxq->vq(), hdr_len_, mrg_rxbuf_, kZeroHdr, c.readable, hdr_len_,
-                                frame, true, rx_touched);
+      // The guest's own header stays behind: the frame goes back with no offload asked for.
+      const detail::FrameSource f{
+          .pieces = c.readable, .offset = hdr_len_, .len = frame, .swap_mac = true};
+      const detail::RxResult res = detail::deliver_frame(p, rxq->vq(), fmt, f);
+      rx_touched |= res.used_pushed;
+      d = res.delivery;
     }
     if (d == detail::Delivery::delivered) {
       ++t.frames;
