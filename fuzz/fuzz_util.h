@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include <sys/uio.h>
+
+#include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/virtio/ring.h"
 
 namespace vhostkit::fuzz {
@@ -48,6 +51,18 @@ inline bool buffers_may_hit_rings(const std::uint8_t* guest, std::uint64_t guest
       virtio::VirtqDesc e;
       std::memcpy(&e, guest + d.addr + j * sizeof e, sizeof e);  // may be unaligned
       if (hits(e)) return true;
+    }
+  }
+  return false;
+}
+
+// The chain walkers' promise: every piece they hand out lies inside one region of the table.
+inline bool inside_memory(const memory::GuestMemory& mem, const iovec& v) {
+  const auto* b = static_cast<const std::uint8_t*>(v.iov_base);
+  for (const memory::Region& r : mem.regions()) {
+    if (b >= r.host && v.iov_len <= r.spec.size &&
+        b - r.host <= static_cast<std::ptrdiff_t>(r.spec.size - v.iov_len)) {
+      return true;
     }
   }
   return false;

@@ -27,21 +27,11 @@
 namespace {
 
 using namespace vhostkit;
+using fuzz::inside_memory;
 using fuzz::Reader;
 
 constexpr std::size_t kBlock = 1 << 16;
 alignas(4096) std::uint8_t g_block[kBlock];
-
-bool inside_memory(const memory::GuestMemory& mem, const iovec& v) {
-  const auto* b = static_cast<const std::uint8_t*>(v.iov_base);
-  for (const memory::Region& r : mem.regions()) {
-    if (b >= r.host && v.iov_len <= r.spec.size &&
-        b - r.host <= static_cast<std::ptrdiff_t>(r.spec.size - v.iov_len)) {
-      return true;
-    }
-  }
-  return false;
-}
 
 }  // namespace
 
