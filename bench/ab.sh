@@ -70,9 +70,10 @@ ring_round() {  # SIDE ROUND
   local d=${DIR[$1]} csv=$VK_TMP/ring-$1-$2.csv
   "$d/bench/ring_bench" --benchmark_format=csv --benchmark_min_time=0.5 >"$csv" 2>/dev/null ||
     { say "ring_bench failed in $d"; return 1; }
-  # items_per_second, in millions; one row per benchmark.
+  # items_per_second, in millions; one row per benchmark. "<Split>" is dropped from the names: a
+  # tree from before the packed ring names its split benchmarks without it, and they compare.
   awk -F, -v s="$1" -v r="$2" 'NR > 1 && $7 != "" {
-    gsub(/"/, "", $1); printf "%s,%s,ring %s,%.3f,M items/s\n", s, r, $1, $7 / 1e6 }' "$csv" >>"$out"
+    gsub(/"/, "", $1); sub(/<Split>/, "", $1); printf "%s,%s,ring %s,%.3f,M items/s\n", s, r, $1, $7 / 1e6 }' "$csv" >>"$out"
 }
 
 c4_round() {  # SIDE ROUND: vhostkit-bench loop against vhostkit-net --loopback, busy, cores 0/1
@@ -104,17 +105,20 @@ done
 awk -F, 'NR > 1 { key = $3; v[key, $1] = v[key, $1] " " $4; u[key] = $5; if (!(key in seen)) { seen[key] = 1; order[++n] = key } }
   function stats(list,   a, k, i, j, t, m) {
     k = split(list, a, " ")
+    if (k == 0) { MED = 0; LO = 0; HI = 0; return 0 }
     for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
     m = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
     MED = m; LO = a[1]; HI = a[k]
+    return 1
   }
   END {
     printf "%-34s %-26s %-26s %s\n", "measurement", "A median (min..max)", "B median (min..max)", "B/A"
     for (i = 1; i <= n; i++) {
       key = order[i]
-      stats(v[key, "A"]); ma = MED; sa = sprintf("%.3f (%.3f..%.3f)", MED, LO, HI)
-      stats(v[key, "B"]); mb = MED; sb = sprintf("%.3f (%.3f..%.3f)", MED, LO, HI)
-      printf "%-34s %-26s %-26s %.3f\n", key " [" u[key] "]", sa, sb, (ma > 0 ? mb / ma : 0)
+      # A measurement only one tree has (a benchmark added since) shows "-" on the other side.
+      ha = stats(v[key, "A"]); ma = MED; sa = ha ? sprintf("%.3f (%.3f..%.3f)", MED, LO, HI) : "-"
+      hb = stats(v[key, "B"]); mb = MED; sb = hb ? sprintf("%.3f (%.3f..%.3f)", MED, LO, HI) : "-"
+      printf "%-34s %-26s %-26s %s\n", key " [" u[key] "]", sa, sb, (ha && hb && ma > 0 ? sprintf("%.3f", mb / ma) : "-")
     }
   }' "$out"
 say "rows in $out"
