@@ -217,18 +217,17 @@ BlkStats BlkDevice::stats(std::uint16_t queue) const noexcept {
   BlkStats st;
   if (queue >= opts_.num_queues) return st;
   const Counters& c = queues_[queue].counters;
-  constexpr auto r = std::memory_order_relaxed;
-  st.reads = c.reads.load(r);
-  st.writes = c.writes.load(r);
-  st.flushes = c.flushes.load(r);
-  st.discards = c.discards.load(r);
-  st.get_ids = c.get_ids.load(r);
-  st.bytes_read = c.bytes_read.load(r);
-  st.bytes_written = c.bytes_written.load(r);
-  st.io_errors = c.io_errors.load(r);
-  st.bad_requests = c.bad_requests.load(r);
-  st.no_status = c.no_status.load(r);
-  st.buffered = c.buffered.load(r);
+  st.reads = c.reads.load();
+  st.writes = c.writes.load();
+  st.flushes = c.flushes.load();
+  st.discards = c.discards.load();
+  st.get_ids = c.get_ids.load();
+  st.bytes_read = c.bytes_read.load();
+  st.bytes_written = c.bytes_written.load();
+  st.io_errors = c.io_errors.load();
+  st.bad_requests = c.bad_requests.load();
+  st.no_status = c.no_status.load();
+  st.buffered = c.buffered.load();
   return st;
 }
 

@@ -189,10 +189,10 @@ bool BlkDevice::QueueState::dispatch(vhost::Queue& q, Slot& s, std::uint32_t slo
 void BlkDevice::QueueState::refuse(vhost::Queue& q, Slot& s, const BlkRefusal& r) noexcept {
   if (r.reason == BlkRefusalReason::no_status_byte) {
     q.vq().push_used(s.head, 0);
-    Counters::add(counters.no_status);
+    counters.no_status.add();
     return;
   }
-  Counters::add(counters.bad_requests);
+  counters.bad_requests.add();
   s.req = BlkRequest{};  // nothing of the slot's last request may be answered or logged
   s.req.status = r.status;
   finish(q, s, r.answer, 1);
@@ -208,7 +208,7 @@ bool BlkDevice::QueueState::submit(vhost::Queue& q, Slot& s, std::uint32_t slot_
       std::uint8_t id[virtio::kBlkIdBytes]{};
       std::memcpy(id, b.serial->data(), std::min(b.serial->size(), sizeof id));
       virtq::iov_write(r.data, 0, id, r.length);
-      Counters::add(counters.get_ids);
+      counters.get_ids.add();
       finish(q, s, virtio::kBlkSOk, static_cast<std::uint32_t>(r.length + 1));
       return false;
     }
@@ -232,7 +232,7 @@ bool BlkDevice::QueueState::submit(vhost::Queue& q, Slot& s, std::uint32_t slot_
     return false;
   }
   if (!ring_ok || !prep(s, slot_index)) {
-    Counters::add(counters.io_errors);
+    counters.io_errors.add();
     finish(q, s, virtio::kBlkSIoErr, 1);
     return false;
   }
@@ -340,25 +340,25 @@ void BlkDevice::QueueState::answer(vhost::Queue& q, Slot& s, int res) noexcept {
   // A short transfer (the image shrank under us) is an error, not a partial success.
   const bool ok = data_op ? res >= 0 && static_cast<std::uint32_t>(res) == moved : res >= 0;
   if (!ok) {
-    Counters::add(counters.io_errors);
+    counters.io_errors.add();
     finish(q, s, virtio::kBlkSIoErr, 1);
     return;
   }
-  if (s.on_buffered && b.direct && data_op) Counters::add(counters.buffered);
+  if (s.on_buffered && b.direct && data_op) counters.buffered.add();
   std::uint32_t used = 1;
   switch (op) {
     case BlkOp::read:
-      Counters::add(counters.reads);
-      Counters::add(counters.bytes_read, moved);
+      counters.reads.add();
+      counters.bytes_read.add(moved);
       used = moved + 1;
       break;
     case BlkOp::write:
-      Counters::add(counters.writes);
-      Counters::add(counters.bytes_written, moved);
+      counters.writes.add();
+      counters.bytes_written.add(moved);
       break;
-    case BlkOp::flush: Counters::add(counters.flushes); break;
+    case BlkOp::flush: counters.flushes.add(); break;
     case BlkOp::discard:
-    case BlkOp::write_zeroes: Counters::add(counters.discards); break;
+    case BlkOp::write_zeroes: counters.discards.add(); break;
     case BlkOp::get_id: break;  // answered by submit
   }
   q.stats().add(q.stats().bytes, moved);

@@ -49,16 +49,13 @@ struct Slot {
   iovec data[kSegs];         // req.data's pieces: the readv/writev vector, into guest memory
 };
 
+// The queue's counters, vhost::Counter like every per-queue statistic: the worker writes them,
+// BlkDevice::stats reads them from any thread.
 struct Counters {
-  std::atomic<std::uint64_t> reads{0}, writes{0}, flushes{0}, discards{0}, get_ids{0};
-  std::atomic<std::uint64_t> bytes_read{0}, bytes_written{0};
-  std::atomic<std::uint64_t> io_errors{0}, bad_requests{0}, no_status{0}, buffered{0};
-  std::atomic<std::uint32_t> inflight{0};
-
-  // Written by the worker only.
-  static void add(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
-    c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-  }
+  vhost::Counter reads, writes, flushes, discards, get_ids;
+  vhost::Counter bytes_read, bytes_written;
+  vhost::Counter io_errors, bad_requests, no_status, buffered;
+  std::atomic<std::uint32_t> inflight{0};  // a level, not a count: stored, not added
 };
 
 struct BlkDevice::QueueState {
