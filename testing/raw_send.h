@@ -11,6 +11,7 @@
 #include <span>
 #include <vector>
 
+#include "vhostkit/vhost_user/channel.h"
 #include "vhostkit/vhost_user/message.h"
 
 namespace vhostkit::vhost_user::test {
@@ -27,16 +28,9 @@ inline bool send_raw(int sock, const Header& h, std::span<const std::uint8_t> pa
   msghdr mh{};
   mh.msg_iov = &iov;
   mh.msg_iovlen = 1;
+  // operator new's alignment covers cmsghdr's.
   std::vector<std::uint8_t> cbuf(CMSG_SPACE(sizeof(int) * std::max<std::size_t>(fds.size(), 1)));
-  if (!fds.empty()) {
-    mh.msg_control = cbuf.data();
-    mh.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-    cmsghdr* c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  }
+  if (!fds.empty()) put_scm_rights(mh, cbuf, fds);
   return ::sendmsg(sock, &mh, MSG_NOSIGNAL | send_flags) == static_cast<ssize_t>(buf.size());
 }
 

@@ -170,15 +170,8 @@ Result<> Channel::send(const Header& header, std::span<const std::uint8_t> paylo
     msghdr mh{};
     mh.msg_iov = &iov;
     mh.msg_iovlen = 1;
-    if (sent == 0 && !fds.empty()) {  // the fds ride with the first byte of the message
-      mh.msg_control = cbuf;
-      mh.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-      cmsghdr* c = CMSG_FIRSTHDR(&mh);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-      std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-    }
+    // The fds ride with the first byte of the message.
+    if (sent == 0 && !fds.empty()) put_scm_rights(mh, cbuf, fds);
     const ssize_t n = ::sendmsg(fd_.get(), &mh, MSG_NOSIGNAL);
     if (n < 0) {
       const int err = errno;
@@ -196,6 +189,16 @@ Result<> Channel::send(const Header& header, std::span<const std::uint8_t> paylo
     sent += static_cast<std::size_t>(n);
   }
   return {};
+}
+
+void put_scm_rights(msghdr& mh, std::span<std::uint8_t> cbuf, std::span<const int> fds) noexcept {
+  mh.msg_control = cbuf.data();
+  mh.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+  cmsghdr* c = CMSG_FIRSTHDR(&mh);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
 }
 
 Result<UniqueFd> listen_unix(const std::string& path, int backlog) {

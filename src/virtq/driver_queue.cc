@@ -222,22 +222,26 @@ std::optional<DriverQueue::Used> DriverQueue::get_used() noexcept {
   return get_used_burst(std::span<Used>(&u, 1)) == 1 ? std::optional<Used>(u) : std::nullopt;
 }
 
+bool DriverQueue::used_ready() noexcept {
+  if (last_used_idx_ != used_idx_cache_) return true;
+  // Acquire: the used elements the device wrote before idx are visible after it.
+  const std::uint16_t idx =
+      std::atomic_ref<std::uint16_t>(used_->idx).load(std::memory_order_acquire);
+  if (idx == last_used_idx_) return false;
+  if (!used_distance_ok(idx, last_used_idx_, size_)) [[unlikely]] {
+    ++bad_used_;  // more used than the ring holds: a broken device; take nothing
+    return false;
+  }
+  used_idx_cache_ = idx;
+  return true;
+}
+
 std::size_t DriverQueue::get_used_burst(std::span<Used> out) noexcept {
   if (used_ == nullptr) return 0;
   if (in_order_) return get_used_in_order(out);
   std::size_t got = 0;
   while (got < out.size()) {
-    if (last_used_idx_ == used_idx_cache_) {
-      // Acquire: the used elements the device wrote before idx are visible after it.
-      const std::uint16_t idx =
-          std::atomic_ref<std::uint16_t>(used_->idx).load(std::memory_order_acquire);
-      if (idx == last_used_idx_) break;
-      if (!used_distance_ok(idx, last_used_idx_, size_)) [[unlikely]] {
-        ++bad_used_;  // more used than the ring holds: a broken device; take nothing
-        break;
-      }
-      used_idx_cache_ = idx;
-    }
+    if (!used_ready()) break;
     const std::uint16_t slot = last_used_idx_ & mask_;
     ++last_used_idx_;
     if (reclaim(slot, out[got])) ++got;
@@ -271,17 +275,7 @@ std::size_t DriverQueue::get_used_in_order(std::span<Used> out) noexcept {
       oldest_head_ = next;
       continue;
     }
-    if (last_used_idx_ == used_idx_cache_) {
-      // Acquire: the used elements the device wrote before idx are visible after it.
-      const std::uint16_t idx =
-          std::atomic_ref<std::uint16_t>(used_->idx).load(std::memory_order_acquire);
-      if (idx == last_used_idx_) break;
-      if (!used_distance_ok(idx, last_used_idx_, size_)) [[unlikely]] {
-        ++bad_used_;  // more used than the ring holds: a broken device; take nothing
-        break;
-      }
-      used_idx_cache_ = idx;
-    }
+    if (!used_ready()) break;
     virtio::VirtqUsedElem e;
     std::memcpy(&e, &used_->ring[last_used_idx_ & mask_], sizeof e);
     // Compiler-only fence: the checks below run on this copy, never on a second shared read.

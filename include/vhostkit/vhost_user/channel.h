@@ -18,7 +18,10 @@
 // Channel is not thread-safe; one session owns it.
 #pragma once
 
+#include <sys/socket.h>
+
 #include <chrono>
+#include <cstdint>
 #include <span>
 #include <string>
 #include <utility>
@@ -67,6 +70,11 @@ class Channel {
  private:
   UniqueFd fd_;
 };
+
+// Packs `fds` into `mh` as one SCM_RIGHTS control message held in `cbuf`, which must be aligned
+// for cmsghdr and hold CMSG_SPACE(sizeof(int) * fds.size()) bytes. The one place a message's fds
+// are packed: Channel::send, and the tests' raw sender (which may send more than kMaxFds).
+void put_scm_rights(msghdr& mh, std::span<std::uint8_t> cbuf, std::span<const int> fds) noexcept;
 
 // A listening socket at `path` (SOCK_CLOEXEC, backlog 1..). An existing file at `path` is
 // removed only if it is a socket nobody listens on (a stale one from a crashed process); a live

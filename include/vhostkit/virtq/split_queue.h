@@ -221,6 +221,9 @@ class DriverQueue {
   virtio::VirtqUsed* used_ = nullptr;
   bool reclaim(std::uint16_t slot, Used& out) noexcept;
   std::size_t get_used_in_order(std::span<Used> out) noexcept;
+  // A used element waits at last_used_idx_: reads used->idx again once the cached one is
+  // consumed; a device claiming more used than the ring holds is counted and gets nothing.
+  bool used_ready() noexcept;
 
   std::uint16_t size_ = 0;
   std::uint16_t mask_ = 0;
