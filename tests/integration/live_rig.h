@@ -115,8 +115,17 @@ class PairDriver {
   static constexpr std::uint32_t kWindow = 96;
   static constexpr std::size_t kBurst = 32;
 
-  PairDriver(NetDriver& s, net::NetDevice& dev, std::uint16_t qp, bool exact)
-      : s_(s), dev_(dev), qp_(qp), exact_(exact), drops_at_start_(dev.stats(qp).tx_drops) {
+  // Sees each frame that passed the checks, with its sequence number, on the driver thread
+  // (the span is the frame as rx_burst hands it over: in the receive buffer when it fit one).
+  using Observer = std::function<void(std::uint32_t seq, std::span<const std::uint8_t> frame)>;
+
+  PairDriver(NetDriver& s, net::NetDevice& dev, std::uint16_t qp, bool exact, Observer obs = {})
+      : s_(s),
+        dev_(dev),
+        qp_(qp),
+        exact_(exact),
+        observer_(std::move(obs)),
+        drops_at_start_(dev.stats(qp).tx_drops) {
     thread_ = std::thread([this] { run(); });
   }
   ~PairDriver() { join(); }
@@ -195,6 +204,7 @@ class PairDriver {
                                seq < next_seq_ ? "duplicated or reordered" : "frames lost"));
     }
     next_seq_ = seq + 1;
+    if (observer_) observer_(seq, f);
     received_.fetch_add(1);
   }
 
@@ -227,6 +237,7 @@ class PairDriver {
   net::NetDevice& dev_;
   const std::uint16_t qp_;
   const bool exact_;
+  const Observer observer_;
   const std::uint64_t drops_at_start_;
   std::uint32_t next_seq_ = 0;  // driver thread only
   std::atomic<std::uint64_t> sent_{0}, received_{0}, errors_{0};
@@ -302,6 +313,25 @@ class Control {
   explicit Control(int session_fd) : ch_(UniqueFd(::dup(session_fd))) {
     // The dup shares the socket: this sets the session's timeouts too, to the same value.
     (void)ch_.set_timeout(15s);
+  }
+  // A connection of its own: the front-end side of a second back-end (a migration's destination).
+  explicit Control(vhost_user::Channel ch) : ch_(std::move(ch)) { (void)ch_.set_timeout(15s); }
+
+  // Sends `msg` without NEED_REPLY (before REPLY_ACK is negotiated).
+  template <typename T>
+  Result<> send(const T& msg) {
+    return ch_.send_message(msg);
+  }
+
+  // GET_FEATURES / GET_PROTOCOL_FEATURES.
+  Result<std::uint64_t> query(vhost_user::Request req) {
+    Result<> sent = req == vhost_user::Request::get_features
+                        ? ch_.send_message(vhost_user::GetFeatures{})
+                        : ch_.send_message(vhost_user::GetProtocolFeatures{});
+    if (!sent) return std::unexpected(sent.error());
+    auto reply = ch_.recv();
+    if (!reply) return std::unexpected(reply.error());
+    return vhost_user::decode_u64_reply(*reply, req);
   }
 
   // Sends `msg` with NEED_REPLY and waits for a successful REPLY_ACK.
