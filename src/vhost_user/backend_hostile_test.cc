@@ -435,7 +435,8 @@ TEST(BackendHostile, KickIndexOutOfRangeWithoutProtocolFeatures) {
 }
 
 // SET_FEATURES without SET_OWNER (a reconnecting DPDK virtio-user) makes the sender the owner;
-// the features are checked as always, and a second SET_OWNER is then refused.
+// the features are checked as always. A SET_OWNER after that (front-ends that send it after
+// SET_FEATURES) is accepted as the one it stood in for; a second one is refused.
 TEST(BackendHostile, SetFeaturesWithoutSetOwnerStartsTheSession) {
   hostile([](Hostile& h) {
     ASSERT_NO_FATAL_FAILURE(h.protocol_only());
@@ -444,6 +445,8 @@ TEST(BackendHostile, SetFeaturesWithoutSetOwnerStartsTheSession) {
     EXPECT_NE(*bad, 0u);  // bits we never offered: refused, but the session has begun
     EXPECT_TRUE(h.device.has_owner());
     EXPECT_TRUE(h.fe->ok(SetFeatures{h.device.offered_features()}));
+    EXPECT_TRUE(h.fe->ok(SetOwner{}));
+    EXPECT_TRUE(h.device.has_owner());
     auto again = h.fe->request(SetOwner{}, true);
     ASSERT_TRUE(again.has_value());
     EXPECT_NE(*again, 0u);

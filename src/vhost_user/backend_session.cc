@@ -195,6 +195,7 @@ BackendSession::Outcome BackendSession::on(SetFeatures& m) {
     // either way, so it makes this front-end the owner. Ring and memory messages before it are
     // still refused.
     if (auto r = device_.set_owner(); !r) return Outcome::err(r.error());
+    owner_implicit_ = true;
     spdlog::info(
         "vhost-user {}: SET_FEATURES without SET_OWNER; taking it as the start of the "
         "session (a reconnecting DPDK virtio-user does this)",
@@ -203,7 +204,12 @@ BackendSession::Outcome BackendSession::on(SetFeatures& m) {
   return Outcome::from(device_.set_features(m.value));
 }
 
-BackendSession::Outcome BackendSession::on(SetOwner&) { return Outcome::from(device_.set_owner()); }
+BackendSession::Outcome BackendSession::on(SetOwner&) {
+  // Front-ends that send SET_OWNER after SET_FEATURES (the owner was taken then) are served as
+  // if the two had come in the usual order; a SET_OWNER after that is a second owner, refused.
+  if (std::exchange(owner_implicit_, false) && device_.has_owner()) return Outcome::ok();
+  return Outcome::from(device_.set_owner());
+}
 
 BackendSession::Outcome BackendSession::on(ResetOwner&) {
   // Deprecated; the spec recommends treating it as "disable all rings" and nothing more.
@@ -362,6 +368,7 @@ BackendSession::Outcome BackendSession::on(ResetDevice&) {
   device_.reset();
   log_fd_.reset();
   status_ = 0;
+  owner_implicit_ = false;
   return Outcome::from(device_.set_owner());
 }
 

@@ -146,6 +146,9 @@ class BackendSession {
   std::uint64_t protocol_ = 0;
   std::uint8_t status_ = 0;
   bool closed_ = false;
+  // SET_FEATURES made this front-end the owner before any SET_OWNER: the first SET_OWNER that
+  // follows is then a no-op, not a second owner.
+  bool owner_implicit_ = false;
   UniqueFd log_fd_;  // SET_LOG_FD: kept (and closed on reset); we never signal it
   SessionStats stats_;
   Error last_error_;
