@@ -1,7 +1,8 @@
 // The guest half of the in-process device tests (vhost, net, blk): memfd memory mapped into the
-// test process, one virtq::DriverQueue per ring, and the vhost-user bring-up of a vhost::Device
-// over them, with real kick/call eventfds. The frontend and backend live in one process, so the
-// guest's "uva" is simply its own mapping address; gpa starts at 0 and is one region.
+// test process, one driver ring per ring (split or packed, as the features say), and the vhost-user
+// bring-up of a vhost::Device over them, with real kick/call eventfds. The frontend and backend
+// live in one process, so the guest's "uva" is simply its own mapping address; gpa starts at 0 and
+// is one region.
 //
 // Each rig (vhost Rig, net Guest, blk BlkGuest) derives from GuestRings and adds only what its
 // device needs on top: how buffers are laid out in memory and how answers are read back.
@@ -15,12 +16,16 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <expected>
 #include <functional>
+#include <optional>
 #include <span>
 #include <utility>
 #include <vector>
 
 #include "vhostkit/vhost/device.h"
+#include "vhostkit/virtio/features.h"
+#include "vhostkit/virtq/packed_queue.h"
 #include "vhostkit/virtq/split_queue.h"
 
 namespace vhostkit::vhost::testing {
@@ -36,6 +41,65 @@ inline bool wait_fd(int fd, int timeout_ms) {
   std::uint64_t v;
   return ::read(fd, &v, sizeof v) == sizeof v;
 }
+
+// Our driver on one ring in either layout, with the methods both share. A test that reaches
+// into one layout's memory asks for it by name (split(), packed_queue()).
+class DriverRing {
+ public:
+  using Buffer = virtq::DriverQueue::Buffer;
+  using Used = virtq::DriverQueue::Used;
+
+  bool packed() const { return packed_; }
+  virtq::DriverQueue& split() { return split_; }
+  virtq::PackedDriverQueue& packed_queue() { return packed_q_; }
+
+  // (Re)initializes the ring at gpa (zeroed) in the layout the features say.
+  Result<> init(std::uint8_t* host, std::uint64_t gpa, std::uint16_t size, std::uint64_t features) {
+    packed_ = virtio::has(features, virtio::feature::ring_packed);
+    if (packed_) {
+      const auto bytes = virtq::PackedRingLayout::for_size(size).total_bytes;
+      return packed_q_.init(std::span<std::byte>(reinterpret_cast<std::byte*>(host), bytes), gpa,
+                            size, features);
+    }
+    const auto bytes = virtq::DriverRingLayout::for_size(size).total_bytes;
+    return split_.init(std::span<std::byte>(reinterpret_cast<std::byte*>(host), bytes), gpa, size,
+                       features);
+  }
+
+  std::expected<std::uint16_t, Errc> add(std::span<const Buffer> out, std::span<const Buffer> in,
+                                         std::uint64_t token) {
+    return packed_ ? packed_q_.add(out, in, token) : split_.add(out, in, token);
+  }
+  void publish() { packed_ ? packed_q_.publish() : split_.publish(); }
+  bool needs_kick() { return packed_ ? packed_q_.needs_kick() : split_.needs_kick(); }
+  std::optional<Used> get_used() { return packed_ ? packed_q_.get_used() : split_.get_used(); }
+  std::uint16_t size() const { return packed_ ? packed_q_.size() : split_.size(); }
+  std::uint16_t free_count() const {
+    return packed_ ? packed_q_.free_count() : split_.free_count();
+  }
+  std::uint64_t bad_used() const { return packed_ ? packed_q_.bad_used() : split_.bad_used(); }
+  void disable_interrupts() {
+    packed_ ? packed_q_.disable_interrupts() : split_.disable_interrupts();
+  }
+  bool enable_interrupts() {
+    return packed_ ? packed_q_.enable_interrupts() : split_.enable_interrupts();
+  }
+
+  // SET_VRING_ADDR's three guest addresses: split, desc/avail/used; packed, the descriptor
+  // ring and the driver and device event areas.
+  std::uint64_t desc_gpa() const { return packed_ ? packed_q_.desc_gpa() : split_.desc_gpa(); }
+  std::uint64_t avail_gpa() const {
+    return packed_ ? packed_q_.driver_event_gpa() : split_.avail_gpa();
+  }
+  std::uint64_t used_gpa() const {
+    return packed_ ? packed_q_.device_event_gpa() : split_.used_gpa();
+  }
+
+ private:
+  bool packed_ = false;
+  virtq::DriverQueue split_;
+  virtq::PackedDriverQueue packed_q_;
+};
 
 class GuestRings {
  public:
@@ -89,7 +153,8 @@ class GuestRings {
   }
 
   std::uint16_t device_index(std::uint16_t q) const { return device_index_ ? device_index_(q) : q; }
-  virtq::DriverQueue& driver(std::uint16_t q) { return drivers_[q]; }
+  DriverRing& driver(std::uint16_t q) { return drivers_[q]; }
+  bool packed() const { return virtio::has(features_, virtio::feature::ring_packed); }
   int kick_fd(std::uint16_t q) const { return kicks_[q].get(); }
   int call_fd(std::uint16_t q) const { return calls_[q].get(); }
   void set_kick(std::uint16_t q, UniqueFd fd) { kicks_[q] = std::move(fd); }
@@ -98,10 +163,7 @@ class GuestRings {
   void init_driver(std::uint16_t q) { init_driver(q, features_); }
   void init_driver(std::uint16_t q, std::uint64_t features) {
     const std::uint64_t gpa = q * kRingStride;
-    auto layout = virtq::DriverRingLayout::for_size(size_);
-    auto r = drivers_[q].init(
-        std::span<std::byte>(reinterpret_cast<std::byte*>(host(gpa)), layout.total_bytes), gpa,
-        size_, features);
+    auto r = drivers_[q].init(host(gpa), gpa, size_, features);
     ASSERT_TRUE(r.has_value()) << r.error().message();
   }
 
@@ -130,7 +192,9 @@ class GuestRings {
     init_driver(q);
     if (::testing::Test::HasFatalFailure()) return;  // no ring to give the device
     ASSERT_TRUE(dev.set_vring_num(dq, size_).has_value());
-    ASSERT_TRUE(dev.set_vring_base(dq, 0).has_value());
+    // A new ring: split, avail index 0; packed, both positions 0 with their wrap counters set.
+    const std::uint32_t base = packed() ? virtq::PackedRingBase{}.encode() : 0;
+    ASSERT_TRUE(dev.set_vring_base(dq, base).has_value());
     auto a = dev.set_vring_addr(dq, addr(q));
     ASSERT_TRUE(a.has_value()) << a.error().message();
     calls_[q] = make_eventfd();
@@ -168,7 +232,7 @@ class GuestRings {
   DeviceIndex device_index_;
   UniqueFd memfd_;
   std::uint8_t* base_ = nullptr;
-  std::vector<virtq::DriverQueue> drivers_;
+  std::vector<DriverRing> drivers_;
   std::vector<UniqueFd> kicks_;
   std::vector<UniqueFd> calls_;
 };

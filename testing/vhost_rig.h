@@ -24,19 +24,32 @@ namespace vhostkit::vhost::testing {
 
 inline constexpr std::uint64_t kEchoFeatures =
     virtio::bit(virtio::feature::version_1) | virtio::bit(virtio::feature::ring_event_idx);
+// What the echo device offers on top for the packed-ring tests.
+inline constexpr std::uint64_t kEchoPacked =
+    virtio::bit(virtio::feature::ring_packed) | virtio::bit(virtio::feature::in_order);
 
 // For each chain: copy the readable bytes into the writable part, used len = bytes copied.
 class EchoBackend : public DeviceBackend {
  public:
-  explicit EchoBackend(std::uint16_t queues = 2) : queues_(queues) {}
-  std::uint64_t features() const noexcept override { return kEchoFeatures; }
+  explicit EchoBackend(std::uint16_t queues = 2, std::uint64_t extra_features = 0)
+      : queues_(queues), features_(kEchoFeatures | extra_features) {}
+  std::uint64_t features() const noexcept override { return features_; }
   std::uint16_t num_queues() const noexcept override { return queues_; }
   void queue_started(Queue&, Worker&) override { started_calls++; }
   void queue_stopped(Queue&, Worker&) override { stopped_calls++; }
   void quiesce(Queue&, Worker&) override { quiesce_calls++; }
 
   bool handle_queue(Queue& q) noexcept override {
-    auto& vq = q.vq();
+    return q.packed() ? echo(q, q.packed_vq()) : echo(q, q.vq());
+  }
+
+  std::atomic<int> started_calls{0};
+  std::atomic<int> quiesce_calls{0};
+  std::atomic<int> stopped_calls{0};
+
+ private:
+  template <virtq::DeviceRing R>
+  bool echo(Queue& q, R& vq) noexcept {
     int n = 0;
     while (n < 32 && vq.pending() > 0) {
       ++n;
@@ -44,7 +57,7 @@ class EchoBackend : public DeviceBackend {
       if (!c) continue;  // answered with len 0 by the DeviceQueue, counted there
       const auto copied = static_cast<std::uint32_t>(
           virtq::iov_copy(c->writable, 0, c->readable, 0, c->readable_len));
-      q.vq().log_write(c->writable, copied);
+      vq.log_write(c->writable, copied);
       vq.push_used(c->head, copied);
       q.stats().add(q.stats().chains);
       q.stats().add(q.stats().bytes, copied);
@@ -53,12 +66,8 @@ class EchoBackend : public DeviceBackend {
     return n > 0;
   }
 
-  std::atomic<int> started_calls{0};
-  std::atomic<int> quiesce_calls{0};
-  std::atomic<int> stopped_calls{0};
-
- private:
   std::uint16_t queues_;
+  std::uint64_t features_;
   std::array<iovec, 64> segs_{};
 };
 
@@ -69,8 +78,9 @@ class Rig : public GuestRings {
   static constexpr std::size_t kMemSize = 4u << 20;
   static constexpr std::uint64_t kDataGpa = 0x200000;
 
-  explicit Rig(std::uint16_t queues = 2, std::uint16_t size = 256)
-      : GuestRings("vhost-test", kMemSize, queues, size, kEchoFeatures) {}
+  explicit Rig(std::uint16_t queues = 2, std::uint16_t size = 256,
+               std::uint64_t features = kEchoFeatures)
+      : GuestRings("vhost-test", kMemSize, queues, size, features) {}
 
   // Posts one request (out: payload, in: a buffer of the same size) and kicks if asked to.
   void post(std::uint16_t q, std::string_view payload, std::uint64_t token) {
@@ -78,8 +88,8 @@ class Rig : public GuestRings {
     const std::uint64_t in_gpa = out_gpa + 0x400;
     std::memcpy(host(out_gpa), payload.data(), payload.size());
     std::memset(host(in_gpa), 0, payload.size());
-    virtq::DriverQueue::Buffer out{out_gpa, static_cast<std::uint32_t>(payload.size())};
-    virtq::DriverQueue::Buffer in{in_gpa, static_cast<std::uint32_t>(payload.size())};
+    DriverRing::Buffer out{out_gpa, static_cast<std::uint32_t>(payload.size())};
+    DriverRing::Buffer in{in_gpa, static_cast<std::uint32_t>(payload.size())};
     auto h = driver(q).add({&out, 1}, {&in, 1}, token);
     ASSERT_TRUE(h.has_value());
     ASSERT_TRUE(kick(q));

@@ -149,7 +149,7 @@ TEST(NetHostile, TxChainWithWritableDescriptorThenReadableFrame) {
   ASSERT_TRUE(slot.has_value());
   const std::uint64_t gpa = r.g.slot_gpa(0, *slot);
   std::memcpy(r.g.host(gpa + 64), out.data(), out.size());
-  virtio::VirtqDesc* desc = r.g.driver(0).desc();
+  virtio::VirtqDesc* desc = r.g.driver(0).split().desc();
   virtio::VirtqDesc* d0 = nullptr;
   for (std::uint16_t i = 0; i < r.g.ring_size(); ++i) {
     if (desc[i].addr == gpa && (desc[i].flags & virtio::kDescFNext) != 0) d0 = &desc[i];

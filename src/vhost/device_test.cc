@@ -130,7 +130,7 @@ TEST(Device, AdaptiveModeSleepsAndWakesOnKick) {
   // Past the spin budget the worker turns notifications on (avail_event = the 10 chains it has
   // seen) and, with nothing new on the ring, sleeps: the next request must be kicked and must
   // wake it. avail_event reaches 10 only in that last arm, after the 10th chain was taken.
-  auto* avail_event = virtq::avail_event_word(rig.driver(0).used(), rig.driver(0).size());
+  auto* avail_event = virtq::avail_event_word(rig.driver(0).split().used(), rig.driver(0).size());
   ASSERT_TRUE(eventually([&] {
     return std::atomic_ref<std::uint16_t>(*avail_event).load(std::memory_order_acquire) == 10;
   })) << "avail_event "
@@ -233,7 +233,7 @@ TEST(Device, RestartWithABaseBehindTheUsedIndexResumesFromIt) {
   EXPECT_EQ(rig.reply(0, 4, 13), "after restart");
   EXPECT_EQ(*dev.get_vring_base(0), 5u);
   // One used entry for the one new chain; none for the four answered before the restart.
-  EXPECT_EQ(rig.driver(0).used()->idx, 5u);
+  EXPECT_EQ(rig.driver(0).split().used()->idx, 5u);
   EXPECT_EQ(rig.driver(0).bad_used(), 0u);
 }
 
@@ -325,8 +325,8 @@ TEST(Device, BrokenRingStopsSignalsErrAndOthersLiveOn) {
   ASSERT_TRUE(dev.set_vring_err(0, testing::dup_fd(err.get())).has_value());
   echo_round_trips(rig, 0, 2);
   // The driver's avail idx runs away by more than the ring size.
-  std::atomic_ref<std::uint16_t>(rig.driver(0).avail()->idx)
-      .store(static_cast<std::uint16_t>(rig.driver(0).avail()->idx + 1000),
+  std::atomic_ref<std::uint16_t>(rig.driver(0).split().avail()->idx)
+      .store(static_cast<std::uint16_t>(rig.driver(0).split().avail()->idx + 1000),
              std::memory_order_release);
   const std::uint64_t one = 1;
   ASSERT_EQ(::write(rig.kick_fd(0), &one, 8), 8);

@@ -7,8 +7,35 @@
 
 namespace vhostkit::vhost {
 
+void Queue::log_packed_used() noexcept {
+  // The used descriptors published since the last call overwrote available ones in the
+  // descriptor ring: mark the slots from the last logged position to the used position (a
+  // whole lap when they meet, which over-marks a batch that wrote nothing: safe). QEMU gives
+  // the device event area as the ring's log address for packed rings (its used_phys), which
+  // covers none of them; the descriptor ring's own guest address does. The device event area
+  // (written by enable/disable_notifications) is marked too.
+  const std::uint16_t size = pvq_.size();
+  const std::uint16_t to = pvq_.base().used_idx;
+  const std::uint16_t from = logged_used_pos;
+  constexpr std::size_t kDesc = sizeof(virtio::PackedDesc);
+  if (from < to) {
+    mem->log_write(desc_log_gpa + from * kDesc, static_cast<std::size_t>(to - from) * kDesc);
+  } else {
+    mem->log_write(desc_log_gpa + from * kDesc, static_cast<std::size_t>(size - from) * kDesc);
+    if (to != 0) mem->log_write(desc_log_gpa, std::size_t{to} * kDesc);
+  }
+  logged_used_pos = to;
+  mem->log_write(device_event_log_gpa, sizeof(virtio::PackedEventSuppress));
+}
+
 void Queue::publish_and_notify() noexcept {
   worker_role_.assume();  // the device's handlers call this on the worker
+  if (packed_) {
+    pvq_.publish_used();
+    if (log_used && mem != nullptr && mem->dirty_log() != nullptr) log_packed_used();
+    if (pvq_.needs_notify()) signal();
+    return;
+  }
   vq_.publish_used();
   // Migration: the used ring was written; mark it dirty so the destination sees the update.
   // Coarse (the whole ring) on purpose: over-marking is safe, and this runs once per batch.
@@ -40,7 +67,12 @@ void Queue::reset() noexcept {
   mem = nullptr;
   used_log_gpa = 0;
   log_used = false;
+  desc_log_gpa = 0;
+  device_event_log_gpa = 0;
+  logged_used_pos = 0;
+  packed_ = false;
   vq_ = virtq::DeviceQueue{};
+  pvq_ = virtq::PackedDeviceQueue{};
   stats_.clear();
 }
 

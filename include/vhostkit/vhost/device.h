@@ -63,11 +63,20 @@ class Device {
   const memory::GuestMemory& memory() const noexcept;
 
   std::uint16_t num_queues() const noexcept;
+  // Every ring runs the layout the acked features say (VIRTIO_F_RING_PACKED: packed, else
+  // split). Sizes: a power of two in 1..32768 for split, any of 1..32768 for packed, checked
+  // against the features acked when the size arrives and again when the ring is translated.
   Result<> set_vring_num(std::uint32_t index, std::uint32_t num);
+  // Split: the three parts. Packed: desc is the descriptor ring, avail the driver event
+  // suppression area, used the device's (as vhost-user carries them).
   Result<> set_vring_addr(std::uint32_t index, const memory::VringAddr& addr);
+  // Split: last_avail_idx (16 bits). Packed: virtq::PackedRingBase's encoding (avail and used
+  // positions with their wrap counters); a used half of zero with an avail half it cannot go
+  // with means "used at avail" (front-ends that send 16 bits).
   Result<> set_vring_base(std::uint32_t index, std::uint32_t base);
-  // Stops the ring and returns where the driver should resume (last_avail_idx). The kick fd is
-  // closed: the ring starts again only after a new set_vring_kick (vhost-user semantics).
+  // Stops the ring and returns where the driver should resume (split: last_avail_idx; packed:
+  // PackedRingBase encoded). The kick fd is closed: the ring starts again only after a new
+  // set_vring_kick (vhost-user semantics), from that base unless SET_VRING_BASE changes it.
   Result<std::uint32_t> get_vring_base(std::uint32_t index);
   // An invalid fd means "no fd": the ring is polled (busy mode) instead of kicked.
   Result<> set_vring_kick(std::uint32_t index, UniqueFd fd);

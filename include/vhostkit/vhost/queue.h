@@ -1,14 +1,19 @@
 // vhost::Queue: the vhost_virtqueue analogue: the ring's addresses and state as the frontend
-// configured them, its kick/call/err eventfds, the running virtq::DeviceQueue, and its counters.
+// configured them, its kick/call/err eventfds, the running ring (split virtq::DeviceQueue or
+// packed virtq::PackedDeviceQueue, chosen by VIRTIO_F_RING_PACKED when it starts), and its
+// counters.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "vhostkit/error.h"
 #include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/thread_annotations.h"
 #include "vhostkit/unique_fd.h"
+#include "vhostkit/virtq/packed_queue.h"
 #include "vhostkit/virtq/split_queue.h"
 
 namespace vhostkit::vhost {
@@ -16,9 +21,16 @@ namespace vhostkit::vhost {
 // A ring's addresses translated into one memory table: each part inside one region, aligned in
 // host memory as the ring's index words need. Only vhost::Device makes one, once per set of
 // addresses, size and table; a ring starts (virtq::DeviceQueue::attach) from it as it is.
+// One of the two layouts, as the acked VIRTIO_F_RING_PACKED said when it was translated.
 struct MappedRing {
-  virtq::SplitRing parts;
-  std::uint64_t used_gpa = 0;  // the used ring's guest address, for the dirty log
+  bool packed = false;
+  virtq::SplitRing parts;          // split: desc table, avail ring, used ring
+  virtq::PackedRing packed_parts;  // packed: desc ring, driver and device event suppression
+  // Where the device writes in guest memory, for the dirty log: split, the used ring; packed,
+  // the descriptor ring (used descriptors overwrite available ones) and the device event area.
+  std::uint64_t used_gpa = 0;
+  std::uint64_t desc_gpa = 0;
+  std::uint64_t device_event_gpa = 0;
 };
 
 // The one counter type for statistics (per-queue stats here, the net device's per-pair
@@ -57,7 +69,28 @@ class Queue {
   std::uint16_t index() const noexcept { return index_; }
   // For the device's handlers (DeviceBackend::handle_queue and the queue_* hooks), which run as
   // the queue's worker; vhost::Device's own code is checked against worker_role_ instead.
+  // The running ring's layout: fixed from its start to its stop.
+  bool packed() const noexcept VHOSTKIT_NO_THREAD_SAFETY_ANALYSIS { return packed_; }
+  // The split ring (serves when !packed()) and the packed one (when packed()).
   virtq::DeviceQueue& vq() noexcept VHOSTKIT_NO_THREAD_SAFETY_ANALYSIS { return vq_; }
+  virtq::PackedDeviceQueue& packed_vq() noexcept VHOSTKIT_NO_THREAD_SAFETY_ANALYSIS { return pvq_; }
+  // The running ring as its own type, for handlers written once as templates over
+  // virtq::DeviceRing: ring<virtq::DeviceQueue>() or ring<virtq::PackedDeviceQueue>().
+  template <virtq::DeviceRing R>
+  R& ring() noexcept VHOSTKIT_NO_THREAD_SAFETY_ANALYSIS {
+    if constexpr (std::is_same_v<R, virtq::PackedDeviceQueue>) {
+      return pvq_;
+    } else {
+      return vq_;
+    }
+  }
+  // Calls f with the running ring: one branch per call, then f runs on the concrete type with
+  // no virtual call per chain. Both instantiations of f must return the same type.
+  template <class F>
+  decltype(auto) visit(F&& f) noexcept VHOSTKIT_NO_THREAD_SAFETY_ANALYSIS {
+    if (packed_) return std::forward<F>(f)(pvq_);
+    return std::forward<F>(f)(vq_);
+  }
   QueueStats& stats() noexcept { return stats_; }
   const QueueStats& stats() const noexcept { return stats_; }
   // Running on its worker. Read from any thread (the worker clears it when the ring breaks).
@@ -81,9 +114,14 @@ class Queue {
  private:
   friend class Device;
 
+  // Marks the packed ring's used descriptors published since the last call (publish_and_notify).
+  void log_packed_used() noexcept VHOSTKIT_REQUIRES(worker_role_);
+
   std::uint16_t index_ = 0;
-  std::uint32_t num = 0;   // SET_VRING_NUM
-  std::uint32_t base = 0;  // SET_VRING_BASE (last_avail_idx to resume from)
+  std::uint32_t num = 0;  // SET_VRING_NUM
+  // SET_VRING_BASE: split, last_avail_idx to resume from; packed, a PackedRingBase encoded
+  // (avail and used positions with their wrap counters).
+  std::uint32_t base = 0;
   bool has_addr = false;
   memory::VringAddr addr;
   // The translation of addr and num into the device's table, made when the last of the three
@@ -114,7 +152,14 @@ class Queue {
   const memory::GuestMemory* mem VHOSTKIT_GUARDED_BY(worker_role_) = nullptr;
   std::uint64_t used_log_gpa VHOSTKIT_GUARDED_BY(worker_role_) = 0;
   bool log_used VHOSTKIT_GUARDED_BY(worker_role_) = false;
+  // Packed: the descriptor ring and the device event area's guest addresses, and the used
+  // position up to which the used descriptors were marked.
+  std::uint64_t desc_log_gpa VHOSTKIT_GUARDED_BY(worker_role_) = 0;
+  std::uint64_t device_event_log_gpa VHOSTKIT_GUARDED_BY(worker_role_) = 0;
+  std::uint16_t logged_used_pos VHOSTKIT_GUARDED_BY(worker_role_) = 0;
+  bool packed_ VHOSTKIT_GUARDED_BY(worker_role_) = false;
   virtq::DeviceQueue vq_ VHOSTKIT_GUARDED_BY(worker_role_);
+  virtq::PackedDeviceQueue pvq_ VHOSTKIT_GUARDED_BY(worker_role_);
   QueueStats stats_;
 
   static Result<MappedRing> unmapped() {

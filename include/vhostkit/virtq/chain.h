@@ -77,6 +77,7 @@ concept DeviceRing = requires(Q q, const Q cq, std::span<iovec> segs) {
   { q.pop(segs) } -> std::same_as<std::expected<Chain, ChainError>>;
   q.push_used(std::uint16_t{}, std::uint32_t{});
   q.publish_used();
+  cq.log_write(std::span<const iovec>{}, std::size_t{});
   { q.needs_notify() } -> std::same_as<bool>;
   q.disable_notifications();
   { q.enable_notifications() } -> std::same_as<bool>;

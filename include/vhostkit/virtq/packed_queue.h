@@ -166,6 +166,14 @@ class PackedDeviceQueue {
   // Makes the queued used descriptors visible: the first one's flags written last, with release.
   void publish_used() noexcept;
 
+  // Live migration, as DeviceQueue::log_write: marks what was written into a chain's writable
+  // buffers in the table's dirty log, when there is one. A load and a branch when not logging.
+  void log_write(std::span<const iovec> writable, std::size_t len) const noexcept {
+    if (mem_ != nullptr && mem_->dirty_log() != nullptr) [[unlikely]] {
+      mem_->log_host_write(writable, len);
+    }
+  }
+
   // After publish_used(): should the driver be signalled? Driver event suppression: enable,
   // disable, or (with EVENT_IDX) the descriptor it names.
   bool needs_notify() noexcept;
