@@ -80,9 +80,9 @@ Delivery fill_chains(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt, c
     ++extra;
     left -= k;
   }
-  // Live migration: the first chain's payload is written (and its header will be on success).
-  vq.log_write(first.writable, fmt.hdr_len + n1);
   if (!ok) {
+    // Live migration: the payload bytes written into the first chain are marked all the same.
+    vq.log_write(first.writable, fmt.hdr_len + n1);
     // The chains are consumed; they go back empty, the driver drops and recycles them.
     vq.push_used(first.head, 0);
     for (std::size_t i = 0; i < extra; ++i) vq.push_used(p.merge_head[i], 0);
@@ -95,6 +95,9 @@ Delivery fill_chains(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt, c
   std::uint8_t hdr[12];
   make_hdr(hdr, f.hdr10, static_cast<std::uint16_t>(extra + 1));
   virtq::iov_write(first.writable, 0, hdr, fmt.hdr_len);
+  // Live migration: marked after the last write into the first chain, its header: a bit set
+  // before a write lets a front-end copy the page in between and never see that write.
+  vq.log_write(first.writable, fmt.hdr_len + n1);
   // The frame's chains must be consecutive in the used ring: the driver takes num_buffers
   // entries from where the first one is.
   vq.push_used(first.head, static_cast<std::uint32_t>(fmt.hdr_len + n1));

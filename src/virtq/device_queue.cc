@@ -216,7 +216,16 @@ void DeviceQueue::disable_notifications() noexcept {
   if (!event_idx_) {
     std::atomic_ref<std::uint16_t>(ring_.used->flags)
         .store(virtio::kUsedFNoNotify, std::memory_order_relaxed);
+    log_used_word(&ring_.used->flags);
   }
+}
+
+void DeviceQueue::log_used_word(std::uint16_t* word) const noexcept {
+  // Live migration: these words live in the used ring, which the owner marks when it publishes
+  // used elements; a ring that goes quiet after changing them publishes nothing more, so they
+  // are marked here, or the destination would start with the driver's kicks suppressed.
+  const iovec v{word, sizeof *word};
+  log_write({&v, 1}, sizeof *word);
 }
 
 bool DeviceQueue::enable_notifications() noexcept {
@@ -225,12 +234,10 @@ bool DeviceQueue::enable_notifications() noexcept {
   // have popped: a handler may leave chains on the ring on purpose (an rx ring with buffers but
   // no frames, a port that can't take more), and re-polling those would spin the worker.
   const std::uint16_t seen = avail_idx_cache_;
-  if (event_idx_) {
-    std::atomic_ref<std::uint16_t>(*avail_event_word(ring_.used, ring_.size))
-        .store(seen, std::memory_order_relaxed);
-  } else {
-    std::atomic_ref<std::uint16_t>(ring_.used->flags).store(0, std::memory_order_relaxed);
-  }
+  std::uint16_t* const word =
+      event_idx_ ? avail_event_word(ring_.used, ring_.size) : &ring_.used->flags;
+  std::atomic_ref<std::uint16_t>(*word).store(event_idx_ ? seen : 0, std::memory_order_relaxed);
+  log_used_word(word);
   // Full fence: orders the avail_event / flags store above before the re-read of avail->idx
   // below. Without it a driver could publish, read our old avail_event/flags and skip the
   // kick, while we read its old avail->idx and go to sleep.

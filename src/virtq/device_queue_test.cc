@@ -289,6 +289,29 @@ TEST(DeviceQueue, ChainsSeenButLeftOnTheRingDoNotReportWork) {
   }
 }
 
+// Live migration: the notification words the device writes in the used ring (avail_event with
+// EVENT_IDX, flags without) are marked in the dirty log when written, not only when used
+// elements are next published: a ring that goes quiet publishes nothing more, and a stale word
+// on the destination would suppress the driver's kicks there.
+TEST(DeviceQueue, NotificationWordsAreMarkedInTheDirtyLog) {
+  for (std::uint64_t f : {std::uint64_t{0}, kEventIdx}) {
+    SCOPED_TRACE(f != 0 ? "EVENT_IDX" : "NO_NOTIFY flag");
+    Rig rig(256, f);
+    std::array<std::uint8_t, 64> bits{};  // 512 pages: the rig's whole address space
+    memory::DirtyLog log;
+    ASSERT_TRUE(log.attach_local(bits));
+    rig.mem.set_dirty_log(&log);
+    const std::uint64_t word_gpa =
+        f != 0 ? rig.driver.used_gpa() + 4 + 8 * 256 : rig.driver.used_gpa();
+    rig.device.disable_notifications();
+    EXPECT_EQ(log.is_dirty(word_gpa), f == 0) << "disable writes the flag only without EVENT_IDX";
+    bits.fill(0);
+    EXPECT_FALSE(rig.device.enable_notifications());
+    EXPECT_TRUE(log.is_dirty(word_gpa));
+    rig.mem.set_dirty_log(nullptr);
+  }
+}
+
 TEST(DeviceQueue, ErrorNamesAreDistinct) {
   for (std::size_t i = 0; i < kChainErrorCount; ++i) {
     for (std::size_t j = i + 1; j < kChainErrorCount; ++j) {

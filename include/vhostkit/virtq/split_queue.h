@@ -116,6 +116,8 @@ class DeviceQueue {
   std::expected<Chain, ChainError> pop_slow(std::span<iovec> segs) noexcept;
   void count(ChainError e) noexcept;
   void mark_broken(ChainError e) noexcept;
+  // Marks a notification word of the used ring (flags, avail_event) in the dirty log.
+  void log_used_word(std::uint16_t* word) const noexcept;
   // IN_ORDER bookkeeping (only with the feature): what pop handed out, in which order.
   void note_popped(std::uint16_t head, std::uint64_t writable_len) noexcept;
   void push_used_in_order(std::uint16_t head, std::uint32_t len) noexcept;
