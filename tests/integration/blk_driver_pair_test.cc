@@ -99,6 +99,13 @@ TEST(BlkDriverPair, ReadsGeometryFromConfigSpace) {
   EXPECT_FALSE(f->info().read_only);
   EXPECT_EQ(f->num_queues(), 2u);
   EXPECT_TRUE(virtio::has(f->session().features(), virtio::blk_feature::mq));
+  // The driver does not wait for the last ring message's answer: the session thread starts the
+  // rings a moment after connect() returns.
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (!(b.device.queue(0).started() && b.device.queue(1).started()) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
   EXPECT_TRUE(b.device.queue(0).started());
   EXPECT_TRUE(b.device.queue(1).started());
 }
