@@ -4,13 +4,20 @@
 # Two vhostkit-net instances, each with its own TAP (vk-mig0 for the source, vk-mig1 for the
 # destination), both ports of a bridge in a fresh namespace that holds the host side,
 # 192.0.2.1/24. The source QEMU runs the guest on the first; the destination QEMU waits with
-# -incoming on the second. The guest pings the host, then receives MIB MiB over TCP from a source
-# paced so that the transfer spans the migration, then pings again. While the bytes flow, QMP
-# migrates the VM (vhostkit-net must offer VHOST_F_LOG_ALL or QEMU refuses: "vhost lacks
-# VHOST_F_LOG_ALL feature"). Checks: the migration completes; the guest finishes on the
-# destination with every byte intact (sha256 both ends) and its pings answered; an announce from
-# the guest's MAC leaves the destination's port (the guest's gratuitous ARP with GUEST_ANNOUNCE,
-# or the RARP vhostkit-net sends on QEMU's SEND_RARP), and the bridge learns the MAC there.
+# -incoming on the second. QMP migrates the VM (vhostkit-net must offer VHOST_F_LOG_ALL or QEMU
+# refuses: "vhost lacks VHOST_F_LOG_ALL feature"). Checks: the migration completes; the guest's
+# traffic runs on the destination, every byte intact (sha256 both ends) and its pings answered;
+# an announce from the guest's MAC leaves the destination's port (the guest's gratuitous ARP with
+# GUEST_ANNOUNCE, or the RARP vhostkit-net sends on QEMU's SEND_RARP), and the bridge learns the
+# MAC there; no kernel BUG or lockup on the guest's console.
+#
+# VK_MIG_TRAFFIC=around (default, in the suite): the guest pings, idles while it migrates, then
+# receives MIB MiB over TCP and pings again, all on the destination. VK_MIG_TRAFFIC=during: the
+# TCP transfer is paced to span the migration. "during" is not in the suite: QEMU 7.2 under TCG
+# on this host corrupts the destination guest's memory in about one migration in three under
+# network traffic, with its own virtio-net and no vhost-user as well (tests/manual/README.md
+# shows how that was established); the device's dirty logging under traffic is checked in
+# process instead (tests/integration/live_migration_test.cc).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/qemu.sh"
@@ -22,8 +29,14 @@ source "$here/../../scripts/lib/vhostkit.sh"
 # so QEMU sends SEND_RARP and vhostkit-net puts the RARP on the wire.
 ANNOUNCE=${VK_MIG_ANNOUNCE:-guest}
 [[ $ANNOUNCE == guest || $ANNOUNCE == rarp ]] || vk_fail "VK_MIG_ANNOUNCE must be guest or rarp"
+TRAFFIC=${VK_MIG_TRAFFIC:-around}
+[[ $TRAFFIC == around || $TRAFFIC == during ]] || vk_fail "VK_MIG_TRAFFIC must be around or during"
 MIB=${VK_TEST_MIB:-24}
-RATE_KIB=${VK_TEST_RATE_KIB:-2048}
+# Paced to span the migration when it runs during it; as fast as it goes otherwise.
+RATE_KIB=${VK_TEST_RATE_KIB:-1024}
+[[ $TRAFFIC == around ]] && RATE_KIB=${VK_TEST_RATE_KIB:-1048576}
+# around: how long the guest idles after its first ping, the window for the migration.
+IDLE_S=${VK_MIG_IDLE_S:-45}
 PORT=5201
 MAC=52:54:00:12:34:56
 QMP=$here/../../scripts/lib/qmp.py
@@ -48,7 +61,8 @@ for side in src dst; do
   tap=vk-mig0; [[ $side == dst ]] && tap=vk-mig1
   SOCK[$side]=$VK_TMP/$side.sock LOG[$side]=$VK_TMP/vhostkit-net-$side.log
   vk_check "vhostkit-net for the $side ($tap) listens and its TAP joins the bridge"
-  vk_net_start "${LOG[$side]}" --netns "$VK_NETNS" -- --socket-path="${SOCK[$side]}" --tap="$tap"
+  vk_net_start "${LOG[$side]}" --netns "$VK_NETNS" -- --socket-path="${SOCK[$side]}" --tap="$tap" \
+    --stats=2
   PID[$side]=$VK_NET_PID
   vk_net_wait_listening "${SOCK[$side]}" 10 "${LOG[$side]}" ||
     { cat "${LOG[$side]}"; vk_fail "no listening socket ${SOCK[$side]}"; }
@@ -62,6 +76,8 @@ vk_tcp_paced_source_start "$((PORT + 1))" "$VK_TMP/to_guest" "$RATE_KIB" ||
   vk_fail "starting the TCP source"
 
 cmdline="vk.ip=192.0.2.2/24 vk.peer=192.0.2.1 vk.cmd=ping,tcp-rx,ping vk.count=3 vk.mb=$MIB vk.port=$PORT"
+[[ $TRAFFIC == around ]] &&
+  cmdline="vk.ip=192.0.2.2/24 vk.peer=192.0.2.1 vk.cmd=ping,idle,tcp-rx,ping vk.idle=$IDLE_S vk.count=3 vk.mb=$MIB vk.port=$PORT"
 for side in src dst; do
   net=()
   vk_qemu_vhost_user_net_args net "${SOCK[$side]}"
@@ -90,12 +106,17 @@ python3 "$QMP" "$VK_TMP/dst.qmp" wait-status inmigrate --timeout 30 >/dev/null |
   vk_fail "destination QEMU is not waiting for a migration"
 vk_pass "connected, status inmigrate"
 
-vk_check "the guest's TCP receive is under way ($MIB MiB at $RATE_KIB KiB/s)"
-vk_qemu_wait_marker "$src_log" '^VK-INFO tcp-rx connecting' 30 "${PID[qemu-src]}" ||
-  { vk_qemu_dump "$src_log"; vk_fail "the guest never started tcp-rx"; }
-vk_wait_for 30 bash -c "ip netns exec $VK_NETNS ss -Htn state established '( sport = :$((PORT + 1)) )' | grep -q ." ||
-  vk_fail "no established connection to the paced source"
-vk_pass "connected"
+if [[ $TRAFFIC == during ]]; then
+  vk_check "the guest's TCP receive is under way ($MIB MiB at $RATE_KIB KiB/s)"
+  vk_qemu_wait_marker "$src_log" '^VK-INFO tcp-rx connecting' 30 "${PID[qemu-src]}" ||
+    { vk_qemu_dump "$src_log"; vk_fail "the guest never started tcp-rx"; }
+  vk_wait_for 30 bash -c "ip netns exec $VK_NETNS ss -Htn state established '( sport = :$((PORT + 1)) )' | grep -q ." ||
+    vk_fail "no established connection to the paced source"
+  vk_pass "connected"
+else
+  vk_qemu_wait_marker "$src_log" '^VK-RUN idle' 30 "${PID[qemu-src]}" ||
+    { vk_qemu_dump "$src_log"; vk_fail "the guest never went idle"; }
+fi
 
 vk_check "a capture on the destination's port (vk-mig1) is ready for the guest's announce"
 SNIFF=$here/../../scripts/lib/sniff.py
@@ -114,7 +135,7 @@ vk_pass "$mig; destination running after $(elapsed) s"
 python3 "$QMP" "$VK_TMP/src.qmp" run quit >/dev/null 2>&1
 vk_qemu_wait_exit "${PID[qemu-src]}" 30 >/dev/null
 
-vk_check "the guest finishes receiving on the destination, every byte intact"
+vk_check "the guest receives on the destination, every byte intact"
 vk_guest_check_tcp_rx "$dst_log" "$VK_TMP/to_guest" "$MIB" 180
 
 vk_check "the guest pings the host again from the destination"
@@ -139,6 +160,11 @@ vk_check "the bridge learned the guest's MAC on the destination's port"
 fdb=$(vk_netns_exec bridge fdb show br vk-br0 | grep -i "^$MAC ")
 grep -q 'dev vk-mig1' <<<"$fdb" || vk_fail "bridge fdb for $MAC: ${fdb:-none}"
 vk_pass "$fdb"
+
+vk_check "no kernel BUG, oops or lockup on the guest's console"
+trouble=$(grep -E 'BUG|Oops|panic|soft lockup|general protection' "$src_log" "$dst_log" | head -3)
+[[ -z $trouble ]] || { vk_qemu_dump "$dst_log"; vk_fail "$trouble"; }
+vk_pass "clean console"
 
 vk_check "the guest powers off cleanly; both vhostkit-net exit 0 on SIGTERM"
 vk_qemu_wait_exit "${PID[qemu-dst]}" 60; rc=$?
