@@ -18,6 +18,9 @@
 # network traffic, with its own virtio-net and no vhost-user as well (tests/manual/README.md
 # shows how that was established); the device's dirty logging under traffic is checked in
 # process instead (tests/integration/live_migration_test.cc).
+#
+# VK_MIG_NIC=qemu (not in the suite; tests/manual/tcg_migration_control.sh): the control, QEMU's
+# own virtio-net on a TAP (QEMU runs in the namespace) instead of vhost-user and vhostkit-net.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/qemu.sh"
@@ -35,6 +38,8 @@ MIB=${VK_TEST_MIB:-24}
 # Paced to span the migration when it runs during it; as fast as it goes otherwise.
 RATE_KIB=${VK_TEST_RATE_KIB:-1024}
 [[ $TRAFFIC == around ]] && RATE_KIB=${VK_TEST_RATE_KIB:-1048576}
+NIC=${VK_MIG_NIC:-vhostkit}
+[[ $NIC == vhostkit || $NIC == qemu ]] || vk_fail "VK_MIG_NIC must be vhostkit or qemu"
 # around: how long the guest idles after its first ping, the window for the migration.
 IDLE_S=${VK_MIG_IDLE_S:-45}
 PORT=5201
@@ -57,7 +62,8 @@ vk_netns_exec ip addr add 192.0.2.1/24 dev vk-br0 || vk_fail "address on vk-br0"
 vk_netns_exec ip link set vk-br0 up || vk_fail "bringing vk-br0 up"
 
 declare -A SOCK LOG PID
-for side in src dst; do
+LOG=([src]=/dev/null [dst]=/dev/null)  # vhostkit-net's logs, in that mode
+[[ $NIC == vhostkit ]] && for side in src dst; do
   tap=vk-mig0; [[ $side == dst ]] && tap=vk-mig1
   SOCK[$side]=$VK_TMP/$side.sock LOG[$side]=$VK_TMP/vhostkit-net-$side.log
   vk_check "vhostkit-net for the $side ($tap) listens and its TAP joins the bridge"
@@ -79,8 +85,16 @@ cmdline="vk.ip=192.0.2.2/24 vk.peer=192.0.2.1 vk.cmd=ping,tcp-rx,ping vk.count=3
 [[ $TRAFFIC == around ]] &&
   cmdline="vk.ip=192.0.2.2/24 vk.peer=192.0.2.1 vk.cmd=ping,idle,tcp-rx,ping vk.idle=$IDLE_S vk.count=3 vk.mb=$MIB vk.port=$PORT"
 for side in src dst; do
-  net=()
-  vk_qemu_vhost_user_net_args net "${SOCK[$side]}"
+  net=() nsopt=()
+  tap=vk-mig0; [[ $side == dst ]] && tap=vk-mig1
+  if [[ $NIC == vhostkit ]]; then
+    vk_qemu_vhost_user_net_args net "${SOCK[$side]}"
+  else
+    # vectors=0 as for vhost-user, so the two differ only in the back-end.
+    net=(-netdev "tap,id=vkn0,ifname=$tap,script=no,downscript=no"
+         -device "virtio-net-pci,netdev=vkn0,vectors=0")
+    nsopt=(--netns "$VK_NETNS")
+  fi
   if [[ $ANNOUNCE == rarp ]]; then
     for i in "${!net[@]}"; do
       [[ ${net[$i]} == virtio-net-pci,* ]] && net[$i]+=",guest_announce=off"
@@ -88,8 +102,14 @@ for side in src dst; do
   fi
   net+=(-qmp "unix:$VK_TMP/$side.qmp,server=on,wait=off")
   [[ $side == dst ]] && net+=(-incoming "unix:$VK_TMP/migrate.sock")
-  vk_qemu_start --log "$VK_TMP/console-$side.log" --timeout 300 --cmdline "$cmdline" -- "${net[@]}"
+  vk_qemu_start "${nsopt[@]}" --log "$VK_TMP/console-$side.log" --timeout 300 \
+    --cmdline "$cmdline" -- "${net[@]}"
   PID[qemu-$side]=$VK_QEMU_PID
+  if [[ $NIC == qemu ]]; then
+    vk_wait_for 20 vk_netns_exec ip link show "$tap" || vk_fail "QEMU made no $tap"
+    vk_netns_exec ip link set "$tap" master vk-br0 || vk_fail "adding $tap to the bridge"
+    vk_netns_exec ip link set "$tap" up || vk_fail "bringing $tap up"
+  fi
 done
 src_log=$VK_TMP/console-src.log dst_log=$VK_TMP/console-dst.log
 
@@ -101,7 +121,9 @@ res=$(vk_guest_result "$src_log" ping)
 vk_pass "ping: $res"
 
 vk_check "the destination QEMU connected to its vhostkit-net and waits for the migration"
-vk_net_wait_connected "${LOG[dst]}" 30 1 || { cat "${LOG[dst]}"; vk_fail "destination never connected"; }
+if [[ $NIC == vhostkit ]]; then
+  vk_net_wait_connected "${LOG[dst]}" 30 1 || { cat "${LOG[dst]}"; vk_fail "destination never connected"; }
+fi
 python3 "$QMP" "$VK_TMP/dst.qmp" wait-status inmigrate --timeout 30 >/dev/null ||
   vk_fail "destination QEMU is not waiting for a migration"
 vk_pass "connected, status inmigrate"
@@ -150,8 +172,10 @@ wait "$sniff_pid"; rc=$?
 ((rc == 0)) || { cat "${LOG[dst]}"; vk_fail "$(cat "$VK_TMP/sniff.out")"; }
 want=garp; [[ $ANNOUNCE == rarp ]] && want=rarp
 got=$(tail -1 "$VK_TMP/sniff.out")
+# QEMU's own NIC announces itself with RARPs as well as the guest's ARPs: either will do there.
+[[ $NIC == qemu && ($got == garp || $got == rarp) ]] && want=$got
 [[ $got == "$want" ]] || { cat "${LOG[dst]}"; vk_fail "announce was a $got, expected a $want ($ANNOUNCE mode)"; }
-if [[ $ANNOUNCE == rarp ]]; then
+if [[ $ANNOUNCE == rarp && $NIC == vhostkit ]]; then
   grep -q 'announced .* (RARP)' "${LOG[dst]}" || { cat "${LOG[dst]}"; vk_fail "vhostkit-net did not log its RARP"; }
 fi
 vk_pass "$got ($ANNOUNCE mode)"
@@ -170,7 +194,7 @@ vk_check "the guest powers off cleanly; both vhostkit-net exit 0 on SIGTERM"
 vk_qemu_wait_exit "${PID[qemu-dst]}" 60; rc=$?
 grep -q '^VK-DONE failed=0' "$dst_log" || { vk_qemu_dump "$dst_log"; vk_fail "VK-DONE missing or failures reported"; }
 ((rc == 0)) || vk_fail "destination QEMU exit status $rc"
-for side in src dst; do
+[[ $NIC == vhostkit ]] && for side in src dst; do
   vk_net_stop "${PID[$side]}" 10; rc=$?
   ((rc == 0)) || { cat "${LOG[$side]}"; vk_fail "vhostkit-net ($side) exit status $rc"; }
 done
