@@ -104,6 +104,24 @@ std::expected<Chain, ChainError> DeviceQueue::pop_slow(std::span<iovec> segs) no
   return pop(segs);
 }
 
+std::expected<Chain, ChainError> DeviceQueue::take(std::uint16_t head,
+                                                   std::span<iovec> segs) noexcept {
+  if (broken_ || ring_.desc == nullptr) return std::unexpected(ChainError::queue_broken);
+  if (head >= ring_.size) {
+    count(ChainError::head_out_of_range);
+    return std::unexpected(ChainError::head_out_of_range);
+  }
+  const virtio::VirtqDesc d = detail::read_desc_once(ring_.desc + head);
+  auto chain = walk(head, d, segs);
+  if (in_order_) note_popped(head, chain ? chain->writable_len : kNeverComplete);
+  if (!chain) {
+    push_used(head, 0);
+    last_bad_head_ = head;
+    count(chain.error());
+  }
+  return chain;
+}
+
 std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
                                                    const virtio::VirtqDesc& first,
                                                    std::span<iovec> segs) noexcept {

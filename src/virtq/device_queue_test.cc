@@ -324,3 +324,51 @@ TEST(DeviceQueue, ErrorNamesAreDistinct) {
 
 }  // namespace
 }  // namespace vhostkit::virtq
+
+// take(): a restarted back-end walks a chain it knows the head of, out of the avail ring's order,
+// and neither the avail ring nor last_avail_idx moves.
+namespace vhostkit::virtq {
+namespace {
+
+using testing::Rig;
+using Buf = DriverQueue::Buffer;
+
+TEST(DeviceQueueTake, WalksTheChainAtAHeadWithoutMovingTheAvailRing) {
+  Rig rig(8);
+  const Buf out[] = {{Rig::kDataGpa, 16}};
+  const Buf in[] = {{Rig::kDataGpa + 512, 64}, {Rig::kDataGpa + 1024, 1}};
+  const auto first = rig.add_publish(out, {});
+  const auto second = rig.add_publish(out, in);
+  // The previous back-end took both; the device resumes past them (last_avail_idx 2).
+  rig.attach_device(2);
+  std::array<iovec, 8> segs{};
+  auto c = rig.device.take(second, segs);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->head, second);
+  EXPECT_EQ(c->readable_len, 16u);
+  EXPECT_EQ(c->writable_len, 65u);
+  ASSERT_EQ(c->writable.size(), 2u);
+  EXPECT_EQ(c->writable[1].iov_base, rig.host(Rig::kDataGpa + 1024));
+  c = rig.device.take(first, segs);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->head, first);
+  EXPECT_EQ(rig.device.last_avail_idx(), 2);
+  EXPECT_EQ(rig.device.pending(), 0);
+  // Answered like popped chains, and the driver gets both back.
+  rig.device.push_used(second, 65);
+  rig.device.push_used(first, 0);
+  rig.device.publish_used();
+  std::array<DriverQueue::Used, 4> used{};
+  ASSERT_EQ(rig.driver.get_used_burst(used), 2u);
+  EXPECT_EQ(used[0].head, second);
+  EXPECT_EQ(used[1].head, first);
+  // A new chain is popped from where the avail ring stands.
+  const auto third = rig.add_publish(out, {});
+  ASSERT_EQ(rig.device.pending(), 1);
+  c = rig.device.pop(segs);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->head, third);
+}
+
+}  // namespace
+}  // namespace vhostkit::virtq

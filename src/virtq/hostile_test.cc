@@ -277,6 +277,73 @@ TEST(VirtqHostile, HeadOutOfRangeBreaksQueue) {
   EXPECT_EQ(rig.device.used_idx(), 0);
 }
 
+// ---- take(): a head from the device's own record (inflight I/O), which the peer could write.
+
+TEST(VirtqHostile, TakeHeadOutOfRangeIsRefusedAndBreaksNothing) {
+  Rig rig(kSize);
+  std::array<iovec, 4> segs{};
+  for (std::uint16_t head : {kSize, std::uint16_t{0xffff}}) {
+    auto c = rig.device.take(head, segs);
+    ASSERT_FALSE(c.has_value());
+    EXPECT_EQ(c.error(), ChainError::head_out_of_range);
+  }
+  EXPECT_EQ(rig.errors(ChainError::head_out_of_range), 2u);
+  EXPECT_FALSE(rig.device.broken());
+  EXPECT_EQ(rig.device.used_idx(), 0);  // nothing answered: no chain has that head
+  const Buf good[] = {{Rig::kDataGpa, 4}};
+  rig.add_publish(good, {});
+  EXPECT_TRUE(rig.device.pop(segs).has_value());
+}
+
+TEST(VirtqHostile, TakeLoopingChainIsAnsweredAndCounted) {
+  Rig rig(kSize);
+  const auto head = add_chain(rig, 2);
+  auto* d = rig.driver.desc();
+  d[d[head].next].flags |= virtio::kDescFNext;
+  d[d[head].next].next = head;
+  rig.driver.publish();
+  rig.attach_device(1);  // taken by the previous back-end
+  std::array<iovec, 16> segs{};
+  auto c = rig.device.take(head, segs);
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(c.error(), ChainError::chain_too_long);
+  EXPECT_EQ(rig.errors(ChainError::chain_too_long), 1u);
+  EXPECT_EQ(rig.device.last_bad_head(), head);
+  EXPECT_FALSE(rig.device.broken());
+  EXPECT_EQ(rig.device.last_avail_idx(), 1);
+  rig.device.publish_used();
+  auto u = rig.driver.get_used();
+  ASSERT_TRUE(u.has_value());
+  EXPECT_EQ(u->head, head);
+  EXPECT_EQ(u->len, 0u);
+}
+
+TEST(VirtqHostile, TakeOnABrokenQueueServesNothing) {
+  Rig rig(kSize);
+  const auto head = add_chain(rig, 1);
+  rig.driver.publish();
+  rig.driver.avail()->idx = 0x8000;
+  EXPECT_EQ(rig.device.pending(), 0);
+  ASSERT_TRUE(rig.device.broken());
+  std::array<iovec, 4> segs{};
+  auto c = rig.device.take(head, segs);
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(c.error(), ChainError::queue_broken);
+}
+
+TEST(VirtqHostile, PopRecordsTheHeadItAnsweredAsBad) {
+  Rig rig(kSize);
+  add_chain(rig, 1);
+  const auto head = add_chain(rig, 1);
+  rig.driver.desc()[head].addr = 0xdead00000000ull;
+  rig.driver.publish();
+  std::array<iovec, 4> segs{};
+  ASSERT_TRUE(rig.device.pop(segs).has_value());
+  auto c = rig.device.pop(segs);
+  ASSERT_FALSE(c.has_value());
+  EXPECT_EQ(rig.device.last_bad_head(), head);
+}
+
 // ---- A hostile device seen from the driver.
 
 TEST(VirtqHostile, UsedIdOutOfRangeIgnoredByDriver) {

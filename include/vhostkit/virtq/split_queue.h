@@ -75,6 +75,17 @@ class DeviceQueue {
   // Indirect tables must lie in one region; a chain may hold at most size() buffer descriptors
   // in total (ring table and indirect table together).
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
+  // Takes the chain at `head` again without touching the avail ring or last_avail_idx: a
+  // restarted back-end resubmitting the requests its predecessor left in flight (vhost-user's
+  // inflight I/O tracking). The chain is walked and checked exactly as pop() does, and a bad one
+  // is answered the same way (used len 0, counted). `head` comes from the device's own record,
+  // which the peer may have written: a head >= size() is refused (head_out_of_range, counted)
+  // and breaks nothing, since no ring entry named it. Split ring only; the packed ring's
+  // inflight layout (descriptor states by buffer id) is not handled yet.
+  std::expected<Chain, ChainError> take(std::uint16_t head, std::span<iovec> segs) noexcept;
+  // The head of the last chain pop() or take() answered itself (a bad chain, used len 0), for a
+  // device that records every used entry (inflight tracking).
+  std::uint16_t last_bad_head() const noexcept { return last_bad_head_; }
 
   // Queues a used element (head, bytes written); visible to the driver only after publish_used().
   // With IN_ORDER, a chain pushed right after the one popped before it, when that one was
@@ -136,6 +147,7 @@ class DeviceQueue {
   std::uint16_t used_idx_ = 0;         // next used slot to fill (not yet published)
   std::uint16_t published_used_idx_ = 0;
   std::uint16_t signalled_used_idx_ = 0;  // used->idx when we last decided about a signal
+  std::uint16_t last_bad_head_ = 0;
   std::array<std::uint64_t, kChainErrorCount> errors_{};
   struct Popped {
     std::uint32_t writable = 0;  // the chain's writable bytes (kNeverComplete: a refused chain)
@@ -338,6 +350,7 @@ inline std::expected<Chain, ChainError> DeviceQueue::pop(std::span<iovec> segs) 
     note_popped(head, chain ? chain->writable_len : kNeverComplete);
   if (!chain) [[unlikely]] {
     push_used(head, 0);
+    last_bad_head_ = head;
     count(chain.error());
   }
   return chain;
