@@ -265,6 +265,23 @@ Result<> Device::set_vring_enable(std::uint32_t index, bool enable) {
   return d.try_start(q);
 }
 
+Result<> Device::set_inflight(std::string_view request, std::unique_ptr<InflightRegion> region) {
+  Impl& d = *impl_;
+  if (auto r = d.need_owner(request); !r) return r;
+  for (auto& q : d.queues) {
+    if (q->started()) {
+      return fail(Errc::bad_state,
+                  fmt::format("{}: vring {} is running (the inflight region changes only while "
+                              "every ring is stopped)",
+                              request, q->index_));
+    }
+  }
+  d.inflight = std::move(region);  // the old one is unmapped here: no ring records into it
+  return {};
+}
+
+const InflightRegion* Device::inflight() const noexcept { return impl_->inflight.get(); }
+
 void Device::reset() noexcept { impl_->reset(); }
 
 bool Device::broken() const noexcept { return impl_->broken.load(std::memory_order_acquire); }

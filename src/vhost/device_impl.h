@@ -113,6 +113,7 @@ struct Device::Impl {
   std::vector<std::unique_ptr<Queue>> queues;
   memory::GuestMemory mem;
   std::unique_ptr<memory::DirtyLog> log;
+  std::unique_ptr<InflightRegion> inflight;  // set and dropped only with every ring stopped
   bool owner = false;
   std::uint64_t extra_offered = 0;
   std::uint64_t acked = 0;
@@ -208,6 +209,16 @@ struct Device::Impl {
                    opts.name, q.index_, q.base, q.vq_.used_idx());
       q.vq_.attach(&mem, r.parts, acked, q.vq_.used_idx());
     }
+    // With an inflight region the ring resumes past the heads still in flight there (QEMU sends
+    // the used index as the base, as above), and those are resubmitted first. Split rings only:
+    // the packed layout is not implemented (the session refuses the region with the packed ring).
+    auto resume =
+        q.start_inflight(inflight && !r.packed ? inflight->split_queue(q.index_) : nullptr);
+    if (!resume) {
+      q.vq_.detach();
+      return std::unexpected(resume.error());
+    }
+    if (!r.packed && *resume != q.vq_.last_avail_idx()) q.vq_.attach(&mem, r.parts, acked, *resume);
     q.errors_seen = q.visit([](auto& vq) { return detail::errors_total(vq); });
     q.broken_.store(false, std::memory_order_relaxed);
     q.rekick_pending = false;
@@ -250,6 +261,8 @@ struct Device::Impl {
     if (q.watch_id != 0) w.unwatch(std::exchange(q.watch_id, 0));
     if (q.poller_id != 0) w.remove_poller(std::exchange(q.poller_id, 0));
     backend.queue_stopped(q, w);
+    q.inflight_ = nullptr;  // the device's answers are published: nothing more to record
+    q.resubmit_.clear();
     q.base = q.packed_ ? q.pvq_.base().encode() : q.vq_.last_avail_idx();
     q.vq_.detach();
     q.pvq_.detach();
@@ -478,6 +491,7 @@ struct Device::Impl {
     mem.set_dirty_log(nullptr);
     mem.clear();
     log.reset();
+    inflight.reset();
     acked = 0;
     owner = false;
     broken.store(false);

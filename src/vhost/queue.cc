@@ -1,6 +1,8 @@
 // vhost::Queue: used-ring publication and the call eventfd.
 #include "vhostkit/vhost/queue.h"
 
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include "vhostkit/virtio/ring.h"
@@ -37,6 +39,9 @@ void Queue::publish_and_notify() noexcept {
     return;
   }
   vq_.publish_used();
+  // Inflight I/O: the used idx is in the ring before the published requests lose their marks,
+  // so a back-end killed in between leaves marks that recovery clears, not holes.
+  if (inflight_ != nullptr) inflight_->published(vq_.used_idx());
   // Migration: the used ring was written; mark it dirty so the destination sees the update.
   // Coarse (the whole ring) on purpose: over-marking is safe, and this runs once per batch.
   if (log_used && mem != nullptr && mem->dirty_log() != nullptr) {
@@ -73,7 +78,31 @@ void Queue::reset() noexcept {
   packed_ = false;
   vq_ = virtq::DeviceQueue{};
   pvq_ = virtq::PackedDeviceQueue{};
+  inflight_ = nullptr;
+  resubmit_.clear();
   stats_.clear();
+}
+
+Result<std::uint16_t> Queue::start_inflight(InflightSplitQueue* iq) {
+  inflight_ = nullptr;
+  resubmit_.clear();
+  if (iq == nullptr || vq_.broken()) return vq_.last_avail_idx();
+  // A front-end that lost its back-end sets the base to the used index (QEMU reads it from the
+  // ring); every head taken since is either answered in the used ring or in flight in the
+  // region, so popping resumes past the ones in flight, which are resubmitted first.
+  auto rec = iq->recover(vq_.used_idx(), num);
+  if (!rec) {
+    return fail(rec.error().code, fmt::format("vring {}: {}", index_, rec.error().detail));
+  }
+  if (!rec->resubmit.empty() || rec->batch_cleared != 0) {
+    spdlog::info(
+        "vring {}: {} request(s) left in flight by the previous back-end are resubmitted"
+        " ({} answered ones cleared); resuming at avail index {}",
+        index_, rec->resubmit.size(), rec->batch_cleared, rec->last_avail_idx);
+  }
+  inflight_ = iq;
+  resubmit_ = std::move(rec->resubmit);
+  return rec->last_avail_idx;
 }
 
 void Queue::signal() noexcept {

@@ -20,6 +20,11 @@ class DeviceBackend {
   virtual std::uint64_t features() const noexcept = 0;
   // Number of virtqueues this device has (net: 2 per pair + ctrl; blk: num_queues).
   virtual std::uint16_t num_queues() const noexcept = 0;
+  // The device records its requests in flight (Queue::inflight) and resubmits what a previous
+  // back-end left there (Queue::take_resubmit), so the vhost-user session offers
+  // INFLIGHT_SHMFD. For devices whose requests must not be lost or repeated across a restart
+  // (blk); a network device drops and repeats frames anyway.
+  virtual bool tracks_inflight() const noexcept { return false; }
 
   // Config space (GET_CONFIG / SET_CONFIG). Out-of-range or read-only writes are refused.
   virtual Result<> read_config(std::uint32_t offset, std::span<std::uint8_t> out) const {

@@ -20,6 +20,7 @@
 #include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/vhost/backend.h"
+#include "vhostkit/vhost/inflight.h"
 #include "vhostkit/vhost/queue.h"
 #include "vhostkit/vhost/worker.h"
 
@@ -84,6 +85,13 @@ class Device {
   Result<> set_vring_err(std::uint32_t index, UniqueFd fd);
   Result<> set_vring_enable(std::uint32_t index, bool enable);
   Result<> set_log_base(UniqueFd fd, std::uint64_t size, std::uint64_t offset);
+  // Inflight I/O tracking (vhost-user GET_INFLIGHT_FD, SET_INFLIGHT_FD): the region where rings
+  // record the requests they took and have not answered. It outlives ring restarts; each ring
+  // that starts while the device has one recovers what a previous back-end left in flight
+  // there (Queue::start_inflight). Replaced by the next call, dropped by nullptr and reset().
+  // Only while every ring is stopped (no worker writes the region); `request` names the caller.
+  Result<> set_inflight(std::string_view request, std::unique_ptr<InflightRegion> region);
+  const InflightRegion* inflight() const noexcept;
 
   // Everything back to a fresh device: rings stopped, memory unmapped, every fd closed.
   void reset() noexcept;

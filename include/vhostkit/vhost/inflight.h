@@ -173,6 +173,9 @@ class InflightRegion {
   std::uint16_t queue_size() const noexcept { return queue_size_; }
   // index < num_queues(); nullptr otherwise.
   InflightSplitQueue* split_queue(std::uint32_t index) noexcept;
+  const InflightSplitQueue* split_queue(std::uint32_t index) const noexcept {
+    return const_cast<InflightRegion*>(this)->split_queue(index);
+  }
 
  private:
   InflightRegion() = default;

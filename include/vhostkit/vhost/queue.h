@@ -8,11 +8,13 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "vhostkit/error.h"
 #include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/thread_annotations.h"
 #include "vhostkit/unique_fd.h"
+#include "vhostkit/vhost/inflight.h"
 #include "vhostkit/virtq/packed_queue.h"
 #include "vhostkit/virtq/split_queue.h"
 
@@ -101,6 +103,19 @@ class Queue {
   std::uint32_t ring_size() const noexcept { return num; }
   bool is_enabled() const noexcept { return enabled; }
 
+  // Inflight I/O tracking (vhost-user INFLIGHT_SHMFD), for the device's handlers on the worker:
+  // the ring's part of the device's region while the ring runs with one, nullptr otherwise.
+  // Record each request with submit(head) before it starts (not a resubmitted one: it keeps
+  // its place in the order) and used(head) as its used entry is pushed, bad chains included;
+  // publish_and_notify() reports the publication.
+  InflightSplitQueue* inflight() noexcept VHOSTKIT_NO_THREAD_SAFETY_ANALYSIS { return inflight_; }
+  // The heads a previous back-end left in flight, in their original order, found when the ring
+  // started (popping resumes after them): resubmit them (virtq::DeviceQueue::take) before any
+  // new chain. Handed over once.
+  std::vector<std::uint16_t> take_resubmit() noexcept VHOSTKIT_NO_THREAD_SAFETY_ANALYSIS {
+    return std::exchange(resubmit_, {});
+  }
+
   // Publishes used entries and signals the call eventfd if the driver wants it (EVENT_IDX or
   // NO_INTERRUPT decide). Called by device handlers after a batch, on the worker.
   void publish_and_notify() noexcept;
@@ -160,7 +175,14 @@ class Queue {
   bool packed_ VHOSTKIT_GUARDED_BY(worker_role_) = false;
   virtq::DeviceQueue vq_ VHOSTKIT_GUARDED_BY(worker_role_);
   virtq::PackedDeviceQueue pvq_ VHOSTKIT_GUARDED_BY(worker_role_);
+  InflightSplitQueue* inflight_ VHOSTKIT_GUARDED_BY(worker_role_) = nullptr;
+  std::vector<std::uint16_t> resubmit_ VHOSTKIT_GUARDED_BY(worker_role_);
   QueueStats stats_;
+
+  // At start, after the ring is attached: recovers what `iq` (the ring's part of the inflight
+  // region, or nullptr) says is still in flight against the ring's used index, keeps the heads
+  // to resubmit, and returns where popping resumes (the used index plus those heads).
+  Result<std::uint16_t> start_inflight(InflightSplitQueue* iq) VHOSTKIT_REQUIRES(worker_role_);
 
   static Result<MappedRing> unmapped() {
     return fail(Errc::bad_state, "the vring has no size, addresses or memory yet");
