@@ -92,6 +92,10 @@ struct FrontendOptions {
   std::uint16_t ring_size = 64;
   std::uint16_t rings = EchoBackend::kQueues;
   bool enable_rings = true;  // send SET_VRING_ENABLE 1 (only with protocol features)
+  // Hand a ring set up before (on an earlier connection) to the back-end again as it stands,
+  // resuming at `base`, as a front-end does after its back-end restarted.
+  bool resume = false;
+  std::uint16_t base = 0;
 };
 
 // A front-end over a Channel. `pump` runs after every request is sent: tests that drive the
@@ -222,16 +226,19 @@ class TestFrontend {
   Result<> setup_ring(std::uint32_t i, const FrontendOptions& o = {}) {
     if (rings_.size() <= i) rings_.resize(i + 1);
     Ring& r = rings_[i];
-    r.dq = std::make_unique<virtq::DriverQueue>();
     const std::size_t off = i * kRingStride;
     const auto layout = virtq::DriverRingLayout::for_size(o.ring_size);
     if (layout.total_bytes > kRingStride) return fail(Errc::invalid_argument, "ring too big");
-    auto span = std::span<std::byte>(reinterpret_cast<std::byte*>(mem_ + off), layout.total_bytes);
-    if (auto res = r.dq->init(span, kGpaBase + off, o.ring_size, features_); !res) return res;
+    if (!o.resume || !r.dq) {
+      r.dq = std::make_unique<virtq::DriverQueue>();
+      auto span =
+          std::span<std::byte>(reinterpret_cast<std::byte*>(mem_ + off), layout.total_bytes);
+      if (auto res = r.dq->init(span, kGpaBase + off, o.ring_size, features_); !res) return res;
+    }
     r.kick = make_eventfd();
     r.call = make_eventfd();
     if (auto res = ok(SetVringNum{i, o.ring_size}); !res) return res;
-    if (auto res = ok(SetVringBase{i, 0}); !res) return res;
+    if (auto res = ok(SetVringBase{i, o.resume ? o.base : 0u}); !res) return res;
     SetVringAddr a;
     a.index = i;
     a.addr.desc_user_addr = uva_base() + off + layout.desc_offset;
@@ -305,6 +312,21 @@ class TestFrontend {
   }
 
   virtq::DriverQueue& driver_queue(std::uint32_t i) { return *rings_[i].dq; }
+  void kick(std::uint32_t i) {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] auto w = ::write(rings_[i].kick.get(), &one, sizeof one);
+  }
+  int call_fd(std::uint32_t i) const { return rings_[i].call.get(); }
+
+  // GET_INFLIGHT_FD: the reply decoded (its fd owned by the caller).
+  Result<InflightReply> get_inflight_fd(std::uint16_t num_queues, std::uint16_t queue_size) {
+    GetInflightFd m{Inflight{.num_queues = num_queues, .queue_size = queue_size}};
+    if (auto r = ch_.send_message(m); !r) return std::unexpected(r.error());
+    pump();
+    auto rep = ch_.recv();
+    if (!rep) return std::unexpected(rep.error());
+    return decode_inflight_reply(std::move(*rep));
+  }
 
  private:
   void pump() {

@@ -40,6 +40,9 @@ BackendSession::BackendSession(vhost::Device& device, Channel channel, SessionOp
     : device_(device), channel_(std::move(channel)), opts_(std::move(opts)) {
   offered_protocol_ = opts_.protocol_features & kSupportedProtocolFeatures;
   if (!opts_.set_mtu) offered_protocol_ &= ~protocol_bit(protocol_feature::net_mtu);
+  if (!device_.backend().tracks_inflight()) {
+    offered_protocol_ &= ~protocol_bit(protocol_feature::inflight_shmfd);
+  }
   // VHOST_F_LOG_ALL: live migration. Once acked (with a log from SET_LOG_BASE) every device
   // write to guest memory is marked: the buffers through vhost::Queue::log_write, the used ring
   // through VHOST_VRING_F_LOG.
@@ -217,7 +220,8 @@ BackendSession::Outcome BackendSession::on(ResetOwner&) {
   for (std::uint32_t i = 0; i < device_.num_queues(); ++i) {
     (void)device_.set_vring_enable(i, false);
   }
-  return Outcome::ok();
+  // Every ring is stopped with its answers published: the region records nothing more.
+  return Outcome::from(device_.set_inflight("RESET_OWNER", nullptr));
 }
 
 BackendSession::Outcome BackendSession::on(SetMemTable& m) {
@@ -356,6 +360,64 @@ BackendSession::Outcome BackendSession::on(SetConfig& m) {
   if (!has(protocol_feature::config)) return Outcome::err(need("SET_CONFIG", "CONFIG"));
   if (auto r = device_.check_owner("SET_CONFIG"); !r) return Outcome::from(std::move(r));
   return Outcome::from(device_.backend().write_config(m.offset, m.data));
+}
+
+Result<> BackendSession::check_inflight(std::string_view request, const Inflight& shape) const {
+  if (!has(protocol_feature::inflight_shmfd)) {
+    return std::unexpected(need(request, "INFLIGHT_SHMFD"));
+  }
+  if (auto r = device_.check_owner(request); !r) return r;
+  if (virtio::has(device_.features(), virtio::feature::ring_packed)) {
+    // The packed layout (DescStatePacked by buffer id) is not implemented: no region at all
+    // is better than one recorded in the split layout and read as the packed one.
+    return fail(Errc::unsupported,
+                fmt::format("{}: the packed ring was negotiated and its inflight layout is not "
+                            "supported",
+                            request));
+  }
+  if (shape.num_queues == 0 || shape.num_queues > device_.num_queues()) {
+    return fail(Errc::out_of_range, fmt::format("{}: num_queues {} (the device has {} queues)",
+                                                request, shape.num_queues, device_.num_queues()));
+  }
+  return {};
+}
+
+BackendSession::Outcome BackendSession::on(GetInflightFd& m) {
+  // A failure still gets a reply, one the front-end can't take for a region: a u64.
+  auto failed = [](Error e) {
+    return Outcome::with_reply(reply_u64(Request::get_inflight_fd, 1),
+                               std::unexpected(std::move(e)));
+  };
+  const Inflight& want = m.inflight;
+  if (auto r = check_inflight("GET_INFLIGHT_FD", want); !r) return failed(std::move(r.error()));
+  auto region = vhost::InflightRegion::allocate(vhost::InflightLayout::split, want.num_queues,
+                                                want.queue_size);
+  if (!region) return failed(std::move(region.error()));
+  auto owned = std::make_unique<vhost::InflightRegion>(std::move(*region));
+  const Inflight reply{.mmap_size = owned->mmap_size(),
+                       .mmap_offset = owned->mmap_offset(),
+                       .num_queues = want.num_queues,
+                       .queue_size = want.queue_size};
+  const int fd = owned->fd();  // the device keeps the region; the reply goes out before any change
+  // The device records into it from here on, as if the front-end had sent it back (QEMU does,
+  // with SET_INFLIGHT_FD, before it starts the rings).
+  if (auto r = device_.set_inflight("GET_INFLIGHT_FD", std::move(owned)); !r) {
+    return failed(std::move(r.error()));
+  }
+  return Outcome::with_reply(reply_inflight(reply, fd));
+}
+
+BackendSession::Outcome BackendSession::on(SetInflightFd& m) {
+  const Inflight& shape = m.inflight;
+  if (auto r = check_inflight("SET_INFLIGHT_FD", shape); !r) return Outcome::from(std::move(r));
+  // Every field of the region is checked by attach (its size and offset against the fd) and
+  // again by each ring's recovery; the peer may write it at any time.
+  auto region = vhost::InflightRegion::attach(std::move(m.fd), shape.mmap_size, shape.mmap_offset,
+                                              vhost::InflightLayout::split, shape.num_queues,
+                                              shape.queue_size);
+  if (!region) return Outcome::err(std::move(region.error()));
+  return Outcome::from(device_.set_inflight(
+      "SET_INFLIGHT_FD", std::make_unique<vhost::InflightRegion>(std::move(*region))));
 }
 
 BackendSession::Outcome BackendSession::on(ResetDevice&) {

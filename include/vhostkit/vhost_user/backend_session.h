@@ -12,7 +12,8 @@
 //     changes nothing: the old table stays mapped and its rings keep running.
 //   - stream-level errors (a message the channel can't frame, a header with the wrong version
 //     bits, a socket error) and a front-end that hangs up end the session.
-// When the session ends the device is reset: every ring stopped, memory unmapped, fds closed.
+// When the session ends the device is reset: every ring stopped, memory unmapped, fds closed,
+// the inflight region dropped (the front-end keeps its fd for the next back-end).
 #pragma once
 
 #include <array>
@@ -32,11 +33,13 @@ namespace vhostkit::vhost_user {
 
 constexpr std::uint64_t protocol_bit(unsigned n) { return std::uint64_t{1} << n; }
 
-// What we implement. NET_MTU is offered only when the session has a set_mtu hook.
+// What we implement. NET_MTU is offered only when the session has a set_mtu hook,
+// INFLIGHT_SHMFD only for a device that tracks its requests (DeviceBackend::tracks_inflight).
 inline constexpr std::uint64_t kSupportedProtocolFeatures =
     protocol_bit(protocol_feature::mq) | protocol_bit(protocol_feature::log_shmfd) |
     protocol_bit(protocol_feature::rarp) | protocol_bit(protocol_feature::reply_ack) |
     protocol_bit(protocol_feature::net_mtu) | protocol_bit(protocol_feature::config) |
+    protocol_bit(protocol_feature::inflight_shmfd) |
     protocol_bit(protocol_feature::configure_mem_slots) | protocol_bit(protocol_feature::status) |
     protocol_bit(protocol_feature::reset_device);
 
@@ -106,6 +109,9 @@ class BackendSession {
     return (protocol_ & protocol_bit(protocol_feature)) != 0;
   }
   bool reply_ack_on() const noexcept { return has(protocol_feature::reply_ack); }
+  // What GET_INFLIGHT_FD and SET_INFLIGHT_FD share: the feature, the owner, the ring layout and
+  // the queue count.
+  Result<> check_inflight(std::string_view request, const Inflight& shape) const;
 
   // The handlers: each returns what the front-end should hear.
   Outcome on(GetFeatures&);
@@ -130,6 +136,8 @@ class BackendSession {
   Outcome on(NetSetMtu&);
   Outcome on(GetConfig&);
   Outcome on(SetConfig&);
+  Outcome on(GetInflightFd&);
+  Outcome on(SetInflightFd&);
   Outcome on(ResetDevice&);
   Outcome on(GetMaxMemSlots&);
   Outcome on(AddMemReg&);
