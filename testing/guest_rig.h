@@ -187,13 +187,18 @@ class GuestRings {
 
   // The start sequence for ring q (device queue device_index(q)). use_kick=false: no kick fd,
   // so the device must poll.
-  void configure(Device& dev, std::uint16_t q, bool use_kick = true) {
+  // resume_base (split): the ring is handed over as it stands (not zeroed), resuming there, as
+  // a front-end does to a restarted back-end.
+  void configure(Device& dev, std::uint16_t q, bool use_kick = true,
+                 std::optional<std::uint16_t> resume_base = std::nullopt) {
     const std::uint16_t dq = device_index(q);
-    init_driver(q);
+    if (!resume_base) init_driver(q);
     if (::testing::Test::HasFatalFailure()) return;  // no ring to give the device
     ASSERT_TRUE(dev.set_vring_num(dq, size_).has_value());
     // A new ring: split, avail index 0; packed, both positions 0 with their wrap counters set.
-    const std::uint32_t base = packed() ? virtq::PackedRingBase{}.encode() : 0;
+    const std::uint32_t base = resume_base ? *resume_base
+                               : packed()  ? virtq::PackedRingBase{}.encode()
+                                           : 0;
     ASSERT_TRUE(dev.set_vring_base(dq, base).has_value());
     auto a = dev.set_vring_addr(dq, addr(q));
     ASSERT_TRUE(a.has_value()) << a.error().message();

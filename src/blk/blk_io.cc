@@ -43,6 +43,9 @@ void BlkDevice::QueueState::start(vhost::Queue& q, vhost::Worker& w) {
   free_slots.clear();
   for (std::uint32_t i = BlkDevice::kMaxInflight; i-- > 0;) free_slots.push_back(i);
   inflight = 0;
+  tracked = q.inflight();
+  resubmit = q.take_resubmit();
+  resubmit_next = 0;
   counters.inflight.store(0, std::memory_order_relaxed);
   ring_ok = false;
   if (backing->inline_io) return;  // requests are answered by plain calls on the worker
@@ -90,8 +93,15 @@ void BlkDevice::QueueState::drain(vhost::Queue& q) {
 }
 
 void BlkDevice::QueueState::stop(vhost::Queue& q, vhost::Worker& w) {
-  if (!ring_ok) return;
+  // Heads not yet resubmitted stay in flight in the region: the next start finds them again.
+  resubmit.clear();
+  resubmit_next = 0;
+  if (!ring_ok) {
+    tracked = nullptr;
+    return;
+  }
   drain(q);
+  tracked = nullptr;  // after the drain, whose answers are recorded
   if (watch_id != 0) w.unwatch(std::exchange(watch_id, 0));
   // Exiting the ring also cancels and waits for anything left (the error case above).
   io_uring_queue_exit(&ring);
@@ -136,10 +146,12 @@ unsigned BlkDevice::QueueState::pop_and_submit(vhost::Queue& q) noexcept {
   virtq::DeviceQueue& vq = q.vq();
   unsigned popped = 0;
   unsigned prepared = 0;
-  while (popped < kBatch && !free_slots.empty() && vq.pending() > 0) {
+  while (popped < kBatch && !free_slots.empty()) {
     const std::uint32_t idx = free_slots.back();
     Slot& s = slots[idx];
-    auto chain = vq.pop(std::span<iovec>(s.segs, Slot::kSegs));
+    auto next = next_chain(vq, std::span<iovec>(s.segs, Slot::kSegs));
+    if (!next) break;
+    auto& chain = *next;
     ++popped;
     if (!chain) {
       // Answered by the queue (used len 0) and counted there; a broken ring stops here.
@@ -161,6 +173,42 @@ unsigned BlkDevice::QueueState::pop_and_submit(vhost::Queue& q) noexcept {
   return popped;
 }
 
+std::optional<std::expected<virtq::Chain, virtq::ChainError>> BlkDevice::QueueState::next_chain(
+    virtq::DeviceQueue& vq, std::span<iovec> segs) noexcept {
+  while (resubmit_next < resubmit.size()) {
+    // Taken and never answered by the previous back-end: served again, in their original
+    // order, before anything new. Not recorded again: each keeps its submission counter, so
+    // a second crash still finds them in that order.
+    const std::uint16_t head = resubmit[resubmit_next++];
+    auto chain = vq.take(head, segs);
+    // A head past the ring (recover() bounds them; take checks again) names no chain: skipped.
+    if (!chain && chain.error() == virtq::ChainError::head_out_of_range) continue;
+    if (!chain && !virtq::breaks_queue(chain.error()) && tracked != nullptr) {
+      tracked->used(head);  // the queue answered it (used len 0)
+    }
+    return chain;
+  }
+  if (vq.pending() == 0) return std::nullopt;
+  auto chain = vq.pop(segs);
+  if (tracked != nullptr) {
+    if (chain) {
+      tracked->submit(chain->head);
+    } else if (!virtq::breaks_queue(chain.error())) {
+      // The queue answered it (used len 0): recorded like any request, so the count of heads
+      // taken from the avail ring stays what recovery computes after a crash.
+      tracked->submit(vq.last_bad_head());
+      tracked->used(vq.last_bad_head());
+    }
+  }
+  return chain;
+}
+
+void BlkDevice::QueueState::push_used(vhost::Queue& q, std::uint16_t head,
+                                      std::uint32_t len) noexcept {
+  q.vq().push_used(head, len);
+  if (tracked != nullptr) tracked->used(head);
+}
+
 void BlkDevice::QueueState::finish(vhost::Queue& q, Slot& s, std::uint8_t status,
                                    std::uint32_t used_len) noexcept {
   // The status byte goes last, after the data the request moved; the used element after it.
@@ -171,7 +219,7 @@ void BlkDevice::QueueState::finish(vhost::Queue& q, Slot& s, std::uint8_t status
     q.vq().log_write(s.req.data, s.req.length);
   const iovec status_byte{s.req.status, 1};
   q.vq().log_write({&status_byte, 1}, 1);
-  q.vq().push_used(s.head, used_len);
+  push_used(q, s.head, used_len);
 }
 
 bool BlkDevice::QueueState::dispatch(vhost::Queue& q, Slot& s, std::uint32_t slot_index,
@@ -188,7 +236,7 @@ bool BlkDevice::QueueState::dispatch(vhost::Queue& q, Slot& s, std::uint32_t slo
 
 void BlkDevice::QueueState::refuse(vhost::Queue& q, Slot& s, const BlkRefusal& r) noexcept {
   if (r.reason == BlkRefusalReason::no_status_byte) {
-    q.vq().push_used(s.head, 0);
+    push_used(q, s.head, 0);
     counters.no_status.add();
     return;
   }

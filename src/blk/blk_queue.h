@@ -9,12 +9,16 @@
 
 #include <atomic>
 #include <cstdint>
+#include <expected>
 #include <memory>
+#include <optional>
+#include <span>
 #include <vector>
 
 #include "vhostkit/blk/blk_device.h"
 #include "vhostkit/blk/blk_request.h"
 #include "vhostkit/unique_fd.h"
+#include "vhostkit/vhost/inflight.h"
 #include "vhostkit/vhost/queue.h"
 #include "vhostkit/vhost/worker.h"
 #include "vhostkit/virtq/split_queue.h"
@@ -69,6 +73,12 @@ struct BlkDevice::QueueState {
   std::vector<std::uint32_t> free_slots;  // a stack of slot indices
   std::uint32_t inflight = 0;             // SQEs submitted and not yet reaped
   Counters counters;
+  // Inflight I/O tracking, while the ring runs with a region (vhost::Queue::inflight): every
+  // request is recorded before it starts and as its used entry is pushed; the heads a previous
+  // back-end left in flight are resubmitted, in their order, before any new chain is popped.
+  vhost::InflightSplitQueue* tracked = nullptr;
+  std::vector<std::uint16_t> resubmit;
+  std::size_t resubmit_next = 0;
 
   // Starts (ring, eventfd, slot pool) / stops (waits for every request in flight) the queue.
   void start(vhost::Queue& q, vhost::Worker& w);
@@ -86,6 +96,12 @@ struct BlkDevice::QueueState {
   void on_completion(vhost::Queue& q) noexcept;
 
  private:
+  // The next chain: a head to resubmit, else a new one from the avail ring (recorded as in
+  // flight); nullopt when there is neither. A bad chain was answered by the queue (and recorded).
+  std::optional<std::expected<virtq::Chain, virtq::ChainError>> next_chain(
+      virtq::DeviceQueue& vq, std::span<iovec> segs) noexcept;
+  // push_used, recorded for the inflight region.
+  void push_used(vhost::Queue& q, std::uint16_t head, std::uint32_t len) noexcept;
   // Parses one popped chain, then answers a refusal or submits the request. Returns true if an
   // SQE was prepared (the slot is then in flight).
   bool dispatch(vhost::Queue& q, Slot& s, std::uint32_t slot_index,

@@ -13,7 +13,10 @@
 // data, then the used element is pushed.
 //
 // queue_stopped waits for every request in flight and answers it before the ring detaches: no
-// completion touches guest memory after the ring stops.
+// completion touches guest memory after the ring stops. With an inflight region (vhost-user
+// INFLIGHT_SHMFD) each request is recorded there from before it starts until its used entry is
+// published, and at ring start the requests a killed predecessor left unanswered are resubmitted
+// in their original order before any new one (src/blk/blk_io.cc, next_chain).
 //
 // Threading: the data path of a queue runs on its worker; stats() may be called from any thread.
 #pragma once
@@ -88,6 +91,9 @@ class BlkDevice final : public vhost::DeviceBackend {
   // vhost::DeviceBackend
   std::uint64_t features() const noexcept override;
   std::uint16_t num_queues() const noexcept override;
+  // Requests are recorded in the inflight region when the front-end gives one, and those a
+  // previous back-end left unanswered are resubmitted first: a restart loses or repeats none.
+  bool tracks_inflight() const noexcept override { return true; }
   Result<> read_config(std::uint32_t offset, std::span<std::uint8_t> out) const override;
   void set_features(std::uint64_t acked) noexcept override;
   void queue_started(vhost::Queue& q, vhost::Worker& w) override;
