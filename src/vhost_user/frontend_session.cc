@@ -28,7 +28,10 @@ struct Layout {
 Layout layout_for(const FrontendOptions& o) {
   Layout l;
   l.rings = o.rings;
-  l.ring_block = align_up(virtq::DriverRingLayout::for_size(o.queue_size).total_bytes, kPage);
+  // Room for either layout: validate() sizes the memory before the features are negotiated.
+  l.ring_block = align_up(std::max(virtq::DriverRingLayout::for_size(o.queue_size).total_bytes,
+                                   virtq::PackedRingLayout::for_size(o.queue_size).total_bytes),
+                          kPage);
   l.area_block = align_up(o.ring_area_bytes, kPage);
   return l;
 }
@@ -123,8 +126,9 @@ Result<> FrontendSession::start_rings() {
       }
     }
   }
-  spdlog::debug("vhost-user {}: connected, features {:#x} protocol {:#x}, {} rings of {}",
-                opts_.name, features_, protocol_, rings_.size(), opts_.queue_size);
+  spdlog::debug("vhost-user {}: connected, features {:#x} protocol {:#x}, {} {} rings of {}{}",
+                opts_.name, features_, protocol_, rings_.size(), to_string(layout()),
+                opts_.queue_size, in_order() ? ", in order" : "");
   return {};
 }
 
@@ -282,9 +286,10 @@ Result<> FrontendSession::layout_ring(std::uint16_t i) {
   FrontendRing& r = rings_[i];
   r.index = i;
   const std::size_t roff = l.ring_offset(i);
-  if (auto v =
-          r.vq.init(std::span<std::byte>(reinterpret_cast<std::byte*>(base_ + roff), l.ring_block),
-                    roff, opts_.queue_size, features_);
+  const std::span<std::byte> mem(reinterpret_cast<std::byte*>(base_ + roff), l.ring_block);
+  r.packed = layout() == RingLayout::packed;
+  if (auto v = r.packed ? r.pvq.init(mem, roff, opts_.queue_size, features_)
+                        : r.vq.init(mem, roff, opts_.queue_size, features_);
       !v) {
     return std::unexpected(step_error(fmt::format("ring {} init", i), v.error()));
   }
@@ -292,7 +297,7 @@ Result<> FrontendSession::layout_ring(std::uint16_t i) {
   r.area = base_ + aoff;
   r.area_gpa = aoff;
   r.area_bytes = opts_.ring_area_bytes;
-  if (opts_.notify == FrontendOptions::Notify::poll) r.vq.disable_interrupts();
+  if (opts_.notify == FrontendOptions::Notify::poll) r.disable_interrupts();
   return {};
 }
 
@@ -300,15 +305,20 @@ Result<> FrontendSession::start_ring(std::uint16_t i) {
   FrontendRing& r = rings_[i];
   SetVringNum num{.index = i, .num = opts_.queue_size};
   if (auto v = request(num, ring_step("SET_VRING_NUM", i)); !v) return v;
-  SetVringBase base{.index = i, .num = 0};
+  // A fresh packed ring starts at descriptor 0 with both wrap counters at 1 (vhost-user.rst:
+  // avail index and wrap counter in bits 0-15, used index and wrap counter in bits 16-31).
+  SetVringBase base{.index = i, .num = r.packed ? virtq::PackedRingBase{}.encode() : 0};
   if (auto v = request(base, ring_step("SET_VRING_BASE", i)); !v) return v;
   const auto uva = [&](std::uint64_t gpa) { return reinterpret_cast<std::uint64_t>(base_) + gpa; };
-  SetVringAddr addr{.index = i,
-                    .addr = {.flags = 0,
-                             .desc_user_addr = uva(r.vq.desc_gpa()),
-                             .used_user_addr = uva(r.vq.used_gpa()),
-                             .avail_user_addr = uva(r.vq.avail_gpa()),
-                             .log_guest_addr = 0}};
+  // A packed ring has three parts too: the descriptor ring, the driver event suppression area
+  // (sent as "avail") and the device's (sent as "used").
+  SetVringAddr addr{
+      .index = i,
+      .addr = {.flags = 0,
+               .desc_user_addr = uva(r.packed ? r.pvq.desc_gpa() : r.vq.desc_gpa()),
+               .used_user_addr = uva(r.packed ? r.pvq.device_event_gpa() : r.vq.used_gpa()),
+               .avail_user_addr = uva(r.packed ? r.pvq.driver_event_gpa() : r.vq.avail_gpa()),
+               .log_guest_addr = 0}};
   if (auto v = request(addr, ring_step("SET_VRING_ADDR", i)); !v) return v;
 
   const bool event = opts_.notify == FrontendOptions::Notify::event;
@@ -381,7 +391,16 @@ Result<std::vector<std::uint32_t>> FrontendSession::stop() {
       healthy_ = false;
       return fail(Errc::broken, fmt::format("{}: the reply names ring {}", what, st->index));
     }
-    if (st->num > 0xffff) {
+    if (layout() == RingLayout::packed) {
+      const auto b = virtq::PackedRingBase::decode(st->num);
+      if (b.avail_idx >= opts_.queue_size || b.used_idx >= opts_.queue_size) {
+        healthy_ = false;
+        return fail(Errc::broken,
+                    fmt::format("{}: packed position {:#x} (avail {}, used {}) is not on a ring "
+                                "of {}",
+                                what, st->num, b.avail_idx, b.used_idx, opts_.queue_size));
+      }
+    } else if (st->num > 0xffff) {
       healthy_ = false;
       return fail(Errc::broken, fmt::format("{}: index {} does not fit 16 bits", what, st->num));
     }
@@ -414,7 +433,7 @@ bool FrontendSession::wait_call(std::uint16_t i, std::chrono::milliseconds timeo
   if (!r.call.valid()) return true;  // poll mode: the caller just polls again
   // enable_interrupts re-reads used->idx after arming: a completion that raced with it is seen
   // here rather than waited for.
-  if (r.vq.enable_interrupts()) return true;
+  if (r.enable_interrupts()) return true;
   pollfd pfd{r.call.get(), POLLIN, 0};
   const int n = ::poll(&pfd, 1, static_cast<int>(timeout.count()));
   if (n <= 0) return false;

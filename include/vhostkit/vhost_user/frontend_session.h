@@ -6,9 +6,15 @@
 // they need and how much memory each ring's buffers take, and run the data path on the rings.
 //
 // Memory: one memfd region mapped MAP_SHARED at guest-physical address 0, so a GPA is an offset
-// into our mapping. Rings come first (one page-aligned DriverRingLayout block per ring), then
-// one page-aligned area of FrontendOptions::ring_area_bytes per ring for that ring's driver to
-// lay its buffers out in (FrontendRing::area).
+// into our mapping. Rings come first (one page-aligned block per ring, big enough for either
+// layout), then one page-aligned area of FrontendOptions::ring_area_bytes per ring for that
+// ring's driver to lay its buffers out in (FrontendRing::area).
+//
+// Ring layout: split (DriverQueue) unless VIRTIO_F_RING_PACKED was wanted, drivable and offered,
+// then packed (PackedDriverQueue) on every ring; VIRTIO_F_IN_ORDER likewise applies to whichever
+// layout runs. A driver asks for them through FrontendOptions::features and sees what it got
+// from layout() and in_order(): a back-end that does not offer one gets the split ring, or
+// chains returned in any order.
 //
 // Setting up takes two calls, so that a driver can put buffers on a ring before the back-end
 // sees it (a receive ring starts full): connect() negotiates, shares the memory and lays out
@@ -34,6 +40,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "vhostkit/error.h"
@@ -42,6 +49,7 @@
 #include "vhostkit/vhost_user/message.h"
 #include "vhostkit/vhost_user/protocol.h"
 #include "vhostkit/virtio/features.h"
+#include "vhostkit/virtq/packed_queue.h"
 #include "vhostkit/virtq/split_queue.h"
 
 namespace vhostkit::vhost_user {
@@ -90,11 +98,22 @@ struct FrontendOptions {
   std::size_t layout_bytes() const noexcept;
 };
 
+// The two ring layouts, as options and reports name them.
+enum class RingLayout : std::uint8_t { split, packed };
+constexpr std::string_view to_string(RingLayout l) noexcept {
+  return l == RingLayout::packed ? "packed" : "split";
+}
+
 // One ring as the protocol side set it up. Public so a driver (and a benchmark) can run its
-// data path on the DriverQueue.
+// data path on the queue of the negotiated layout: `vq` when split, `pvq` when packed (the
+// other one is never initialised). A data path dispatches once per burst with visit(), which
+// hands the queue to a generic callable: each layout gets its own instantiation, and the
+// per-descriptor work has no branch on the layout and no indirect call.
 struct FrontendRing {
   std::uint16_t index = 0;
+  bool packed = false;
   virtq::DriverQueue vq;
+  virtq::PackedDriverQueue pvq;
   UniqueFd kick;  // invalid in poll mode
   UniqueFd call;  // invalid in poll mode
   // This ring's driver area in the shared memory: host address, GPA, bytes.
@@ -104,6 +123,31 @@ struct FrontendRing {
   // Written by the ring's data-path thread only.
   std::uint64_t kicks = 0;  // kick eventfd writes
   std::uint64_t calls = 0;  // call eventfd wake-ups consumed
+
+  template <typename F>
+  decltype(auto) visit(F&& f) noexcept {
+    return packed ? f(pvq) : f(vq);
+  }
+  template <typename F>
+  decltype(auto) visit(F&& f) const noexcept {
+    return packed ? f(pvq) : f(vq);
+  }
+  // The same for the calls a control loop makes about once per burst.
+  std::uint16_t size() const noexcept { return packed ? pvq.size() : vq.size(); }
+  // Descriptors not on the ring.
+  std::uint16_t free_count() const noexcept { return packed ? pvq.free_count() : vq.free_count(); }
+  std::uint64_t bad_used() const noexcept { return packed ? pvq.bad_used() : vq.bad_used(); }
+  bool needs_kick() noexcept { return packed ? pvq.needs_kick() : vq.needs_kick(); }
+  void disable_interrupts() noexcept {
+    if (packed) {
+      pvq.disable_interrupts();
+    } else {
+      vq.disable_interrupts();
+    }
+  }
+  bool enable_interrupts() noexcept {
+    return packed ? pvq.enable_interrupts() : vq.enable_interrupts();
+  }
 };
 
 class FrontendSession {
@@ -129,6 +173,12 @@ class FrontendSession {
   std::uint64_t backend_queue_num() const noexcept { return backend_queue_num_; }
   std::uint16_t num_rings() const noexcept { return static_cast<std::uint16_t>(rings_.size()); }
   std::uint16_t queue_size() const noexcept { return opts_.queue_size; }
+  // The layout every ring runs (VIRTIO_F_RING_PACKED acked) and whether IN_ORDER was acked.
+  RingLayout layout() const noexcept {
+    return virtio::has(features_, virtio::feature::ring_packed) ? RingLayout::packed
+                                                                : RingLayout::split;
+  }
+  bool in_order() const noexcept { return virtio::has(features_, virtio::feature::in_order); }
   FrontendOptions::Notify notify() const noexcept { return opts_.notify; }
   std::span<std::uint8_t> memory() const noexcept { return {base_, mem_size_}; }
   int socket_fd() const noexcept { return channel_.fd(); }
@@ -141,7 +191,9 @@ class FrontendSession {
   Result<> start_rings();
   // GET_CONFIG (needs the CONFIG protocol feature).
   Result<std::vector<std::uint8_t>> get_config(std::uint32_t offset, std::uint32_t size);
-  // GET_VRING_BASE on every ring (the back-end stops them); returns each ring's last_avail_idx.
+  // GET_VRING_BASE on every ring (the back-end stops them); returns each ring's num: split, the
+  // last_avail_idx (16 bits); packed, the 32-bit encoding of virtq::PackedRingBase (a back-end
+  // may send the avail half only), both positions checked to lie on the ring.
   // After this the data path must not be used. Idempotent: a second call returns the same.
   Result<std::vector<std::uint32_t>> stop();
   // Stops the rings if they were started and the connection is still healthy, then closes the
@@ -205,7 +257,7 @@ inline void FrontendSession::kick(std::uint16_t i) noexcept {
 
 inline bool FrontendSession::kick_if_needed(std::uint16_t i) noexcept {
   FrontendRing& r = rings_[i];
-  if (!r.kick.valid() || !r.vq.needs_kick()) return false;
+  if (!r.kick.valid() || !r.needs_kick()) return false;
   kick(i);
   return true;
 }
