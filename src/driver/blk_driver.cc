@@ -64,6 +64,9 @@ Result<vhost_user::FrontendOptions> BlkDriverOptions::session_options() && {
   o.memory_size = 0;
   o.features =
       features.value_or(kBlkFeatures | (num_queues > 1 ? virtio::bit(virtio::blk_feature::mq) : 0));
+  if (ring == vhost_user::RingLayout::packed)
+    o.features |= virtio::bit(virtio::feature::ring_packed);
+  if (in_order) o.features |= virtio::bit(virtio::feature::in_order);
   o.drivable = kBlkDrivableFeatures;
   o.queues = {.count = num_queues,
               .mq_feature = virtio::blk_feature::mq,

@@ -35,6 +35,9 @@ Result<vhost_user::FrontendOptions> NetDriverOptions::session_options() && {
   o.memory_size = memory_size;
   o.features = features.value_or(kNetFeatures |
                                  (queue_pairs > 1 ? virtio::bit(virtio::net_feature::mq) : 0));
+  if (ring == vhost_user::RingLayout::packed)
+    o.features |= virtio::bit(virtio::feature::ring_packed);
+  if (in_order) o.features |= virtio::bit(virtio::feature::in_order);
   o.drivable = kNetDrivableFeatures;
   o.queues = {.count = queue_pairs,
               .mq_feature = virtio::net_feature::mq,
@@ -83,9 +86,10 @@ Result<> NetDriver::setup(std::uint32_t buffer_size) {
     r.is_rx = (i % 2) == 0;
     if (r.is_rx) {
       if (mrg_rxbuf_) r.merge.resize(kMaxMergedFrame);
-      // Every rx buffer goes on the ring now; the device sees them once the ring starts.
+      // Every rx buffer goes on the ring now; the device sees them once the ring starts (the
+      // session is not started: no kick yet).
       for (std::uint16_t b = 0; b < count; ++b) r.free[r.free_top++] = b;
-      refill_rx(r);
+      r.ring->visit([&](auto& vq) { refill_rx(r, vq); });
     } else {
       for (std::uint16_t b = count; b-- > 0;) r.free[r.free_top++] = b;
     }
@@ -102,22 +106,6 @@ Result<std::array<std::uint8_t, 6>> NetDriver::mac() {
   std::array<std::uint8_t, 6> m{};
   std::copy_n(c->begin(), 6, m.begin());
   return m;
-}
-
-void NetDriver::refill_rx(NetRing& r) noexcept {
-  virtq::DriverQueue& vq = r.ring->vq;
-  std::size_t added = 0;
-  while (r.free_top > 0) {
-    const std::uint16_t b = r.free[r.free_top - 1];
-    const virtq::DriverQueue::Buffer in{r.buffer_gpa(b), r.buffer_size};
-    if (!vq.add({}, std::span(&in, 1), b)) break;
-    --r.free_top;
-    ++added;
-  }
-  if (added != 0) {
-    vq.publish();
-    if (!session_->stopped()) session_->kick_if_needed(r.ring->index);
-  }
 }
 
 bool NetDriver::deliver_buffer(NetRing& r, const virtq::DriverQueue::Used& u,

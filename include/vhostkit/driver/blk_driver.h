@@ -19,6 +19,11 @@
 // ignores ids we did not post); a used length of 0 means the status was never written and is
 // reported as kStatusNotWritten.
 //
+// Ring layout: split or packed (BlkDriverOptions::ring), with or without IN_ORDER, whatever the
+// back-end agreed to. A packed ring of queue_size also holds queue_size / 3 requests (no
+// indirect tables). submit() looks at the layout once per request and complete() once per
+// burst; the work on descriptors is a copy made for that layout.
+//
 // Threading: one thread drives the control path; each queue's data path may run on its own
 // thread, one thread per queue.
 #pragma once
@@ -53,7 +58,8 @@ inline constexpr std::uint64_t kBlkFeatures =
 // Feature bits this driver knows how to drive: anything else is never acked.
 inline constexpr std::uint64_t kBlkDrivableFeatures =
     kBlkFeatures | virtio::bit(virtio::blk_feature::mq) |
-    virtio::bit(virtio::feature::protocol_features);
+    virtio::bit(virtio::feature::protocol_features) | virtio::bit(virtio::feature::ring_packed) |
+    virtio::bit(virtio::feature::in_order);
 
 struct BlkDriverOptions {
   // Where to connect, unless `channel` is already connected.
@@ -67,6 +73,10 @@ struct BlkDriverOptions {
   vhost_user::FrontendOptions::Notify notify = vhost_user::FrontendOptions::Notify::event;
   // Feature bits wanted; unset: kBlkFeatures (+ MQ when num_queues > 1).
   std::optional<std::uint64_t> features;
+  // Asks for the packed ring and for VIRTIO_F_IN_ORDER on top of `features`; either is acked
+  // only if the back-end offers it.
+  vhost_user::RingLayout ring = vhost_user::RingLayout::split;
+  bool in_order = false;
   std::chrono::milliseconds timeout{2000};
   std::string name = "blk-frontend";
 
@@ -119,6 +129,8 @@ class BlkDriver {
   std::uint16_t num_queues() const noexcept { return session_->num_rings(); }
   std::uint16_t depth() const noexcept { return depth_; }
   std::uint32_t max_data() const noexcept { return max_data_; }
+  vhost_user::RingLayout layout() const noexcept { return session_->layout(); }
+  bool in_order() const noexcept { return session_->in_order(); }
 
   // ---- Data path (noexcept, allocation-free; queue q from one thread at a time) ----
   // A free slot of queue q, or -1 when all `depth` are in flight.
@@ -148,7 +160,7 @@ class BlkDriver {
     return session_->wait_call(q, timeout);
   }
   // Asks the device not to call on queue q (a busy-polling driver reads the used ring anyway).
-  void disable_calls(std::uint16_t q) noexcept { session_->ring(q).vq.disable_interrupts(); }
+  void disable_calls(std::uint16_t q) noexcept { session_->ring(q).disable_interrupts(); }
   const BlkQueueStats& stats(std::uint16_t q) const noexcept { return queues_[q].stats; }
 
   // Stops every ring (GET_VRING_BASE); the data path is inert afterwards.
@@ -161,6 +173,11 @@ class BlkDriver {
   };
 
   BlkDriver() = default;
+  template <typename Q>
+  bool submit_on(Q& vq, Queue& r, std::uint16_t slot, std::uint32_t type, std::uint32_t len,
+                 std::uint64_t gpa) noexcept;
+  template <typename Q, typename OnDone>
+  std::size_t complete_on(Q& vq, std::uint16_t q, OnDone& on_done) noexcept;
   std::uint8_t* status_byte(std::uint16_t q, std::uint16_t slot) noexcept {
     return data(q, slot) + max_data_ + sizeof(virtio::VirtioBlkOutHdr);
   }
@@ -190,6 +207,29 @@ inline std::uint8_t* BlkDriver::data(std::uint16_t q, std::uint16_t slot) noexce
   return queues_[q].buffer(slot);
 }
 
+template <typename Q>
+bool BlkDriver::submit_on(Q& vq, Queue& r, std::uint16_t slot, std::uint32_t type,
+                          std::uint32_t len, std::uint64_t gpa) noexcept {
+  using Buffer = virtq::DriverQueue::Buffer;
+  const Buffer header{gpa + max_data_, sizeof(virtio::VirtioBlkOutHdr)};
+  const Buffer payload{gpa, len};
+  const Buffer status{gpa + max_data_ + sizeof(virtio::VirtioBlkOutHdr), 1};
+  std::expected<std::uint16_t, Errc> head;
+  if (len == 0) {
+    head = vq.add(std::span(&header, 1), std::span(&status, 1), slot);
+  } else if (type == virtio::blk_type::out) {
+    const Buffer out[2] = {header, payload};
+    head = vq.add(out, std::span(&status, 1), slot);
+  } else {
+    const Buffer in[2] = {payload, status};
+    head = vq.add(std::span(&header, 1), in, slot);
+  }
+  if (!head) return false;
+  ++r.stats.requests;
+  r.stats.bytes += len;
+  return true;
+}
+
 inline bool BlkDriver::submit(std::uint16_t q, std::uint16_t slot, std::uint32_t type,
                               std::uint64_t sector, std::uint32_t len) noexcept {
   if (stopped_ || len > max_data_ || len % virtio::kBlkSectorSize != 0) return false;
@@ -199,41 +239,23 @@ inline bool BlkDriver::submit(std::uint16_t q, std::uint16_t slot, std::uint32_t
   std::memcpy(data(q, slot) + max_data_, &hdr, sizeof hdr);
   *status_byte(q, slot) = kStatusNotWritten;
   const std::uint64_t gpa = r.buffer_gpa(slot);
-  using Buffer = virtq::DriverQueue::Buffer;
-  const Buffer header{gpa + max_data_, sizeof hdr};
-  const Buffer payload{gpa, len};
-  const Buffer status{gpa + max_data_ + sizeof hdr, 1};
-  std::expected<std::uint16_t, Errc> head;
-  if (len == 0) {
-    head = r.ring->vq.add(std::span(&header, 1), std::span(&status, 1), slot);
-  } else if (type == virtio::blk_type::out) {
-    const Buffer out[2] = {header, payload};
-    head = r.ring->vq.add(out, std::span(&status, 1), slot);
-  } else {
-    const Buffer in[2] = {payload, status};
-    head = r.ring->vq.add(std::span(&header, 1), in, slot);
-  }
-  if (!head) return false;
-  ++r.stats.requests;
-  r.stats.bytes += len;
-  return true;
+  return r.ring->visit([&](auto& vq) { return submit_on(vq, r, slot, type, len, gpa); });
 }
 
 inline void BlkDriver::publish(std::uint16_t q) noexcept {
   if (stopped_) return;
-  session_->ring(q).vq.publish();
+  session_->ring(q).visit([](auto& vq) { vq.publish(); });
   session_->kick_if_needed(q);
 }
 
-template <typename OnDone>
-std::size_t BlkDriver::complete(std::uint16_t q, OnDone&& on_done) noexcept {
+template <typename Q, typename OnDone>
+std::size_t BlkDriver::complete_on(Q& vq, std::uint16_t q, OnDone& on_done) noexcept {
   Queue& r = queues_[q];
-  if (stopped_) return 0;
   std::size_t total = 0;
   for (;;) {
-    const std::size_t n = r.ring->vq.get_used_burst(r.used);
+    const std::size_t n = vq.get_used_burst(r.used);
     for (std::size_t k = 0; k < n; ++k) {
-      // The token is a slot we posted: DriverQueue only returns chains it has in flight.
+      // The token is a slot we posted: the queue only returns chains it has in flight.
       const auto slot = static_cast<std::uint16_t>(r.used[k].token);
       // The device writes the status byte last and counts it in len: len 0 means it never did.
       const std::uint8_t status = r.used[k].len == 0 ? kStatusNotWritten : *status_byte(q, slot);
@@ -245,6 +267,12 @@ std::size_t BlkDriver::complete(std::uint16_t q, OnDone&& on_done) noexcept {
   }
   r.stats.completed += total;
   return total;
+}
+
+template <typename OnDone>
+std::size_t BlkDriver::complete(std::uint16_t q, OnDone&& on_done) noexcept {
+  if (stopped_) return 0;
+  return queues_[q].ring->visit([&](auto& vq) { return complete_on(vq, q, on_done); });
 }
 
 }  // namespace vhostkit::driver

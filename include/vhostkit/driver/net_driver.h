@@ -12,6 +12,10 @@
 // The device is hostile too: a used length shorter than the virtio-net header, or a num_buffers
 // of 0 or more than the ring holds, costs that frame (RingStats::bad), nothing else.
 //
+// Ring layout: split or packed (NetDriverOptions::ring), with or without IN_ORDER, whatever the
+// back-end agreed to (session().layout(), in_order()). Each burst looks at the layout once and
+// runs a copy of the data path made for it (a template over the queue type).
+//
 // Threading: one thread drives the control path; each pair's data path may run on its own
 // thread, one thread per pair.
 #pragma once
@@ -46,7 +50,8 @@ inline constexpr std::uint64_t kNetFeatures =
 // (No offloads: we never build GSO frames or checksum-offload headers.)
 inline constexpr std::uint64_t kNetDrivableFeatures =
     kNetFeatures | virtio::bit(virtio::net_feature::mq) | virtio::bit(virtio::net_feature::mtu) |
-    virtio::bit(virtio::feature::any_layout) | virtio::bit(virtio::feature::protocol_features);
+    virtio::bit(virtio::feature::any_layout) | virtio::bit(virtio::feature::protocol_features) |
+    virtio::bit(virtio::feature::ring_packed) | virtio::bit(virtio::feature::in_order);
 
 struct NetDriverOptions {
   // Where to connect, unless `channel` is already connected.
@@ -60,6 +65,10 @@ struct NetDriverOptions {
   // Feature bits wanted (acked = wanted & offered & drivable). Unset: kNetFeatures plus MQ
   // when queue_pairs > 1.
   std::optional<std::uint64_t> features;
+  // Asks for the packed ring (VIRTIO_F_RING_PACKED) and for VIRTIO_F_IN_ORDER on top of
+  // `features`; either is acked only if the back-end offers it (else split, or any order).
+  vhost_user::RingLayout ring = vhost_user::RingLayout::split;
+  bool in_order = false;
   std::uint64_t protocol_features = vhost_user::kFrontendProtocolFeatures;
   vhost_user::FrontendOptions::Notify notify = vhost_user::FrontendOptions::Notify::event;
   // Bound on each control-path step (send, or wait for a reply).
@@ -112,6 +121,8 @@ class NetDriver {
   std::uint64_t features() const noexcept { return session_->features(); }  // acked
   std::uint16_t queue_pairs() const noexcept { return queue_pairs_; }
   std::uint16_t queue_size() const noexcept { return session_->queue_size(); }
+  vhost_user::RingLayout layout() const noexcept { return session_->layout(); }
+  bool in_order() const noexcept { return session_->in_order(); }
   std::size_t net_hdr_len() const noexcept { return hdr_len_; }
   // Largest frame tx_burst accepts (a buffer minus the virtio-net header).
   std::size_t max_frame() const noexcept { return buffer_size_ - hdr_len_; }
@@ -165,7 +176,21 @@ class NetDriver {
   NetDriver() = default;
   Result<> setup(std::uint32_t buffer_size);
 
-  void refill_rx(NetRing& r) noexcept;
+  // The data path on one layout's queue (virtq::DriverQueue or virtq::PackedDriverQueue).
+  template <typename Q>
+  std::size_t reclaim_tx_on(NetRing& r, Q& vq) noexcept;
+  template <typename Q, typename Fill>
+  std::size_t tx_burst_on(NetRing& r, Q& vq, std::size_t n, Fill& fill) noexcept;
+  template <typename Q, typename OnFrame>
+  std::size_t rx_burst_on(NetRing& r, Q& vq, std::size_t max, OnFrame& on_frame) noexcept;
+  template <typename Q>
+  void refill_rx(NetRing& r, Q& vq) noexcept;
+  template <typename Q>
+  void kick_if_needed(NetRing& r, Q& vq) noexcept {
+    if (r.ring->kick.valid() && !session_->stopped() && vq.needs_kick()) {
+      session_->kick(r.ring->index);
+    }
+  }
   bool deliver_buffer(NetRing& r, const virtq::DriverQueue::Used& u,
                       std::span<const std::uint8_t>& frame) noexcept;
 
@@ -179,9 +204,8 @@ class NetDriver {
 
 // ---- Inline data path ----
 
-inline std::size_t NetDriver::reclaim_tx(std::uint16_t qp) noexcept {
-  NetRing& r = tx_ring(qp);
-  virtq::DriverQueue& vq = r.ring->vq;
+template <typename Q>
+std::size_t NetDriver::reclaim_tx_on(NetRing& r, Q& vq) noexcept {
   std::size_t total = 0;
   for (;;) {
     const std::size_t n = vq.get_used_burst(r.used);
@@ -195,12 +219,14 @@ inline std::size_t NetDriver::reclaim_tx(std::uint16_t qp) noexcept {
   return total;
 }
 
-template <typename Fill>
-std::size_t NetDriver::tx_burst_fill(std::uint16_t qp, std::size_t n, Fill&& fill) noexcept {
+inline std::size_t NetDriver::reclaim_tx(std::uint16_t qp) noexcept {
   NetRing& r = tx_ring(qp);
-  if (session_->stopped()) return 0;
-  if (r.free_top < n) reclaim_tx(qp);
-  virtq::DriverQueue& vq = r.ring->vq;
+  return r.ring->visit([&](auto& vq) { return reclaim_tx_on(r, vq); });
+}
+
+template <typename Q, typename Fill>
+std::size_t NetDriver::tx_burst_on(NetRing& r, Q& vq, std::size_t n, Fill& fill) noexcept {
+  if (r.free_top < n) reclaim_tx_on(r, vq);
   const std::size_t room = r.buffer_size - hdr_len_;
   std::size_t done = 0;
   std::size_t added = 0;
@@ -232,9 +258,16 @@ std::size_t NetDriver::tx_burst_fill(std::uint16_t qp, std::size_t n, Fill&& fil
   }
   if (added != 0) {
     vq.publish();
-    session_->kick_if_needed(r.ring->index);
+    kick_if_needed(r, vq);
   }
   return done;
+}
+
+template <typename Fill>
+std::size_t NetDriver::tx_burst_fill(std::uint16_t qp, std::size_t n, Fill&& fill) noexcept {
+  NetRing& r = tx_ring(qp);
+  if (session_->stopped()) return 0;
+  return r.ring->visit([&](auto& vq) { return tx_burst_on(r, vq, n, fill); });
 }
 
 inline std::size_t NetDriver::tx_burst(
@@ -248,11 +281,24 @@ inline std::size_t NetDriver::tx_burst(
   });
 }
 
-template <typename OnFrame>
-std::size_t NetDriver::rx_burst(std::uint16_t qp, std::size_t max, OnFrame&& on_frame) noexcept {
-  NetRing& r = rx_ring(qp);
-  if (session_->stopped()) return 0;
-  virtq::DriverQueue& vq = r.ring->vq;
+template <typename Q>
+void NetDriver::refill_rx(NetRing& r, Q& vq) noexcept {
+  std::size_t added = 0;
+  while (r.free_top > 0) {
+    const std::uint16_t b = r.free[r.free_top - 1];
+    const virtq::DriverQueue::Buffer in{r.buffer_gpa(b), r.buffer_size};
+    if (!vq.add({}, std::span(&in, 1), b)) break;
+    --r.free_top;
+    ++added;
+  }
+  if (added != 0) {
+    vq.publish();
+    kick_if_needed(r, vq);
+  }
+}
+
+template <typename Q, typename OnFrame>
+std::size_t NetDriver::rx_burst_on(NetRing& r, Q& vq, std::size_t max, OnFrame& on_frame) noexcept {
   std::size_t delivered = 0;
   while (delivered < max) {
     const std::size_t want = std::min(r.used.size(), max - delivered);
@@ -270,8 +316,15 @@ std::size_t NetDriver::rx_burst(std::uint16_t qp, std::size_t max, OnFrame&& on_
     }
     if (n < want || n == 0) break;
   }
-  refill_rx(r);
+  refill_rx(r, vq);
   return delivered;
+}
+
+template <typename OnFrame>
+std::size_t NetDriver::rx_burst(std::uint16_t qp, std::size_t max, OnFrame&& on_frame) noexcept {
+  NetRing& r = rx_ring(qp);
+  if (session_->stopped()) return 0;
+  return r.ring->visit([&](auto& vq) { return rx_burst_on(r, vq, max, on_frame); });
 }
 
 }  // namespace vhostkit::driver

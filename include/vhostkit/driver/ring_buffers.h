@@ -35,7 +35,7 @@ struct RingBuffers {
     buffer_count = count;
     free.assign(count, 0);
     free_top = 0;
-    used.resize(std::min<std::size_t>(burst, r.vq.size()));
+    used.resize(std::min<std::size_t>(burst, r.size()));
   }
 
   std::uint8_t* buffer(std::uint16_t i) const noexcept {
