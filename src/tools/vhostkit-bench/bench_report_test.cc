@@ -172,6 +172,38 @@ TEST(Csv, RowHasAColumnPerHeaderField) {
       << vb::csv_row(loop_result(), "t");
 }
 
+TEST(Csv, LayoutAndInOrderAreTheLastColumns) {
+  vb::RunResult r = loop_result();
+  EXPECT_TRUE(vb::csv_header().ends_with(",mean_us,ring,in_order"));
+  EXPECT_TRUE(vb::csv_row(r, "t").ends_with(",,,,,,,split,0")) << vb::csv_row(r, "t");
+  r.ring = "packed";
+  r.in_order = true;
+  EXPECT_TRUE(vb::csv_row(r, "t").ends_with(",packed,1")) << vb::csv_row(r, "t");
+}
+
+TEST(CheckNegotiated, NotesEachDifferenceOrFailsWhenStrict) {
+  auto same = vb::check_negotiated("packed", true, "packed", true, true);
+  ASSERT_TRUE(same);
+  EXPECT_TRUE(same->empty());
+  // Not asking for IN_ORDER and getting it anyway is no difference worth a line.
+  auto more = vb::check_negotiated("split", false, "split", true, false);
+  ASSERT_TRUE(more);
+  EXPECT_TRUE(more->empty());
+  auto both = vb::check_negotiated("packed", true, "split", false, false);
+  ASSERT_TRUE(both);
+  ASSERT_EQ(both->size(), 2u);
+  EXPECT_EQ((*both)[0],
+            "asked for --ring=packed, but the back-end offers the split ring only: running split");
+  EXPECT_NE((*both)[1].find("VIRTIO_F_IN_ORDER"), std::string::npos);
+  auto strict = vb::check_negotiated("packed", false, "split", false, true);
+  ASSERT_FALSE(strict);
+  EXPECT_EQ(strict.error().detail,
+            "asked for --ring=packed, but the back-end offers the split ring only (--strict)");
+  auto strict_io = vb::check_negotiated("split", true, "split", false, true);
+  ASSERT_FALSE(strict_io);
+  EXPECT_NE(strict_io.error().detail.find("--in-order"), std::string::npos);
+}
+
 TEST(Csv, LabelWithCommaOrQuoteIsQuoted) {
   vb::RunResult r = loop_result();
   r.label = "a,b \"c\"";
@@ -214,6 +246,8 @@ TEST(Table, OneAlignedLinePerResult) {
   EXPECT_NE(lines[1].find("2.000"), std::string::npos);  // rx Mpps
   EXPECT_NE(lines[2].find("1234.50"), std::string::npos);
   EXPECT_NE(lines[1].find(" -"), std::string::npos);  // no latency for loop
+  EXPECT_NE(lines[0].find("  ring in-order "), std::string::npos) << lines[0];
+  EXPECT_NE(lines[1].find("  split       no "), std::string::npos) << lines[1];
 }
 
 TEST(Json, LatencyFieldsOnlyForLatency) {
@@ -222,6 +256,8 @@ TEST(Json, LatencyFieldsOnlyForLatency) {
   EXPECT_EQ(j["drops"], 10);
   EXPECT_DOUBLE_EQ(j["mpps"].get<double>(), 2.0);
   EXPECT_FALSE(j.contains("p50_us"));
+  EXPECT_EQ(j["ring"], "split");
+  EXPECT_EQ(j["in_order"], false);
   vb::RunResult lat = loop_result();
   lat.mode = vb::Mode::latency;
   lat.p99_us = 7.0;
@@ -273,6 +309,8 @@ vb::BlkResult blk_result() {
   r.iodepth = 32;
   r.queues = 1;
   r.poll = "busy";
+  r.ring = "packed";
+  r.in_order = true;
   r.seconds = 2.0;
   r.requests = 500000;
   r.total = 600000;
@@ -340,7 +378,7 @@ TEST(BlkCsv, RowHasAColumnPerHeaderField) {
   EXPECT_EQ(count(row), count(vb::blk_csv_header()));
   EXPECT_EQ(row,
             "2024-01-01T00:00:00Z,vhostkit-busy,blk,randwrite,4096,32,1,busy,2.000,250000,1024.00,"
-            "500000,600000,3,500000,12.500,40.250,90.125,3.000,400.000,14.000");
+            "500000,600000,3,500000,12.500,40.250,90.125,3.000,400.000,14.000,packed,1");
 }
 
 TEST(BlkCsv, AppendWritesHeaderOnlyOnce) {
@@ -370,6 +408,8 @@ TEST(BlkJson, CarriesRatesLatencyAndErrors) {
   EXPECT_EQ(j["errors"], 3u);
   EXPECT_EQ(j["iodepth"], 32u);
   EXPECT_DOUBLE_EQ(j["p999_us"].get<double>(), 90.125);
+  EXPECT_EQ(j["ring"], "packed");
+  EXPECT_EQ(j["in_order"], true);
 }
 
 TEST(BlkTable, OneAlignedLinePerResult) {
@@ -386,6 +426,7 @@ TEST(BlkTable, OneAlignedLinePerResult) {
   EXPECT_NE(lines[0].find("p99.9 us"), std::string::npos);
   EXPECT_NE(lines[1].find("randwrite"), std::string::npos);
   EXPECT_NE(lines[1].find("1024.0"), std::string::npos);  // MB/s
+  EXPECT_NE(lines[1].find(" packed      yes "), std::string::npos) << lines[1];
   EXPECT_NE(lines[1].find("40.25"), std::string::npos);
   EXPECT_NE(lines[2].find("1234567"), std::string::npos);
 }

@@ -11,8 +11,14 @@
 //   blk      a vhost-user-blk back-end instead: random reads or writes (--rw, --bs), --iodepth
 //            requests in flight per queue, IOPS and latency percentiles (blk_traffic.h)
 //
+// --ring=split|packed and --in-order ask for the packed ring and VIRTIO_F_IN_ORDER (every mode).
+// A back-end that does not offer one runs without it, as a driver in a guest would, and a line
+// on stderr says so; --strict makes that exit 1 instead. The table, the CSV and the JSON line
+// name the layout and IN_ORDER as negotiated.
+//
 // Exit codes: 0 done (also after SIGINT/SIGTERM, with what was measured); 1 the back-end could
-// not be reached or set up, or (blk) a request completed with an error; 2 bad arguments.
+// not be reached or set up (or, with --strict, did not grant --ring/--in-order), or (blk) a
+// request completed with an error; 2 bad arguments.
 #include <fmt/format.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -65,6 +71,9 @@ struct Args {
   bool json_only = false;
   unsigned reply_timeout_ms = 200;
   std::string log_level = "warn";
+  std::string ring = "split";
+  bool in_order = false;
+  bool strict = false;
   // blk
   std::string rw = "randread";
   std::uint16_t iodepth = 32;
@@ -186,6 +195,8 @@ vb::RunResult run_one(vd::NetDriver& s, const Args& a, vb::Mode mode, std::uint3
   r.mode = mode;
   r.size = size;
   r.poll = a.poll;
+  r.ring = std::string(vu::to_string(s.layout()));
+  r.in_order = s.in_order();
   r.burst = a.burst;
   r.queues = pairs;
   r.seconds = window;
@@ -198,6 +209,22 @@ vb::RunResult run_one(vd::NetDriver& s, const Args& a, vb::Mode mode, std::uint3
   }
   if (mode == vb::Mode::latency) vb::set_latency(r, hists);
   return r;
+}
+
+vu::RingLayout ring_of(const Args& a) {
+  return a.ring == "packed" ? vu::RingLayout::packed : vu::RingLayout::split;
+}
+
+// What the back-end granted against --ring/--in-order: notes on stderr, or (--strict) false
+// after the error line.
+bool granted(const Args& a, vu::RingLayout got, bool got_in_order) {
+  auto n = vb::check_negotiated(a.ring, a.in_order, vu::to_string(got), got_in_order, a.strict);
+  if (!n) {
+    std::fprintf(stderr, "vhostkit-bench: %s\n", n.error().message().c_str());
+    return false;
+  }
+  for (const std::string& line : *n) std::fprintf(stderr, "vhostkit-bench: %s\n", line.c_str());
+  return true;
 }
 
 // SIGINT/SIGTERM came before a back-end was set up: nothing was measured, but the run ended as
@@ -222,6 +249,8 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
   o.depth = a.iodepth;
   o.queue_size = a.queue_size_given ? a.queue_size : 0;
   o.max_data = a.bs;
+  o.ring = ring_of(a);
+  o.in_order = a.in_order;
   // Kicks stay eventfds even when we busy-poll: a back-end such as qemu-storage-daemon only
   // looks at a ring when kicked (and asks for no kicks itself when it polls).
   o.notify = vu::FrontendOptions::Notify::event;
@@ -233,6 +262,7 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
     return 1;
   }
   vd::BlkDriver& blk = **f;
+  if (!granted(a, blk.layout(), blk.in_order())) return 1;
   const vd::BlkInfo& info = blk.info();
   if (a.bs % info.blk_size != 0) {
     std::fprintf(stderr, "vhostkit-bench: --bs %u is not a multiple of the disk's block size %u\n",
@@ -250,10 +280,11 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
   }
   if (!a.json_only) {
     std::fprintf(stderr,
-                 "vhostkit-bench: blk %s, bs %u, iodepth %u x %u queue(s), ring %u, "
+                 "vhostkit-bench: blk %s, bs %u, iodepth %u x %u queue(s), %s ring %u%s, "
                  "disk %llu sectors (blk_size %u), features %#llx, poll %s\n",
                  std::string(vb::to_string(rw)).c_str(), a.bs, a.iodepth, blk.num_queues(),
-                 blk.session().queue_size(), static_cast<unsigned long long>(info.capacity),
+                 std::string(vu::to_string(blk.layout())).c_str(), blk.session().queue_size(),
+                 blk.in_order() ? " in order" : "", static_cast<unsigned long long>(info.capacity),
                  info.blk_size, static_cast<unsigned long long>(blk.session().features()),
                  a.poll.c_str());
   }
@@ -267,6 +298,10 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
                       .live = !a.json_only};
   bool stopped = false;
   std::vector<vb::BlkResult> results{vb::run_blk(blk, rc, sigfd, stopped)};
+  for (auto& r : results) {
+    r.ring = std::string(vu::to_string(blk.layout()));
+    r.in_order = blk.in_order();
+  }
   if (auto st = blk.stop(); !st) spdlog::warn("stopping the rings: {}", st.error().message());
 
   const std::string utc = utc_now();
@@ -279,6 +314,8 @@ int blk_main(const Args& a, vb::BlkRw rw, std::vector<int> cpus, int sigfd, vu::
   json out = {{"tool", "vhostkit-bench"},
               {"utc", utc},
               {"features", fmt::format("{:#x}", blk.session().features())},
+              {"ring", std::string(vu::to_string(blk.layout()))},
+              {"in_order", blk.in_order()},
               {"capacity_sectors", info.capacity},
               {"blk_size", info.blk_size},
               {"interrupted", stopped},
@@ -332,6 +369,15 @@ int main(int argc, char** argv) {
   app.add_option("--reply-timeout", a.reply_timeout_ms, "latency: ms before a probe counts as lost")
       ->check(CLI::Range(1u, 60000u));
   app.add_option("--log-level", a.log_level, "trace, debug, info, warn (default), error, off");
+  app.add_option("--ring", a.ring,
+                 "split (default) or packed: the ring layout to ask for; a back-end that offers "
+                 "only the split ring gets split (a line on stderr says so) unless --strict")
+      ->check(CLI::IsMember({"split", "packed"}));
+  app.add_flag("--in-order", a.in_order,
+               "ask for VIRTIO_F_IN_ORDER too (either layout); without the back-end's offer the "
+               "run goes on without it unless --strict");
+  app.add_flag("--strict", a.strict,
+               "exit 1 instead of running when the back-end does not grant --ring or --in-order");
   app.add_option("--rw", a.rw, "blk: randread (default) or randwrite");
   app.add_option("--iodepth", a.iodepth, "blk: requests in flight per queue (default 32)")
       ->check(CLI::Range(1, 1024));
@@ -435,6 +481,8 @@ int main(int argc, char** argv) {
   o.queue_size = a.queue_size;
   o.buffer_size = a.buffer_size;
   o.memory_size = 0;
+  o.ring = ring_of(a);
+  o.in_order = a.in_order;
   o.notify =
       a.poll == "busy" ? vu::FrontendOptions::Notify::poll : vu::FrontendOptions::Notify::event;
   o.channel = std::move(channel);
@@ -446,10 +494,13 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto& f = **s;
+  if (!granted(a, f.layout(), f.in_order())) return 1;
   if (!a.json_only) {
-    std::fprintf(stderr, "vhostkit-bench: %s, %u pair(s), ring %u, features %#llx, poll %s\n",
-                 std::string(vb::to_string(*mode)).c_str(), f.queue_pairs(), f.queue_size(),
-                 static_cast<unsigned long long>(f.features()), a.poll.c_str());
+    std::fprintf(stderr, "vhostkit-bench: %s, %u pair(s), %s ring %u%s, features %#llx, poll %s\n",
+                 std::string(vb::to_string(*mode)).c_str(), f.queue_pairs(),
+                 std::string(vu::to_string(f.layout())).c_str(), f.queue_size(),
+                 f.in_order() ? " in order" : "", static_cast<unsigned long long>(f.features()),
+                 a.poll.c_str());
   }
 
   std::vector<vb::RunResult> results;
@@ -471,6 +522,8 @@ int main(int argc, char** argv) {
   json out = {{"tool", "vhostkit-bench"},
               {"utc", utc},
               {"features", fmt::format("{:#x}", f.features())},
+              {"ring", std::string(vu::to_string(f.layout()))},
+              {"in_order", f.in_order()},
               {"interrupted", stopped},
               {"results", json::array()}};
   for (const auto& r : results) out["results"].push_back(vb::to_json(r));

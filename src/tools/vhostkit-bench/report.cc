@@ -44,6 +44,28 @@ Result<> check_mode_options(Mode m, const std::vector<std::string>& given) {
   return {};
 }
 
+Result<std::vector<std::string>> check_negotiated(std::string_view asked_ring, bool asked_in_order,
+                                                  std::string_view got_ring, bool got_in_order,
+                                                  bool strict) {
+  std::vector<std::string> notes;
+  if (asked_ring != got_ring) {
+    notes.push_back(
+        fmt::format("asked for --ring={}, but the back-end offers the {} ring only: "
+                    "running {}",
+                    asked_ring, got_ring, got_ring));
+  }
+  if (asked_in_order && !got_in_order) {
+    notes.push_back(
+        "asked for --in-order, but the back-end does not offer VIRTIO_F_IN_ORDER: running "
+        "without it");
+  }
+  if (strict && !notes.empty()) {
+    std::string& n = notes.front();
+    return fail(Errc::unsupported, n.substr(0, n.find(": running")) + " (--strict)");
+  }
+  return notes;
+}
+
 std::string_view to_string(BlkRw rw) noexcept {
   return rw == BlkRw::randread ? "randread" : "randwrite";
 }
@@ -118,8 +140,9 @@ Result<> append_rows(const std::string& path, const std::string& header,
 }  // namespace
 
 std::string csv_header() {
+  // ring and in_order last: scripts read the older columns by position.
   return "utc,label,mode,size,poll,burst,queues,seconds,pps,mpps,gbps,tx_pps,rx_pps,tx,rx,drops,"
-         "samples,p50_us,p99_us,p999_us,min_us,max_us,mean_us";
+         "samples,p50_us,p99_us,p999_us,min_us,max_us,mean_us,ring,in_order";
 }
 
 std::string csv_row(const RunResult& r, std::string_view utc) {
@@ -133,6 +156,7 @@ std::string csv_row(const RunResult& r, std::string_view utc) {
   } else {
     row += ",,,,,,,";
   }
+  row += fmt::format(",{},{}", csv_field(r.ring), r.in_order ? 1 : 0);
   return row;
 }
 
@@ -144,16 +168,17 @@ Result<> append_csv(const std::string& path, const std::vector<RunResult>& resul
 
 std::string blk_csv_header() {
   return "utc,label,mode,rw,bs,iodepth,queues,poll,seconds,iops,mb_per_s,requests,total,errors,"
-         "samples,p50_us,p99_us,p999_us,min_us,max_us,mean_us";
+         "samples,p50_us,p99_us,p999_us,min_us,max_us,mean_us,ring,in_order";
 }
 
 std::string blk_csv_row(const BlkResult& r, std::string_view utc) {
   return fmt::format(
       "{},{},blk,{},{},{},{},{},{:.3f},{:.0f},{:.2f},{},{},{},{},{:.3f},{:.3f},{:.3f},"
-      "{:.3f},{:.3f},{:.3f}",
+      "{:.3f},{:.3f},{:.3f},{},{}",
       csv_field(utc), csv_field(r.label), to_string(r.rw), r.bs, r.iodepth, r.queues,
       csv_field(r.poll), r.seconds, r.iops, r.mb_per_s(), r.requests, r.total, r.errors, r.samples,
-      r.p50_us, r.p99_us, r.p999_us, r.min_us, r.max_us, r.mean_us);
+      r.p50_us, r.p99_us, r.p999_us, r.min_us, r.max_us, r.mean_us, csv_field(r.ring),
+      r.in_order ? 1 : 0);
 }
 
 Result<> append_blk_csv(const std::string& path, const std::vector<BlkResult>& results,
@@ -166,7 +191,8 @@ nlohmann::json to_json(const BlkResult& r) {
   return {{"label", r.label},       {"mode", "blk"},
           {"rw", to_string(r.rw)},  {"bs", r.bs},
           {"iodepth", r.iodepth},   {"queues", r.queues},
-          {"poll", r.poll},         {"seconds", r.seconds},
+          {"poll", r.poll},         {"ring", r.ring},
+          {"in_order", r.in_order}, {"seconds", r.seconds},
           {"iops", r.iops},         {"mb_per_s", r.mb_per_s()},
           {"requests", r.requests}, {"total", r.total},
           {"errors", r.errors},     {"samples", r.samples},
@@ -177,14 +203,16 @@ nlohmann::json to_json(const BlkResult& r) {
 
 std::string format_blk_table(const std::vector<BlkResult>& results) {
   constexpr std::string_view kFmt =
-      "{:<9} {:>7} {:>7} {:>6} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}\n";
-  std::string out = fmt::format(fmt::runtime(kFmt), "rw", "bs", "iodepth", "queues", "poll", "IOPS",
-                                "MB/s", "errors", "p50 us", "p99 us", "p99.9 us");
+      "{:<9} {:>7} {:>7} {:>6} {:>6} {:>6} {:>8} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}\n";
+  std::string out =
+      fmt::format(fmt::runtime(kFmt), "rw", "bs", "iodepth", "queues", "poll", "ring", "in-order",
+                  "IOPS", "MB/s", "errors", "p50 us", "p99 us", "p99.9 us");
   for (const BlkResult& r : results) {
-    out += fmt::format(fmt::runtime(kFmt), to_string(r.rw), r.bs, r.iodepth, r.queues, r.poll,
-                       fmt::format("{:.0f}", r.iops), fmt::format("{:.1f}", r.mb_per_s()), r.errors,
-                       fmt::format("{:.2f}", r.p50_us), fmt::format("{:.2f}", r.p99_us),
-                       fmt::format("{:.2f}", r.p999_us));
+    out +=
+        fmt::format(fmt::runtime(kFmt), to_string(r.rw), r.bs, r.iodepth, r.queues, r.poll, r.ring,
+                    r.in_order ? "yes" : "no", fmt::format("{:.0f}", r.iops),
+                    fmt::format("{:.1f}", r.mb_per_s()), r.errors, fmt::format("{:.2f}", r.p50_us),
+                    fmt::format("{:.2f}", r.p99_us), fmt::format("{:.2f}", r.p999_us));
   }
   return out;
 }
@@ -199,6 +227,8 @@ nlohmann::json to_json(const RunResult& r) {
                       {"mode", to_string(r.mode)},
                       {"size", r.size},
                       {"poll", r.poll},
+                      {"ring", r.ring},
+                      {"in_order", r.in_order},
                       {"burst", r.burst},
                       {"queues", r.queues},
                       {"seconds", r.seconds},
@@ -224,17 +254,18 @@ nlohmann::json to_json(const RunResult& r) {
 
 std::string format_table(const std::vector<RunResult>& results) {
   constexpr std::string_view kFmt =
-      "{:<8} {:>5} {:>6} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}\n";
-  std::string out = fmt::format(fmt::runtime(kFmt), "mode", "size", "poll", "tx Mpps", "rx Mpps",
-                                "Gbit/s", "tx", "rx", "drops", "p50 us", "p99 us", "p99.9 us");
+      "{:<8} {:>5} {:>6} {:>6} {:>8} {:>9} {:>9} {:>8} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}\n";
+  std::string out =
+      fmt::format(fmt::runtime(kFmt), "mode", "size", "poll", "ring", "in-order", "tx Mpps",
+                  "rx Mpps", "Gbit/s", "tx", "rx", "drops", "p50 us", "p99 us", "p99.9 us");
   for (const RunResult& r : results) {
     const auto us = [&](double v) {
       return is_latency(r) ? fmt::format("{:.2f}", v) : std::string("-");
     };
-    out += fmt::format(fmt::runtime(kFmt), to_string(r.mode), r.size, r.poll,
-                       fmt::format("{:.3f}", r.tx_pps / 1e6), fmt::format("{:.3f}", r.rx_pps / 1e6),
-                       fmt::format("{:.3f}", r.gbps()), r.tx, r.rx, r.drops, us(r.p50_us),
-                       us(r.p99_us), us(r.p999_us));
+    out += fmt::format(fmt::runtime(kFmt), to_string(r.mode), r.size, r.poll, r.ring,
+                       r.in_order ? "yes" : "no", fmt::format("{:.3f}", r.tx_pps / 1e6),
+                       fmt::format("{:.3f}", r.rx_pps / 1e6), fmt::format("{:.3f}", r.gbps()), r.tx,
+                       r.rx, r.drops, us(r.p50_us), us(r.p99_us), us(r.p999_us));
   }
   return out;
 }

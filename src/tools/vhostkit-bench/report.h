@@ -38,11 +38,20 @@ Result<> check_bs(std::uint32_t bs, std::uint32_t max);
 Result<std::vector<std::uint32_t>> parse_sizes(std::string_view s, std::uint32_t min,
                                                std::uint32_t max);
 
+// The ring layout and IN_ORDER as the back-end agreed to them, against what --ring and
+// --in-order asked for: one line per difference (for stderr), none when everything was granted;
+// with `strict`, the first difference as an error instead.
+Result<std::vector<std::string>> check_negotiated(std::string_view asked_ring, bool asked_in_order,
+                                                  std::string_view got_ring, bool got_in_order,
+                                                  bool strict);
+
 struct RunResult {
   std::string label;  // --label: names the configuration in the CSV
   Mode mode = Mode::loop;
-  std::uint32_t size = 0;  // frame bytes
-  std::string poll;        // event | busy
+  std::uint32_t size = 0;      // frame bytes
+  std::string poll;            // event | busy
+  std::string ring = "split";  // the negotiated layout: split | packed
+  bool in_order = false;       // VIRTIO_F_IN_ORDER negotiated
   std::uint32_t burst = 0;
   std::uint16_t queues = 1;
   double seconds = 0;  // length of the measured window
@@ -72,6 +81,8 @@ struct BlkResult {
   std::uint16_t iodepth = 1;
   std::uint16_t queues = 1;
   std::string poll;
+  std::string ring = "split";  // the negotiated layout: split | packed
+  bool in_order = false;       // VIRTIO_F_IN_ORDER negotiated
   double seconds = 0;          // measured window
   std::uint64_t requests = 0;  // completed inside the measured window
   std::uint64_t total = 0;     // completed over the whole run (warm-up and drain included)

@@ -34,7 +34,7 @@ void sleep_on_calls(vu::FrontendRing* a, vu::FrontendRing* b, int timeout_ms) no
     if (r == nullptr || !r->call.valid()) continue;
     // enable_interrupts re-reads used->idx after arming: a completion that raced with arming
     // is seen here instead of slept through.
-    if (r->vq.enable_interrupts()) ready = true;
+    if (r->enable_interrupts()) ready = true;
     pfd[n] = {r->call.get(), POLLIN, 0};
     rings[n++] = r;
   }
@@ -46,11 +46,11 @@ void sleep_on_calls(vu::FrontendRing* a, vu::FrontendRing* b, int timeout_ms) no
       if (::read(pfd[i].fd, &v, sizeof v) == static_cast<ssize_t>(sizeof v)) ++rings[i]->calls;
     }
   }
-  for (int i = 0; i < n; ++i) rings[i]->vq.disable_interrupts();
+  for (int i = 0; i < n; ++i) rings[i]->disable_interrupts();
 }
 
 std::uint64_t outstanding(const vu::FrontendRing& r) noexcept {
-  return static_cast<std::uint64_t>(r.vq.size() - r.vq.free_count());
+  return static_cast<std::uint64_t>(r.size() - r.free_count());
 }
 
 void run_throughput(NetDriver& s, const PairConfig& cfg, const Control& ctl,
@@ -209,8 +209,8 @@ void run_pair(NetDriver& s, const PairConfig& cfg, const Control& ctl, PairCount
   pin_to(cfg.cpu);
   if (!cfg.busy) {
     // Notifications stay off while we work; sleep_on_calls arms them before each sleep.
-    s.session().ring(NetDriver::tx_index(cfg.qp)).vq.disable_interrupts();
-    s.session().ring(NetDriver::rx_index(cfg.qp)).vq.disable_interrupts();
+    s.session().ring(NetDriver::tx_index(cfg.qp)).disable_interrupts();
+    s.session().ring(NetDriver::rx_index(cfg.qp)).disable_interrupts();
   }
   if (cfg.mode == Mode::latency) {
     run_latency(s, cfg, ctl, out, hist);
