@@ -3,7 +3,9 @@
 # DPDK testpmd's vhost PMD (macswap forwarding), negotiates, sets up the rings, sends frames and
 # counts them coming back. Both sides must agree: testpmd reports the device ready and counts
 # the same traffic the probe does. Runs in event mode (kick/call eventfds) and in poll mode
-# ("no fd" kicks and calls).
+# ("no fd" kicks and calls). Then vhostkit-bench loop on the packed ring, without and with
+# IN_ORDER (the vhost PMD offers both): its JSON must name what was negotiated, and testpmd must
+# count every frame the bench sent and at least every one it got back.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/dpdk.sh"
@@ -12,7 +14,10 @@ t_start=$(vk_now)
 vk_require_cmd "$VK_TESTPMD" ss
 build=${VHOSTKIT_BUILD_DIR:-$here/../../build}
 probe=$build/src/tools/vhostkit-probe/vhostkit-probe
+bench=$build/src/tools/vhostkit-bench/vhostkit-bench
 [[ -x $probe ]] || vk_skip "no vhostkit-probe in $build (build the vhostkit-probe target)"
+[[ -x $bench ]] || vk_skip "no vhostkit-bench in $build (build the vhostkit-bench target)"
+vk_require_cmd jq
 vk_tmpdir
 sock=$VK_TMP/vhost.sock
 tlog=$VK_TMP/testpmd.log
@@ -53,12 +58,42 @@ echo "$out"
 got2=$(json_field received "$out")
 vk_pass "$got2/$frames frames came back in poll mode"
 
+# vhostkit-bench loop for a second on the given ring options; checks its JSON and adds its
+# frames to bench_tx / bench_rx.
+bench_tx=0 bench_rx=0
+run_bench() {  # RING IN_ORDER(0|1)
+  local ring=$1 io=$2 args out rc tx rx
+  args=(loop --socket-path="$sock" --ring="$ring" --strict --size=128 --duration=1 --warmup=0.3
+        --poll=busy --json)
+  ((io)) && args+=(--in-order)
+  vk_check "vhostkit-bench loop --ring=$ring$( ((io)) && echo " --in-order") --strict: frames go round, the JSON names the layout"
+  out=$(timeout 60 "$bench" "${args[@]}" 2>"$VK_TMP/bench.err"); rc=$?
+  echo "$out"
+  ((rc == 0)) || { cat "$VK_TMP/bench.err"; tail -30 "$tlog"; vk_fail "vhostkit-bench exit $rc"; }
+  [[ $(jq -r .ring <<<"$out") == "$ring" ]] || vk_fail "the JSON says ring $(jq -r .ring <<<"$out")"
+  [[ $(jq -r .in_order <<<"$out") == "$( ((io)) && echo true || echo false)" ]] ||
+    vk_fail "the JSON says in_order $(jq -r .in_order <<<"$out")"
+  [[ $(jq -r '.results[0].ring' <<<"$out") == "$ring" ]] || vk_fail "the result names another ring"
+  feat=$(($(jq -r .features <<<"$out")))
+  (((feat >> 34) & 1)) || vk_fail "VIRTIO_F_RING_PACKED not in the features ($feat)"
+  ((((feat >> 35) & 1) == io)) || vk_fail "VIRTIO_F_IN_ORDER is $(((feat >> 35) & 1)), wanted $io"
+  tx=$(jq -r '.results[0].tx' <<<"$out")
+  rx=$(jq -r '.results[0].rx' <<<"$out")
+  ((tx > 1000)) || vk_fail "only $tx frames sent"
+  ((rx * 10 >= tx * 9)) || vk_fail "$rx of $tx frames came back"
+  bench_tx=$((bench_tx + tx)) bench_rx=$((bench_rx + rx))
+  vk_pass "features $feat: $rx of $tx frames came back"
+}
+run_bench packed 0
+run_bench packed 1
+
 vk_check "testpmd counted the same traffic"
 vk_dpdk_stop "$pmd"
 rx=$(sed -n 's/.*RX-packets: *\([0-9]*\).*RX-dropped.*/\1/p' "$tlog" | tail -1)
 tx=$(sed -n 's/.*TX-packets: *\([0-9]*\).*TX-dropped.*/\1/p' "$tlog" | tail -1)
-((${rx:-0} == 2 * frames)) || vk_fail "testpmd received ${rx:-?} frames, the probes sent $((2 * frames))"
-((${tx:-0} >= got + got2)) || vk_fail "testpmd sent ${tx:-?}, the probes received $((got + got2))"
+sent=$((2 * frames + bench_tx)) came=$((got + got2 + bench_rx))
+((${rx:-0} == sent)) || vk_fail "testpmd received ${rx:-?} frames, the probes and the bench sent $sent"
+((${tx:-0} >= came)) || vk_fail "testpmd sent ${tx:-?}, the probes and the bench received $came"
 vk_pass "testpmd rx=$rx tx=$tx"
 
 echo "frontend_dpdk_vhost_test: all checks passed in $(awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}') s"
