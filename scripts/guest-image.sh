@@ -23,6 +23,10 @@
 #       blk-write  write vk.mb MiB of random data to /dev/vda, read it back, compare
 #       blk-discard  discard the 1 MiB of /dev/vda after the first vk.mb MiB (blkdiscard)
 #                                                   -> VK-RESULT blk-discard ok|fail offset=N bytes=M
+#       blk-writers  vk.writers parallel O_DIRECT writers, writer i rewriting MiB i*vk.mb..
+#                  of /dev/vda with random data vk.rounds times, each round read back (O_DIRECT)
+#                  and compared; "VK-WRITING" once they run, "VK-ROUND i r" per round
+#                  -> VK-RESULT blk-writers ok|fail errors=N sha0=H sha1=H ... (the last round's)
 #       idle     stay up until killed (vk.idle=SECONDS to bound it)
 #       shell    interactive busybox shell on the console
 #   vk.peer_mac=02:00:00:00:00:01   static neighbour entry for vk.peer (for reflectors that
@@ -141,6 +145,8 @@ MB=$(arg vk.mb 4)
 PORT=$(arg vk.port 5201)
 LINK_TIMEOUT=$(arg vk.link_timeout 20)
 IDLE=$(arg vk.idle 0)
+WRITERS=$(arg vk.writers 4)
+ROUNDS=$(arg vk.rounds 6)
 PEER_MAC=$(arg vk.peer_mac "")
 FAILED=0
 
@@ -272,6 +278,60 @@ sc_blk_discard() {
   fi
 }
 
+# One writer: its own vk.mb MiB at MiB $1*vk.mb, rewritten ROUNDS times (O_DIRECT, with a
+# flush), each round read back (O_DIRECT) and compared. Each round writes another slice of one
+# random file made at the start (random data per round would keep a TCG guest computing rather
+# than writing). Any dd failure or a read-back that differs counts in /tmp/err$1; the sha256 of
+# the last round's data goes to /tmp/sum$1.
+blk_writer() {
+  w=$1
+  blocks=$((MB * 16))  # 64 KiB blocks
+  dd if=/dev/urandom of=/tmp/r$w bs=65536 count=$((blocks * 2)) 2>/dev/null
+  r=1
+  while [ $r -le "$ROUNDS" ]; do
+    dd if=/tmp/r$w of=/tmp/want$w bs=65536 skip=$((r % blocks)) count=$blocks 2>/dev/null
+    dd if=/tmp/want$w of=/dev/vda bs=65536 seek=$((w * blocks)) oflag=direct conv=fsync \
+      2>>/tmp/err$w || echo "write round $r" >>/tmp/err$w
+    dd if=/dev/vda bs=65536 skip=$((w * blocks)) count=$blocks iflag=direct 2>>/tmp/err$w |
+      cmp -s - /tmp/want$w || echo "readback round $r" >>/tmp/err$w
+    echo "VK-ROUND $w $r"
+    r=$((r + 1))
+  done
+  sha256sum /tmp/want$w | cut -d' ' -f1 >/tmp/sum$w
+  rm -f /tmp/r$w /tmp/want$w
+}
+
+sc_blk_writers() {
+  [ -b /dev/vda ] || { result blk-writers fail no-/dev/vda; return; }
+  pids=
+  i=0
+  while [ $i -lt "$WRITERS" ]; do
+    : >/tmp/err$i
+    blk_writer $i &
+    pids="$pids $!"
+    i=$((i + 1))
+  done
+  echo "VK-WRITING"
+  wait $pids
+  errors=0
+  sums=
+  i=0
+  while [ $i -lt "$WRITERS" ]; do
+    # dd's own summary lines ("N+0 records") are not errors; anything else is.
+    n=$(grep -cv 'records\|bytes' /tmp/err$i)
+    [ "$n" -gt 0 ] && { echo "VK-WRITER-ERRORS $i"; head -5 /tmp/err$i; }
+    errors=$((errors + n))
+    sums="$sums sha$i=$(cat /tmp/sum$i 2>/dev/null)"
+    i=$((i + 1))
+  done
+  ioerr=$(dmesg | grep -ci 'I/O error')
+  if [ "$errors" = 0 ] && [ "$ioerr" = 0 ]; then
+    result blk-writers ok errors=0$sums
+  else
+    result blk-writers fail errors=$errors kernel-io-errors=$ioerr$sums
+  fi
+}
+
 need_net() { [ "$NET_OK" = 1 ] || { result "$1" fail no-network; return 1; }; }
 
 NET_OK=0
@@ -288,6 +348,7 @@ for c in $(echo "$CMDS" | tr ',' ' '); do
     blk-read) sc_blk_read ;;
     blk-write) sc_blk_write ;;
     blk-discard) sc_blk_discard ;;
+    blk-writers) sc_blk_writers ;;
     idle)
       echo "VK-IDLE"
       if [ "$IDLE" -gt 0 ]; then sleep "$IDLE"; else while :; do sleep 3600; done; fi ;;
