@@ -278,7 +278,12 @@ bool PackedDeviceQueue::enable_notifications() noexcept {
   // available until the device has consumed it.
   const std::uint16_t flags = std::atomic_ref<std::uint16_t>(ring_.desc[seen_end.pos].flags)
                                   .load(std::memory_order_acquire);
-  return detail::desc_is_avail(flags, seen_end.wrap);
+  if (!detail::desc_is_avail(flags, seen_end.wrap)) return false;
+  // New chains: they count as seen from now on, as the split ring's avail index cache does. A
+  // handler that leaves them on the ring without asking pending() (an rx ring on the loopback,
+  // filled from the tx side) would otherwise get true here forever and spin its worker.
+  scan_avail();
+  return true;
 }
 
 }  // namespace vhostkit::virtq

@@ -170,6 +170,27 @@ TEST(PackedQueue, EnableNotificationsReportsOnlyNewChains) {
   EXPECT_FALSE(rig.device.enable_notifications());
   rig.add_publish({}, in);
   EXPECT_TRUE(rig.device.enable_notifications());
+  // Reported once: the chains stay on the ring, and the next look finds nothing new.
+  EXPECT_FALSE(rig.device.enable_notifications());
+}
+
+// A handler that never asks pending() (the loopback's rx ring, filled from the tx side): the
+// chains made available count as seen once enable_notifications() has reported them, or the
+// worker's "re-enable, re-check" loop would spin on them forever.
+TEST(PackedQueue, EnableNotificationsWithoutPendingReportsEachChainOnce) {
+  PackedRig rig(kSize);
+  const Buf in[] = {{Rig::kDataGpa, 64}};
+  rig.add_publish({}, in);
+  rig.add_publish({}, in);
+  EXPECT_TRUE(rig.device.enable_notifications());
+  EXPECT_FALSE(rig.device.enable_notifications());
+  rig.add_publish({}, in);
+  EXPECT_TRUE(rig.device.enable_notifications());
+  EXPECT_FALSE(rig.device.enable_notifications());
+  // Still there to pop, in order.
+  std::array<iovec, 4> segs{};
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(rig.device.pop(segs).has_value()) << i;
+  EXPECT_FALSE(rig.device.pop(segs).has_value());
 }
 
 TEST(PackedQueue, CallSuppression) {
