@@ -46,6 +46,8 @@ NetDevice::NetDevice(NetOptions opts) : opts_(std::move(opts)) {
   }
   burst_ = std::clamp<std::uint16_t>(opts_.burst, 1, kMaxBurst);
   offered_ = base_features();
+  if (opts_.packed) offered_ |= bit(virtio::feature::ring_packed);
+  if (opts_.in_order) offered_ |= bit(virtio::feature::in_order);
   if (opts_.mtu != 0) offered_ |= bit(nf::mtu);
   if (pairs_count_ > 1) offered_ |= bit(nf::mq);
   if (port_ && port_->vnet_hdr()) offered_ |= offload_features();
@@ -199,7 +201,11 @@ std::array<std::uint8_t, 6> NetDevice::mac() const {
 
 bool NetDevice::handle_ctrl(vhost::Queue& q) noexcept {
   if (!ctrl_vq_) return false;
-  auto& vq = q.vq();
+  return q.packed() ? ctrl_burst(q, q.packed_vq()) : ctrl_burst(q, q.vq());
+}
+
+template <class Ring>
+bool NetDevice::ctrl_burst(vhost::Queue& q, Ring& vq) noexcept {
   const std::span<iovec> segs(ctrl_segs_.get(), detail::kMaxSegs);
   bool any = false;
   for (std::uint16_t n = 0; n < burst_ && vq.pending() != 0; ++n) {
@@ -368,7 +374,9 @@ bool NetDevice::inject_announce(Pair& p, vhost::Queue& q) noexcept {
   rarp_frame(frame);
   const iovec src{frame, sizeof frame};
   const detail::FrameSource f{.pieces = std::span<const iovec>(&src, 1), .len = sizeof frame};
-  const detail::RxResult res = detail::deliver_frame(p, q.vq(), {hdr_len_, mrg_rxbuf_}, f);
+  const detail::RxFormat fmt{hdr_len_, mrg_rxbuf_};
+  const detail::RxResult res =
+      q.visit([&](auto& vq) { return detail::deliver_frame(p, vq, fmt, f); });
   if (res.delivery == detail::Delivery::delivered) {
     announce_pending_.store(false, std::memory_order_relaxed);
     p.rx_frames.add(1);

@@ -16,6 +16,7 @@
 #include "vhostkit/net/net_device.h"
 #include "vhostkit/vhost/queue.h"
 #include "vhostkit/vhost/worker.h"
+#include "vhostkit/virtq/chain.h"
 #include "vhostkit/virtq/iov.h"
 
 namespace vhostkit::net {
@@ -128,8 +129,8 @@ struct RxResult {
 // Writes one frame into the guest's rx ring: the header (hdr10, then num_buffers when the
 // header is 12 bytes) followed by the frame. Chains without room for the header are answered
 // with used len 0 and counted in rx_errors; a frame that does not fit is counted in rx_drops.
-// Delivered frames are the caller's to count.
-RxResult deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt,
-                       const FrameSource& f) noexcept;
+// Delivered frames are the caller's to count. For either layout (instantiated in net_rx.cc).
+template <virtq::DeviceRing Ring>
+RxResult deliver_frame(NetDevice::Pair& p, Ring& vq, RxFormat fmt, const FrameSource& f) noexcept;
 
 }  // namespace vhostkit::net::detail

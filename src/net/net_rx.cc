@@ -30,7 +30,8 @@ void make_hdr(std::uint8_t (&hdr)[12], const std::uint8_t* hdr10,
 // The frame into `first` and, with MRG_RXBUF, as many more chains as it needs (at most
 // kMaxMergeChains), then the header with num_buffers. A frame that does not fit gives every
 // chain it took back empty.
-Delivery fill_chains(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt, const FrameSource& f,
+template <virtq::DeviceRing Ring>
+Delivery fill_chains(NetDevice::Pair& p, Ring& vq, RxFormat fmt, const FrameSource& f,
                      const virtq::Chain& first) noexcept {
   // The frame's bytes; in loopback its first 12 (destination, source) come swapped, from a
   // little array placed in front of the rest of the frame.
@@ -107,8 +108,8 @@ Delivery fill_chains(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt, c
 
 }  // namespace
 
-RxResult deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt,
-                       const FrameSource& f) noexcept {
+template <virtq::DeviceRing Ring>
+RxResult deliver_frame(NetDevice::Pair& p, Ring& vq, RxFormat fmt, const FrameSource& f) noexcept {
   // The first chain carries the header: it must have room for it. The others are answered with
   // used len 0 (pop does it for a chain the walker refused) and counted in rx_errors.
   std::optional<virtq::Chain> first;
@@ -164,11 +165,21 @@ RxResult deliver_frame(NetDevice::Pair& p, virtq::DeviceQueue& vq, RxFormat fmt,
   return RxResult{fill_chains(p, vq, fmt, f, *first), true};
 }
 
+template RxResult deliver_frame(NetDevice::Pair&, virtq::DeviceQueue&, RxFormat,
+                                const FrameSource&) noexcept;
+template RxResult deliver_frame(NetDevice::Pair&, virtq::PackedDeviceQueue&, RxFormat,
+                                const FrameSource&) noexcept;
+
 }  // namespace detail
 
 std::size_t NetDevice::rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget,
                                     bool* ring_empty) noexcept {
-  auto& vq = q.vq();
+  return q.visit([&](auto& vq) { return rx_from_port_on(p, q, vq, budget, ring_empty); });
+}
+
+template <class Ring>
+std::size_t NetDevice::rx_from_port_on(Pair& p, vhost::Queue& q, Ring& vq, std::size_t budget,
+                                       bool* ring_empty) noexcept {
   const std::size_t port_hdr = port_->vnet_hdr() ? 12 : 0;
   const detail::RxFormat fmt{hdr_len_, mrg_rxbuf_};
   std::uint64_t frames = 0, bytes = 0, drops = 0, errors = 0;
@@ -249,7 +260,8 @@ void NetDevice::on_port_readable(std::uint16_t qp) noexcept {
   // readable fd it cannot serve: stop watching and ask for an rx kick instead (vhost-net's
   // poll stop/start). Buffers posted before the driver saw the request are caught by the
   // re-check, so the wake-up is never lost.
-  if (q->vq().enable_notifications()) return;  // buffers arrived meanwhile: keep going
+  // Buffers arrived meanwhile: keep going.
+  if (q->visit([](auto& vq) { return vq.enable_notifications(); })) return;
   w->unwatch(p.watch_id);
   p.watching = false;
   p.watch_id = 0;

@@ -31,8 +31,11 @@ bool tx_chain_ok(NetDevice::Pair& p, const virtq::Chain& c, std::size_t hdr_len)
 // header).
 constexpr std::size_t kPrefetchBytes = 1536;
 
-// What became of one pop from the transmitq.
-enum class TxPop : std::uint8_t { ok, skip, stop };
+// What became of one pop from the transmitq: a frame; a malformed chain for the caller to answer
+// (with used len 0, in its turn: with IN_ORDER a used entry stands for every chain popped before
+// it, so none may be answered ahead of an earlier one still held); a chain the walker refused
+// and answered; an error that stops the burst.
+enum class TxPop : std::uint8_t { ok, bad, skip, stop };
 
 // What one tx burst did.
 struct TxTally {
@@ -55,9 +58,11 @@ void count_tx(NetDevice::Pair& p, vhost::Queue& q, const TxTally& t) noexcept {
 }
 
 // Pops the next tx chain into `out`, its pieces into `segs` (kMaxSegs of room: a longer
-// chain is malformed). A malformed chain is answered (used len 0) and skipped; an error that
-// breaks the queue ends the burst (stop). The caller counts both as errors.
-TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::span<iovec> segs, std::size_t hdr_len,
+// chain is malformed). A malformed chain comes back as bad, for the caller to answer; one the
+// walker refused was answered there (skip); an error that breaks the queue ends the burst
+// (stop). The caller counts all three as errors.
+template <virtq::DeviceRing Ring>
+TxPop pop_tx(NetDevice::Pair& p, Ring& vq, std::span<iovec> segs, std::size_t hdr_len,
              virtq::Chain& out) noexcept {
   auto c = vq.pop(segs);
   if (!c) {
@@ -67,22 +72,22 @@ TxPop pop_tx(NetDevice::Pair& p, virtq::DeviceQueue& vq, std::span<iovec> segs, 
     }
     return virtq::breaks_queue(c.error()) ? TxPop::stop : TxPop::skip;
   }
-  if (!tx_chain_ok(p, *c, hdr_len)) {
-    vq.push_used(c->head, 0);
-    return TxPop::skip;
-  }
   out = *c;
-  return TxPop::ok;
+  return tx_chain_ok(p, *c, hdr_len) ? TxPop::ok : TxPop::bad;
 }
 
 }  // namespace
 
+// One branch on the layout per burst; the burst itself runs on the concrete ring type.
 bool NetDevice::handle_tx(Pair& p, vhost::Queue& q) noexcept {
-  return port_ ? tx_burst_port(p, q) : tx_burst_loopback(p, q);
+  if (q.packed()) {
+    return port_ ? tx_burst_port(p, q, q.packed_vq()) : tx_burst_loopback(p, q, q.packed_vq());
+  }
+  return port_ ? tx_burst_port(p, q, q.vq()) : tx_burst_loopback(p, q, q.vq());
 }
 
-bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
-  auto& vq = q.vq();
+template <class Ring>
+bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q, Ring& vq) noexcept {
   const bool vnet = port_->vnet_hdr();
   TxTally t;
   const std::span<iovec> io(p.io);
@@ -92,6 +97,7 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
     const TxPop r = pop_tx(p, vq, std::span<iovec>(p.tx_segs).first(detail::kMaxSegs), hdr_len_, c);
     if (r != TxPop::ok) {
       ++t.errors;
+      if (r == TxPop::bad) vq.push_used(c.head, 0);
       if (r == TxPop::stop) break;
       continue;
     }
@@ -125,8 +131,8 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q) noexcept {
   return true;
 }
 
-bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
-  auto& vq = q.vq();
+template <class Ring>
+bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q, Ring& vq) noexcept {
   // The rx ring is written from this thread, so it must be served by this worker too.
   vhost::Queue* rxq = p.rxq.load(std::memory_order_acquire);
   if (rxq != nullptr &&
@@ -151,6 +157,10 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
     const TxPop r = pop_tx(p, vq, segs.subspan(used_segs, detail::kMaxSegs), hdr_len_, c);
     if (r != TxPop::ok) {
       ++t.errors;
+      if (r == TxPop::bad) {
+        c.desc_count = 0;  // marks it: answered with used len 0 in the second pass
+        ++batched;
+      }
       if (r == TxPop::stop) break;
       continue;
     }
@@ -165,13 +175,18 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept {
   // Then each frame goes to the receiveq and its tx chain back, in order.
   for (std::size_t i = 0; i < batched; ++i) {
     const virtq::Chain& c = p.tx_batch[i];
+    if (c.desc_count == 0) {
+      vq.push_used(c.head, 0);  // malformed, counted in the first pass
+      continue;
+    }
     const std::size_t frame = c.readable_len - hdr_len_;
     auto d = detail::Delivery::no_buffer;
     if (rxq != nullptr) {
       // The guest's own header stays behind: the frame goes back with no offload asked for.
       const detail::FrameSource f{
           .pieces = c.readable, .offset = hdr_len_, .len = frame, .swap_mac = true};
-      const detail::RxResult res = detail::deliver_frame(p, rxq->vq(), fmt, f);
+      // Both rings of a device run the layout the features say: the rx ring is a Ring too.
+      const detail::RxResult res = detail::deliver_frame(p, rxq->ring<Ring>(), fmt, f);
       rx_touched |= res.used_pushed;
       d = res.delivery;
     }

@@ -32,6 +32,11 @@ struct NetOptions {
   std::uint16_t queue_pairs = 1;  // 1..kMaxQueuePairs
   std::unique_ptr<Port> port;     // null: loopback
   std::uint16_t burst = 32;       // chains per batch (1..kMaxBurst)
+  // Offer VIRTIO_F_RING_PACKED and VIRTIO_F_IN_ORDER (the front-end picks; these refuse them,
+  // for comparison). Every handler serves both layouts, with or without IN_ORDER: it answers
+  // tx chains in the order it popped them, and an rx frame's chains too.
+  bool packed = true;
+  bool in_order = true;
 };
 
 // A snapshot of one queue pair's counters.
@@ -105,13 +110,21 @@ class NetDevice final : public vhost::DeviceBackend {
   bool handle_tx(Pair& p, vhost::Queue& q) noexcept;
   bool handle_rx_kick(Pair& p, vhost::Queue& q) noexcept;
   bool handle_ctrl(vhost::Queue& q) noexcept;
+  // The handlers below run on either ring layout (virtq::DeviceRing), chosen once per call.
+  template <class Ring>
+  bool ctrl_burst(vhost::Queue& q, Ring& vq) noexcept;
   std::uint8_t exec_ctrl(std::uint8_t cls, std::uint8_t cmd, std::span<const iovec> readable,
                          std::uint64_t data_len) noexcept;
-  bool tx_burst_port(Pair& p, vhost::Queue& q) noexcept;
-  bool tx_burst_loopback(Pair& p, vhost::Queue& q) noexcept;
+  template <class Ring>
+  bool tx_burst_port(Pair& p, vhost::Queue& q, Ring& vq) noexcept;
+  template <class Ring>
+  bool tx_burst_loopback(Pair& p, vhost::Queue& q, Ring& vq) noexcept;
   // Port -> guest until the port is idle, the ring is empty or `budget` frames moved.
   // Returns the frames moved; sets *ring_empty when it stopped for lack of rx buffers.
   std::size_t rx_from_port(Pair& p, vhost::Queue& q, std::size_t budget, bool* ring_empty) noexcept;
+  template <class Ring>
+  std::size_t rx_from_port_on(Pair& p, vhost::Queue& q, Ring& vq, std::size_t budget,
+                              bool* ring_empty) noexcept;
   void on_port_readable(std::uint16_t qp) noexcept;
   bool inject_announce(Pair& p, vhost::Queue& q) noexcept;
   static constexpr std::size_t kRarpLen = 60;
