@@ -123,6 +123,8 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
                 bit(bf::flush) | bit(bf::mq) | bit(bf::discard) | bit(bf::write_zeroes) |
                 bit(bf::size_max);
   if (o.read_only) d->offered_ |= bit(bf::ro);
+  if (o.packed) d->offered_ |= bit(virtio::feature::ring_packed);
+  if (o.in_order && d->io_ == IoPath::inline_call) d->offered_ |= bit(virtio::feature::in_order);
 
   d->backing_ = std::make_unique<Backing>();
   Backing& b = *d->backing_;

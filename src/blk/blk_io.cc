@@ -6,6 +6,8 @@
 // unknown types and features not negotiated).
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <type_traits>
+
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -43,8 +45,11 @@ void BlkDevice::QueueState::start(vhost::Queue& q, vhost::Worker& w) {
   free_slots.clear();
   for (std::uint32_t i = BlkDevice::kMaxInflight; i-- > 0;) free_slots.push_back(i);
   inflight = 0;
-  tracked = q.inflight();
+  // The inflight region records split rings only (InflightSplitQueue): a packed ring runs
+  // untracked, so a restarted back-end does not resubmit its requests.
+  tracked = q.packed() ? nullptr : q.inflight();
   resubmit = q.take_resubmit();
+  if (q.packed()) resubmit.clear();
   resubmit_next = 0;
   counters.inflight.store(0, std::memory_order_relaxed);
   ring_ok = false;
@@ -143,7 +148,12 @@ unsigned BlkDevice::QueueState::reap(vhost::Queue& q) noexcept {
 }
 
 unsigned BlkDevice::QueueState::pop_and_submit(vhost::Queue& q) noexcept {
-  virtq::DeviceQueue& vq = q.vq();
+  // One branch on the ring's layout per batch; the loop runs on the concrete ring type.
+  return q.visit([&](auto& vq) { return pop_and_submit_on(q, vq); });
+}
+
+template <class Ring>
+unsigned BlkDevice::QueueState::pop_and_submit_on(vhost::Queue& q, Ring& vq) noexcept {
   unsigned popped = 0;
   unsigned prepared = 0;
   while (popped < kBatch && !free_slots.empty()) {
@@ -173,8 +183,20 @@ unsigned BlkDevice::QueueState::pop_and_submit(vhost::Queue& q) noexcept {
   return popped;
 }
 
+template <class Ring>
 std::optional<std::expected<virtq::Chain, virtq::ChainError>> BlkDevice::QueueState::next_chain(
-    virtq::DeviceQueue& vq, std::span<iovec> segs) noexcept {
+    Ring& vq, std::span<iovec> segs) noexcept {
+  if constexpr (!std::is_same_v<Ring, virtq::DeviceQueue>) {
+    // Packed: no inflight tracking, nothing to resubmit (see start()).
+    if (vq.pending() == 0) return std::nullopt;
+    return vq.pop(segs);
+  } else {
+    return next_split_chain(vq, segs);
+  }
+}
+
+std::optional<std::expected<virtq::Chain, virtq::ChainError>>
+BlkDevice::QueueState::next_split_chain(virtq::DeviceQueue& vq, std::span<iovec> segs) noexcept {
   while (resubmit_next < resubmit.size()) {
     // Taken and never answered by the previous back-end: served again, in their original
     // order, before anything new. Not recorded again: each keeps its submission counter, so
@@ -205,7 +227,7 @@ std::optional<std::expected<virtq::Chain, virtq::ChainError>> BlkDevice::QueueSt
 
 void BlkDevice::QueueState::push_used(vhost::Queue& q, std::uint16_t head,
                                       std::uint32_t len) noexcept {
-  q.vq().push_used(head, len);
+  q.visit([&](auto& vq) { vq.push_used(head, len); });
   if (tracked != nullptr) tracked->used(head);
 }
 
@@ -215,10 +237,12 @@ void BlkDevice::QueueState::finish(vhost::Queue& q, Slot& s, std::uint8_t status
   *s.req.status = status;
   // Live migration: what the device wrote into guest memory is marked before the used element
   // is published: a read's (or GET_ID's) data, then the status byte.
-  if (s.req.op == BlkOp::read || s.req.op == BlkOp::get_id)
-    q.vq().log_write(s.req.data, s.req.length);
   const iovec status_byte{s.req.status, 1};
-  q.vq().log_write({&status_byte, 1}, 1);
+  q.visit([&](auto& vq) {
+    if (s.req.op == BlkOp::read || s.req.op == BlkOp::get_id)
+      vq.log_write(s.req.data, s.req.length);
+    vq.log_write({&status_byte, 1}, 1);
+  });
   push_used(q, s.head, used_len);
 }
 

@@ -92,13 +92,18 @@ struct BlkDevice::QueueState {
   // Pops chains while slots are free, answers the bad and synchronous ones, submits the rest in
   // one batch. Returns the number of chains popped.
   unsigned pop_and_submit(vhost::Queue& q) noexcept;
+  template <class Ring>
+  unsigned pop_and_submit_on(vhost::Queue& q, Ring& vq) noexcept;
   // The completion eventfd fired.
   void on_completion(vhost::Queue& q) noexcept;
 
  private:
   // The next chain: a head to resubmit, else a new one from the avail ring (recorded as in
   // flight); nullopt when there is neither. A bad chain was answered by the queue (and recorded).
+  template <class Ring>
   std::optional<std::expected<virtq::Chain, virtq::ChainError>> next_chain(
+      Ring& vq, std::span<iovec> segs) noexcept;
+  std::optional<std::expected<virtq::Chain, virtq::ChainError>> next_split_chain(
       virtq::DeviceQueue& vq, std::span<iovec> segs) noexcept;
   // push_used, recorded for the inflight region.
   void push_used(vhost::Queue& q, std::uint16_t head, std::uint32_t len) noexcept;

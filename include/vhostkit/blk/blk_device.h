@@ -51,6 +51,14 @@ struct BlkOptions {
   std::string serial;            // GET_ID (up to 20 bytes); empty: "vhostkit-" + basename
   bool try_direct = true;        // O_DIRECT when the file system allows it
   IoPath io = IoPath::automatic;
+  // Offer VIRTIO_F_RING_PACKED (both layouts are served; false refuses it, for comparison).
+  bool packed = true;
+  // Offer VIRTIO_F_IN_ORDER where requests complete in the order they were made available: the
+  // inline I/O path only (each request is answered before the next is popped). io_uring
+  // completes requests in whatever order the kernel finishes them, and holding completions back
+  // to answer in order would let one slow request stall every later one, so the io_uring path
+  // never offers it. false refuses it on the inline path too.
+  bool in_order = true;
 };
 
 // A snapshot of one queue's counters.
