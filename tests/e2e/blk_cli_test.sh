@@ -71,7 +71,8 @@ vk_pass "$out"
 vk_check "vhostkit-blk --help exits 0 and names the options"
 out=$("$VK_NET_BIN" --help 2>&1); rc=$?
 ((rc == 0)) || vk_fail "exit $rc"
-for opt in --socket-path --fd --print-capabilities --image --read-only --queues --poll --cpu --stats; do
+for opt in --socket-path --fd --print-capabilities --image --read-only --queues --poll --cpu --stats \
+           --no-packed --no-in-order; do
   grep -q -- "$opt" <<<"$out" || vk_fail "--help does not mention $opt"
 done
 vk_pass "$(wc -l <<<"$out") lines of help"

@@ -73,7 +73,7 @@ vk_check "--help exits 0 and names the options"
 out=$("$VK_NET_BIN" --help 2>&1); rc=$?
 ((rc == 0)) || vk_fail "exit $rc"
 for opt in --socket-path --fd --client --print-capabilities --tap --af-packet --loopback --queues \
-           --poll --cpu --mac --mtu --stats --log-level; do
+           --poll --cpu --mac --mtu --stats --log-level --no-packed --no-in-order; do
   grep -q -- "$opt" <<<"$out" || vk_fail "--help does not mention $opt"
 done
 vk_pass "$(wc -l <<<"$out") lines of help"

@@ -38,6 +38,12 @@ BackendProgram::BackendProgram(std::string name, std::string type, std::string d
       ->capture_default_str();
   app_.add_option("--spin-us", a.spin_us, "adaptive polling: spin this long before sleeping")
       ->capture_default_str();
+  app_.add_flag("--no-packed", a.no_packed,
+                "do not offer the packed virtqueue (VIRTIO_F_RING_PACKED): front-ends then use "
+                "the split ring");
+  app_.add_flag("--no-in-order", a.no_in_order,
+                "do not offer VIRTIO_F_IN_ORDER (used buffers in the order they were made "
+                "available)");
 }
 
 void BackendProgram::die_usage(const std::string& msg) const {
@@ -109,6 +115,8 @@ BackendConfig BackendProgram::check() {
   }
   c.stats_interval = std::chrono::milliseconds(static_cast<long>(a.stats * 1000));
   c.adaptive_spin_us = a.spin_us;
+  c.packed = !a.no_packed;
+  c.in_order = !a.no_in_order;
   return c;
 }
 

@@ -1,6 +1,7 @@
 // The skeleton every vhost-user backend program of ours shares (vhostkit-net, vhostkit-blk):
 // QEMU's "Backend program conventions" (--socket-path, --fd, --print-capabilities), our own
-// common options (--client, --poll, --cpu, --stats, --log-level, --spin-us), their validation,
+// common options (--client, --poll, --cpu, --stats, --log-level, --spin-us, --no-packed,
+// --no-in-order), their validation,
 // and the serve loop that ends on SIGINT/SIGTERM.
 // Exit codes: 0 on SIGINT/SIGTERM, 2 on bad arguments or a resource the arguments name that
 // can't be used (one line on stderr), 1 on a failure after the first frontend was served.
@@ -37,6 +38,8 @@ struct BackendArgs {
   double stats = 0;
   std::string log_level = "info";
   unsigned spin_us = 100;
+  bool no_packed = false;
+  bool no_in_order = false;
 };
 
 // What the shared options mean once checked.
@@ -47,6 +50,9 @@ struct BackendConfig {
   std::string where;  // "listening on PATH", "connecting to PATH", "fd N"
   std::chrono::milliseconds stats_interval{0};
   std::uint32_t adaptive_spin_us = 100;
+  // Ring features the device may offer (--no-packed, --no-in-order refuse them, to compare).
+  bool packed = true;
+  bool in_order = true;
 
   // The worker layout both programs build from the shared options: --poll, --cpu (one pinned
   // worker each) and --spin-us; without --cpu, `unpinned_workers` threads. Queue i runs on

@@ -86,6 +86,9 @@ int main(int argc, char** argv) {
   bopts.blk_size = a.blk_size;
   bopts.serial = a.serial;
   bopts.io = io;
+  // IN_ORDER is offered on the inline I/O path only (io_uring completes out of order).
+  bopts.packed = cfg.packed;
+  bopts.in_order = cfg.in_order;
   auto blkdev = blk::BlkDevice::open(std::move(bopts));
   if (!blkdev) prog.die_usage(blkdev.error().message());
   blk::BlkDevice& dev = **blkdev;

@@ -94,6 +94,8 @@ int main(int argc, char** argv) {
   nopts.mtu = static_cast<std::uint16_t>(a.mtu);
   nopts.queue_pairs = static_cast<std::uint16_t>(a.queues);
   nopts.burst = static_cast<std::uint16_t>(a.burst);
+  nopts.packed = cfg.packed;
+  nopts.in_order = cfg.in_order;
   nopts.port = open_port(prog, a);
   auto netdev = net::NetDevice::create(std::move(nopts));
   if (!netdev) prog.die_usage(netdev.error().message());
