@@ -9,7 +9,9 @@
 #   vk_qemu_vhost_user_net_args ARRAY SOCK [N] [QUEUES]
 #                                      append to ARRAY the args for vhost-user virtio-net NIC
 #                                      number N (default 0) on SOCK, QUEUES queue pairs (default 1);
-#                                      QEMU is the client: the backend must listen already
+#                                      QEMU is the client: the backend must listen already;
+#                                      VK_QEMU_NET_DEVICE_ARGS (e.g. ",packed=on") is appended to
+#                                      the virtio-net-pci device
 #   vk_qemu_tap_net_args ARRAY TAP     same for QEMU's own tap backend (QEMU must run in the netns)
 #   vk_qemu_wait_marker LOG REGEX TIMEOUT [PID]
 #                                      0 when a console line matches REGEX (grep -E), 1 on
@@ -51,7 +53,7 @@ vk_qemu_vhost_user_net_args() {
   # vectors=0: QEMU 7.2 under TCG crashes in msix_set_vector_notifiers with vhost-user + MSI-X.
   _args+=(-chardev "socket,id=vkc$n,path=$sock"
           -netdev "vhost-user,id=vkn$n,chardev=vkc$n,queues=$queues"
-          -device "virtio-net-pci,netdev=vkn$n,vectors=0$mq")
+          -device "virtio-net-pci,netdev=vkn$n,vectors=0$mq${VK_QEMU_NET_DEVICE_ARGS:-}")
 }
 
 vk_qemu_tap_net_args() {

@@ -16,6 +16,10 @@
 # VK_NET_QUEUES=N (net_multiqueue_test.sh uses 2): N queue pairs on both sides (testpmd
 # --rxq=N --txq=N, flowgen on every queue); each pair must show traffic both ways, and the
 # accounting holds over all pairs.
+# VK_NET_VDEV_ARGS (net_dpdk_packed_test.sh, net_dpdk_in_order_test.sh): more virtio-user
+# arguments, e.g. ",packed_vq=1,in_order=1"; VK_NET_EXPECT_RING: the ring vhostkit-net must log as
+# negotiated, all of it but event idx ("packed ring" means packed without IN_ORDER), checked
+# before the traffic. VK_NET_ARGS: more vhostkit-net options (e.g. --no-in-order).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/dpdk.sh"
@@ -23,6 +27,9 @@ source "$here/../../scripts/lib/vhostkit.sh"
 
 SECONDS_FWD=${VK_TEST_SECONDS:-4}
 QUEUES=${VK_NET_QUEUES:-1}
+VDEV_ARGS=${VK_NET_VDEV_ARGS:-}
+EXPECT_RING=${VK_NET_EXPECT_RING:-}
+read -r -a NET_ARGS <<<"${VK_NET_ARGS:-}"
 t_start=$(vk_now)
 vk_require_root
 vk_require_cmd "$VK_TESTPMD" ss stdbuf
@@ -34,7 +41,7 @@ tlog=$VK_TMP/testpmd.log
 prefix=vk-$$-loop
 
 vk_check "vhostkit-net --loopback --queues=$QUEUES --stats=1 listens"
-vk_net_start "$nlog" -- --socket-path="$sock" --loopback --queues="$QUEUES" --stats=1
+vk_net_start "$nlog" -- --socket-path="$sock" --loopback --queues="$QUEUES" --stats=1 "${NET_ARGS[@]}"
 net_pid=$VK_NET_PID
 vk_net_wait_listening "$sock" 10 || { cat "$nlog"; vk_fail "did not listen"; }
 vk_pass "listening on $sock"
@@ -45,7 +52,7 @@ exec 7<>"$VK_TMP/cmd"  # read-write: opening never blocks, and testpmd never see
 vk_on_exit "exec 7>&-"
 # Line-buffered: its answers are read while it runs (to a file stdio would hold them until exit).
 stdbuf -oL "$VK_TESTPMD" --lcores 0@0,1@0 --no-pci --no-huge -m 1024 --file-prefix="$prefix" \
-  --vdev "net_virtio_user0,path=$sock,queues=$QUEUES" -- -i --total-num-mbufs=16384 \
+  --vdev "net_virtio_user0,path=$sock,queues=$QUEUES$VDEV_ARGS" -- -i --total-num-mbufs=16384 \
   --rxq="$QUEUES" --txq="$QUEUES" \
   --forward-mode=flowgen <"$VK_TMP/cmd" >"$tlog" 2>&1 &
 tpmd=$!
@@ -54,6 +61,13 @@ pmd() { echo "$*" >&7; }
 vk_wait_for 60 grep -q 'testpmd> ' "$tlog" || { tail -20 "$tlog"; vk_fail "testpmd never finished port setup"; }
 vk_net_wait_connected "$nlog" 5 || { cat "$nlog"; vk_fail "vhostkit-net saw no front-end"; }
 vk_pass "port up, vhostkit-net: front-end connected"
+
+if [[ -n $EXPECT_RING ]]; then
+  vk_check "negotiated: $EXPECT_RING"
+  vk_net_wait_log "$nlog" "features 0x[0-9a-f]+ acked: $EXPECT_RING(, event idx)?\$" 10 ||
+    { grep 'acked:' "$nlog"; vk_fail "vhostkit-net did not negotiate '$EXPECT_RING'"; }
+  vk_pass "$(grep -oE 'features 0x[0-9a-f]+ acked: .*' "$nlog" | tail -1)"
+fi
 
 vk_check "flowgen for ${SECONDS_FWD} s: frames go out to vhostkit-net and come back"
 stats_re='^ *TX-packets: *[0-9]+ *TX-errors'

@@ -4,6 +4,9 @@
 # guest pings the host, sends 20 MiB to a listener and receives 20 MiB from another (sha256 equal
 # on both ends); vhostkit-net's --stats lines show the traffic both ways; on SIGTERM it exits 0
 # and removes its socket, and its TAP goes with it.
+# VK_QEMU_NET_DEVICE_ARGS (net_packed_test.sh: ",packed=on") goes on the guest's NIC;
+# VK_EXPECT_GUEST_BITS (e.g. "34"): feature bits the guest must show as negotiated in
+# /sys/class/net/eth0/device/features; VK_NET_EXPECT_RING: the ring vhostkit-net must log.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/qemu.sh"
@@ -11,6 +14,9 @@ source "$here/../../scripts/lib/tcp.sh"
 source "$here/../../scripts/lib/vhostkit.sh"
 
 MIB=${VK_TEST_MIB:-20}
+EXPECT_BITS=${VK_EXPECT_GUEST_BITS:-}
+EXPECT_RING=${VK_NET_EXPECT_RING:-}
+NAME=${VK_SCRIPT_NAME:-net_tap_ping_test.sh}
 PORT=5201
 TAP=vk-tap0
 t_start=$(vk_now)
@@ -52,6 +58,20 @@ vk_qemu_wait_marker "$log" '^VK-LINK' 60 || { vk_qemu_dump "$log"; vk_fail "no V
 grep -q '^VK-LINK up' "$log" || { vk_qemu_dump "$log"; vk_fail "link down"; }
 vk_pass "$(grep -a -m1 '^VK-NET' "$log" | tr -d '\r'), $(grep -a -m1 '^VK-FEATURES' "$log" | tr -d '\r')"
 
+if [[ -n $EXPECT_BITS || -n $EXPECT_RING ]]; then
+  vk_check "negotiated: guest feature bits ${EXPECT_BITS:-none asked}, vhostkit-net: ${EXPECT_RING:-any ring}"
+  # sysfs prints one character per feature bit, bit 0 first.
+  feats=$(grep -a -m1 '^VK-FEATURES' "$log" | tr -d '\r' | awk '{ print $2 }')
+  for b in $EXPECT_BITS; do
+    [[ ${feats:$b:1} == 1 ]] || vk_fail "the guest did not negotiate feature bit $b: '$feats'"
+  done
+  if [[ -n $EXPECT_RING ]]; then
+    grep -qE "features 0x[0-9a-f]+ acked: $EXPECT_RING(, |\$)" "$nlog" ||
+      { grep 'acked:' "$nlog"; vk_fail "vhostkit-net did not log '$EXPECT_RING'"; }
+  fi
+  vk_pass "$(grep -oE 'features 0x[0-9a-f]+ acked: .*' "$nlog" | tail -1)"
+fi
+
 vk_check "the guest pings 192.0.2.1 three times, all answered"
 vk_guest_check_ping "$log" 30
 vk_check "guest -> host: $MIB MiB over TCP, sha256 equal on both ends"
@@ -91,4 +111,4 @@ totals=$(grep -oE 'totals qp0 tx [0-9]+ frames .*' "$nlog")
 [[ $totals =~ tx\ [1-9][0-9]*\ frames.*rx\ [1-9][0-9]*\ frames ]] || { tail -5 "$nlog"; vk_fail "no exit totals with frames both ways: '$totals'"; }
 vk_pass "exit 0, clean; $totals"
 
-echo "net_tap_ping_test: all checks passed in $(awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}') s"
+echo "${NAME%.sh}: all checks passed in $(awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}') s"
