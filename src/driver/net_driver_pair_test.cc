@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "testing/fd_count.h"
+#include "testing/sockets.h"
 #include "vhostkit/driver/net_driver.h"
 #include "vhostkit/vhost/backend.h"
 #include "vhostkit/vhost/device.h"
@@ -335,7 +336,7 @@ TEST(NetDriverPair, ServerSocketPathAndReconnect) {
   StopFd stop;
   BackendServer server(rig.device, ServerOptions::listen(path));
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
-  ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
+  ASSERT_TRUE(eventually([&] { return testing::unix_listening(path); })) << "no listener " << path;
   for (int round = 0; round < 2; ++round) {
     NetDriverOptions o;
     o.socket_path = path;
@@ -386,7 +387,7 @@ TEST(NetDriverPair, DisconnectMidTrafficThenReconnect) {
   StopFd stop;
   BackendServer server(rig.device, ServerOptions::listen(path));
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
-  ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
+  ASSERT_TRUE(eventually([&] { return testing::unix_listening(path); })) << "no listener " << path;
   {
     NetDriverOptions o;
     o.socket_path = path;
@@ -418,7 +419,7 @@ TEST(NetDriverPair, FdCountStableAcrossHundredCycles) {
   StopFd stop;
   BackendServer server(rig.device, ServerOptions::listen(path));
   std::thread t([&] { ASSERT_TRUE(server.run(stop.fd.get())); });
-  ASSERT_TRUE(eventually([&] { return std::filesystem::exists(path); })) << "no socket " << path;
+  ASSERT_TRUE(eventually([&] { return testing::unix_listening(path); })) << "no listener " << path;
   auto cycle = [&] {
     NetDriverOptions o;
     o.socket_path = path;

@@ -27,13 +27,13 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 
+#include "testing/sockets.h"
 #include "vhostkit/driver/net_driver.h"
 #include "vhostkit/net/net_device.h"
 #include "vhostkit/vhost/device.h"
@@ -258,28 +258,6 @@ struct StopFd {
   }
 };
 
-// The unix socket at `path` accepts connections. bind() makes the path a moment before listen(),
-// and a connect() in between is refused (seen under ASan), so the path existing is not enough.
-// Read from /proc/net/unix, whose flags say SO_ACCEPTCON (0x10000) for a listener: no probe
-// connection, which the server would count as a session.
-inline bool unix_listening(const std::string& path) {
-  std::ifstream in("/proc/net/unix");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.size() <= path.size() ||
-        line.compare(line.size() - path.size(), path.size(), path) != 0 ||
-        line[line.size() - path.size() - 1] != ' ') {
-      continue;
-    }
-    char flags[16] = {};
-    if (std::sscanf(line.c_str(), "%*s %*s %*s %15s", flags) == 1 &&
-        std::strcmp(flags, "00010000") == 0) {
-      return true;
-    }
-  }
-  return false;
-}
-
 // vhostkit-net --loopback in this process: a NetDevice with a worker per queue pair and a
 // BackendServer listening on a fresh socket path, served on its own thread.
 struct NetBackend {
@@ -291,7 +269,7 @@ struct NetBackend {
             vhost::DeviceOptions{.name = tag, .unpinned_workers = pairs, .queues_per_worker = 2}),
         server(device, server_options(path, pairs)) {
     thread = std::thread([this] { result = server.run(stop.fd.get()); });
-    listening = eventually([&] { return unix_listening(path); });
+    listening = eventually([&] { return testing::unix_listening(path); });
   }
   ~NetBackend() {
     stop.fire();
