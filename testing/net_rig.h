@@ -33,6 +33,8 @@ using virtio::bit;
 inline constexpr std::uint64_t kBase = bit(virtio::feature::version_1);
 inline constexpr std::uint64_t kEventIdx = bit(virtio::feature::ring_event_idx);
 inline constexpr std::uint64_t kMrg = bit(nf::mrg_rxbuf);
+inline constexpr std::uint64_t kPacked = bit(virtio::feature::ring_packed);
+inline constexpr std::uint64_t kInOrder = bit(virtio::feature::in_order);
 inline constexpr std::uint64_t kCtrl = bit(nf::ctrl_vq) | bit(nf::ctrl_rx);
 
 using vhost::testing::dup_fd;

@@ -13,9 +13,6 @@ namespace {
 using namespace testing;
 using vhost::PollMode;
 
-constexpr std::uint64_t kPacked = bit(virtio::feature::ring_packed);
-constexpr std::uint64_t kInOrder = bit(virtio::feature::in_order);
-
 struct PackedCase {
   PollMode mode;
   bool in_order;
@@ -87,38 +84,6 @@ INSTANTIATE_TEST_SUITE_P(Modes, PackedLoopback,
                                            PackedCase{PollMode::adaptive, false, true, true,
                                                       1514}));
 
-// With IN_ORDER a used descriptor stands for every chain before it: the malformed chains in a
-// loopback burst are answered in their turn, so the driver never reclaims a frame the device
-// still reads. Our driver checks each used id against what it holds in flight.
-TEST(PackedLoopbackBurst, MalformedChainsAnsweredInOrder) {
-  NetDevice net(NetOptions{});
-  vhost::Device dev(net, dev_opts(PollMode::event));
-  Guest g(3, kBase | kPacked | kInOrder | kEventIdx | kMrg);
-  g.bring_up(dev);
-  Receiver rx(g, 1, {1526});
-  rx.refill();
-  std::mt19937 rng(7);
-  std::vector<Bytes> good;
-  for (int i = 0; i < 30; ++i) {
-    if (i % 5 == 2) {
-      ASSERT_TRUE(g.add_raw(0, Bytes(8, 0)).has_value());  // shorter than header + Ethernet
-      continue;
-    }
-    good.push_back(random_frame(rng, 60 + rng() % 1400));
-    ASSERT_TRUE(g.send(0, good.back(), 1 + i % 2));
-  }
-  g.kick(0);
-  ASSERT_TRUE(wait_tx_done(g, 0));
-  ASSERT_TRUE(rx.wait_frames(good.size()));
-  for (std::size_t i = 0; i < good.size(); ++i) {
-    EXPECT_EQ(rx.frames[i].data, mac_swapped(good[i])) << "frame " << i;
-  }
-  EXPECT_EQ(net.stats(0).tx_frames, good.size());
-  EXPECT_EQ(net.stats(0).tx_errors, 6u);
-  EXPECT_EQ(g.driver(0).bad_used(), 0u);
-  EXPECT_FALSE(dev.broken());
-}
-
 // A port on packed rings with IN_ORDER: tx frames reach it in order, its frames reach the guest.
 TEST(PackedPort, TxAndRxWithInOrder) {
   DeviceRig r(true, true, kBase | kPacked | kInOrder | kEventIdx | kMrg);
@@ -156,49 +121,6 @@ TEST(PackedPort, TxAndRxWithInOrder) {
   for (std::size_t i = 0; i < frames.size(); ++i) EXPECT_EQ(rx.frames[i].data, frames[i]) << i;
   EXPECT_EQ(r.net.stats(0).rx_frames, 300u);
   EXPECT_EQ(r.g.driver(1).bad_used(), 0u);
-}
-
-// Live migration on packed rings: every rx page the device changed is marked, no tx page.
-TEST(PackedLoopbackDirtyLog, EveryPageTheDeviceWroteIsMarked) {
-  const std::uint64_t f = kBase | kPacked | kInOrder | kEventIdx | kMrg;
-  NetDevice net(NetOptions{});
-  vhost::Device dev(net, dev_opts(PollMode::event));
-  dev.add_offered_features(virtio::bit(virtio::feature::log_all));
-  Guest g(3, f);
-  g.bring_up(dev);
-  vhostkit::testing::SharedLog log(8192);
-  ASSERT_TRUE(log.ok());
-  ASSERT_TRUE(dev.set_log_base(log.fd(), log.size(), 0));
-  ASSERT_TRUE(dev.set_features(f | virtio::bit(virtio::feature::log_all)));
-  const std::uint64_t rx_begin = g.slot_gpa(1, 0), rx_end = g.slot_gpa(2, 0);
-  const std::uint64_t tx_begin = g.slot_gpa(0, 0), tx_end = rx_begin;
-  const std::vector<std::uint8_t> shadow(g.host(rx_begin), g.host(rx_end));
-  Receiver rx(g, 1, {512});
-  rx.refill();
-  std::mt19937 rng(7);
-  std::size_t sent = 0;
-  for (int round = 0; round < 20; ++round) {
-    for (int i = 0; i < 16; ++i, ++sent) {
-      ASSERT_TRUE(g.send(0, random_frame(rng, 60 + rng() % 1455)));
-    }
-    g.kick(0);
-    ASSERT_TRUE(rx.wait_frames(sent));
-    ASSERT_TRUE(wait_tx_done(g, 0));
-    rx.refill();
-  }
-  std::size_t changed = 0;
-  for (std::uint64_t gpa = rx_begin; gpa < rx_end; gpa += vhostkit::testing::SharedLog::kPage) {
-    if (std::memcmp(g.host(gpa), shadow.data() + (gpa - rx_begin),
-                    vhostkit::testing::SharedLog::kPage) == 0) {
-      continue;
-    }
-    ++changed;
-    EXPECT_TRUE(log.dirty(gpa)) << "rx page at gpa 0x" << std::hex << gpa << " written, not marked";
-  }
-  EXPECT_GT(changed, 20u);
-  for (std::uint64_t gpa = tx_begin; gpa < tx_end; gpa += vhostkit::testing::SharedLog::kPage) {
-    ASSERT_FALSE(log.dirty(gpa)) << "tx page at gpa 0x" << std::hex << gpa << " marked";
-  }
 }
 
 TEST(PackedFeatures, OfferedUnlessRefused) {
