@@ -22,6 +22,9 @@ packages=(
   # network namespaces, TAP, veth; process tools used by tests and scripts
   iproute2 iputils-ping procps ethtool psmisc util-linux coreutils findutils gawk
   python3 curl
+  # libvirt e2e test (a private libvirtd); libvirt-daemon-system creates the libvirt-qemu user
+  # libvirtd needs at start-up
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
   # benchmarks: plots and profiles (bench/profile.sh)
   gnuplot-nox linux-perf
 )
