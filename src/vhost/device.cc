@@ -25,7 +25,7 @@ Result<> Device::set_owner() {
       return r;
     }
   }
-  d.owner = true;
+  d.set_owner(true);
   return {};
 }
 
@@ -35,7 +35,9 @@ Result<> Device::reset_owner() {
   return {};
 }
 
-bool Device::has_owner() const noexcept { return impl_->owner; }
+bool Device::has_owner() const noexcept {
+  return impl_->owner_seen.load(std::memory_order_relaxed);
+}
 
 Result<> Device::check_owner(std::string_view request) const { return impl_->need_owner(request); }
 
@@ -43,7 +45,9 @@ std::uint64_t Device::offered_features() const noexcept { return impl_->offered(
 
 void Device::add_offered_features(std::uint64_t bits) noexcept { impl_->extra_offered |= bits; }
 
-std::uint64_t Device::features() const noexcept { return impl_->acked; }
+std::uint64_t Device::features() const noexcept {
+  return impl_->acked_seen.load(std::memory_order_relaxed);
+}
 
 Result<> Device::set_features(std::uint64_t features) {
   Impl& d = *impl_;
@@ -68,12 +72,12 @@ Result<> Device::set_features(std::uint64_t features) {
     // after the answer must be logged: the workers are parked while the log is switched, and
     // the next write of each sees it.
     d.with_workers_parked([&] {
-      d.acked = features;
+      d.set_acked(features);
       d.install_log();
     });
     return {};
   }
-  d.acked = features;
+  d.set_acked(features);
   d.install_log();
   // Which ring layout the front-end chose is worth a line: it falls back to split silently.
   spdlog::info("vhost {}: features 0x{:x} acked: {} ring{}{}", d.opts.name, features,
@@ -108,6 +112,7 @@ Result<> Device::set_vring_num(std::uint32_t index, std::uint32_t num) {
                             packed ? "a packed ring size" : "a power of two", kMaxQueueSize));
   }
   (*q)->num = num;
+  (*q)->size_seen_.store(num, std::memory_order_relaxed);
   impl_->map_ring(**q);
   return impl_->try_start(**q);
 }

@@ -117,6 +117,18 @@ struct Device::Impl {
   bool owner = false;
   std::uint64_t extra_offered = 0;
   std::uint64_t acked = 0;
+  // Copies of owner and acked for readers on other threads (has_owner(), features(): a metrics
+  // scrape), written wherever those are; the control thread keeps using the plain fields.
+  std::atomic<bool> owner_seen{false};
+  std::atomic<std::uint64_t> acked_seen{0};
+  void set_acked(std::uint64_t f) noexcept {
+    acked = f;
+    acked_seen.store(f, std::memory_order_relaxed);
+  }
+  void set_owner(bool o) noexcept {
+    owner = o;
+    owner_seen.store(o, std::memory_order_relaxed);
+  }
   std::atomic<bool> broken{false};
 
   std::uint64_t offered() const noexcept { return backend.features() | extra_offered; }
@@ -492,8 +504,8 @@ struct Device::Impl {
     mem.clear();
     log.reset();
     inflight.reset();
-    acked = 0;
-    owner = false;
+    set_acked(0);
+    set_owner(false);
     broken.store(false);
   }
 };

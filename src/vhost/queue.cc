@@ -56,6 +56,7 @@ void Queue::reset() noexcept {
   call.reset();
   err.reset();
   num = 0;
+  size_seen_.store(0, std::memory_order_relaxed);
   base = 0;
   has_addr = false;
   addr = memory::VringAddr{};

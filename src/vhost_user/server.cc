@@ -65,9 +65,13 @@ Result<> BackendServer::run(int stop_fd) {
 
 void BackendServer::serve(Channel channel, int stop_fd) {
   sessions_.fetch_add(1, std::memory_order_relaxed);
-  BackendSession session(device_, std::move(channel), opts_.session);
-  // run() logs why a session ended; the server goes on either way.
-  (void)session.run(stop_fd);
+  if (opts_.on_session) opts_.on_session(true);
+  {
+    BackendSession session(device_, std::move(channel), opts_.session);
+    // run() logs why a session ended; the server goes on either way.
+    (void)session.run(stop_fd);
+  }
+  if (opts_.on_session) opts_.on_session(false);
 }
 
 Result<> BackendServer::run_server(int stop_fd) {

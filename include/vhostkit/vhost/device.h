@@ -46,7 +46,7 @@ class Device {
 
   Result<> set_owner();
   Result<> reset_owner();  // back to the state before set_owner: rings stopped, memory gone
-  bool has_owner() const noexcept;
+  bool has_owner() const noexcept;  // any thread, like features()
   // The owner check and its words ("SET_CONFIG before SET_OWNER"), for a transport's requests
   // that need an owner but no call here; every method here that needs one checks it itself.
   Result<> check_owner(std::string_view request) const;
@@ -54,6 +54,7 @@ class Device {
   std::uint64_t offered_features() const noexcept;
   // Must be a subset of offered_features(). While rings run only LOG_ALL may change (migration).
   Result<> set_features(std::uint64_t features);
+  // The features acked (0 before SET_FEATURES and after a reset). Any thread (a relaxed copy).
   std::uint64_t features() const noexcept;
   // Extra transport bits a session offers on top of the backend's (e.g. PROTOCOL_FEATURES).
   void add_offered_features(std::uint64_t bits) noexcept;

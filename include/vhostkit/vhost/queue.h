@@ -99,8 +99,8 @@ class Queue {
   bool started() const noexcept { return started_.load(std::memory_order_acquire); }
   // The ring broke the protocol and was stopped (sticky until reset or a restart).
   bool broken() const noexcept { return broken_.load(std::memory_order_acquire); }
-  // The configured ring size (SET_VRING_NUM), 0 before.
-  std::uint32_t ring_size() const noexcept { return num; }
+  // The configured ring size (SET_VRING_NUM), 0 before. Any thread.
+  std::uint32_t ring_size() const noexcept { return size_seen_.load(std::memory_order_relaxed); }
   bool is_enabled() const noexcept { return enabled; }
 
   // Inflight I/O tracking (vhost-user INFLIGHT_SHMFD), for the device's handlers on the worker:
@@ -133,7 +133,8 @@ class Queue {
   void log_packed_used() noexcept VHOSTKIT_REQUIRES(worker_role_);
 
   std::uint16_t index_ = 0;
-  std::uint32_t num = 0;  // SET_VRING_NUM
+  std::uint32_t num = 0;                     // SET_VRING_NUM
+  std::atomic<std::uint32_t> size_seen_{0};  // num, for ring_size() on any thread
   // SET_VRING_BASE: split, last_avail_idx to resume from; packed, a PackedRingBase encoded
   // (avail and used positions with their wrap counters).
   std::uint32_t base = 0;

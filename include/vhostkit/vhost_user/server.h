@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "vhostkit/error.h"
@@ -29,6 +30,9 @@ struct ServerOptions {
   std::chrono::milliseconds reconnect_initial{100};
   std::chrono::milliseconds reconnect_max{2000};
   SessionOptions session;
+  // Called on the server's thread with true as a front-end's session starts and false when it
+  // has ended (the device reset): what a program reports as its connection state.
+  std::function<void(bool connected)> on_session;
 
   static ServerOptions listen(std::string path) {
     ServerOptions o;
