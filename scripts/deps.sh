@@ -11,6 +11,8 @@ packages=(
   cmake ninja-build g++ pkg-config git ca-certificates
   libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev liburing-dev
+  # --metrics: the HTTP server (a shared library; pulls libssl-dev, zlib1g-dev, libbrotli-dev)
+  libcpp-httplib-dev
   # fuzzing and sanitizers with clang
   clang-19 libclang-rt-19-dev llvm-19
   # the format check (.clang-format)

@@ -44,6 +44,10 @@ BackendProgram::BackendProgram(std::string name, std::string type, std::string d
   app_.add_flag("--no-in-order", a.no_in_order,
                 "do not offer VIRTIO_F_IN_ORDER (used buffers in the order they were made "
                 "available)");
+  app_.add_option("--metrics", a.metrics,
+                  "serve Prometheus metrics at http://ADDR:PORT/metrics (JSON at /stats), e.g. "
+                  "127.0.0.1:9100 or [::1]:9100; off by default")
+      ->option_text("ADDR:PORT");
 }
 
 void BackendProgram::die_usage(const std::string& msg) const {
@@ -117,6 +121,11 @@ BackendConfig BackendProgram::check() {
   c.adaptive_spin_us = a.spin_us;
   c.packed = !a.no_packed;
   c.in_order = !a.no_in_order;
+  if (!a.metrics.empty()) {
+    auto hp = parse_host_port(a.metrics);
+    if (!hp) die_usage(fmt::format("--metrics={}: {}", a.metrics, hp.error().detail));
+    c.metrics = std::move(*hp);
+  }
   return c;
 }
 
@@ -129,6 +138,10 @@ void BackendProgram::block_signals() {
 
 int BackendProgram::serve(vhost::Device& device, vhost_user::ServerOptions opts) {
   block_signals();
+  opts.on_session = [this](bool up) {
+    if (up) sessions_.fetch_add(1, std::memory_order_relaxed);
+    connected_.store(up, std::memory_order_relaxed);
+  };
   vhost_user::BackendServer server(device, std::move(opts));
   auto r = server.run(stop_fd_);
   if (!r) {

@@ -1,12 +1,13 @@
 // The skeleton every vhost-user backend program of ours shares (vhostkit-net, vhostkit-blk):
 // QEMU's "Backend program conventions" (--socket-path, --fd, --print-capabilities), our own
 // common options (--client, --poll, --cpu, --stats, --log-level, --spin-us, --no-packed,
-// --no-in-order), their validation,
+// --no-in-order, --metrics), their validation,
 // and the serve loop that ends on SIGINT/SIGTERM.
 // Exit codes: 0 on SIGINT/SIGTERM, 2 on bad arguments or a resource the arguments name that
 // can't be used (one line on stderr), 1 on a failure after the first frontend was served.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -20,6 +21,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "cli_util.h"
 #include "vhostkit/vhost/device.h"
 #include "vhostkit/vhost/worker.h"
 #include "vhostkit/vhost_user/server.h"
@@ -40,6 +42,7 @@ struct BackendArgs {
   unsigned spin_us = 100;
   bool no_packed = false;
   bool no_in_order = false;
+  std::string metrics;  // --metrics=ADDR:PORT
 };
 
 // What the shared options mean once checked.
@@ -53,6 +56,8 @@ struct BackendConfig {
   // Ring features the device may offer (--no-packed, --no-in-order refuse them, to compare).
   bool packed = true;
   bool in_order = true;
+  // --metrics: where to serve Prometheus text and JSON; nullopt when not asked.
+  std::optional<HostPort> metrics;
 
   // The worker layout both programs build from the shared options: --poll, --cpu (one pinned
   // worker each) and --spin-us; without --cpu, `unpinned_workers` threads. Queue i runs on
@@ -88,12 +93,18 @@ class BackendProgram {
   // Call before any thread starts; serve() calls it if it was not.
   void block_signals();
 
+  // The connection state serve() keeps, for --metrics. Any thread.
+  bool connected() const noexcept { return connected_.load(std::memory_order_relaxed); }
+  std::uint64_t sessions() const noexcept { return sessions_.load(std::memory_order_relaxed); }
+
  private:
   std::string name_;
   std::string type_;
   CLI::App app_;
   BackendArgs args_;
   int stop_fd_ = -1;
+  std::atomic<bool> connected_{false};
+  std::atomic<std::uint64_t> sessions_{0};
 };
 
 // Calls `tick(seconds since the last call)` every `interval` on its own thread until destroyed

@@ -1,5 +1,6 @@
 #include "cli_util.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
@@ -81,6 +82,39 @@ Result<std::array<std::uint8_t, 6>> parse_mac(std::string_view s) {
 std::string format_mac(const std::array<std::uint8_t, 6>& m) {
   return fmt::format("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4],
                      m[5]);
+}
+
+Result<HostPort> parse_host_port(std::string_view s) {
+  const auto colon = s.rfind(':');
+  if (colon == std::string_view::npos) {
+    return fail(Errc::invalid_argument, "give ADDR:PORT, e.g. 127.0.0.1:9100");
+  }
+  const std::string_view host = s.substr(0, colon);
+  const std::string_view port = s.substr(colon + 1);
+  unsigned p = 0;
+  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
+  if (port.empty() || ec != std::errc{} || end != port.data() + port.size() || p == 0 ||
+      p > 65535) {
+    return fail(Errc::invalid_argument, fmt::format("port '{}' is not in 1..65535", port));
+  }
+  HostPort hp;
+  hp.port = static_cast<std::uint16_t>(p);
+  in6_addr a6{};
+  in_addr a4{};
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    hp.host = std::string(host.substr(1, host.size() - 2));
+    if (::inet_pton(AF_INET6, hp.host.c_str(), &a6) != 1) {
+      return fail(Errc::invalid_argument, fmt::format("'{}' is not an IPv6 address", hp.host));
+    }
+  } else {
+    hp.host = std::string(host);
+    if (::inet_pton(AF_INET, hp.host.c_str(), &a4) != 1) {
+      return fail(
+          Errc::invalid_argument,
+          fmt::format("'{}' is not an IPv4 address (IPv6 goes in brackets: [::1])", hp.host));
+    }
+  }
+  return hp;
 }
 
 Result<> set_log_level(std::string_view level) {

@@ -26,6 +26,14 @@ Result<std::vector<int>> parse_cpu_list(std::string_view s);
 Result<std::array<std::uint8_t, 6>> parse_mac(std::string_view s);
 std::string format_mac(const std::array<std::uint8_t, 6>& mac);
 
+// ADDR:PORT for a TCP listener: a numeric IPv4 address or a bracketed IPv6 one ("[::1]:9100"),
+// and a port in 1..65535.
+struct HostPort {
+  std::string host;  // without brackets
+  std::uint16_t port = 0;
+};
+Result<HostPort> parse_host_port(std::string_view s);
+
 // trace, debug, info, warn, error, critical, off: sets spdlog's default level.
 Result<> set_log_level(std::string_view level);
 

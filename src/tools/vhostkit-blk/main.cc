@@ -3,6 +3,7 @@
 // device, served through io_uring (or by plain calls when the image is in memory: --io).
 // Conventions and exit codes: see backend_program.h.
 #include <cstdio>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -11,6 +12,7 @@
 #include <spdlog/spdlog.h>
 
 #include "backend_program.h"
+#include "metrics_server.h"
 #include "vhostkit/blk/blk_device.h"
 #include "vhostkit/vhost/device.h"
 
@@ -102,6 +104,19 @@ int main(int argc, char** argv) {
 
   vhost_user::ServerOptions sopts = std::move(cfg.server);
   sopts.session.name = "blk";
+
+  // After the device (which it reads) and before serving; destroyed before the device.
+  std::unique_ptr<cli::metrics::Server> metrics;
+  if (cfg.metrics) {
+    metrics = cli::metrics::start_or_report("vhostkit-blk", prog.args().metrics, *cfg.metrics, [&] {
+      cli::metrics::Snapshot s;
+      cli::metrics::add_device(s, "blk", device, {prog.connected(), prog.sessions()});
+      cli::metrics::add_blk(s, dev);
+      return s;
+    });
+    if (!metrics) return cli::kExitBadArgs;
+    spdlog::info("vhostkit-blk: metrics at http://{}/metrics", prog.args().metrics);
+  }
 
   spdlog::info("vhostkit-blk: {}, image {} ({} sectors, {}, I/O {}{}{}), {} queue(s), poll {}",
                cfg.where, a.image, dev.capacity_sectors(),

@@ -12,6 +12,7 @@
 
 #include "backend_program.h"
 #include "cli_util.h"
+#include "metrics_server.h"
 #include "stats_printer.h"
 #include "vhostkit/net/af_packet_port.h"
 #include "vhostkit/net/net_device.h"
@@ -116,6 +117,19 @@ int main(int argc, char** argv) {
     spdlog::info("frontend set MTU {}", mtu);
     return {};
   };
+
+  // After the device (which it reads) and before serving; destroyed before the device.
+  std::unique_ptr<cli::metrics::Server> metrics;
+  if (cfg.metrics) {
+    metrics = cli::metrics::start_or_report("vhostkit-net", prog.args().metrics, *cfg.metrics, [&] {
+      cli::metrics::Snapshot s;
+      cli::metrics::add_device(s, "net", device, {prog.connected(), prog.sessions()});
+      cli::metrics::add_net(s, dev);
+      return s;
+    });
+    if (!metrics) return cli::kExitBadArgs;
+    spdlog::info("vhostkit-net: metrics at http://{}/metrics", prog.args().metrics);
+  }
 
   const std::string port = dev.loopback()
                                ? std::string("loopback")
