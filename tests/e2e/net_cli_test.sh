@@ -60,6 +60,12 @@ expect_bad "--mtu=10" --socket-path="$sock" --loopback --mtu=10
 expect_bad "--stats=-1" --socket-path="$sock" --loopback --stats=-1
 expect_bad "--cpu=x" --socket-path="$sock" --loopback --cpu=x
 expect_bad "--log-level=loud" --socket-path="$sock" --loopback --log-level=loud
+expect_bad "--metrics without a port" --socket-path="$sock" --loopback --metrics=127.0.0.1
+expect_bad "--metrics with a host name" --socket-path="$sock" --loopback --metrics=localhost:9100
+expect_bad "--metrics=ADDR:0" --socket-path="$sock" --loopback --metrics=127.0.0.1:0
+expect_bad "--metrics IPv6 without brackets" --socket-path="$sock" --loopback --metrics=::1:9100
+expect_bad "--metrics on an address not local" --socket-path="$sock" --loopback \
+  --metrics=192.0.2.77:9100
 
 vk_check "--print-capabilities prints valid JSON with type net and exits 0"
 out=$("$VK_NET_BIN" --print-capabilities 2>"$VK_TMP/err"); rc=$?
@@ -73,7 +79,7 @@ vk_check "--help exits 0 and names the options"
 out=$("$VK_NET_BIN" --help 2>&1); rc=$?
 ((rc == 0)) || vk_fail "exit $rc"
 for opt in --socket-path --fd --client --print-capabilities --tap --af-packet --loopback --queues \
-           --poll --cpu --mac --mtu --stats --log-level --no-packed --no-in-order; do
+           --poll --cpu --mac --mtu --stats --log-level --no-packed --no-in-order --metrics; do
   grep -q -- "$opt" <<<"$out" || vk_fail "--help does not mention $opt"
 done
 vk_pass "$(wc -l <<<"$out") lines of help"
