@@ -211,6 +211,10 @@ boot() {
   lvsh start "$dom" >/dev/null || { tail -20 "$lv/log/qemu/$dom.log"; vk_fail "$tag: virsh start"; }
   [[ $(domstate "$dom") == running ]] || vk_fail "$tag: domain state '$(domstate "$dom")' after start"
   qemu_pid=$(cat "$lv/run/qemu/$dom.pid")
+  # The guest waits below end early if this QEMU dies (vk_qemu_wait_marker watches
+  # VK_QEMU_PID), and failure dumps show libvirt's QEMU log (vk_qemu_dump prints LOG.qemu).
+  VK_QEMU_PID=$qemu_pid
+  ln -sf "$lv/log/qemu/$dom.log" "$log.qemu"
   vk_net_wait_connected "$nlog" 30 "$n" || { cat "$nlog"; vk_fail "$tag: vhostkit-net saw no front-end $n"; }
   vk_net_wait_log "$blog" 'front-end connected' 30 "$nblk" "$blk_pid" ||
     { cat "$blog"; vk_fail "$tag: vhostkit-blk saw no front-end $n"; }
@@ -222,7 +226,7 @@ boot() {
   vk_guest_check_ping "$log" 90
   vk_guest_check_tcp_tx "$log" "$VK_TMP/from_guest" "$MIB"
   vk_guest_check_tcp_rx "$log" "$VK_TMP/to_guest" "$MIB"
-  vk_qemu_wait_marker "$log" '^VK-RESULT blk-write ' 60 "$qemu_pid" || { vk_qemu_dump "$log"; vk_fail "$tag: no blk-write result"; }
+  vk_qemu_wait_marker "$log" '^VK-RESULT blk-write ' 60 || { vk_qemu_dump "$log"; vk_fail "$tag: no blk-write result"; }
   res=$(vk_guest_result "$log" blk-read)
   [[ $res == ok* ]] || { vk_qemu_dump "$log"; vk_fail "$tag: blk-read: $res"; }
   gsum=$(vk_guest_field "$log" blk-read sha256)
