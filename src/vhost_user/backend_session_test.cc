@@ -1,14 +1,19 @@
 // BackendSession and BackendServer against a test front-end over real sockets.
 #include "vhostkit/vhost_user/backend_session.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <thread>
+
+#include <fmt/format.h>
 
 #include "testing/backend_rig.h"
 #include "vhostkit/vhost_user/server.h"
@@ -578,6 +583,96 @@ TEST(BackendServer, DisconnectMidTrafficThenReconnect) {
   ASSERT_EQ(::write(stop.get(), &one, sizeof one), 8);
   t.join();
   EXPECT_EQ(server.sessions(), 2u);
+}
+
+TEST(BackendServer, ReadyMeansConnectable) {
+  const std::string path = temp_socket_path("ready.sock");
+  EchoBackend backend;
+  vhost::Device device(backend, {});
+  auto opts = ServerOptions::listen(path);
+  int ready_calls = 0;
+  bool connectable = false;
+  std::string where;
+  opts.on_ready = [&](const std::string& w) {
+    ++ready_calls;
+    where = w;
+    connectable = connect_unix(path).has_value();  // what systemd's READY=1 promises
+  };
+  BackendServer server(device, opts);
+  UniqueFd stop = test::make_eventfd();
+  std::thread t([&] { (void)server.run(stop.get()); });
+  for (int i = 0; i < 2; ++i) {
+    auto ch = connect_retry(path);
+    ASSERT_TRUE(ch);
+    negotiate_and_echo(std::move(*ch));
+  }
+  const std::uint64_t one = 1;
+  ASSERT_EQ(::write(stop.get(), &one, sizeof one), 8);
+  t.join();
+  EXPECT_EQ(ready_calls, 1);  // once, not per front-end
+  EXPECT_TRUE(connectable);
+  EXPECT_EQ(where, "listening on " + path);
+}
+
+TEST(BackendServer, InheritedListenerServesFrontendsInTurnAndKeepsTheFile) {
+  const std::string path = temp_socket_path("activated.sock");
+  auto listener = listen_unix(path);
+  ASSERT_TRUE(listener) << listener.error().message();
+  const int fd = listener->release();
+  EchoBackend backend;
+  vhost::Device device(backend, {});
+  auto opts = ServerOptions::inherited_listener(fd);
+  std::string where;
+  opts.on_ready = [&](const std::string& w) { where = w; };
+  BackendServer server(device, opts);
+  UniqueFd stop = test::make_eventfd();
+  Result<> result = fail(Errc::bad_state, "not run");
+  std::thread t([&] { result = server.run(stop.get()); });
+  for (int i = 0; i < 2; ++i) {
+    auto ch = connect_retry(path);
+    ASSERT_TRUE(ch);
+    negotiate_and_echo(std::move(*ch));
+  }
+  const std::uint64_t one = 1;
+  ASSERT_EQ(::write(stop.get(), &one, sizeof one), 8);
+  t.join();
+  EXPECT_TRUE(result) << result.error().message();
+  EXPECT_EQ(server.sessions(), 2u);
+  EXPECT_EQ(where, fmt::format("listening on inherited fd {}", fd));
+  // The file belongs to whoever made the socket (systemd), not to the server.
+  struct stat st{};
+  EXPECT_EQ(::lstat(path.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  // The server owned and closed the fd.
+  EXPECT_EQ(::fcntl(fd, F_GETFD), -1);
+  ::unlink(path.c_str());
+}
+
+TEST(BackendServer, InheritedListenerMustListenOnAUnixStreamSocket) {
+  EchoBackend backend;
+  vhost::Device device(backend, {});
+  auto refused = [&](int fd, const char* why) {
+    BackendServer server(device, ServerOptions::inherited_listener(fd));
+    auto r = server.run(-1);
+    ASSERT_FALSE(r) << "fd " << fd;
+    EXPECT_NE(r.error().detail.find(why), std::string::npos) << r.error().detail;
+  };
+  const std::string path = temp_socket_path("bound.sock");
+  const int bound = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  ASSERT_EQ(::bind(bound, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), 0);
+  refused(bound, "not a listening unix stream socket");
+  ::unlink(path.c_str());
+  auto pair = socketpair();
+  ASSERT_TRUE(pair);
+  refused(pair->first.release().release(), "not a listening unix stream socket");
+  refused(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0), "not a listening unix stream socket");
+  const int tcp = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_EQ(::listen(tcp, 1), 0);  // an ephemeral port: listening, but not AF_UNIX
+  refused(tcp, "not a listening unix stream socket");
+  refused(::memfd_create("x", MFD_CLOEXEC), "not a socket");
 }
 
 TEST(BackendSession, FdCountStableOver200Cycles) { test::fd_stable_over_cycles(200); }

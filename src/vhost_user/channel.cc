@@ -1,13 +1,16 @@
 // Socket I/O for vhost-user: exact-length reads with SCM_RIGHTS collection, whole-message sends.
 #include "vhostkit/vhost_user/channel.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 namespace vhostkit::vhost_user {
@@ -201,6 +204,20 @@ void put_scm_rights(msghdr& mh, std::span<std::uint8_t> cbuf, std::span<const in
   std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
 }
 
+namespace {
+
+// Where listen_unix binds before the socket is renamed onto `path`: a hidden name in the same
+// directory (rename() does not cross file systems), unique per process and call.
+std::string staging_name(const std::string& path) {
+  static std::atomic<unsigned> seq{0};
+  const auto slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? std::string() : path.substr(0, slash + 1);
+  return fmt::format("{}.vk{:x}.{:x}", dir, static_cast<unsigned>(::getpid()),
+                     seq.fetch_add(1, std::memory_order_relaxed));
+}
+
+}  // namespace
+
 Result<UniqueFd> listen_unix(const std::string& path, int backlog) {
   auto addr = unix_address(path);
   if (!addr) return std::unexpected(std::move(addr.error()));
@@ -229,10 +246,38 @@ Result<UniqueFd> listen_unix(const std::string& path, int backlog) {
   }
   auto s = unix_socket();
   if (!s) return std::unexpected(std::move(s.error()));
-  if (::bind(s->get(), reinterpret_cast<const sockaddr*>(&*addr), sizeof(*addr)) != 0) {
-    return fail_errno(fmt::format("bind {}", path));
+  // bind() creates the file and only listen() makes connect() work: bound under a staging name
+  // and renamed onto `path` once listening, the path's existence means "ready" (a front-end or
+  // a unit that waits for the file never meets ECONNREFUSED in between). A staging name too long
+  // for sun_path (a directory of ~90 bytes or more) falls back to binding `path` itself.
+  const std::string staging = staging_name(path);
+  auto staging_addr = unix_address(staging);
+  const bool staged = staging_addr.has_value();
+  const sockaddr_un& bind_addr = staged ? *staging_addr : *addr;
+  const std::string& bound = staged ? staging : path;
+  if (::bind(s->get(), reinterpret_cast<const sockaddr*>(&bind_addr), sizeof(bind_addr)) != 0) {
+    return fail_errno(fmt::format("bind {}", bound));
   }
-  if (::listen(s->get(), backlog) != 0) return fail_errno(fmt::format("listen {}", path));
+  if (::listen(s->get(), backlog) != 0) {
+    const int err = errno;
+    ::unlink(bound.c_str());
+    return fail(Errc::system, fmt::format("listen {}", bound), err);
+  }
+  if (staged) {
+    // RENAME_NOREPLACE: another process that started listening on `path` since the probe keeps
+    // it (as bind() would have refused with EADDRINUSE); file systems without the flag get a
+    // plain rename.
+    int r = ::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE);
+    if (r != 0 && errno == EINVAL) r = ::rename(staging.c_str(), path.c_str());
+    if (r != 0) {
+      const int err = errno;
+      ::unlink(staging.c_str());
+      if (err == EEXIST) {
+        return fail(Errc::bad_state, fmt::format("{} is in use by a listening process", path));
+      }
+      return fail(Errc::system, fmt::format("renaming {} to {}", staging, path), err);
+    }
+  }
   return std::move(*s);
 }
 

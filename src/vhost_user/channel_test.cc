@@ -8,8 +8,10 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <thread>
+#include <vector>
 
 #include "testing/fd_count.h"
 
@@ -216,6 +218,30 @@ TEST_F(UnixSocketPath, ConnectToNothingFails) {
   auto c = connect_unix(path_);
   ASSERT_FALSE(c);
   EXPECT_EQ(c.error().code, Errc::system);
+}
+
+TEST_F(UnixSocketPath, LeavesOnlyThePathBehind) {
+  // The staging name is renamed onto the path: nothing else appears in the directory.
+  auto l = listen_unix(path_);
+  ASSERT_TRUE(l) << l.error().message();
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir_)) {
+    names.push_back(e.path().filename().string());
+  }
+  EXPECT_EQ(names, std::vector<std::string>{"sock"});
+  EXPECT_TRUE(connect_unix(path_));
+}
+
+TEST_F(UnixSocketPath, DirectoryTooLongForTheStagingNameStillListens) {
+  // A directory of 103 bytes leaves room for "/s" but not for the staging name: bound directly.
+  const std::string deep = dir_ + "/" + std::string(103 - dir_.size() - 1, 'd');
+  ASSERT_EQ(::mkdir(deep.c_str(), 0700), 0);
+  const std::string path = deep + "/s";
+  auto l = listen_unix(path);
+  ASSERT_TRUE(l) << l.error().message();
+  EXPECT_TRUE(connect_unix(path));
+  ::unlink(path.c_str());
+  ::rmdir(deep.c_str());
 }
 
 TEST(UnixSocket, RejectsOverlongPath) {

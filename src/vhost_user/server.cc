@@ -2,6 +2,7 @@
 // BackendSession.
 #include "vhostkit/vhost_user/server.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -59,8 +60,15 @@ Result<> BackendServer::run(int stop_fd) {
     case ServerOptions::Mode::server: return run_server(stop_fd);
     case ServerOptions::Mode::client: return run_client(stop_fd);
     case ServerOptions::Mode::fd: return run_fd(stop_fd);
+    case ServerOptions::Mode::listener: return run_listener(stop_fd);
   }
   return fail(Errc::invalid_argument, "unknown server mode");
+}
+
+void BackendServer::ready(const std::string& where) {
+  if (ready_sent_) return;
+  ready_sent_ = true;
+  if (opts_.on_ready) opts_.on_ready(where);
 }
 
 void BackendServer::serve(Channel channel, int stop_fd) {
@@ -82,34 +90,69 @@ Result<> BackendServer::run_server(int stop_fd) {
                 listener.error().sys_errno);
   }
   spdlog::info("vhost-user {}: listening on {}", opts_.session.name, opts_.path);
-  Result<> result;
+  auto result = accept_loop(listener->get(), opts_.path, stop_fd);
+  listener->reset();
+  ::unlink(opts_.path.c_str());
+  return result;
+}
+
+Result<> BackendServer::run_listener(int stop_fd) {
+  const int raw = std::exchange(opts_.fd, -1);
+  UniqueFd fd(raw);  // owned from here on, whatever happens
+  if (!fd) return fail(Errc::invalid_argument, "no inherited listening socket given");
+  int domain = 0;
+  int type = 0;
+  int listening = 0;
+  socklen_t len = sizeof(int);
+  if (::getsockopt(raw, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) {
+    const int err = errno;
+    if (err == EBADF) fd.release();  // not open: nothing to close
+    return fail(Errc::invalid_argument,
+                fmt::format("fd {} is not a socket: {}", raw, std::strerror(err)), err);
+  }
+  len = sizeof(int);
+  (void)::getsockopt(raw, SOL_SOCKET, SO_TYPE, &type, &len);
+  len = sizeof(int);
+  (void)::getsockopt(raw, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len);
+  if (domain != AF_UNIX || type != SOCK_STREAM || listening == 0) {
+    return fail(Errc::invalid_argument,
+                fmt::format("fd {} is not a listening unix stream socket", raw));
+  }
+  // The accept loop polls before accepting; non-blocking, a connection that goes away between
+  // the two can't leave accept() waiting for the next one while a stop is pending.
+  const int flags = ::fcntl(raw, F_GETFL);
+  if (flags < 0 || ::fcntl(raw, F_SETFL, flags | O_NONBLOCK) != 0) {
+    return fail_errno(fmt::format("fcntl O_NONBLOCK on fd {}", raw));
+  }
+  const std::string where = fmt::format("inherited fd {}", raw);
+  spdlog::info("vhost-user {}: listening on {}", opts_.session.name, where);
+  // The socket file, if any, belongs to whoever made the socket (systemd): not removed here.
+  return accept_loop(raw, where, stop_fd);
+}
+
+Result<> BackendServer::accept_loop(int listen_fd, const std::string& where, int stop_fd) {
+  ready("listening on " + where);
   for (;;) {
-    auto w = wait_for(listener->get(), stop_fd, std::chrono::milliseconds(-1));
-    if (!w) {
-      result = std::unexpected(std::move(w.error()));
-      break;
-    }
-    if (*w == Wait::stop) break;
-    auto ch = accept(listener->get());
+    auto w = wait_for(listen_fd, stop_fd, std::chrono::milliseconds(-1));
+    if (!w) return std::unexpected(std::move(w.error()));
+    if (*w == Wait::stop) return {};
+    auto ch = accept(listen_fd);
     if (!ch) {
       if (ch.error().code == Errc::would_block) continue;
       // ECONNABORTED and friends: that front-end is gone, the listener is fine.
-      spdlog::warn("vhost-user {}: accept on {}: {}", opts_.session.name, opts_.path,
+      spdlog::warn("vhost-user {}: accept on {}: {}", opts_.session.name, where,
                    ch.error().message());
       if (ch.error().sys_errno == EMFILE || ch.error().sys_errno == ENFILE) {
         // Out of fds: don't spin on a listener that stays readable.
         auto slept = wait_for(-1, stop_fd, std::chrono::milliseconds(100));
-        if (slept && *slept == Wait::stop) break;
+        if (slept && *slept == Wait::stop) return {};
       }
       continue;
     }
-    spdlog::info("vhost-user {}: front-end connected on {}", opts_.session.name, opts_.path);
+    spdlog::info("vhost-user {}: front-end connected on {}", opts_.session.name, where);
     serve(std::move(*ch), stop_fd);
-    if (stop_requested(stop_fd)) break;
+    if (stop_requested(stop_fd)) return {};
   }
-  listener->reset();
-  ::unlink(opts_.path.c_str());
-  return result;
 }
 
 Result<> BackendServer::run_client(int stop_fd) {
@@ -120,6 +163,7 @@ Result<> BackendServer::run_client(int stop_fd) {
     auto ch = connect_unix(opts_.path);
     if (ch) {
       spdlog::info("vhost-user {}: connected to {}", opts_.session.name, opts_.path);
+      ready("connected to " + opts_.path);
       announced = false;
       backoff = opts_.reconnect_initial;
       serve(std::move(*ch), stop_fd);
@@ -158,6 +202,7 @@ Result<> BackendServer::run_fd(int stop_fd) {
     return fail(Errc::invalid_argument,
                 fmt::format("fd {} is not a stream socket (type {})", fd.get(), type));
   }
+  ready(fmt::format("serving fd {}", fd.get()));
   serve(Channel(std::move(fd)), stop_fd);
   return {};
 }

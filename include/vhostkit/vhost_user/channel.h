@@ -79,6 +79,8 @@ void put_scm_rights(msghdr& mh, std::span<std::uint8_t> cbuf, std::span<const in
 // A listening socket at `path` (SOCK_CLOEXEC, backlog 1..). An existing file at `path` is
 // removed only if it is a socket nobody listens on (a stale one from a crashed process); a live
 // socket -> Errc::bad_state, a non-socket file -> Errc::invalid_argument, never removed.
+// `path` appears only once the socket listens (bound under a staging name in the same directory,
+// then renamed), so a connect() as soon as the file exists succeeds.
 Result<UniqueFd> listen_unix(const std::string& path, int backlog = 16);
 
 // Accepts one connection (accept4 with SOCK_CLOEXEC). A non-blocking listener with nothing
