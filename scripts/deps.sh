@@ -13,6 +13,9 @@ packages=(
   libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev liburing-dev
   # --metrics: the HTTP server (a shared library; pulls libssl-dev, zlib1g-dev, libbrotli-dev)
   libcpp-httplib-dev
+  # systemd: sd_notify/sd_listen_fds; systemd-analyze and systemd-socket-activate for the tests;
+  # the .deb (cpack -G DEB: dpkg-shlibdeps from dpkg-dev, file to find the ELF binaries)
+  libsystemd-dev systemd dpkg-dev file
   # fuzzing and sanitizers with clang
   clang-19 libclang-rt-19-dev llvm-19
   # the format check (.clang-format)

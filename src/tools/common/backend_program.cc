@@ -1,10 +1,12 @@
 #include "backend_program.h"
 
 #include <sys/socket.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -91,8 +93,12 @@ BackendConfig BackendProgram::check() {
   BackendConfig c;
   const bool have_path = !a.socket_path.empty();
   const bool have_fd = a.fd >= 0;
-  if (have_path == have_fd) die_usage("give exactly one of --socket-path=PATH or --fd=N");
+  if (have_path && have_fd) die_usage("give exactly one of --socket-path=PATH or --fd=N");
+  // Neither: systemd socket activation (LISTEN_FDS/LISTEN_PID naming this process), else a
+  // usage error. With either option given the environment is not looked at.
+  int activated = -1;
   if (a.client && !have_path) die_usage("--client needs --socket-path=PATH");
+  if (!have_path && !have_fd) activated = activated_listener();
   if (auto r = set_log_level(a.log_level); !r) die_usage(r.error().detail);
   auto poll = vhost::parse_poll_mode(a.poll);
   if (!poll) die_usage(fmt::format("--poll '{}' is not event, busy or adaptive", a.poll));
@@ -102,7 +108,10 @@ BackendConfig BackendProgram::check() {
     if (!cpus) die_usage("--cpu: " + cpus.error().detail);
     c.cpus = std::move(*cpus);
   }
-  if (have_fd) {
+  if (activated >= 0) {
+    c.server = vhost_user::ServerOptions::inherited_listener(activated);
+    c.where = fmt::format("listening on socket-activated fd {}", activated);
+  } else if (have_fd) {
     int type = 0;
     socklen_t len = sizeof(type);
     if (getsockopt(a.fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) {
@@ -129,6 +138,35 @@ BackendConfig BackendProgram::check() {
   return c;
 }
 
+int BackendProgram::activated_listener() const {
+  // unset_environment=1: the variables describe this process only, not anything it starts.
+  const int n = sd_listen_fds(1);
+  if (n < 0) {
+    die_usage(fmt::format("socket activation: {}", std::strerror(-n)));
+  }
+  if (n == 0) {
+    die_usage(
+        "give exactly one of --socket-path=PATH or --fd=N (or start under systemd socket "
+        "activation)");
+  }
+  if (n > 1) {
+    die_usage(
+        fmt::format("socket activation passed {} sockets; one listening unix socket is "
+                    "expected",
+                    n));
+  }
+  const int fd = SD_LISTEN_FDS_START;
+  const int r = sd_is_socket_unix(fd, SOCK_STREAM, 1, nullptr, 0);
+  if (r < 0) die_usage(fmt::format("socket-activated fd {}: {}", fd, std::strerror(-r)));
+  if (r == 0) {
+    die_usage(
+        fmt::format("socket-activated fd {} is not a listening unix stream socket "
+                    "(ListenStream= in the .socket unit)",
+                    fd));
+  }
+  return fd;
+}
+
 void BackendProgram::block_signals() {
   if (stop_fd_ >= 0) return;
   auto fd = block_stop_signals();
@@ -142,8 +180,15 @@ int BackendProgram::serve(vhost::Device& device, vhost_user::ServerOptions opts)
     if (up) sessions_.fetch_add(1, std::memory_order_relaxed);
     connected_.store(up, std::memory_order_relaxed);
   };
+  // systemd (Type=notify) learns that front-ends can connect; without NOTIFY_SOCKET these are
+  // no-ops. STATUS is what `systemctl status` shows.
+  opts.on_ready = [this](const std::string& where) {
+    sd_notifyf(0, "READY=1\nSTATUS=%s: %s", name_.c_str(), where.c_str());
+  };
   vhost_user::BackendServer server(device, std::move(opts));
   auto r = server.run(stop_fd_);
+  // Stopping (a signal, or the one --fd front-end left): the device tears down next.
+  sd_notify(0, "STOPPING=1");
   if (!r) {
     // The server's details already name the path and the system's reason.
     const std::string why = r.error().detail.empty() ? r.error().message() : r.error().detail;

@@ -2,7 +2,9 @@
 // QEMU's "Backend program conventions" (--socket-path, --fd, --print-capabilities), our own
 // common options (--client, --poll, --cpu, --stats, --log-level, --spin-us, --no-packed,
 // --no-in-order, --metrics), their validation,
-// and the serve loop that ends on SIGINT/SIGTERM.
+// and the serve loop that ends on SIGINT/SIGTERM. Under systemd: socket activation (without
+// --socket-path and --fd, the one inherited listening socket is served) and Type=notify
+// readiness (READY=1 once front-ends can connect, STOPPING=1 when the serve loop ends).
 // Exit codes: 0 on SIGINT/SIGTERM, 2 on bad arguments or a resource the arguments name that
 // can't be used (one line on stderr), 1 on a failure after the first frontend was served.
 #pragma once
@@ -102,6 +104,10 @@ class BackendProgram {
   std::string type_;
   CLI::App app_;
   BackendArgs args_;
+  // The listening socket systemd passed (fd 3), checked; exits 2 with one line when there is
+  // none, more than one, or it is not a listening unix stream socket.
+  int activated_listener() const;
+
   int stop_fd_ = -1;
   std::atomic<bool> connected_{false};
   std::atomic<std::uint64_t> sessions_{0};
