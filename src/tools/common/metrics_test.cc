@@ -2,10 +2,13 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -117,14 +120,35 @@ std::uint16_t free_port() {
 }
 
 struct Served : ::testing::Test {
-  void SetUp() override {
+  void SetUp() override { serve(Limits{}); }
+  void serve(Limits limits) {
+    server.reset();
     port = free_port();
-    auto s = Server::start({"127.0.0.1", port}, [this] {
-      ++calls;
-      return sample_snapshot();
-    });
+    auto s = Server::start(
+        {"127.0.0.1", port},
+        [this] {
+          ++calls;
+          return sample_snapshot();
+        },
+        limits);
     ASSERT_TRUE(s) << s.error().message();
     server = std::move(*s);
+  }
+  UniqueFd connect_raw() const {
+    UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    EXPECT_EQ(::connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    return s;
+  }
+  // Whether the server closed `s` within `within` (recv sees the end or a reset).
+  static bool closed_within(int s, std::chrono::milliseconds within) {
+    pollfd p{s, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(within.count())) != 1) return false;
+    char b[256];
+    return ::recv(s, b, sizeof b, MSG_DONTWAIT) <= 0;
   }
   std::uint16_t port = 0;
   std::atomic<int> calls{0};
@@ -158,18 +182,70 @@ TEST_F(Served, PortInUseIsAnErrorNamingIt) {
       << s.error().message();
 }
 
-// Headers beyond the per-connection byte budget end the connection without an answer, and
-// the server answers the next client.
+// Headers beyond the per-connection byte budget end the connection without an answer (the
+// same request is answered when the budget allows it), and the server answers the next client.
 TEST_F(Served, HugeHeadersAreCutOff) {
-  httplib::Client c("127.0.0.1", port);
   httplib::Headers h;
   for (int i = 0; i < 100; ++i) h.emplace(fmt::format("X-Pad-{}", i), std::string(1000, 'a'));
+  {
+    httplib::Client c("127.0.0.1", port);
+    auto r = c.Get("/metrics", h);
+    EXPECT_TRUE(!r || r->status != 200);
+    httplib::Client c2("127.0.0.1", port);
+    auto ok = c2.Get("/metrics");
+    ASSERT_TRUE(ok);
+    EXPECT_EQ(ok->status, 200);
+  }
+  Limits roomy;
+  roomy.bytes_per_connection = 1 << 20;
+  serve(roomy);
+  httplib::Client c("127.0.0.1", port);
   auto r = c.Get("/metrics", h);
-  EXPECT_TRUE(!r || r->status != 200);
-  httplib::Client c2("127.0.0.1", port);
-  auto ok = c2.Get("/metrics");
-  ASSERT_TRUE(ok);
-  EXPECT_EQ(ok->status, 200);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+}
+
+// A request trickled a header line at a time (slowloris) is cut at the connection's deadline,
+// although every read arrives well within the read timeout.
+TEST_F(Served, SlowlorisEndsAtTheDeadline) {
+  Limits l;
+  l.deadline = std::chrono::milliseconds(600);
+  serve(l);
+  UniqueFd s = connect_raw();
+  const std::string start = "GET /metrics HTTP/1.1\r\nHost: x\r\n";
+  ASSERT_EQ(::send(s.get(), start.data(), start.size(), MSG_NOSIGNAL), ssize_t(start.size()));
+  const auto t0 = std::chrono::steady_clock::now();
+  bool closed = false;
+  for (int i = 0; i < 30 && !closed; ++i) {
+    closed = closed_within(s.get(), std::chrono::milliseconds(100));
+    if (!closed) (void)::send(s.get(), "X-a: b\r\n", 8, MSG_NOSIGNAL);
+  }
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_TRUE(closed);
+  EXPECT_LT(took, std::chrono::milliseconds(2000));
+}
+
+// Beyond the workers and the queue, connections are closed at once (not held open, each an fd),
+// and once the flood is gone the server answers again.
+TEST_F(Served, AFloodIsShedAndTheServerRecovers) {
+  Limits l;
+  l.workers = 1;
+  l.queued = 2;
+  serve(l);
+  std::vector<UniqueFd> idle;
+  for (int i = 0; i < 40; ++i) idle.push_back(connect_raw());
+  int closed = 0;
+  for (auto& s : idle) closed += closed_within(s.get(), std::chrono::milliseconds(500)) ? 1 : 0;
+  // At most one served and two queued stay open; the backlog may hold a few not yet accepted.
+  EXPECT_GE(closed, 30);
+  EXPECT_GE(server->shed(), 30u);
+  idle.clear();
+  httplib::Client c("127.0.0.1", port);
+  c.set_connection_timeout(std::chrono::seconds(5));
+  c.set_read_timeout(std::chrono::seconds(5));
+  auto r = c.Get("/metrics");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
 }
 
 }  // namespace
