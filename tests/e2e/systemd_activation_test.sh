@@ -5,7 +5,7 @@
 #                      (net loop, twice: one front-end after the other; blk randwrite), SIGTERM
 #                      exits 0 and the socket file, systemd's, is left in place
 #   refused fds        fd 3 bound but not listening, a datagram socket, a TCP listener, two
-#                      sockets: exit 2 with one line on stderr
+#                      sockets, a listening socket and --socket-path too: exit 2, one line
 #   readiness          NOTIFY_SOCKET at a datagram socket of ours (scripts/lib/systemd_check.py):
 #                      READY=1 once, when the path takes a connection (server) or after the
 #                      connect was accepted and not before (--client); STOPPING=1 on SIGTERM
@@ -88,6 +88,14 @@ for kind in unix-bound unix-dgram tcp-listen two; do
   done
   vk_pass "$kind: $(cat "$VK_TMP/bad.err")"
 done
+# A .socket unit's socket and a conf with --socket-path: nobody would accept on systemd's socket.
+timeout 20 python3 "$check_py" activate unix-listen -- "$NET" --loopback --socket-path="$VK_TMP/both.sock" \
+  >"$VK_TMP/bad.out" 2>"$VK_TMP/bad.err"
+rc=$?
+((rc == 2)) && (($(wc -l <"$VK_TMP/bad.err") == 1)) && grep -q -- "--socket-path" "$VK_TMP/bad.err" ||
+  { cat "$VK_TMP/bad.out" "$VK_TMP/bad.err"; vk_fail "activated socket plus --socket-path: exit $rc, want 2 and one line"; }
+[[ ! -e $VK_TMP/both.sock ]] || vk_fail "listened on --socket-path despite the refusal"
+vk_pass "activated socket plus --socket-path: $(cat "$VK_TMP/bad.err")"
 
 vk_check "readiness: READY=1 when the socket takes connections, STOPPING=1 on SIGTERM"
 python3 "$check_py" notify server "$VK_TMP/n1.sock" -- "$NET" --loopback --socket-path="$VK_TMP/n1.sock" ||

@@ -94,11 +94,17 @@ BackendConfig BackendProgram::check() {
   const bool have_path = !a.socket_path.empty();
   const bool have_fd = a.fd >= 0;
   if (have_path && have_fd) die_usage("give exactly one of --socket-path=PATH or --fd=N");
-  // Neither: systemd socket activation (LISTEN_FDS/LISTEN_PID naming this process), else a
-  // usage error. With either option given the environment is not looked at.
-  int activated = -1;
   if (a.client && !have_path) die_usage("--client needs --socket-path=PATH");
-  if (!have_path && !have_fd) activated = activated_listener();
+  // Neither: systemd socket activation (LISTEN_FDS/LISTEN_PID naming this process), else a
+  // usage error. Sockets passed as well as an option given: a .socket unit whose socket nobody
+  // would ever accept on (its front-ends would hang), so refused.
+  int activated = -1;
+  if (!have_path && !have_fd) {
+    activated = activated_listener();
+  } else if (const int n = sd_listen_fds(1); n > 0) {
+    die_usage(fmt::format("socket activation passed {} socket(s) and {} was given: use one", n,
+                          have_path ? "--socket-path" : "--fd"));
+  }
   if (auto r = set_log_level(a.log_level); !r) die_usage(r.error().detail);
   auto poll = vhost::parse_poll_mode(a.poll);
   if (!poll) die_usage(fmt::format("--poll '{}' is not event, busy or adaptive", a.poll));
