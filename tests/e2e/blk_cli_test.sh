@@ -59,6 +59,10 @@ bad_blk "--poll=foo" --socket-path="$sock" --image="$img" --poll=foo
 bad_blk "--io=aio" --socket-path="$sock" --image="$img" --io=aio
 bad_blk "--stats=-1" --socket-path="$sock" --image="$img" --stats=-1
 bad_blk "--cpu=x" --socket-path="$sock" --image="$img" --cpu=x
+bad_blk "--metrics without a port" --socket-path="$sock" --image="$img" --metrics=127.0.0.1
+bad_blk "--metrics=[::1]:99999" --socket-path="$sock" --image="$img" --metrics=[::1]:99999
+bad_blk "--metrics on an address not local" --socket-path="$sock" --image="$img" \
+  --metrics=192.0.2.77:9100
 
 vk_check "vhostkit-blk --print-capabilities prints valid JSON with type blk and exits 0"
 out=$("$VK_NET_BIN" --print-capabilities 2>"$VK_TMP/err"); rc=$?
@@ -72,7 +76,7 @@ vk_check "vhostkit-blk --help exits 0 and names the options"
 out=$("$VK_NET_BIN" --help 2>&1); rc=$?
 ((rc == 0)) || vk_fail "exit $rc"
 for opt in --socket-path --fd --print-capabilities --image --read-only --queues --poll --cpu --stats \
-           --no-packed --no-in-order; do
+           --no-packed --no-in-order --metrics; do
   grep -q -- "$opt" <<<"$out" || vk_fail "--help does not mention $opt"
 done
 vk_pass "$(wc -l <<<"$out") lines of help"

@@ -4,7 +4,8 @@
 # and after move by exactly what the bench counted (net: every frame it sent is forwarded or
 # dropped on the transmitq, every frame it got back is on the receiveq; blk: every request it
 # completed, and its bytes). During traffic the gauges show the front-end connected, its rings
-# started with their sizes and the features it acked. Other paths answer 404, other methods
+# started with their sizes and the features it acked, and with a front-end that sleeps on its
+# call eventfds, kicks and calls counted on the rings. Other paths answer 404, other methods
 # 405; a second program on the same port exits 2 with one line. No root, no QEMU.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -94,6 +95,18 @@ want_eq "GET /metricsx" "$code" 404
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -d x "http://127.0.0.1:$port/metrics")
 want_eq "POST /metrics" "$code" 405
 vk_pass "404, 404, 405"
+
+vk_check "a front-end that sleeps on its call eventfds: kicks and calls counted per ring"
+"$VK_BENCH_BIN" loop --socket-path="$sock" --poll=event --size 64 --duration 3 --warmup 0 --json \
+  >"$VK_TMP/bench-event.json" 2>"$VK_TMP/bench-event.err" &
+bench=$!
+vk_track_pid "$bench"
+notified() { scrape "$port" "$VK_TMP/event" &&
+  (($(value "$VK_TMP/event" 'vhostkit_net_kicks_total{queue="1"}') > 0)) &&
+  (($(value "$VK_TMP/event" 'vhostkit_net_calls_total{queue="0"}') > 0)); }
+vk_wait_for 10 notified || vk_fail "no kicks on the transmitq or calls on the receiveq: $(grep -E '^vhostkit_net_(kicks|calls)' "$VK_TMP/event")"
+wait "$bench" || { cat "$VK_TMP/bench-event.err"; vk_fail "vhostkit-bench --poll=event failed"; }
+vk_pass "kicks $(value "$VK_TMP/event" 'vhostkit_net_kicks_total{queue="1"}'), calls $(value "$VK_TMP/event" 'vhostkit_net_calls_total{queue="0"}') at one scrape"
 
 vk_check "a second program on the same port: exit 2, one line naming it"
 "$VK_NET_BIN" --loopback --socket-path="$VK_TMP/other.sock" --metrics="127.0.0.1:$port" \
