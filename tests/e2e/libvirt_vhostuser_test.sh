@@ -10,6 +10,8 @@
 # 4 MiB over TCP each way (sha256 equal on both ends), reads the disk (sha256 equal to what the
 # host or the previous boot left in the image) and writes it (the guest reads its data back, the
 # host finds it in the image file). Both back-ends must see each front-end come and go and exit 0.
+# In the first phase vhostkit-net is also restarted under the third boot's running guest: the
+# interface's <reconnect> brings QEMU back, and the guest answers pings through the new process.
 #
 # Which libvirt: a private libvirtd of the test's own, never the system's. It runs as root in a
 # mount namespace (unshare -m) where the daemon's state directories (/etc/libvirt, /run/libvirt,
@@ -213,6 +215,7 @@ boot() {
   qemu_pid=$(cat "$lv/run/qemu/$dom.pid")
   # The guest waits below end early if this QEMU dies (vk_qemu_wait_marker watches
   # VK_QEMU_PID), and failure dumps show libvirt's QEMU log (vk_qemu_dump prints LOG.qemu).
+  # shellcheck disable=SC2034  # read by qemu.sh's waits
   VK_QEMU_PID=$qemu_pid
   ln -sf "$lv/log/qemu/$dom.log" "$log.qemu"
   vk_net_wait_connected "$nlog" 30 "$n" || { cat "$nlog"; vk_fail "$tag: vhostkit-net saw no front-end $n"; }
@@ -255,6 +258,28 @@ destroy() {
   vk_pass "shut off; vhostkit-net and vhostkit-blk running"
 }
 
+# restart_net TAG SOCKET LOG: with the guest up, vhostkit-net (listening) is stopped and started
+# again on the same socket; the interface's <reconnect> brings QEMU back by itself, and the
+# guest, idle, answers pings from the host through the new process and its new TAP.
+restart_net() {
+  local tag=$1 sock=$2 log=$3.2 rc
+  vk_check "$tag: vhostkit-net restarted under the running guest; QEMU reconnects (<reconnect>)"
+  vk_net_stop "$net_pid"; rc=$?
+  ((rc == 0)) || { cat "$3"; vk_fail "$tag: vhostkit-net exit status $rc"; }
+  vk_wait_for 5 bash -c "! ip netns exec '$VK_NETNS' ip link show '$TAP' >/dev/null 2>&1" ||
+    vk_fail "$tag: TAP $TAP still there after vhostkit-net exited"
+  vk_net_start "$log" --netns "$VK_NETNS" -- --socket-path="$sock" --tap="$TAP"
+  net_pid=$VK_NET_PID
+  vk_net_wait_listening "$sock" 10 || { cat "$log"; vk_fail "$tag: vhostkit-net does not listen again"; }
+  tap_up || { cat "$log"; vk_fail "$tag: TAP $TAP setup"; }
+  vk_net_wait_log "$log" 'features 0x[0-9a-f]+ acked' 30 ||
+    { cat "$log"; tail -5 "$lv/log/qemu/$dom.log"; vk_fail "$tag: QEMU did not reconnect and negotiate"; }
+  [[ $(domstate "$dom") == running ]] || vk_fail "$tag: domain state '$(domstate "$dom")'"
+  vk_netns_exec ping -c 3 -w 30 192.0.2.2 >"$VK_TMP/ping-after-restart.log" 2>&1 ||
+    { cat "$VK_TMP/ping-after-restart.log"; vk_fail "$tag: the guest does not answer pings after the restart"; }
+  vk_pass "reconnected; the guest answers: $(grep -o '[0-9]* received' "$VK_TMP/ping-after-restart.log")"
+}
+
 # phase MODE NAME NET_ARGS...: one NIC socket mode, three boots of one domain.
 nblk=0
 phase() {
@@ -284,7 +309,13 @@ phase() {
   for i in 1 2 3; do
     nblk=$((nblk + 1))
     boot "$dom" "$VK_TMP/console-$mode.log" "$label boot $i" "$nlog" "$i"
-    destroy "$dom" "$label boot $i" "$nlog" "$i"
+    if [[ $mode == client && $i == 3 ]]; then
+      restart_net "$label boot $i" "$nsock" "$nlog"
+      nlog=$nlog.2
+      destroy "$dom" "$label boot $i" "$nlog" 1
+    else
+      destroy "$dom" "$label boot $i" "$nlog" "$i"
+    fi
   done
 
   vk_check "$label: virsh undefine; vhostkit-net exits 0 on SIGTERM"
