@@ -256,12 +256,12 @@ Result<UniqueFd> listen_unix(const std::string& path, int backlog) {
   const sockaddr_un& bind_addr = staged ? *staging_addr : *addr;
   const std::string& bound = staged ? staging : path;
   if (::bind(s->get(), reinterpret_cast<const sockaddr*>(&bind_addr), sizeof(bind_addr)) != 0) {
-    return fail_errno(fmt::format("bind {}", bound));
+    return fail_errno(fmt::format("bind {}", path));  // the staging name is ours, not the user's
   }
   if (::listen(s->get(), backlog) != 0) {
     const int err = errno;
     ::unlink(bound.c_str());
-    return fail(Errc::system, fmt::format("listen {}", bound), err);
+    return fail(Errc::system, fmt::format("listen {}", path), err);
   }
   if (staged) {
     // RENAME_NOREPLACE: another process that started listening on `path` since the probe keeps
