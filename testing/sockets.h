@@ -1,33 +1,20 @@
 // Socket helpers for tests: whether a back-end's unix socket accepts connections yet.
 #pragma once
 
-#include <cstdio>
-#include <cstring>
-#include <fstream>
+#include <sys/stat.h>
+
 #include <string>
 
 namespace vhostkit::testing {
 
-// The unix socket at `path` accepts connections. bind() makes the path a moment before listen(),
-// and a connect() in between is refused (seen under ASan), so the path existing is not enough.
-// Read from /proc/net/unix, whose flags say SO_ACCEPTCON (0x10000) for a listener: no probe
-// connection, which the server would count as a session.
+// The unix socket at `path` accepts connections: vhost_user::listen_unix makes the path appear
+// only once the socket listens (bound under a staging name, then renamed), so the socket file
+// existing is the answer, with no probe connection (which the server would count as a session).
+// /proc/net/unix can't be asked instead: it lists a socket under the name it was bound to, the
+// staging name. Callers use fresh paths: a stale file left by a dead process would read as ready.
 inline bool unix_listening(const std::string& path) {
-  std::ifstream in("/proc/net/unix");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.size() <= path.size() ||
-        line.compare(line.size() - path.size(), path.size(), path) != 0 ||
-        line[line.size() - path.size() - 1] != ' ') {
-      continue;
-    }
-    char flags[16] = {};
-    if (std::sscanf(line.c_str(), "%*s %*s %*s %15s", flags) == 1 &&
-        std::strcmp(flags, "00010000") == 0) {
-      return true;
-    }
-  }
-  return false;
+  struct stat st{};
+  return ::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode);
 }
 
 }  // namespace vhostkit::testing
