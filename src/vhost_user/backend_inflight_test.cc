@@ -36,6 +36,10 @@ constexpr std::uint16_t kRingSize = 64;
 class TrackingEcho : public EchoBackend {
  public:
   bool tracks_inflight() const noexcept override { return true; }
+  // Offers the packed ring too (the handshake acks only the split one) for the packed case.
+  std::uint64_t features() const noexcept override {
+    return EchoBackend::features() | virtio::bit(virtio::feature::ring_packed);
+  }
   void queue_started(vhost::Queue& q, vhost::Worker&) override {
     resubmit_[q.index()] = q.take_resubmit();
     next_[q.index()] = 0;
@@ -193,6 +197,33 @@ TEST(BackendInflight, GetInflightFdWithABadShapeGetsAFailureReply) {
     EXPECT_TRUE(e.find(nq == 0 || nq > 2 ? "num_queues" : "queue_size") != std::string::npos) << e;
     EXPECT_EQ(rig.device->inflight(), nullptr);
   }
+}
+
+// The packed layout is not implemented: GET_INFLIGHT_FD answers "no region" (mmap_size 0, no
+// fd), which QEMU takes and starts the device without one; a region sent anyway is refused.
+TEST(BackendInflight, PackedRingGetsNoRegionAndARegionSentIsRefused) {
+  Rig rig;
+  ASSERT_TRUE(rig.fe->handshake());
+  ASSERT_TRUE(
+      rig.fe->ok(SetFeatures{rig.fe->features() | virtio::bit(virtio::feature::ring_packed)}))
+      << rig.last_error();
+  auto rep = rig.fe->get_inflight_fd(2, kRingSize);
+  ASSERT_TRUE(rep.has_value()) << rep.error().message();
+  EXPECT_EQ(rep->inflight.mmap_size, 0u);
+  EXPECT_EQ(rep->inflight.num_queues, 2);
+  EXPECT_EQ(rep->inflight.queue_size, kRingSize);
+  EXPECT_FALSE(rep->fd.valid());
+  EXPECT_EQ(rig.device->inflight(), nullptr);
+
+  auto region = vhost::InflightRegion::allocate(vhost::InflightLayout::split, 2, kRingSize);
+  ASSERT_TRUE(region.has_value());
+  EXPECT_NE(
+      set_inflight(
+          rig, region->fd(),
+          Inflight{.mmap_size = region->mmap_size(), .num_queues = 2, .queue_size = kRingSize}),
+      0u);
+  EXPECT_NE(rig.last_error().find("packed"), std::string::npos) << rig.last_error();
+  EXPECT_EQ(rig.device->inflight(), nullptr);
 }
 
 TEST(BackendInflight, RefusedWithoutTheProtocolFeature) {

@@ -367,19 +367,15 @@ Result<> BackendSession::check_inflight(std::string_view request, const Inflight
     return std::unexpected(need(request, "INFLIGHT_SHMFD"));
   }
   if (auto r = device_.check_owner(request); !r) return r;
-  if (virtio::has(device_.features(), virtio::feature::ring_packed)) {
-    // The packed layout (DescStatePacked by buffer id) is not implemented: no region at all
-    // is better than one recorded in the split layout and read as the packed one.
-    return fail(Errc::unsupported,
-                fmt::format("{}: the packed ring was negotiated and its inflight layout is not "
-                            "supported",
-                            request));
-  }
   if (shape.num_queues == 0 || shape.num_queues > device_.num_queues()) {
     return fail(Errc::out_of_range, fmt::format("{}: num_queues {} (the device has {} queues)",
                                                 request, shape.num_queues, device_.num_queues()));
   }
   return {};
+}
+
+bool BackendSession::packed_negotiated() const noexcept {
+  return virtio::has(device_.features(), virtio::feature::ring_packed);
 }
 
 BackendSession::Outcome BackendSession::on(GetInflightFd& m) {
@@ -390,6 +386,23 @@ BackendSession::Outcome BackendSession::on(GetInflightFd& m) {
   };
   const Inflight& want = m.inflight;
   if (auto r = check_inflight("GET_INFLIGHT_FD", want); !r) return failed(std::move(r.error()));
+  if (packed_negotiated()) {
+    // The packed layout (descriptor states by buffer id) is not implemented. A region recorded
+    // in the split layout would be read as the packed one after a restart; none at all is what
+    // the spec lets a back-end answer: mmap_size 0 and no fd, which QEMU takes as "no inflight
+    // tracking" and starts the device anyway (its features came first, in
+    // vhost_dev_prepare_inflight).
+    spdlog::warn(
+        "vhost-user {}: GET_INFLIGHT_FD on a packed ring: no region (inflight tracking "
+        "covers split rings only; a restart may repeat or lose requests completed out "
+        "of order)",
+        opts_.name);
+    const Inflight none{.mmap_size = 0,
+                        .mmap_offset = 0,
+                        .num_queues = want.num_queues,
+                        .queue_size = want.queue_size};
+    return Outcome::with_reply(reply_inflight(none, -1));
+  }
   auto region = vhost::InflightRegion::allocate(vhost::InflightLayout::split, want.num_queues,
                                                 want.queue_size);
   if (!region) return failed(std::move(region.error()));
@@ -410,6 +423,12 @@ BackendSession::Outcome BackendSession::on(GetInflightFd& m) {
 BackendSession::Outcome BackendSession::on(SetInflightFd& m) {
   const Inflight& shape = m.inflight;
   if (auto r = check_inflight("SET_INFLIGHT_FD", shape); !r) return Outcome::from(std::move(r));
+  if (packed_negotiated()) {
+    // See GET_INFLIGHT_FD: a region here would be read in the wrong layout.
+    return Outcome::err(Error{Errc::unsupported, 0,
+                              "SET_INFLIGHT_FD: the packed ring was negotiated and its inflight "
+                              "layout is not supported"});
+  }
   // Every field of the region is checked by attach (its size and offset against the fd) and
   // again by each ring's recovery; the peer may write it at any time.
   auto region = vhost::InflightRegion::attach(std::move(m.fd), shape.mmap_size, shape.mmap_offset,

@@ -672,8 +672,11 @@ Result<InflightReply> decode_inflight_reply(Received&& msg) {
   const auto want = static_cast<std::uint32_t>(Request::get_inflight_fd);
   if (auto r = check_reply_header(msg, want, false); !r) return std::unexpected(r.error());
   Input in("reply to GET_INFLIGHT_FD", msg.payload(), fds);
-  if (auto r = in.exact(sizeof(wire::Inflight), 1); !r) return std::unexpected(r.error());
-  return InflightReply{to_inflight(in.load<wire::Inflight>()), fds.take(0)};
+  if (auto r = in.size(sizeof(wire::Inflight)); !r) return std::unexpected(r.error());
+  const Inflight inflight = to_inflight(in.load<wire::Inflight>());
+  // mmap_size 0 is a back-end keeping no region (QEMU accepts it so): then no fd.
+  if (auto r = in.fds(inflight.mmap_size == 0 ? 0 : 1); !r) return std::unexpected(r.error());
+  return InflightReply{inflight, inflight.mmap_size == 0 ? UniqueFd{} : fds.take(0)};
 }
 
 }  // namespace vhostkit::vhost_user

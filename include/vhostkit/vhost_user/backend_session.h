@@ -112,6 +112,7 @@ class BackendSession {
   // What GET_INFLIGHT_FD and SET_INFLIGHT_FD share: the feature, the owner, the ring layout and
   // the queue count.
   Result<> check_inflight(std::string_view request, const Inflight& shape) const;
+  bool packed_negotiated() const noexcept;
 
   // The handlers: each returns what the front-end should hear.
   Outcome on(GetFeatures&);

@@ -325,7 +325,7 @@ struct InflightReply {
   Inflight inflight;
   UniqueFd fd;
 };
-// GET_INFLIGHT_FD: exactly one fd.
+// GET_INFLIGHT_FD: exactly one fd, or none with mmap_size 0 (the back-end keeps no region).
 Result<InflightReply> decode_inflight_reply(Received&& msg);
 
 // ---- Encoding ---------------------------------------------------------------------------
