@@ -19,7 +19,8 @@
 #                                                   -> VK-RESULT tcp-tx ok|fail bytes=N sha256=H
 #       tcp-rx   receive from peer:vk.port+1 until EOF
 #                                                   -> VK-RESULT tcp-rx ok|fail bytes=N sha256=H
-#       blk-read   sha256 of the first vk.mb MiB of /dev/vda (whole disk if vk.mb=0)
+#       blk-read   sha256 of the first vk.mb MiB of /dev/vda (whole disk if vk.mb=0), after
+#                  "VK-BLK-FEATURES <bits>" (the disk's negotiated features, bit 0 first)
 #       blk-write  write vk.mb MiB of random data to /dev/vda, read it back, compare
 #       blk-discard  discard the 1 MiB of /dev/vda after the first vk.mb MiB (blkdiscard)
 #                                                   -> VK-RESULT blk-discard ok|fail offset=N bytes=M
@@ -243,6 +244,7 @@ sc_tcp_rx() {
 
 sc_blk_read() {
   [ -b /dev/vda ] || { result blk-read fail no-/dev/vda; return; }
+  echo "VK-BLK-FEATURES $(cat /sys/block/vda/device/features 2>/dev/null)"
   if [ "$MB" -gt 0 ]; then
     sum=$(dd if=/dev/vda bs=1048576 count="$MB" 2>/dev/null | sha256sum | cut -d' ' -f1)
     bytes=$((MB * 1048576))
