@@ -32,6 +32,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "testing/sockets.h"
 #include "vhostkit/driver/net_driver.h"
@@ -40,6 +41,7 @@
 #include "vhostkit/vhost_user/channel.h"
 #include "vhostkit/vhost_user/message.h"
 #include "vhostkit/vhost_user/server.h"
+#include "vhostkit/virtio/ring.h"
 
 namespace vhostkit::live {
 
@@ -121,12 +123,16 @@ class PairDriver {
   using Observer = std::function<void(std::uint32_t seq, std::span<const std::uint8_t> frame)>;
 
   PairDriver(NetDriver& s, net::NetDevice& dev, std::uint16_t qp, bool exact, Observer obs = {})
+      : PairDriver(s, std::vector<net::NetDevice*>{&dev}, qp, exact, std::move(obs)) {}
+  // Frames may be dropped by any of `devs` (the back-ends a migration moves the rings between).
+  PairDriver(NetDriver& s, std::vector<net::NetDevice*> devs, std::uint16_t qp, bool exact,
+             Observer obs = {})
       : s_(s),
-        dev_(dev),
+        devs_(std::move(devs)),
         qp_(qp),
         exact_(exact),
         observer_(std::move(obs)),
-        drops_at_start_(dev.stats(qp).tx_drops) {
+        drops_at_start_(total_drops()) {
     thread_ = std::thread([this] { run(); });
   }
   ~PairDriver() { join(); }
@@ -137,7 +143,7 @@ class PairDriver {
   std::uint64_t sent() const { return sent_.load(); }
   std::uint64_t received() const { return received_.load(); }
   std::uint64_t errors() const { return errors_.load(); }
-  std::uint64_t drops() const { return dev_.stats(qp_).tx_drops - drops_at_start_; }
+  std::uint64_t drops() const { return total_drops() - drops_at_start_; }
   std::string first_error() const {
     std::lock_guard lk(mu_);
     return first_error_;
@@ -159,6 +165,13 @@ class PairDriver {
                          eventually([&] { return received() + drops() >= sent(); }, timeout);
     join();
     return drained;
+  }
+
+  // Drops counted by every device the pair runs on (see the second constructor).
+  std::uint64_t total_drops() const {
+    std::uint64_t n = 0;
+    for (const net::NetDevice* d : devs_) n += d->stats(qp_).tx_drops;
+    return n;
   }
 
   // Summary for failure messages.
@@ -235,7 +248,7 @@ class PairDriver {
   }
 
   NetDriver& s_;
-  net::NetDevice& dev_;
+  const std::vector<net::NetDevice*> devs_;
   const std::uint16_t qp_;
   const bool exact_;
   const Observer observer_;
@@ -284,10 +297,13 @@ struct NetBackend {
   }
 
   // A front-end on this back-end with `pairs` queue pairs and the given extra protocol features.
-  Result<std::unique_ptr<NetDriver>> connect(std::uint16_t pairs,
-                                             std::uint64_t extra_protocol = 0) {
+  // `ring` asks for a layout; the back-end offers both.
+  Result<std::unique_ptr<NetDriver>> connect(
+      std::uint16_t pairs, std::uint64_t extra_protocol = 0,
+      vhost_user::RingLayout ring = vhost_user::RingLayout::split) {
     driver::NetDriverOptions o;
     o.socket_path = path;
+    o.ring = ring;
     o.queue_pairs = pairs;
     o.memory_size = 0;
     o.protocol_features |= extra_protocol;
@@ -304,6 +320,27 @@ struct NetBackend {
   bool listening = false;
   std::thread thread;
 };
+
+// SET_VRING_ADDR for ring i of `s` as it is, with or without VHOST_VRING_F_LOG. Split: the
+// descriptor table, avail and used rings; packed: the descriptor ring, the driver and the device
+// event areas in their places. The log address is what QEMU gives: its "used" address (the used
+// ring; for a packed ring the device event area).
+inline vhost_user::SetVringAddr vring_addr(const vhost_user::FrontendSession& s, std::uint16_t i,
+                                           bool log) {
+  const vhost_user::FrontendRing& r = s.ring(i);
+  const auto uva = [&](std::uint64_t gpa) {
+    return reinterpret_cast<std::uint64_t>(s.memory().data()) + gpa;
+  };
+  const std::uint64_t desc = r.packed ? r.pvq.desc_gpa() : r.vq.desc_gpa();
+  const std::uint64_t avail = r.packed ? r.pvq.driver_event_gpa() : r.vq.avail_gpa();
+  const std::uint64_t used = r.packed ? r.pvq.device_event_gpa() : r.vq.used_gpa();
+  return vhost_user::SetVringAddr{.index = i,
+                                  .addr = {.flags = log ? virtio::kVhostVringFLog : 0u,
+                                           .desc_user_addr = uva(desc),
+                                           .used_user_addr = uva(used),
+                                           .avail_user_addr = uva(avail),
+                                           .log_guest_addr = log ? used : 0}};
+}
 
 // ---- a second control channel on the front-end's socket ------------------------------------
 
@@ -369,18 +406,9 @@ class Control {
   // call fds are the session's own eventfds, so its data path goes on as before.
   Result<> restart_ring(vhost_user::FrontendSession& s, std::uint16_t i, std::uint32_t base) {
     const vhost_user::FrontendRing& r = s.ring(i);
-    const auto uva = [&](std::uint64_t gpa) {
-      return reinterpret_cast<std::uint64_t>(s.memory().data()) + gpa;
-    };
     if (auto e = request(vhost_user::SetVringNum{.index = i, .num = s.queue_size()}); !e) return e;
     if (auto e = request(vhost_user::SetVringBase{.index = i, .num = base}); !e) return e;
-    vhost_user::SetVringAddr addr{.index = i,
-                                  .addr = {.flags = 0,
-                                           .desc_user_addr = uva(r.vq.desc_gpa()),
-                                           .used_user_addr = uva(r.vq.used_gpa()),
-                                           .avail_user_addr = uva(r.vq.avail_gpa()),
-                                           .log_guest_addr = 0}};
-    if (auto e = request(addr); !e) return e;
+    if (auto e = request(vring_addr(s, i, /*log=*/false)); !e) return e;
     vhost_user::SetVringKick kick{.index = static_cast<std::uint8_t>(i),
                                   .fd = UniqueFd(::dup(r.kick.get()))};
     if (auto e = request(kick); !e) return e;
