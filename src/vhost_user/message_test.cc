@@ -435,6 +435,13 @@ TEST(MessageReplies, Inflight) {
     EXPECT_TRUE(same_file(r->fd.get(), fd.get()));
     auto nofd = decode_inflight_reply(as_received(reply_inflight(in, -1)));
     EXPECT_FALSE(nofd);
+    // "No region": mmap_size 0 and no fd; with an fd it is malformed.
+    Inflight none{.mmap_size = 0, .mmap_offset = 0, .num_queues = 2, .queue_size = 256};
+    auto empty = decode_inflight_reply(as_received(reply_inflight(none, -1)));
+    ASSERT_TRUE(empty) << empty.error().message();
+    EXPECT_EQ(empty->inflight.mmap_size, 0u);
+    EXPECT_FALSE(empty->fd.valid());
+    EXPECT_FALSE(decode_inflight_reply(as_received(reply_inflight(none, fd.get()))));
   }
   EXPECT_EQ(open_fd_count(), before);
 }
