@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Back-end against back-end under the same front-end, and front-end against front-end on the same
+# back-end (issue #17; "How we measure" in DESIGN.md). The back-ends: DPDK's vhost PMD (testpmd,
+# macswap) and vhostkit-net --loopback --poll=busy. The front-ends:
+#   tpmd       testpmd virtio-user with its defaults (split ring), io fwd, --tx-first
+#   tpmd-pio   testpmd virtio-user asking for packed_vq=1,in_order=1 (each back-end negotiates
+#              what it offers; the row says what vhostkit-net acked)
+#   bench      vhostkit-bench loop (split ring), busy polling
+#
+#   bench/backends.sh [--build DIR] [--rounds N] [--duration S] [--sizes LIST] [--keep-logs]
+#
+#   --build      build tree holding vhostkit-net and vhostkit-bench (default build/release)
+#   --rounds     rounds (default 3: the least for a claim)
+#   --duration   seconds measured per run, after a 1 s warm-up (default 5)
+#   --sizes      frame sizes, comma-separated (default 64,1518)
+#
+# The back-end on CPU 1, the front-end on CPU 0. Every run starts a fresh back-end and front-end;
+# the six pairings interleave, their order rotated each round, so a drift of the host favours
+# none. Writes bench/results/backends-<utc>.csv (round,frontend,backend,size,mpps,ring,load1) and
+# prints, per front-end and size, each back-end's median (min..max) and vhostkit-net / DPDK; then
+# per back-end, vhostkit-bench / testpmd virtio-user. A failed run is a row marked fail, left out
+# of the medians, and the exit status is 1; 77 without testpmd.
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VK_SCRIPT_NAME=backends
+source "$root/scripts/lib/dpdk.sh"
+source "$root/scripts/lib/vhostkit.sh"
+
+build=$root/build/release rounds=3 duration=5 sizes=64,1518 keep=0
+while (($#)); do
+  case $1 in
+    --build) build=${2:-}; shift ;;
+    --build=*) build=${1#*=} ;;
+    --rounds) rounds=${2:-}; shift ;;
+    --rounds=*) rounds=${1#*=} ;;
+    --duration) duration=${2:-}; shift ;;
+    --duration=*) duration=${1#*=} ;;
+    --sizes) sizes=${2:-}; shift ;;
+    --sizes=*) sizes=${1#*=} ;;
+    --keep-logs) keep=1 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "backends.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for n in rounds duration; do
+  [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "backends.sh: --$n must be a whole number >= 1" >&2; exit 2; }
+done
+# testpmd prints a rate a second and the first one is partial: fewer than 3 s leave none.
+((duration >= 3)) || { echo "backends.sh: --duration must be at least 3 s (testpmd's rate samples)" >&2; exit 2; }
+[[ $sizes =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "backends.sh: --sizes wants e.g. 64,1518" >&2; exit 2; }
+IFS=, read -r -a size_list <<<"$sizes"
+VK_NET_BIN=$build/src/tools/vhostkit-net/vhostkit-net
+bench=$build/src/tools/vhostkit-bench/vhostkit-bench
+[[ -x $VK_NET_BIN && -x $bench ]] || { echo "backends.sh: vhostkit-net or vhostkit-bench not built in $build" >&2; exit 1; }
+command -v "$VK_TESTPMD" >/dev/null || { echo "backends.sh: no $VK_TESTPMD (dpdk-dev)" >&2; exit 77; }
+command -v jq >/dev/null || { echo "backends.sh: no jq" >&2; exit 1; }
+[[ $(id -u) -eq 0 ]] || { echo "backends.sh: testpmd without hugepages needs root here" >&2; exit 1; }
+
+FE_CPU=0 BE_CPU=1 warmup=1
+VK_KEEP=$keep vk_tmpdir
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$root/bench/results"
+out=$root/bench/results/backends-$stamp.csv
+echo "round,frontend,backend,size,mpps,ring,load1" >"$out"
+say() { echo "[backends.sh] $*" >&2; }
+say "$rounds rounds of ${duration} s, sizes ${size_list[*]}, load $(cut -d' ' -f1-3 /proc/loadavg)"
+
+declare -A VDEV_EXTRA=([tpmd]="" [tpmd-pio]=",packed_vq=1,in_order=1")
+
+start_backend() {  # BACKEND SOCK LOG: sets BE_PID; 0 once it listens
+  local be=$1 sock=$2 log=$3
+  if [[ $be == dpdk ]]; then
+    vk_dpdk_start_backend "$sock" "$BE_CPU" "$log" --forward-mode=macswap --burst=32
+    BE_PID=$VK_DPDK_PID
+    vk_dpdk_wait_listening "$sock" 60
+  else
+    rm -f "$sock"
+    vk_net_start "$log" -- --socket-path="$sock" --loopback --poll=busy --cpu="$BE_CPU"
+    BE_PID=$VK_NET_PID
+    vk_net_wait_listening "$sock" 30 "$log"
+  fi
+}
+stop_backend() {  # BACKEND
+  if [[ $1 == dpdk ]]; then vk_dpdk_stop "$BE_PID"; else vk_net_stop "$BE_PID" >/dev/null; fi
+}
+
+# testpmd virtio-user (io fwd, --tx-first) on SOCK: prints its mean Rx-pps over the window.
+testpmd_pps() {  # FRONTEND SOCK SIZE LOG
+  local fe=$1 sock=$2 size=$3 log=$4 pid from to
+  vk__dpdk_start "net_virtio_user0,path=$sock,queues=1${VDEV_EXTRA[$fe]}" "$FE_CPU" "$log" \
+    --forward-mode=io --tx-first --txpkts="$size" --burst=32
+  pid=$VK_DPDK_PID
+  vk_dpdk_wait_ready "$log" 30 "$pid" || { vk_dpdk_stop "$pid"; return 1; }
+  sleep "$warmup"
+  from=$(vk_dpdk_log_size "$log")
+  sleep "$duration"
+  to=$(vk_dpdk_log_size "$log")
+  vk_dpdk_stop "$pid"
+  vk_dpdk_pps "$log" Rx-pps "$from" "$to"
+}
+
+run() {  # ROUND FRONTEND BACKEND SIZE
+  local r=$1 fe=$2 be=$3 size=$4 tag="$1-$2-$3-$4" load mpps pps json ring=-
+  local sock=$VK_TMP/$tag.sock blog=$VK_TMP/$tag-backend.log
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  start_backend "$be" "$sock" "$blog" || { say "$tag: the back-end did not listen (see $blog)"; stop_backend "$be"; return 1; }
+  if [[ $fe == bench ]]; then
+    json=$("$bench" loop --socket-path="$sock" --size="$size" --duration="$duration" \
+      --warmup="$warmup" --poll=busy --cpu="$FE_CPU" --label="$tag" --json 2>"$VK_TMP/$tag-bench.err") ||
+      { say "$tag: vhostkit-bench failed: $(tail -1 "$VK_TMP/$tag-bench.err")"; stop_backend "$be"; return 1; }
+    mpps=$(jq -r '.results[0].mpps * 10000 | round / 10000' <<<"$json")
+  else
+    pps=$(testpmd_pps "$fe" "$sock" "$size" "$VK_TMP/$tag-frontend.log") ||
+      { say "$tag: testpmd virtio-user failed (see $VK_TMP/$tag-frontend.log)"; stop_backend "$be"; return 1; }
+    mpps=$(awk -v p="$pps" 'BEGIN { printf "%.4f", p / 1e6 }')
+  fi
+  stop_backend "$be"
+  # What vhostkit-net acked ("packed ring, in order", ...): the ring each front-end really ran.
+  if [[ $be == vhostkit ]]; then
+    ring=$(grep -oE 'acked: [^,]+( ring)?(, in order)?' "$blog" | tail -1 | sed 's/^acked: //')
+    [[ -n $ring ]] || ring=-
+  fi
+  echo "$r,$fe,$be,$size,$mpps,$ring,$load" >>"$out"
+  say "round $r: $fe <-> $be, $size B: $mpps Mpps ($ring)"
+}
+
+failed=0
+pairings=()
+for size in "${size_list[@]}"; do
+  for fe in tpmd tpmd-pio bench; do
+    for be in dpdk vhostkit; do pairings+=("$fe $be $size"); done
+  done
+done
+for ((r = 1; r <= rounds; r++)); do
+  for ((k = 0; k < ${#pairings[@]}; k++)); do
+    # shellcheck disable=SC2086  # "FE BE SIZE" split on purpose
+    run "$r" ${pairings[(k + (r - 1) * 2) % ${#pairings[@]}]} || {
+      # shellcheck disable=SC2086
+      set -- ${pairings[(k + (r - 1) * 2) % ${#pairings[@]}]}
+      echo "$r,$1,$2,$3,fail,-,-" >>"$out"
+      failed=$((failed + 1))
+    }
+  done
+done
+
+awk -F, 'NR > 1 && $5 != "fail" { k = $2 SUBSEP $3 SUBSEP $4; v[k] = v[k] " " $5; sz[$4] = 1 }
+  function stats(list,   a, n, i, j, t) {
+    n = split(list, a, " ")
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+    MED = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2; LO = a[1]; HI = a[n]
+  }
+  function cell(fe, be, s) { stats(v[fe, be, s]); M[fe, be, s] = MED; return sprintf("%.3f (%.3f..%.3f)", MED, LO, HI) }
+  END {
+    n = split("tpmd tpmd-pio bench", fes, " ")
+    print "back-end against back-end under the same front-end, Mpps median (min..max):"
+    printf "%-10s %5s  %-24s %-24s %s\n", "front-end", "size", "DPDK vhost PMD", "vhostkit-net", "vhostkit/DPDK"
+    for (s in sz) for (i = 1; i <= n; i++) {
+      d = cell(fes[i], "dpdk", s); h = cell(fes[i], "vhostkit", s)
+      printf "%-10s %5s  %-24s %-24s %.2f\n", fes[i], s, d, h, (M[fes[i], "dpdk", s] > 0 ? M[fes[i], "vhostkit", s] / M[fes[i], "dpdk", s] : 0)
+    }
+    print ""
+    print "front-end against front-end on the same back-end (vhostkit-bench / testpmd virtio-user, defaults):"
+    for (s in sz) {
+      printf "%5s B: on DPDK vhost PMD %.2f, on vhostkit-net %.2f\n", s,
+        (M["tpmd", "dpdk", s] > 0 ? M["bench", "dpdk", s] / M["tpmd", "dpdk", s] : 0),
+        (M["tpmd", "vhostkit", s] > 0 ? M["bench", "vhostkit", s] / M["tpmd", "vhostkit", s] : 0)
+    }
+  }' "$out"
+say "rows in $out"
+((failed == 0)) || { say "$failed run(s) failed (rows marked fail; logs: rerun with --keep-logs)"; exit 1; }
