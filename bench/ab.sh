@@ -19,26 +19,7 @@ VK_SCRIPT_NAME=ab
 source "$root/scripts/lib/vhostkit.sh"
 
 a="" b="" rounds=3 duration=5 size=64 what=ring,c4 keep=0
-while (($#)); do
-  case $1 in
-    --a) a=${2:-}; shift ;;
-    --a=*) a=${1#*=} ;;
-    --b) b=${2:-}; shift ;;
-    --b=*) b=${1#*=} ;;
-    --rounds) rounds=${2:-}; shift ;;
-    --rounds=*) rounds=${1#*=} ;;
-    --duration) duration=${2:-}; shift ;;
-    --duration=*) duration=${1#*=} ;;
-    --size) size=${2:-}; shift ;;
-    --size=*) size=${1#*=} ;;
-    --what) what=${2:-}; shift ;;
-    --what=*) what=${1#*=} ;;
-    --keep-logs) keep=1 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "ab.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+vk_options ab.sh 16 a=a b=b rounds=rounds duration=duration size=size what=what keep-logs!keep -- "$@"
 [[ -n $a && -n $b ]] || { echo "ab.sh: --a DIR and --b DIR are required (see --help)" >&2; exit 2; }
 for n in rounds duration size; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "ab.sh: --$n must be a whole number >= 1" >&2; exit 2; }

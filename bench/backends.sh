@@ -27,22 +27,7 @@ source "$root/scripts/lib/dpdk.sh"
 source "$root/scripts/lib/vhostkit.sh"
 
 build=$root/build/release rounds=3 duration=5 sizes=64,1518 keep=0
-while (($#)); do
-  case $1 in
-    --build) build=${2:-}; shift ;;
-    --build=*) build=${1#*=} ;;
-    --rounds) rounds=${2:-}; shift ;;
-    --rounds=*) rounds=${1#*=} ;;
-    --duration) duration=${2:-}; shift ;;
-    --duration=*) duration=${1#*=} ;;
-    --sizes) sizes=${2:-}; shift ;;
-    --sizes=*) sizes=${1#*=} ;;
-    --keep-logs) keep=1 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "backends.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+vk_options backends.sh 22 build=build rounds=rounds duration=duration sizes=sizes keep-logs!keep -- "$@"
 for n in rounds duration; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "backends.sh: --$n must be a whole number >= 1" >&2; exit 2; }
 done

@@ -32,21 +32,7 @@ VK_SCRIPT_NAME=blk.sh
 source "$root/scripts/lib/vhostkit.sh"
 
 quick=0 duration="" build="" keep=0 size_mib=256
-while (($#)); do
-  case $1 in
-    --quick) quick=1 ;;
-    --duration) duration=${2:-}; shift ;;
-    --duration=*) duration=${1#*=} ;;
-    --build) build=${2:-}; shift ;;
-    --build=*) build=${1#*=} ;;
-    --size) size_mib=${2:-}; shift ;;
-    --size=*) size_mib=${1#*=} ;;
-    --keep-logs) keep=1 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "blk.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+vk_options blk.sh 25 quick!quick duration=duration build=build size=size_mib keep-logs!keep -- "$@"
 if ((quick)); then : "${duration:=2}"; else : "${duration:=10}"; fi
 [[ $duration =~ ^[0-9]+$ ]] && ((duration >= 1)) || { echo "blk.sh: --duration must be a whole number of seconds >= 1" >&2; exit 2; }
 [[ $size_mib =~ ^[0-9]+$ ]] && ((size_mib >= 1)) || { echo "blk.sh: --size must be a whole number of MiB >= 1" >&2; exit 2; }

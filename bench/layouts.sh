@@ -22,22 +22,7 @@ VK_SCRIPT_NAME=layouts
 source "$root/scripts/lib/dpdk.sh"
 
 build=$root/build rounds=3 duration=5 size=64 keep=0
-while (($#)); do
-  case $1 in
-    --build) build=${2:-}; shift ;;
-    --build=*) build=${1#*=} ;;
-    --rounds) rounds=${2:-}; shift ;;
-    --rounds=*) rounds=${1#*=} ;;
-    --duration) duration=${2:-}; shift ;;
-    --duration=*) duration=${1#*=} ;;
-    --size) size=${2:-}; shift ;;
-    --size=*) size=${1#*=} ;;
-    --keep-logs) keep=1 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "layouts.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+vk_options layouts.sh 18 build=build rounds=rounds duration=duration size=size keep-logs!keep -- "$@"
 for n in rounds duration size; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "layouts.sh: --$n must be a whole number >= 1" >&2; exit 2; }
 done

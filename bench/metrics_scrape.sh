@@ -23,21 +23,7 @@ VK_SCRIPT_NAME=metrics_scrape
 source "$root/scripts/lib/vhostkit.sh"
 
 build=$root/build rounds=5 duration=5 size=64
-while (($#)); do
-  case $1 in
-    --build) build=${2:-}; shift ;;
-    --build=*) build=${1#*=} ;;
-    --rounds) rounds=${2:-}; shift ;;
-    --rounds=*) rounds=${1#*=} ;;
-    --duration) duration=${2:-}; shift ;;
-    --duration=*) duration=${1#*=} ;;
-    --size) size=${2:-}; shift ;;
-    --size=*) size=${1#*=} ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "metrics_scrape.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+vk_options metrics_scrape.sh 18 build=build rounds=rounds duration=duration size=size -- "$@"
 for n in rounds duration size; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) ||
     { echo "metrics_scrape.sh: --$n must be a whole number >= 1" >&2; exit 2; }

@@ -21,20 +21,7 @@ root=$(cd "$here/.." && pwd)
 source "$root/scripts/lib/dpdk.sh"
 
 size=64 seconds=4 c2=0 build=""
-while (($#)); do
-  case $1 in
-    --size) size=${2:-}; shift ;;
-    --size=*) size=${1#*=} ;;
-    --seconds) seconds=${2:-}; shift ;;
-    --seconds=*) seconds=${1#*=} ;;
-    --c2) c2=1 ;;
-    --build) build=${2:-}; shift ;;
-    --build=*) build=${1#*=} ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "profile.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+vk_options profile.sh 18 size=size seconds=seconds c2!c2 build=build -- "$@"
 [[ $size =~ ^[0-9]+$ ]] && ((size >= 60 && size <= 9000)) ||
   { echo "profile.sh: --size must be 60..9000" >&2; exit 2; }
 [[ $seconds =~ ^[0-9]+$ ]] && ((seconds >= 1)) ||

@@ -32,19 +32,7 @@ source "$root/scripts/lib/dpdk.sh"
 source "$root/scripts/lib/vhostkit.sh"
 
 quick=0 duration="" build="" keep=0
-while (($#)); do
-  case $1 in
-    --quick) quick=1 ;;
-    --duration) duration=${2:-}; shift ;;
-    --duration=*) duration=${1#*=} ;;
-    --build) build=${2:-}; shift ;;
-    --build=*) build=${1#*=} ;;
-    --keep-logs) keep=1 ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+vk_options run.sh 28 quick!quick duration=duration build=build keep-logs!keep -- "$@"
 if ((quick)); then
   sizes=(64 512 1518); : "${duration:=3}"
 else

@@ -17,6 +17,11 @@
 #   vk_repo_root             the repository root
 #   vk_wait_for SECONDS CMD...   poll CMD every 0.1 s until it succeeds; 1 on timeout
 #   vk_now                   seconds since epoch, with fractions
+#   vk_options NAME LAST SPEC... -- ARGS...
+#                            a script's command line: SPEC "opt=var" takes a value (--opt V or
+#                            --opt=V sets $var), "opt!var" is a flag (sets var=1); -h/--help
+#                            prints the script's header, lines 2..LAST, and exits 0; an unknown
+#                            option or a missing value: one line naming NAME, exit 2
 [[ -n ${VK_COMMON_SH:-} ]] && return 0
 VK_COMMON_SH=1
 
@@ -31,6 +36,42 @@ vk_skip() { echo "SKIP: $*"; exit 77; }
 vk_repo_root() { (cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd); }
 
 vk_now() { date +%s.%N; }
+
+vk_options() {
+  local name=$1 last=$2 spec arg opt val found
+  shift 2
+  local -A takes=() flag=()
+  while (($#)) && [[ $1 != -- ]]; do
+    spec=$1
+    shift
+    if [[ $spec == *=* ]]; then takes[${spec%%=*}]=${spec#*=}; else flag[${spec%%!*}]=${spec#*!}; fi
+  done
+  shift  # --
+  while (($#)); do
+    arg=$1
+    shift
+    case $arg in
+      -h|--help) sed -n "2,${last}p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+      --*) ;;
+      *) echo "$name: unexpected argument '$arg' (see --help)" >&2; exit 2 ;;
+    esac
+    opt=${arg#--}
+    found=0
+    if [[ $opt == *=* ]]; then
+      val=${opt#*=} opt=${opt%%=*}
+      [[ -n ${takes[$opt]:-} ]] && { printf -v "${takes[$opt]}" '%s' "$val"; found=1; }
+    elif [[ -n ${takes[$opt]:-} ]]; then
+      (($#)) || { echo "$name: --$opt needs a value (see --help)" >&2; exit 2; }
+      printf -v "${takes[$opt]}" '%s' "$1"
+      shift
+      found=1
+    elif [[ -n ${flag[$opt]:-} ]]; then
+      printf -v "${flag[$opt]}" '%s' 1
+      found=1
+    fi
+    ((found)) || { echo "$name: unknown option '$arg' (see --help)" >&2; exit 2; }
+  done
+}
 
 vk_require_root() {
   [[ $(id -u) -eq 0 ]] || vk_skip "needs root (network namespaces, TAP devices)"
