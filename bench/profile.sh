@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Where the cycles go: perf profiles of both sides of c4 (vhostkit-bench loop <-> vhostkit-net
-# --loopback, busy polling, one core each) at one frame size, and optionally of vhostkit-net
-# under testpmd's virtio-user (c2).
+# --loopback, busy polling, one core each) at one frame size, and optionally of the two back-ends
+# under the same front-end, testpmd's virtio-user: vhostkit-net (c2) and DPDK's vhost PMD (c1).
 #
-#   bench/profile.sh [--size N] [--seconds S] [--c2] [--build DIR]
+#   bench/profile.sh [--size N] [--seconds S] [--c2] [--c1] [--build DIR]
 #
 #   --size     frame length in bytes (default 64)
 #   --seconds  perf record window (default 4; the run lasts 3 s longer)
 #   --c2       also profile vhostkit-net against testpmd's virtio-user (io fwd, --tx-first)
+#   --c1       also profile testpmd's vhost PMD (macswap) against the same front-end
 #   --build    build tree with vhostkit-net and vhostkit-bench (default: build/perf, made with
 #              -g -fno-omit-frame-pointer if missing)
 #
@@ -21,7 +22,8 @@ root=$(cd "$here/.." && pwd)
 source "$root/scripts/lib/dpdk.sh"
 
 size=64 seconds=4 c2=0 build=""
-vk_options profile.sh 18 size=size seconds=seconds c2!c2 build=build -- "$@"
+c1=0
+vk_options profile.sh 19 size=size seconds=seconds c2!c2 c1!c1 build=build -- "$@"
 [[ $size =~ ^[0-9]+$ ]] && ((size >= 60 && size <= 9000)) ||
   { echo "profile.sh: --size must be 60..9000" >&2; exit 2; }
 [[ $seconds =~ ^[0-9]+$ ]] && ((seconds >= 1)) ||
@@ -120,6 +122,35 @@ if ((c2)); then
   fi
   kill "$net_pid" 2>/dev/null
   wait "$net_pid" 2>/dev/null
+fi
+
+if ((c1)); then
+  # DPDK's back-end under the same front-end: testpmd's own symbols and librte_*'s exported ones
+  # resolve; its static functions show as addresses inside the library that holds them.
+  sock=$tmp/c1.sock
+  vk_dpdk_start_backend "$sock" 1 "$tmp/vhost-pmd.log" --forward-mode=macswap --burst=32
+  pmd_pid=$VK_DPDK_PID
+  pids+=("$pmd_pid")
+  vk_dpdk_wait_listening "$sock" 60 || { echo "profile.sh: the vhost PMD did not listen" >&2; exit 1; }
+  vk_dpdk_start_frontend "$sock" 0 "$tmp/testpmd-c1.log" --forward-mode=io --tx-first \
+    --txpkts="$size" --burst=32
+  pids+=("$VK_DPDK_PID")
+  if vk_dpdk_wait_ready "$tmp/testpmd-c1.log" 60 "$VK_DPDK_PID"; then
+    sleep 1
+    from=$(vk_dpdk_log_size "$tmp/testpmd-c1.log")
+    perf record -F 2999 -g -p "$pmd_pid" -o "$tmp/c1-backend.data" -- sleep "$seconds" >/dev/null 2>&1
+    to=$(vk_dpdk_log_size "$tmp/testpmd-c1.log")
+    vk_dpdk_stop "$VK_DPDK_PID"
+    pps=$(vk_dpdk_pps "$tmp/testpmd-c1.log" Rx-pps "$from" "$to")
+    {
+      echo "c1 (testpmd virtio-user io fwd --tx-first <-> testpmd vhost PMD macswap): $pps pps at $size B"
+      echo
+      top "$tmp/c1-backend.data" "DPDK vhost PMD (back-end, CPU 1) under testpmd"
+    } >>"$out"
+  else
+    echo "c1: testpmd did not come up (see $tmp/testpmd-c1.log)" >>"$out"
+  fi
+  vk_dpdk_stop "$pmd_pid"
 fi
 
 cat "$out"
