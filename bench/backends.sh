@@ -18,8 +18,9 @@
 # the six pairings interleave, their order rotated each round, so a drift of the host favours
 # none. Writes bench/results/backends-<utc>.csv (round,frontend,backend,size,mpps,ring,load1) and
 # prints, per front-end and size, each back-end's median (min..max) and vhostkit-net / DPDK; then
-# per back-end, vhostkit-bench / testpmd virtio-user. A failed run is a row marked fail, left out
-# of the medians, and the exit status is 1; 77 without testpmd.
+# per back-end, vhostkit-bench / testpmd virtio-user; the same tables go to
+# docs/performance-backends.md, which the report includes. A failed run is a row marked fail,
+# left out of the medians, and the exit status is 1; 77 without testpmd.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VK_SCRIPT_NAME=backends
@@ -27,7 +28,7 @@ source "$root/scripts/lib/dpdk.sh"
 source "$root/scripts/lib/vhostkit.sh"
 
 build=$root/build/release rounds=3 duration=5 sizes=64,1518 keep=0
-vk_options backends.sh 22 build=build rounds=rounds duration=duration sizes=sizes keep-logs!keep -- "$@"
+vk_options backends.sh 23 build=build rounds=rounds duration=duration sizes=sizes keep-logs!keep -- "$@"
 for n in rounds duration; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "backends.sh: --$n must be a whole number >= 1" >&2; exit 2; }
 done
@@ -129,28 +130,55 @@ for ((r = 1; r <= rounds; r++)); do
   done
 done
 
-awk -F, 'NR > 1 && $5 != "fail" { k = $2 SUBSEP $3 SUBSEP $4; v[k] = v[k] " " $5; sz[$4] = 1 }
-  function stats(list,   a, n, i, j, t) {
-    n = split(list, a, " ")
-    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-    MED = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2; LO = a[1]; HI = a[n]
-  }
-  function cell(fe, be, s) { stats(v[fe, be, s]); M[fe, be, s] = MED; return sprintf("%.3f (%.3f..%.3f)", MED, LO, HI) }
-  END {
-    n = split("tpmd tpmd-pio bench", fes, " ")
-    print "back-end against back-end under the same front-end, Mpps median (min..max):"
-    printf "%-10s %5s  %-24s %-24s %s\n", "front-end", "size", "DPDK vhost PMD", "vhostkit-net", "vhostkit/DPDK"
-    for (s in sz) for (i = 1; i <= n; i++) {
-      d = cell(fes[i], "dpdk", s); h = cell(fes[i], "vhostkit", s)
-      printf "%-10s %5s  %-24s %-24s %.2f\n", fes[i], s, d, h, (M[fes[i], "dpdk", s] > 0 ? M[fes[i], "vhostkit", s] / M[fes[i], "dpdk", s] : 0)
+summary() {  # the tables, in markdown (read as they are in a terminal too)
+  awk -F, 'NR > 1 && $5 != "fail" { k = $2 SUBSEP $3 SUBSEP $4; v[k] = v[k] " " $5; sz[$4] = 1
+      if ($3 == "vhostkit" && $6 != "-") ring[$2, $4] = $6 }
+    function stats(list,   a, n, i, j, t) {
+      n = split(list, a, " ")
+      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+      MED = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2; LO = a[1]; HI = a[n]
     }
-    print ""
-    print "front-end against front-end on the same back-end (vhostkit-bench / testpmd virtio-user, defaults):"
-    for (s in sz) {
-      printf "%5s B: on DPDK vhost PMD %.2f, on vhostkit-net %.2f\n", s,
-        (M["tpmd", "dpdk", s] > 0 ? M["bench", "dpdk", s] / M["tpmd", "dpdk", s] : 0),
-        (M["tpmd", "vhostkit", s] > 0 ? M["bench", "vhostkit", s] / M["tpmd", "vhostkit", s] : 0)
-    }
-  }' "$out"
+    function cell(fe, be, s) { stats(v[fe, be, s]); M[fe, be, s] = MED; return sprintf("%.3f (%.3f..%.3f)", MED, LO, HI) }
+    function ratio(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
+    END {
+      n = split("tpmd tpmd-pio bench", fes, " ")
+      name["tpmd"] = "testpmd virtio-user (defaults)"
+      name["tpmd-pio"] = "testpmd virtio-user packed_vq=1,in_order=1"
+      name["bench"] = "vhostkit-bench loop"
+      ns = 0; for (s in sz) sizes[++ns] = s + 0
+      for (i = 1; i <= ns; i++) for (j = i + 1; j <= ns; j++) if (sizes[j] < sizes[i]) { t = sizes[i]; sizes[i] = sizes[j]; sizes[j] = t }
+      print "| front-end | size (B) | DPDK vhost PMD, Mpps | vhostkit-net, Mpps | vhostkit / DPDK | vhostkit-net ran |"
+      print "|---|---:|---:|---:|---:|---|"
+      for (k = 1; k <= ns; k++) for (i = 1; i <= n; i++) {
+        s = sizes[k]; d = cell(fes[i], "dpdk", s); h = cell(fes[i], "vhostkit", s)
+        printf "| %s | %s | %s | %s | %s | %s |\n", name[fes[i]], s, d, h,
+          ratio(M[fes[i], "vhostkit", s], M[fes[i], "dpdk", s]), ring[fes[i], s]
+      }
+      print ""
+      print "| size (B) | vhostkit-bench / testpmd virtio-user on DPDK vhost PMD | on vhostkit-net |"
+      print "|---:|---:|---:|"
+      for (k = 1; k <= ns; k++) {
+        s = sizes[k]
+        printf "| %s | %s | %s |\n", s, ratio(M["bench", "dpdk", s], M["tpmd", "dpdk", s]),
+          ratio(M["bench", "vhostkit", s], M["tpmd", "vhostkit", s])
+      }
+    }' "$out"
+}
+summary
+# The report's section (docs/performance.md includes it; bench/report.sh keeps it there).
+{
+  echo "## Back-end against back-end, under the same front-end"
+  echo
+  echo "\`bench/backends.sh\` of $(date -u +%Y-%m-%dT%H:%MZ): $rounds rounds of $duration s per pairing,"
+  echo "the six pairings interleaved and rotated each round, a fresh back-end and front-end per run;"
+  echo "back-end on CPU 1, front-end on CPU 0, one core each, busy polling. Medians (min..max) and"
+  echo "the ratio of the medians; load average $(awk -F, 'NR > 1 && $7 != "-" { s += $7; n++ } END { if (n) printf "%.1f", s / n }' "$out") over the runs"
+  echo "(\`bench/results/$(basename "$out")\`)."
+  echo
+  summary
+  echo
+  echo "The second table holds the back-end and changes the front-end. testpmd's front-end runs"
+  echo "32 frames in flight (--tx-first), vhostkit-bench keeps its ring full."
+} >"$root/docs/performance-backends.md"
 say "rows in $out"
 ((failed == 0)) || { say "$failed run(s) failed (rows marked fail; logs: rerun with --keep-logs)"; exit 1; }

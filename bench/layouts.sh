@@ -13,7 +13,8 @@
 #
 # testpmd on CPU 0, vhostkit-bench (busy polling) on CPU 1. Writes
 # bench/results/layouts-<utc>.csv (round,config,ring,in_order,size,mpps,tx,rx,drops,load1: the
-# 1-minute load average when the run started, to judge a noisy point by) and prints a table.
+# 1-minute load average when the run started, to judge a noisy point by) and prints a table,
+# which also goes to docs/performance-layouts.md (bench/report.sh includes it).
 # Exits 77 when testpmd is missing, 1 when a run fails or the layout asked for was not
 # negotiated (the bench runs with --strict).
 set -uo pipefail
@@ -22,7 +23,7 @@ VK_SCRIPT_NAME=layouts
 source "$root/scripts/lib/dpdk.sh"
 
 build=$root/build rounds=3 duration=5 size=64 keep=0
-vk_options layouts.sh 18 build=build rounds=rounds duration=duration size=size keep-logs!keep -- "$@"
+vk_options layouts.sh 19 build=build rounds=rounds duration=duration size=size keep-logs!keep -- "$@"
 for n in rounds duration size; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "layouts.sh: --$n must be a whole number >= 1" >&2; exit 2; }
 done
@@ -68,18 +69,34 @@ for ((r = 1; r <= rounds; r++)); do
   done
 done
 
-awk -F, 'NR > 1 { v[$2] = v[$2] " " $6; if (!($2 in seen)) { seen[$2] = 1; order[++n] = $2 } }
-  function stats(list,   a, k, i, j, t) {
-    k = split(list, a, " ")
-    for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-    MED = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2; LO = a[1]; HI = a[k]
-  }
-  END {
-    printf "%-10s %-26s %s\n", "config", "Mpps median (min..max)", "vs split"
-    stats(v["split"]); base = MED
-    for (i = 1; i <= n; i++) {
-      stats(v[order[i]])
-      printf "%-10s %-26s %.3f\n", order[i], sprintf("%.3f (%.3f..%.3f)", MED, LO, HI), (base > 0 ? MED / base : 0)
+summary() {  # the table, in markdown
+  awk -F, 'NR > 1 { v[$2] = v[$2] " " $6; if (!($2 in seen)) { seen[$2] = 1; order[++n] = $2 } }
+    function stats(list,   a, k, i, j, t) {
+      k = split(list, a, " ")
+      for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+      MED = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2; LO = a[1]; HI = a[k]
     }
-  }' "$out"
+    END {
+      print "| ring | Mpps, median (min..max) | vs split |"
+      print "|---|---:|---:|"
+      stats(v["split"]); base = MED
+      for (i = 1; i <= n; i++) {
+        stats(v[order[i]])
+        printf "| %s | %.3f (%.3f..%.3f) | %.2f |\n", order[i], MED, LO, HI, (base > 0 ? MED / base : 0)
+      }
+    }' "$out"
+}
+summary
+# The report's section (bench/report.sh includes it in docs/performance.md).
+{
+  echo "## Ring layouts on the front-end (vhostkit-bench against testpmd's vhost PMD)"
+  echo
+  echo "\`bench/layouts.sh\` of $(date -u +%Y-%m-%dT%H:%MZ): vhostkit-bench loop, $size B, busy polling on"
+  echo "CPU 1, against testpmd's vhost PMD (macswap) on CPU 0, a fresh testpmd per run, the layouts"
+  echo "rotated each round; $rounds rounds of $duration s; one back-end throughout, so the rows compare"
+  echo "our driver's layouts. Load average $(awk -F, 'NR > 1 { s += $10; n++ } END { if (n) printf "%.1f", s / n }' "$out") over the runs"
+  echo "(\`bench/results/$(basename "$out")\`)."
+  echo
+  summary
+} >"$root/docs/performance-layouts.md"
 say "rows in $out"

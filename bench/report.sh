@@ -61,6 +61,15 @@ EOT
 EOT
   fi
   [[ -n $failed ]] && printf '\n> Configurations with a failed step (figures may be 0 or missing): %s\n' "$failed"
+  # The comparisons that lead (bench/backends.sh, bench/layouts.sh write their own sections, from
+  # their own runs); then this run's matrix.
+  local part
+  for part in backends layouts; do
+    if [[ -f $root/docs/performance-$part.md ]]; then
+      echo
+      cat "$root/docs/performance-$part.md"
+    fi
+  done
   cat <<EOT
 
 ## Throughput
