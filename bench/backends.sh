@@ -13,6 +13,7 @@
 #   --rounds     rounds (default 3: the least for a claim)
 #   --duration   seconds measured per run, after a 1 s warm-up (default 5)
 #   --sizes      frame sizes, comma-separated (default 64,1518)
+#   --from CSV   measure nothing: the tables (and docs/performance-backends.md) from an earlier run
 #
 # The back-end on CPU 1, the front-end on CPU 0. Every run starts a fresh back-end and front-end;
 # the six pairings interleave, their order rotated each round, so a drift of the host favours
@@ -27,8 +28,8 @@ VK_SCRIPT_NAME=backends
 source "$root/scripts/lib/dpdk.sh"
 source "$root/scripts/lib/vhostkit.sh"
 
-build=$root/build/release rounds=3 duration=5 sizes=64,1518 keep=0
-vk_options backends.sh 23 build=build rounds=rounds duration=duration sizes=sizes keep-logs!keep -- "$@"
+build=$root/build/release rounds=3 duration=5 sizes=64,1518 keep=0 from=""
+vk_options backends.sh 23 build=build rounds=rounds duration=duration sizes=sizes keep-logs!keep from=from -- "$@"
 for n in rounds duration; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "backends.sh: --$n must be a whole number >= 1" >&2; exit 2; }
 done
@@ -36,99 +37,106 @@ done
 ((duration >= 3)) || { echo "backends.sh: --duration must be at least 3 s (testpmd's rate samples)" >&2; exit 2; }
 [[ $sizes =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "backends.sh: --sizes wants e.g. 64,1518" >&2; exit 2; }
 IFS=, read -r -a size_list <<<"$sizes"
-VK_NET_BIN=$build/src/tools/vhostkit-net/vhostkit-net
-bench=$build/src/tools/vhostkit-bench/vhostkit-bench
-[[ -x $VK_NET_BIN && -x $bench ]] || { echo "backends.sh: vhostkit-net or vhostkit-bench not built in $build" >&2; exit 1; }
-command -v "$VK_TESTPMD" >/dev/null || { echo "backends.sh: no $VK_TESTPMD (dpdk-dev)" >&2; exit 77; }
-command -v jq >/dev/null || { echo "backends.sh: no jq" >&2; exit 1; }
-[[ $(id -u) -eq 0 ]] || { echo "backends.sh: testpmd without hugepages needs root here" >&2; exit 1; }
-
-FE_CPU=0 BE_CPU=1 warmup=1
-VK_KEEP=$keep vk_tmpdir
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$root/bench/results"
-out=$root/bench/results/backends-$stamp.csv
-echo "round,frontend,backend,size,mpps,ring,load1" >"$out"
 say() { echo "[backends.sh] $*" >&2; }
-say "$rounds rounds of ${duration} s, sizes ${size_list[*]}, load $(cut -d' ' -f1-3 /proc/loadavg)"
-
-declare -A VDEV_EXTRA=([tpmd]="" [tpmd-pio]=",packed_vq=1,in_order=1")
-
-start_backend() {  # BACKEND SOCK LOG: sets BE_PID; 0 once it listens
-  local be=$1 sock=$2 log=$3
-  if [[ $be == dpdk ]]; then
-    vk_dpdk_start_backend "$sock" "$BE_CPU" "$log" --forward-mode=macswap --burst=32
-    BE_PID=$VK_DPDK_PID
-    vk_dpdk_wait_listening "$sock" 60
-  else
-    rm -f "$sock"
-    vk_net_start "$log" -- --socket-path="$sock" --loopback --poll=busy --cpu="$BE_CPU"
-    BE_PID=$VK_NET_PID
-    vk_net_wait_listening "$sock" 30 "$log"
-  fi
-}
-stop_backend() {  # BACKEND
-  if [[ $1 == dpdk ]]; then vk_dpdk_stop "$BE_PID"; else vk_net_stop "$BE_PID" >/dev/null; fi
-}
-
-# testpmd virtio-user (io fwd, --tx-first) on SOCK: prints its mean Rx-pps over the window.
-testpmd_pps() {  # FRONTEND SOCK SIZE LOG
-  local fe=$1 sock=$2 size=$3 log=$4 pid from to
-  vk__dpdk_start "net_virtio_user0,path=$sock,queues=1${VDEV_EXTRA[$fe]}" "$FE_CPU" "$log" \
-    --forward-mode=io --tx-first --txpkts="$size" --burst=32
-  pid=$VK_DPDK_PID
-  vk_dpdk_wait_ready "$log" 30 "$pid" || { vk_dpdk_stop "$pid"; return 1; }
-  sleep "$warmup"
-  from=$(vk_dpdk_log_size "$log")
-  sleep "$duration"
-  to=$(vk_dpdk_log_size "$log")
-  vk_dpdk_stop "$pid"
-  vk_dpdk_pps "$log" Rx-pps "$from" "$to"
-}
-
-run() {  # ROUND FRONTEND BACKEND SIZE
-  local r=$1 fe=$2 be=$3 size=$4 tag="$1-$2-$3-$4" load mpps pps json ring=-
-  local sock=$VK_TMP/$tag.sock blog=$VK_TMP/$tag-backend.log
-  load=$(cut -d' ' -f1 /proc/loadavg)
-  start_backend "$be" "$sock" "$blog" || { say "$tag: the back-end did not listen (see $blog)"; stop_backend "$be"; return 1; }
-  if [[ $fe == bench ]]; then
-    json=$("$bench" loop --socket-path="$sock" --size="$size" --duration="$duration" \
-      --warmup="$warmup" --poll=busy --cpu="$FE_CPU" --label="$tag" --json 2>"$VK_TMP/$tag-bench.err") ||
-      { say "$tag: vhostkit-bench failed: $(tail -1 "$VK_TMP/$tag-bench.err")"; stop_backend "$be"; return 1; }
-    mpps=$(jq -r '.results[0].mpps * 10000 | round / 10000' <<<"$json")
-  else
-    pps=$(testpmd_pps "$fe" "$sock" "$size" "$VK_TMP/$tag-frontend.log") ||
-      { say "$tag: testpmd virtio-user failed (see $VK_TMP/$tag-frontend.log)"; stop_backend "$be"; return 1; }
-    mpps=$(awk -v p="$pps" 'BEGIN { printf "%.4f", p / 1e6 }')
-  fi
-  stop_backend "$be"
-  # What vhostkit-net acked ("packed ring, in order", ...): the ring each front-end really ran.
-  if [[ $be == vhostkit ]]; then
-    ring=$(grep -oE 'acked: [^,]+( ring)?(, in order)?' "$blog" | tail -1 | sed 's/^acked: //')
-    [[ -n $ring ]] || ring=-
-  fi
-  echo "$r,$fe,$be,$size,$mpps,$ring,$load" >>"$out"
-  say "round $r: $fe <-> $be, $size B: $mpps Mpps ($ring)"
-}
-
 failed=0
-pairings=()
-for size in "${size_list[@]}"; do
-  for fe in tpmd tpmd-pio bench; do
-    for be in dpdk vhostkit; do pairings+=("$fe $be $size"); done
+if [[ -n $from ]]; then
+  [[ -f $from ]] || { echo "backends.sh: no such CSV: $from" >&2; exit 2; }
+  head -1 "$from" | grep -q '^round,frontend,backend,' || { echo "backends.sh: $from is not a backends.sh CSV" >&2; exit 2; }
+  out=$from
+  rounds=$(awk -F, 'NR > 1 && $1 > r { r = $1 } END { print r + 0 }' "$from")
+else
+  VK_NET_BIN=$build/src/tools/vhostkit-net/vhostkit-net
+  bench=$build/src/tools/vhostkit-bench/vhostkit-bench
+  [[ -x $VK_NET_BIN && -x $bench ]] || { echo "backends.sh: vhostkit-net or vhostkit-bench not built in $build" >&2; exit 1; }
+  command -v "$VK_TESTPMD" >/dev/null || { echo "backends.sh: no $VK_TESTPMD (dpdk-dev)" >&2; exit 77; }
+  command -v jq >/dev/null || { echo "backends.sh: no jq" >&2; exit 1; }
+  [[ $(id -u) -eq 0 ]] || { echo "backends.sh: testpmd without hugepages needs root here" >&2; exit 1; }
+
+  FE_CPU=0 BE_CPU=1 warmup=1
+  VK_KEEP=$keep vk_tmpdir
+  stamp=$(date -u +%Y%m%dT%H%M%SZ)
+  mkdir -p "$root/bench/results"
+  out=$root/bench/results/backends-$stamp.csv
+  echo "round,frontend,backend,size,mpps,ring,load1" >"$out"
+  say "$rounds rounds of ${duration} s, sizes ${size_list[*]}, load $(cut -d' ' -f1-3 /proc/loadavg)"
+
+  declare -A VDEV_EXTRA=([tpmd]="" [tpmd-pio]=",packed_vq=1,in_order=1")
+
+  start_backend() {  # BACKEND SOCK LOG: sets BE_PID; 0 once it listens
+    local be=$1 sock=$2 log=$3
+    if [[ $be == dpdk ]]; then
+      vk_dpdk_start_backend "$sock" "$BE_CPU" "$log" --forward-mode=macswap --burst=32
+      BE_PID=$VK_DPDK_PID
+      vk_dpdk_wait_listening "$sock" 60
+    else
+      rm -f "$sock"
+      vk_net_start "$log" -- --socket-path="$sock" --loopback --poll=busy --cpu="$BE_CPU"
+      BE_PID=$VK_NET_PID
+      vk_net_wait_listening "$sock" 30 "$log"
+    fi
+  }
+  stop_backend() {  # BACKEND
+    if [[ $1 == dpdk ]]; then vk_dpdk_stop "$BE_PID"; else vk_net_stop "$BE_PID" >/dev/null; fi
+  }
+
+  # testpmd virtio-user (io fwd, --tx-first) on SOCK: prints its mean Rx-pps over the window.
+  testpmd_pps() {  # FRONTEND SOCK SIZE LOG
+    local fe=$1 sock=$2 size=$3 log=$4 pid from to
+    vk__dpdk_start "net_virtio_user0,path=$sock,queues=1${VDEV_EXTRA[$fe]}" "$FE_CPU" "$log" \
+      --forward-mode=io --tx-first --txpkts="$size" --burst=32
+    pid=$VK_DPDK_PID
+    vk_dpdk_wait_ready "$log" 30 "$pid" || { vk_dpdk_stop "$pid"; return 1; }
+    sleep "$warmup"
+    from=$(vk_dpdk_log_size "$log")
+    sleep "$duration"
+    to=$(vk_dpdk_log_size "$log")
+    vk_dpdk_stop "$pid"
+    vk_dpdk_pps "$log" Rx-pps "$from" "$to"
+  }
+
+  run() {  # ROUND FRONTEND BACKEND SIZE
+    local r=$1 fe=$2 be=$3 size=$4 tag="$1-$2-$3-$4" load mpps pps json ring=-
+    local sock=$VK_TMP/$tag.sock blog=$VK_TMP/$tag-backend.log
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    start_backend "$be" "$sock" "$blog" || { say "$tag: the back-end did not listen (see $blog)"; stop_backend "$be"; return 1; }
+    if [[ $fe == bench ]]; then
+      json=$("$bench" loop --socket-path="$sock" --size="$size" --duration="$duration" \
+        --warmup="$warmup" --poll=busy --cpu="$FE_CPU" --label="$tag" --json 2>"$VK_TMP/$tag-bench.err") ||
+        { say "$tag: vhostkit-bench failed: $(tail -1 "$VK_TMP/$tag-bench.err")"; stop_backend "$be"; return 1; }
+      mpps=$(jq -r '.results[0].mpps * 10000 | round / 10000' <<<"$json")
+    else
+      pps=$(testpmd_pps "$fe" "$sock" "$size" "$VK_TMP/$tag-frontend.log") ||
+        { say "$tag: testpmd virtio-user failed (see $VK_TMP/$tag-frontend.log)"; stop_backend "$be"; return 1; }
+      mpps=$(awk -v p="$pps" 'BEGIN { printf "%.4f", p / 1e6 }')
+    fi
+    stop_backend "$be"
+    # What vhostkit-net acked ("packed ring, in order", ...): the ring each front-end really ran.
+    if [[ $be == vhostkit ]]; then
+      ring=$(grep -oE 'acked: [a-z]+ ring(, in order)?' "$blog" | tail -1 | sed -e 's/^acked: //' -e 's/, /+/')
+      [[ -n $ring ]] || ring=-
+    fi
+    echo "$r,$fe,$be,$size,$mpps,$ring,$load" >>"$out"
+    say "round $r: $fe <-> $be, $size B: $mpps Mpps ($ring)"
+  }
+
+  pairings=()
+  for size in "${size_list[@]}"; do
+    for fe in tpmd tpmd-pio bench; do
+      for be in dpdk vhostkit; do pairings+=("$fe $be $size"); done
+    done
   done
-done
-for ((r = 1; r <= rounds; r++)); do
-  for ((k = 0; k < ${#pairings[@]}; k++)); do
-    # shellcheck disable=SC2086  # "FE BE SIZE" split on purpose
-    run "$r" ${pairings[(k + (r - 1) * 2) % ${#pairings[@]}]} || {
-      # shellcheck disable=SC2086
-      set -- ${pairings[(k + (r - 1) * 2) % ${#pairings[@]}]}
-      echo "$r,$1,$2,$3,fail,-,-" >>"$out"
-      failed=$((failed + 1))
-    }
+  for ((r = 1; r <= rounds; r++)); do
+    for ((k = 0; k < ${#pairings[@]}; k++)); do
+      # shellcheck disable=SC2086  # "FE BE SIZE" split on purpose
+      run "$r" ${pairings[(k + (r - 1) * 2) % ${#pairings[@]}]} || {
+        # shellcheck disable=SC2086
+        set -- ${pairings[(k + (r - 1) * 2) % ${#pairings[@]}]}
+        echo "$r,$1,$2,$3,fail,-,-" >>"$out"
+        failed=$((failed + 1))
+      }
+    done
   done
-done
+fi
 
 summary() {  # the tables, in markdown (read as they are in a terminal too)
   awk -F, 'NR > 1 && $5 != "fail" { k = $2 SUBSEP $3 SUBSEP $4; v[k] = v[k] " " $5; sz[$4] = 1
@@ -169,7 +177,7 @@ summary
 {
   echo "## Back-end against back-end, under the same front-end"
   echo
-  echo "\`bench/backends.sh\` of $(date -u +%Y-%m-%dT%H:%MZ): $rounds rounds of $duration s per pairing,"
+  echo "\`bench/backends.sh\`, $rounds rounds of $duration s per pairing,"
   echo "the six pairings interleaved and rotated each round, a fresh back-end and front-end per run;"
   echo "back-end on CPU 1, front-end on CPU 0, one core each, busy polling. Medians (min..max) and"
   echo "the ratio of the medians; load average $(awk -F, 'NR > 1 && $7 != "-" { s += $7; n++ } END { if (n) printf "%.1f", s / n }' "$out") over the runs"
