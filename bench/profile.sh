@@ -99,27 +99,34 @@ mpps=$(python3 -c 'import json,sys; print("%.3f" % json.load(open(sys.argv[1]))[
   top "$tmp/c4-frontend.data" "vhostkit-bench (front-end, CPU 0)"
 } >>"$out"
 
-if ((c2)); then
-  sock=$tmp/c2.sock
-  start_net "$sock" "$tmp/net2.log" || exit 1
-  vk_dpdk_start_frontend "$sock" 0 "$tmp/testpmd.log" --forward-mode=io --tx-first \
-    --txpkts="$size" --burst=32
+# Profiles back-end BE_PID (listening on SOCK) under testpmd's virtio-user (io fwd, --tx-first) and
+# appends its top symbols: TAG is c1 or c2, WHAT names the pairing, TITLE the back-end.
+profile_under_testpmd() {  # TAG SOCK BE_PID WHAT TITLE
+  local tag=$1 sock=$2 be=$3 what=$4 title=$5 log=$tmp/testpmd-$1.log from to pps
+  vk_dpdk_start_frontend "$sock" 0 "$log" --forward-mode=io --tx-first --txpkts="$size" --burst=32
   pids+=("$VK_DPDK_PID")
-  if vk_dpdk_wait_ready "$tmp/testpmd.log" 60 "$VK_DPDK_PID"; then
-    sleep 1
-    from=$(vk_dpdk_log_size "$tmp/testpmd.log")
-    perf record -F 2999 -g -p "$net_pid" -o "$tmp/c2-backend.data" -- sleep "$seconds" >/dev/null 2>&1
-    to=$(vk_dpdk_log_size "$tmp/testpmd.log")
-    vk_dpdk_stop "$VK_DPDK_PID"
-    pps=$(vk_dpdk_pps "$tmp/testpmd.log" Rx-pps "$from" "$to")
-    {
-      echo "c2 (testpmd virtio-user io fwd --tx-first <-> vhostkit-net --loopback, busy): $pps pps at $size B"
-      echo
-      top "$tmp/c2-backend.data" "vhostkit-net (back-end, CPU 1) under testpmd"
-    } >>"$out"
-  else
-    echo "c2: testpmd did not come up (see $tmp/testpmd.log)" >>"$out"
+  if ! vk_dpdk_wait_ready "$log" 60 "$VK_DPDK_PID"; then
+    echo "$tag: testpmd did not come up (see $log)" >>"$out"
+    return 1
   fi
+  sleep 1
+  from=$(vk_dpdk_log_size "$log")
+  perf record -F 2999 -g -p "$be" -o "$tmp/$tag-backend.data" -- sleep "$seconds" >/dev/null 2>&1
+  to=$(vk_dpdk_log_size "$log")
+  vk_dpdk_stop "$VK_DPDK_PID"
+  pps=$(vk_dpdk_pps "$log" Rx-pps "$from" "$to")
+  {
+    echo "$tag ($what): $pps pps at $size B"
+    echo
+    top "$tmp/$tag-backend.data" "$title"
+  } >>"$out"
+}
+
+if ((c2)); then
+  start_net "$tmp/c2.sock" "$tmp/net2.log" || exit 1
+  profile_under_testpmd c2 "$tmp/c2.sock" "$net_pid" \
+    "testpmd virtio-user io fwd --tx-first <-> vhostkit-net --loopback, busy" \
+    "vhostkit-net (back-end, CPU 1) under testpmd"
   kill "$net_pid" 2>/dev/null
   wait "$net_pid" 2>/dev/null
 fi
@@ -127,29 +134,13 @@ fi
 if ((c1)); then
   # DPDK's back-end under the same front-end: testpmd's own symbols and librte_*'s exported ones
   # resolve; its static functions show as addresses inside the library that holds them.
-  sock=$tmp/c1.sock
-  vk_dpdk_start_backend "$sock" 1 "$tmp/vhost-pmd.log" --forward-mode=macswap --burst=32
+  vk_dpdk_start_backend "$tmp/c1.sock" 1 "$tmp/vhost-pmd.log" --forward-mode=macswap --burst=32
   pmd_pid=$VK_DPDK_PID
   pids+=("$pmd_pid")
-  vk_dpdk_wait_listening "$sock" 60 || { echo "profile.sh: the vhost PMD did not listen" >&2; exit 1; }
-  vk_dpdk_start_frontend "$sock" 0 "$tmp/testpmd-c1.log" --forward-mode=io --tx-first \
-    --txpkts="$size" --burst=32
-  pids+=("$VK_DPDK_PID")
-  if vk_dpdk_wait_ready "$tmp/testpmd-c1.log" 60 "$VK_DPDK_PID"; then
-    sleep 1
-    from=$(vk_dpdk_log_size "$tmp/testpmd-c1.log")
-    perf record -F 2999 -g -p "$pmd_pid" -o "$tmp/c1-backend.data" -- sleep "$seconds" >/dev/null 2>&1
-    to=$(vk_dpdk_log_size "$tmp/testpmd-c1.log")
-    vk_dpdk_stop "$VK_DPDK_PID"
-    pps=$(vk_dpdk_pps "$tmp/testpmd-c1.log" Rx-pps "$from" "$to")
-    {
-      echo "c1 (testpmd virtio-user io fwd --tx-first <-> testpmd vhost PMD macswap): $pps pps at $size B"
-      echo
-      top "$tmp/c1-backend.data" "DPDK vhost PMD (back-end, CPU 1) under testpmd"
-    } >>"$out"
-  else
-    echo "c1: testpmd did not come up (see $tmp/testpmd-c1.log)" >>"$out"
-  fi
+  vk_dpdk_wait_listening "$tmp/c1.sock" 60 || { echo "profile.sh: the vhost PMD did not listen" >&2; exit 1; }
+  profile_under_testpmd c1 "$tmp/c1.sock" "$pmd_pid" \
+    "testpmd virtio-user io fwd --tx-first <-> testpmd vhost PMD macswap" \
+    "DPDK vhost PMD (back-end, CPU 1) under testpmd"
   vk_dpdk_stop "$pmd_pid"
 fi
 
