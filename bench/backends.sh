@@ -81,17 +81,7 @@ else
 
   # testpmd virtio-user (io fwd, --tx-first) on SOCK: prints its mean Rx-pps over the window.
   testpmd_pps() {  # FRONTEND SOCK SIZE LOG
-    local fe=$1 sock=$2 size=$3 log=$4 pid from to
-    vk__dpdk_start "net_virtio_user0,path=$sock,queues=1${VDEV_EXTRA[$fe]}" "$FE_CPU" "$log" \
-      --forward-mode=io --tx-first --txpkts="$size" --burst=32
-    pid=$VK_DPDK_PID
-    vk_dpdk_wait_ready "$log" 30 "$pid" || { vk_dpdk_stop "$pid"; return 1; }
-    sleep "$warmup"
-    from=$(vk_dpdk_log_size "$log")
-    sleep "$duration"
-    to=$(vk_dpdk_log_size "$log")
-    vk_dpdk_stop "$pid"
-    vk_dpdk_pps "$log" Rx-pps "$from" "$to"
+    vk_dpdk_frontend_pps "$2" "$FE_CPU" "$4" "$3" "$warmup" "$duration" "${VDEV_EXTRA[$1]}"
   }
 
   run() {  # ROUND FRONTEND BACKEND SIZE

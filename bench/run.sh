@@ -107,17 +107,7 @@ start_vhostkit_net() {  # SOCK LOG POLL: vhostkit-net --loopback on BE_CPU, list
 # A testpmd virtio-user front-end (io fwd, --tx-first) against the back-end on SOCK: prints its
 # mean Rx-pps over the measured window.
 dpdk_frontend_pps() {
-  local sock=$1 size=$2 log=$3 pid from to
-  vk_dpdk_start_frontend "$sock" "$FE_CPU" "$log" --forward-mode=io --tx-first \
-    --txpkts="$size" --burst=32
-  pid=$VK_DPDK_PID
-  vk_dpdk_wait_ready "$log" 30 "$pid" || { vk_dpdk_stop "$pid"; echo 0; return 1; }
-  sleep "$warmup"
-  from=$(vk_dpdk_log_size "$log")
-  sleep "$duration"
-  to=$(vk_dpdk_log_size "$log")
-  vk_dpdk_stop "$pid"
-  vk_dpdk_pps "$log" Rx-pps "$from" "$to"
+  vk_dpdk_frontend_pps "$1" "$FE_CPU" "$3" "$2" "$warmup" "$duration" || { echo 0; return 1; }
 }
 
 # --- throughput: c1, c2 (testpmd front-end; one testpmd start per size) ----------------------------

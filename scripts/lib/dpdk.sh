@@ -61,6 +61,23 @@ vk_dpdk_start_frontend() {
   vk__dpdk_start "net_virtio_user0,path=$sock,queues=1" "$cpu" "$log" "$@"
 }
 
+# A testpmd virtio-user front-end (io fwd, --tx-first, bursts of 32 SIZE-byte frames) on CPU
+# against the back-end on SOCK, VDEV_EXTRA appended to its vdev (",packed_vq=1,in_order=1"):
+# prints its mean Rx-pps over DURATION s after WARMUP s; 1 if it never started forwarding.
+vk_dpdk_frontend_pps() {  # SOCK CPU LOG SIZE WARMUP DURATION [VDEV_EXTRA]
+  local sock=$1 cpu=$2 log=$3 size=$4 warmup=$5 duration=$6 extra=${7:-} pid from to
+  vk__dpdk_start "net_virtio_user0,path=$sock,queues=1$extra" "$cpu" "$log" \
+    --forward-mode=io --tx-first --txpkts="$size" --burst=32
+  pid=$VK_DPDK_PID
+  vk_dpdk_wait_ready "$log" 30 "$pid" || { vk_dpdk_stop "$pid"; return 1; }
+  sleep "$warmup"
+  from=$(vk_dpdk_log_size "$log")
+  sleep "$duration"
+  to=$(vk_dpdk_log_size "$log")
+  vk_dpdk_stop "$pid"
+  vk_dpdk_pps "$log" Rx-pps "$from" "$to"
+}
+
 vk_dpdk_wait_listening() {
   local sock=$1 timeout=$2
   vk_wait_for "$timeout" vk__dpdk_listening "$sock"

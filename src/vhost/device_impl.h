@@ -223,7 +223,8 @@ struct Device::Impl {
     }
     // With an inflight region the ring resumes past the heads still in flight there (QEMU sends
     // the used index as the base, as above), and those are resubmitted first. Split rings only:
-    // the packed layout is not implemented (the session refuses the region with the packed ring).
+    // the packed layout is not implemented (the session answers GET_INFLIGHT_FD with no region
+    // and refuses SET_INFLIGHT_FD when the packed ring was negotiated).
     auto resume =
         q.start_inflight(inflight && !r.packed ? inflight->split_queue(q.index_) : nullptr);
     if (!resume) {
