@@ -9,30 +9,40 @@
 #   --duration   seconds measured per c4 point, after a 1 s warm-up (default 5)
 #   --size       frame size for c4 (default 64)
 #   --what       comma list of: ring (bench/ring_bench, every benchmark), c4 (each tree's
-#                vhostkit-bench loop <-> its vhostkit-net --loopback --poll=busy); default ring,c4
+#                vhostkit-bench loop <-> its vhostkit-net --loopback --poll=busy), tpmd and
+#                tpmd-pio (testpmd virtio-user, io fwd --tx-first, with its defaults or asking for
+#                packed_vq=1,in_order=1, against each tree's vhostkit-net); default ring,c4
 #
 # Writes bench/results/ab-<utc>.csv (one row per measurement) and prints a table. Runs as any
-# user; the two trees must be built first (ninja ring_bench vhostkit-net vhostkit-bench).
+# user (tpmd: root, testpmd without hugepages); the two trees must be built first (ninja
+# ring_bench vhostkit-net vhostkit-bench).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VK_SCRIPT_NAME=ab
 source "$root/scripts/lib/vhostkit.sh"
+source "$root/scripts/lib/dpdk.sh"
 
 a="" b="" rounds=3 duration=5 size=64 what=ring,c4 keep=0
-vk_options ab.sh 16 a=a b=b rounds=rounds duration=duration size=size what=what keep-logs!keep -- "$@"
+vk_options ab.sh 19 a=a b=b rounds=rounds duration=duration size=size what=what keep-logs!keep -- "$@"
 [[ -n $a && -n $b ]] || { echo "ab.sh: --a DIR and --b DIR are required (see --help)" >&2; exit 2; }
 for n in rounds duration size; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "ab.sh: --$n must be a whole number >= 1" >&2; exit 2; }
 done
 want() { [[ ,$what, == *,$1,* ]]; }
-want ring || want c4 || { echo "ab.sh: --what takes ring and/or c4" >&2; exit 2; }
+for w in ${what//,/ }; do
+  [[ $w =~ ^(ring|c4|tpmd|tpmd-pio)$ ]] || { echo "ab.sh: --what takes ring, c4, tpmd, tpmd-pio; not $w" >&2; exit 2; }
+done
+if want tpmd || want tpmd-pio; then
+  command -v "$VK_TESTPMD" >/dev/null || { echo "ab.sh: no $VK_TESTPMD (dpdk-dev) for tpmd" >&2; exit 77; }
+  ((duration >= 3)) || { echo "ab.sh: tpmd needs --duration of at least 3 s (testpmd's rate samples)" >&2; exit 2; }
+fi
 declare -A DIR=([A]=$(cd "$a" && pwd) [B]=$(cd "$b" && pwd))
 for s in A B; do
   d=${DIR[$s]}
   if want ring; then
     [[ -x $d/bench/ring_bench ]] || { echo "ab.sh: $d/bench/ring_bench not built" >&2; exit 1; }
   fi
-  if want c4; then
+  if want c4 || want tpmd || want tpmd-pio; then
     for p in vhostkit-net vhostkit-bench; do
       [[ -x $d/src/tools/$p/$p ]] || { echo "ab.sh: $d/src/tools/$p/$p not built" >&2; exit 1; }
     done
@@ -72,6 +82,21 @@ c4_round() {  # SIDE ROUND: vhostkit-bench loop against vhostkit-net --loopback,
   echo "$1,$2,c4 ${size} B,$mpps,Mpps" >>"$out"
 }
 
+tpmd_round() {  # SIDE ROUND KIND: testpmd virtio-user against vhostkit-net --loopback, busy
+  local d=${DIR[$1]} kind=$3 tag=$3-$1-$2 extra="" pps
+  local sock=$VK_TMP/$tag.sock log=$VK_TMP/$tag.log
+  [[ $kind == tpmd-pio ]] && extra=",packed_vq=1,in_order=1"
+  rm -f "$sock"
+  VK_NET_BIN=$d/src/tools/vhostkit-net/vhostkit-net vk_net_start "$log" -- \
+    --socket-path="$sock" --loopback --poll=busy --cpu=1
+  vk_net_wait_listening "$sock" 30 "$log" || { say "vhostkit-net did not listen (see $log)"; return 1; }
+  pps=$(vk_dpdk_frontend_pps "$sock" 0 "$VK_TMP/$tag-testpmd.log" "$size" 1 "$duration" "$extra") ||
+    { say "testpmd failed (see $VK_TMP/$tag-testpmd.log)"; vk_net_stop "$VK_NET_PID"; return 1; }
+  vk_net_stop "$VK_NET_PID" >/dev/null || true
+  awk -v s="$1" -v r="$2" -v k="$kind" -v z="$size" -v p="$pps" \
+    'BEGIN { printf "%s,%s,%s %s B,%.4f,Mpps\n", s, r, k, z, p / 1e6 }' >>"$out"
+}
+
 for ((r = 1; r <= rounds; r++)); do
   for s in A B; do
     # Alternate which side goes first, so a slow drift of the host favours neither.
@@ -79,6 +104,9 @@ for ((r = 1; r <= rounds; r++)); do
     say "round $r/$rounds: $s"
     if want ring; then ring_round "$s" "$r"; fi
     if want c4; then c4_round "$s" "$r"; fi
+    for k in tpmd tpmd-pio; do
+      if want $k; then tpmd_round "$s" "$r" $k; fi
+    done
   done
 done
 
