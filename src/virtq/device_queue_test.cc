@@ -370,5 +370,34 @@ TEST(DeviceQueueTake, WalksTheChainAtAHeadWithoutMovingTheAvailRing) {
   EXPECT_EQ(c->head, third);
 }
 
+// prefetch_pending is a hint: on a sound chain, an unmapped buffer, an indirect one, or an index
+// past what pending() counted, it reads nothing it trusts and changes nothing pop() sees.
+TEST(DeviceQueue, PrefetchPendingChangesNothingAndAsksForNothingBad) {
+  Rig rig(8, kIndirect);
+  const Buf ok[] = {{Rig::kDataGpa, 128}};
+  const Buf far[] = {{0x7000'0000'0000ull, 4096}};  // outside every region
+  rig.add_publish({}, ok, 1);
+  rig.add_publish({}, far, 2);
+  const Buf two[] = {{Rig::kDataGpa + 4096, 64}, {Rig::kDataGpa + 8192, 64}};
+  ASSERT_TRUE(rig.driver.add({}, two, 3).has_value());  // indirect: two buffers, one slot
+  rig.driver.publish();
+  const auto seen = rig.device.pending();
+  ASSERT_GT(seen, 0);
+  for (std::uint16_t i = 0; i < 12; ++i) rig.device.prefetch_pending(i, 1u << 20);
+  rig.device.prefetch_pending(0, 0);
+  EXPECT_EQ(rig.device.pending(), seen);
+  std::array<iovec, 4> segs{};
+  auto a = rig.device.pop(segs);
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->writable[0].iov_base, rig.host(Rig::kDataGpa));
+  auto b = rig.device.pop(segs);
+  ASSERT_FALSE(b.has_value());
+  EXPECT_EQ(b.error(), ChainError::desc_not_mapped);
+  auto c = rig.device.pop(segs);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->writable_len, 128u);
+  EXPECT_FALSE(rig.device.broken());
+}
+
 }  // namespace
 }  // namespace vhostkit::virtq

@@ -70,6 +70,24 @@ struct Chain {
   std::uint64_t writable_len = 0;
 };
 
+// Asks the cache for the lines of [p, p + len) ahead of stores into them: x86's PREFETCHW takes
+// each line exclusive, so a store later finds it ready instead of waiting, at the head of the
+// store buffer, for the other core to give it up. A hint: it faults on nothing.
+inline void prefetch_for_write(const void* p, std::size_t len) noexcept {
+  const auto* b = static_cast<const std::uint8_t*>(p);
+  const auto first = reinterpret_cast<std::uintptr_t>(b) & ~std::uintptr_t{63};
+  const auto end = reinterpret_cast<std::uintptr_t>(b) + len;
+  for (std::uintptr_t a = first; a < end; a += 64) {
+#if defined(__x86_64__)
+    // PREFETCHW itself: __builtin_prefetch(p, 1) gives PREFETCHT0 unless built for a CPU with it,
+    // and every x86-64 CPU decodes it (older ones as a no-op).
+    asm volatile("prefetchw %0" : : "m"(*reinterpret_cast<const char*>(a)));
+#else
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 1);
+#endif
+  }
+}
+
 // The device side of either layout, as the vhost and net layers use it.
 template <class Q>
 concept DeviceRing = requires(Q q, const Q cq, std::span<iovec> segs) {
@@ -77,6 +95,7 @@ concept DeviceRing = requires(Q q, const Q cq, std::span<iovec> segs) {
   { q.pop(segs) } -> std::same_as<std::expected<Chain, ChainError>>;
   q.push_used(std::uint16_t{}, std::uint32_t{});
   q.publish_used();
+  cq.prefetch_pending(std::uint16_t{}, std::size_t{});
   cq.log_write(std::span<const iovec>{}, std::size_t{});
   { q.needs_notify() } -> std::same_as<bool>;
   q.disable_notifications();

@@ -11,6 +11,7 @@
 
 #include <sys/uio.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -157,6 +158,9 @@ class PackedDeviceQueue {
   // table must lie in one region and hold at most size() descriptors; entries inside it may
   // carry no flag but WRITE (an INDIRECT one is refused as indirect_nested).
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
+  // As DeviceQueue's: a hint for the i-th descriptor past the next one that pending() saw
+  // available, the head of the i-th chain when every chain before it is one descriptor long.
+  void prefetch_pending(std::uint16_t i, std::size_t len) const noexcept;
 
   // Queues a used descriptor for buffer `id` with `len` bytes written, visible after
   // publish_used(). An id not in flight is ignored. With IN_ORDER, a chain pushed right after
@@ -394,6 +398,17 @@ inline std::expected<Chain, ChainError> PackedDeviceQueue::pop(std::span<iovec> 
     }
   }
   return walk(d, segs);
+}
+
+inline void PackedDeviceQueue::prefetch_pending(std::uint16_t i, std::size_t len) const noexcept {
+  if (broken_ || i >= ahead_) return;
+  detail::RingCursor c = avail_;
+  c.advance(i, ring_.size);
+  const virtio::PackedDesc d = detail::read_packed_desc_once(ring_.desc + c.pos);
+  const std::size_t n = std::min<std::size_t>(d.len, len);
+  if (!detail::desc_is_avail(d.flags, c.wrap) || (d.flags & virtio::kDescFIndirect) != 0 || n == 0)
+    return;
+  if (const std::uint8_t* p = mem_->gpa_to_host(d.addr, n)) prefetch_for_write(p, n);
 }
 
 inline void PackedDeviceQueue::close_open() noexcept {

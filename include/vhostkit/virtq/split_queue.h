@@ -10,6 +10,7 @@
 #include <sys/uio.h>
 
 #include <array>
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -75,6 +76,11 @@ class DeviceQueue {
   // Indirect tables must lie in one region; a chain may hold at most size() buffer descriptors
   // in total (ring table and indirect table together).
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
+  // A hint ahead of a burst: the first `len` bytes of the first buffer of the i-th chain that
+  // pending() counted (0: the next pop()) are asked for, for writing. Reads the ring without
+  // trusting it: pop() checks the chain again; an index not counted, an indirect or unmapped
+  // buffer ask for nothing.
+  void prefetch_pending(std::uint16_t i, std::size_t len) const noexcept;
   // Takes the chain at `head` again without touching the avail ring or last_avail_idx: a
   // restarted back-end resubmitting the requests its predecessor left in flight (vhost-user's
   // inflight I/O tracking). The chain is walked and checked exactly as pop() does, and a bad one
@@ -354,6 +360,19 @@ inline std::expected<Chain, ChainError> DeviceQueue::pop(std::span<iovec> segs) 
     count(chain.error());
   }
   return chain;
+}
+
+inline void DeviceQueue::prefetch_pending(std::uint16_t i, std::size_t len) const noexcept {
+  if (broken_ || static_cast<std::uint16_t>(avail_idx_cache_ - last_avail_idx_) <= i) return;
+  const std::uint16_t head =
+      std::atomic_ref<std::uint16_t>(ring_.avail->ring[(last_avail_idx_ + i) & mask_])
+          .load(std::memory_order_relaxed);
+  if (head >= ring_.size) [[unlikely]]
+    return;
+  const virtio::VirtqDesc d = detail::read_desc_once(ring_.desc + head);
+  const std::size_t n = std::min<std::size_t>(d.len, len);
+  if ((d.flags & virtio::kDescFIndirect) != 0 || n == 0) return;
+  if (const std::uint8_t* p = mem_->gpa_to_host(d.addr, n)) prefetch_for_write(p, n);
 }
 
 inline void DeviceQueue::push_used(std::uint16_t head, std::uint32_t len) noexcept {
