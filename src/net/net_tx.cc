@@ -76,6 +76,34 @@ TxPop pop_tx(NetDevice::Pair& p, Ring& vq, std::span<iovec> segs, std::size_t hd
   return tx_chain_ok(p, *c, hdr_len) ? TxPop::ok : TxPop::bad;
 }
 
+// Asks for the rx buffer a frame of `len` bytes (header included) will be written into: the
+// header's bytes for reading, the frame's for writing. deliver_frame writes the header only when
+// it differs from what the buffer holds, and it rarely does (drivers recycle their buffers), so
+// the line can stay shared with the driver's core, which reads it next.
+void prefetch_rx_buffer(std::span<std::uint8_t> buf, std::size_t hdr_len,
+                        std::size_t len) noexcept {
+  len = std::min({len, buf.size(), hdr_len + kPrefetchBytes});
+  if (len <= hdr_len) return;
+  __builtin_prefetch(buf.data());
+  virtq::prefetch_for_write(buf.data() + hdr_len, len - hdr_len);
+}
+
+// Asks for a tx frame's bytes past the header (the loopback never reads the guest's header), up
+// to a full-size frame: lines beyond are left to the hardware prefetcher, which follows the
+// copy's stream.
+void prefetch_tx_frame(const virtq::Chain& c, std::size_t hdr_len) noexcept {
+  std::size_t skip = hdr_len;
+  for (const iovec& v : c.readable) {
+    if (v.iov_len <= skip) {
+      skip -= v.iov_len;  // a header in a descriptor of its own
+      continue;
+    }
+    const std::size_t n = std::min(v.iov_len - skip, kPrefetchBytes);
+    virtq::prefetch_for_read(static_cast<const std::uint8_t*>(v.iov_base) + skip, n);
+    return;
+  }
+}
+
 }  // namespace
 
 // One branch on the layout per burst; the burst itself runs on the concrete ring type.
@@ -170,17 +198,17 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q, Ring& vq) noexcept {
       continue;
     }
     used_segs += c.readable.size() + c.writable.size();
-    // The first piece, up to a full-size frame: lines beyond are left to the hardware
-    // prefetcher, which follows the copy's stream.
-    const auto* b = static_cast<const std::uint8_t*>(c.readable[0].iov_base);
-    const std::size_t n = std::min<std::size_t>(c.readable[0].iov_len, kPrefetchBytes);
-    for (std::size_t off = 0; off < n; off += 64) __builtin_prefetch(b + off);
+    prefetch_tx_frame(c, hdr_len_);
     if (batched < rx_ready) {
-      rx->prefetch_pending(static_cast<std::uint16_t>(batched),
-                           std::min<std::size_t>(c.readable_len, kPrefetchBytes));
+      prefetch_rx_buffer(rx->peek_pending(static_cast<std::uint16_t>(batched)), hdr_len_,
+                         c.readable_len);
     }
     ++batched;
   }
+  // And the rx ring's used entries this burst writes: the driver reads them, so they are not
+  // ours either.
+  if (rx != nullptr)
+    rx->prefetch_used(static_cast<std::uint16_t>(std::min<std::size_t>(batched, rx_ready)));
   // Then each frame goes to the receiveq and its tx chain back, in order.
   for (std::size_t i = 0; i < batched; ++i) {
     const virtq::Chain& c = p.tx_batch[i];

@@ -11,7 +11,6 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <numeric>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -41,12 +40,6 @@ inline std::string bit_list(std::uint64_t bits) {
     }
   }
   return s;
-}
-
-template <virtq::DeviceRing R>
-std::uint64_t errors_total(const R& vq) noexcept {
-  const auto& e = vq.errors();
-  return std::accumulate(e.begin(), e.end(), std::uint64_t{0});
 }
 
 // Where a packed ring resumes from SET_VRING_BASE's num. Front-ends that carry the avail side
@@ -232,7 +225,7 @@ struct Device::Impl {
       return std::unexpected(resume.error());
     }
     if (!r.packed && *resume != q.vq_.last_avail_idx()) q.vq_.attach(&mem, r.parts, acked, *resume);
-    q.errors_seen = q.visit([](auto& vq) { return detail::errors_total(vq); });
+    q.errors_seen = q.visit([](auto& vq) { return vq.error_total(); });
     q.broken_.store(false, std::memory_order_relaxed);
     q.rekick_pending = false;
     set_log_hook(q, r);
@@ -305,7 +298,7 @@ struct Device::Impl {
   // After handler calls: bad-chain counters into stats, and a broken ring stopped.
   // Returns false if the ring was stopped.
   bool account(Queue& q) VHOSTKIT_REQUIRES(q.worker_role_) {
-    const std::uint64_t total = q.visit([](auto& vq) { return detail::errors_total(vq); });
+    const std::uint64_t total = q.visit([](auto& vq) { return vq.error_total(); });
     if (total != q.errors_seen) {
       q.stats_.add(q.stats_.errors, total - q.errors_seen);
       q.errors_seen = total;
@@ -484,7 +477,7 @@ struct Device::Impl {
       const std::uint16_t last = q.vq_.last_avail_idx();
       q.vq_.attach(&mem, r.parts, acked, last);
     }
-    q.errors_seen = q.visit([](auto& vq) { return detail::errors_total(vq); });
+    q.errors_seen = q.visit([](auto& vq) { return vq.error_total(); });
     if (q.poller_id != 0) q.visit([](auto& vq) { vq.disable_notifications(); });
     set_log_hook(q, r);
   }

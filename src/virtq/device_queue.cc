@@ -25,6 +25,7 @@ void DeviceQueue::attach(const memory::GuestMemory* mem, SplitRing ring, std::ui
   indirect_ = virtio::has(features, virtio::feature::ring_indirect_desc);
   broken_ = false;
   errors_ = {};
+  error_total_ = 0;
   in_order_ = false;  // set once the ring is known good, with its table sized
   merge_open_ = false;
   last_avail_idx_ = last_avail_idx;
@@ -88,7 +89,10 @@ void DeviceQueue::detach() noexcept {
 }
 
 void DeviceQueue::count(ChainError e) noexcept {
-  if (e != ChainError::empty && e != ChainError::kCount) ++errors_[static_cast<std::size_t>(e)];
+  if (e != ChainError::empty && e != ChainError::kCount) {
+    ++errors_[static_cast<std::size_t>(e)];
+    ++error_total_;
+  }
 }
 
 void DeviceQueue::mark_broken(ChainError e) noexcept {

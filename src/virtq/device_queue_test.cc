@@ -370,9 +370,10 @@ TEST(DeviceQueueTake, WalksTheChainAtAHeadWithoutMovingTheAvailRing) {
   EXPECT_EQ(c->head, third);
 }
 
-// prefetch_pending is a hint: on a sound chain, an unmapped buffer, an indirect one, or an index
-// past what pending() counted, it reads nothing it trusts and changes nothing pop() sees.
-TEST(DeviceQueue, PrefetchPendingChangesNothingAndAsksForNothingBad) {
+// peek_pending, for prefetching: the next chains' first buffers, translated, without trusting
+// the ring or changing what pop() sees; nothing for a buffer outside guest memory, an indirect
+// table or an index past what pending() counted.
+TEST(DeviceQueue, PeekPendingShowsTheNextBuffersAndChangesNothing) {
   Rig rig(8, kIndirect);
   const Buf ok[] = {{Rig::kDataGpa, 128}};
   const Buf far[] = {{0x7000'0000'0000ull, 4096}};  // outside every region
@@ -383,8 +384,14 @@ TEST(DeviceQueue, PrefetchPendingChangesNothingAndAsksForNothingBad) {
   rig.driver.publish();
   const auto seen = rig.device.pending();
   ASSERT_GT(seen, 0);
-  for (std::uint16_t i = 0; i < 12; ++i) rig.device.prefetch_pending(i, 1u << 20);
-  rig.device.prefetch_pending(0, 0);
+  const auto first = rig.device.peek_pending(0);
+  EXPECT_EQ(first.data(), rig.host(Rig::kDataGpa));
+  EXPECT_EQ(first.size(), 128u);
+  EXPECT_TRUE(rig.device.peek_pending(1).empty());  // outside guest memory
+  EXPECT_TRUE(rig.device.peek_pending(2).empty());  // an indirect table
+  for (std::uint16_t i = 3; i < 12; ++i) EXPECT_TRUE(rig.device.peek_pending(i).empty());
+  rig.device.prefetch_used(0);
+  rig.device.prefetch_used(1000);  // past the ring's size: clamped, and a hint only
   EXPECT_EQ(rig.device.pending(), seen);
   std::array<iovec, 4> segs{};
   auto a = rig.device.pop(segs);
@@ -393,6 +400,7 @@ TEST(DeviceQueue, PrefetchPendingChangesNothingAndAsksForNothingBad) {
   auto b = rig.device.pop(segs);
   ASSERT_FALSE(b.has_value());
   EXPECT_EQ(b.error(), ChainError::desc_not_mapped);
+  EXPECT_EQ(rig.device.error_total(), 1u);  // the sum of errors(), kept as they are counted
   auto c = rig.device.pop(segs);
   ASSERT_TRUE(c.has_value());
   EXPECT_EQ(c->writable_len, 128u);

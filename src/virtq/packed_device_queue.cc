@@ -71,6 +71,7 @@ void PackedDeviceQueue::attach(const memory::GuestMemory* mem, PackedRing ring,
   in_order_ = virtio::has(features, virtio::feature::in_order);
   broken_ = false;
   errors_ = {};
+  error_total_ = 0;
   ahead_ = 0;
   pop_seq_ = 0;
   open_ = {};
@@ -120,7 +121,10 @@ void PackedDeviceQueue::detach() noexcept {
 }
 
 void PackedDeviceQueue::count(ChainError e) noexcept {
-  if (e != ChainError::empty && e != ChainError::kCount) ++errors_[static_cast<std::size_t>(e)];
+  if (e != ChainError::empty && e != ChainError::kCount) {
+    ++errors_[static_cast<std::size_t>(e)];
+    ++error_total_;
+  }
 }
 
 void PackedDeviceQueue::mark_broken(ChainError e) noexcept {

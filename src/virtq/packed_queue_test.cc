@@ -12,8 +12,8 @@ namespace vhostkit::virtq {
 namespace {
 
 using testing::kEventIdx;
-using testing::kInOrder;
 using testing::kIndirect;
+using testing::kInOrder;
 using testing::PackedRig;
 using testing::Rig;
 using Buf = DriverQueue::Buffer;
@@ -308,9 +308,10 @@ TEST(InOrder, SplitOutOfOrderPushesAreNotFolded) {
   EXPECT_EQ(rig.driver.used()->ring[1].id, a);
 }
 
-// prefetch_pending is a hint: on a sound chain, an unmapped buffer, an indirect one, or an index
-// past what pending() counted, it reads nothing it trusts and changes nothing pop() sees.
-TEST(PackedQueue, PrefetchPendingChangesNothingAndAsksForNothingBad) {
+// peek_pending, for prefetching: the next chains' first buffers, translated, without trusting
+// the ring or changing what pop() sees; nothing for a buffer outside guest memory, an indirect
+// table or an index past what pending() counted.
+TEST(PackedQueue, PeekPendingShowsTheNextBuffersAndChangesNothing) {
   PackedRig rig(8, kIndirect);
   const Buf ok[] = {{PackedRig::kDataGpa, 128}};
   const Buf far[] = {{0x7000'0000'0000ull, 4096}};  // outside every region
@@ -321,8 +322,14 @@ TEST(PackedQueue, PrefetchPendingChangesNothingAndAsksForNothingBad) {
   rig.driver.publish();
   const auto seen = rig.device.pending();
   ASSERT_GT(seen, 0);
-  for (std::uint16_t i = 0; i < 12; ++i) rig.device.prefetch_pending(i, 1u << 20);
-  rig.device.prefetch_pending(0, 0);
+  const auto first = rig.device.peek_pending(0);
+  EXPECT_EQ(first.data(), rig.host(PackedRig::kDataGpa));
+  EXPECT_EQ(first.size(), 128u);
+  EXPECT_TRUE(rig.device.peek_pending(1).empty());  // outside guest memory
+  EXPECT_TRUE(rig.device.peek_pending(2).empty());  // an indirect table
+  for (std::uint16_t i = 3; i < 12; ++i) EXPECT_TRUE(rig.device.peek_pending(i).empty());
+  rig.device.prefetch_used(0);
+  rig.device.prefetch_used(1000);  // past the ring's size: clamped, and a hint only
   EXPECT_EQ(rig.device.pending(), seen);
   std::array<iovec, 4> segs{};
   auto a = rig.device.pop(segs);
@@ -331,6 +338,7 @@ TEST(PackedQueue, PrefetchPendingChangesNothingAndAsksForNothingBad) {
   auto b = rig.device.pop(segs);
   ASSERT_FALSE(b.has_value());
   EXPECT_EQ(b.error(), ChainError::desc_not_mapped);
+  EXPECT_EQ(rig.device.error_total(), 1u);  // the sum of errors(), kept as they are counted
   auto c = rig.device.pop(segs);
   ASSERT_TRUE(c.has_value());
   EXPECT_EQ(c->writable_len, 128u);

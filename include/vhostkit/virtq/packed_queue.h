@@ -158,9 +158,12 @@ class PackedDeviceQueue {
   // table must lie in one region and hold at most size() descriptors; entries inside it may
   // carry no flag but WRITE (an INDIRECT one is refused as indirect_nested).
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
-  // As DeviceQueue's: a hint for the i-th descriptor past the next one that pending() saw
-  // available, the head of the i-th chain when every chain before it is one descriptor long.
-  void prefetch_pending(std::uint16_t i, std::size_t len) const noexcept;
+  // As DeviceQueue's, for the i-th descriptor past the next one that pending() saw available:
+  // the head of the i-th chain when every chain before it is one descriptor long.
+  std::span<std::uint8_t> peek_pending(std::uint16_t i) const noexcept;
+
+  // As DeviceQueue's: the descriptor ring lines the next `n` used descriptors go to, for writing.
+  void prefetch_used(std::uint16_t n) const noexcept;
 
   // Queues a used descriptor for buffer `id` with `len` bytes written, visible after
   // publish_used(). An id not in flight is ignored. With IN_ORDER, a chain pushed right after
@@ -190,6 +193,8 @@ class PackedDeviceQueue {
     return PackedRingBase{avail_.pos, avail_.wrap, used_.pos, used_.wrap};
   }
   const std::array<std::uint64_t, kChainErrorCount>& errors() const noexcept { return errors_; }
+  // The sum of errors(), kept as they are counted: a device checks it after every burst.
+  std::uint64_t error_total() const noexcept { return error_total_; }
 
  private:
   struct InFlight {
@@ -237,6 +242,7 @@ class PackedDeviceQueue {
   std::uint32_t signalled_ext_ = 0;  // used position when we last decided about a signal
   std::vector<InFlight> inflight_;   // per buffer id
   std::array<std::uint64_t, kChainErrorCount> errors_{};
+  std::uint64_t error_total_ = 0;
 };
 
 // Where the three parts of a packed ring of `size` live in one block of driver memory; the
@@ -400,15 +406,24 @@ inline std::expected<Chain, ChainError> PackedDeviceQueue::pop(std::span<iovec> 
   return walk(d, segs);
 }
 
-inline void PackedDeviceQueue::prefetch_pending(std::uint16_t i, std::size_t len) const noexcept {
-  if (broken_ || i >= ahead_) return;
+inline std::span<std::uint8_t> PackedDeviceQueue::peek_pending(std::uint16_t i) const noexcept {
+  if (broken_ || i >= ahead_) return {};
   detail::RingCursor c = avail_;
   c.advance(i, ring_.size);
   const virtio::PackedDesc d = detail::read_packed_desc_once(ring_.desc + c.pos);
-  const std::size_t n = std::min<std::size_t>(d.len, len);
-  if (!detail::desc_is_avail(d.flags, c.wrap) || (d.flags & virtio::kDescFIndirect) != 0 || n == 0)
-    return;
-  if (const std::uint8_t* p = mem_->gpa_to_host(d.addr, n)) prefetch_for_write(p, n);
+  if (!detail::desc_is_avail(d.flags, c.wrap) || (d.flags & virtio::kDescFIndirect) != 0 ||
+      d.len == 0)
+    return {};
+  std::uint8_t* p = mem_->gpa_to_host(d.addr, d.len);
+  return p != nullptr ? std::span<std::uint8_t>(p, d.len) : std::span<std::uint8_t>{};
+}
+
+inline void PackedDeviceQueue::prefetch_used(std::uint16_t n) const noexcept {
+  if (ring_.desc == nullptr || n == 0) return;
+  n = std::min(n, ring_.size);
+  const std::uint16_t first = std::min<std::uint16_t>(n, ring_.size - used_.pos);
+  prefetch_for_write(ring_.desc + used_.pos, first * sizeof(virtio::PackedDesc));
+  if (first < n) prefetch_for_write(ring_.desc, (n - first) * sizeof(virtio::PackedDesc));
 }
 
 inline void PackedDeviceQueue::close_open() noexcept {

@@ -9,8 +9,8 @@
 
 #include <sys/uio.h>
 
-#include <array>
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -76,11 +76,14 @@ class DeviceQueue {
   // Indirect tables must lie in one region; a chain may hold at most size() buffer descriptors
   // in total (ring table and indirect table together).
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
-  // A hint ahead of a burst: the first `len` bytes of the first buffer of the i-th chain that
-  // pending() counted (0: the next pop()) are asked for, for writing. Reads the ring without
-  // trusting it: pop() checks the chain again; an index not counted, an indirect or unmapped
-  // buffer ask for nothing.
-  void prefetch_pending(std::uint16_t i, std::size_t len) const noexcept;
+  // For prefetching ahead of a burst, nothing else: the first buffer of the i-th chain that
+  // pending() counted (0: the next pop()), translated, or empty for an index not counted, an
+  // indirect descriptor or a buffer outside guest memory. The ring is read without being
+  // trusted or changed: the chain pop() hands out later is checked again and may differ.
+  std::span<std::uint8_t> peek_pending(std::uint16_t i) const noexcept;
+  // A hint ahead of a burst: asks for the used ring lines the next `n` push_used() calls write,
+  // for writing (the driver's core reads them, so they are rarely ours).
+  void prefetch_used(std::uint16_t n) const noexcept;
   // Takes the chain at `head` again without touching the avail ring or last_avail_idx: a
   // restarted back-end resubmitting the requests its predecessor left in flight (vhost-user's
   // inflight I/O tracking). The chain is walked and checked exactly as pop() does, and a bad one
@@ -125,6 +128,8 @@ class DeviceQueue {
   std::uint16_t last_avail_idx() const noexcept { return last_avail_idx_; }
   std::uint16_t used_idx() const noexcept { return used_idx_; }
   const std::array<std::uint64_t, kChainErrorCount>& errors() const noexcept { return errors_; }
+  // The sum of errors(), kept as they are counted: a device checks it after every burst.
+  std::uint64_t error_total() const noexcept { return error_total_; }
 
  private:
   // Walks the chain whose head descriptor `first` was already copied out of the ring.
@@ -155,6 +160,7 @@ class DeviceQueue {
   std::uint16_t signalled_used_idx_ = 0;  // used->idx when we last decided about a signal
   std::uint16_t last_bad_head_ = 0;
   std::array<std::uint64_t, kChainErrorCount> errors_{};
+  std::uint64_t error_total_ = 0;
   struct Popped {
     std::uint32_t writable = 0;  // the chain's writable bytes (kNeverComplete: a refused chain)
     std::uint32_t seq = 0;       // pop order
@@ -362,17 +368,27 @@ inline std::expected<Chain, ChainError> DeviceQueue::pop(std::span<iovec> segs) 
   return chain;
 }
 
-inline void DeviceQueue::prefetch_pending(std::uint16_t i, std::size_t len) const noexcept {
-  if (broken_ || static_cast<std::uint16_t>(avail_idx_cache_ - last_avail_idx_) <= i) return;
+inline std::span<std::uint8_t> DeviceQueue::peek_pending(std::uint16_t i) const noexcept {
+  if (broken_ || static_cast<std::uint16_t>(avail_idx_cache_ - last_avail_idx_) <= i) return {};
   const std::uint16_t head =
       std::atomic_ref<std::uint16_t>(ring_.avail->ring[(last_avail_idx_ + i) & mask_])
           .load(std::memory_order_relaxed);
   if (head >= ring_.size) [[unlikely]]
-    return;
+    return {};
   const virtio::VirtqDesc d = detail::read_desc_once(ring_.desc + head);
-  const std::size_t n = std::min<std::size_t>(d.len, len);
-  if ((d.flags & virtio::kDescFIndirect) != 0 || n == 0) return;
-  if (const std::uint8_t* p = mem_->gpa_to_host(d.addr, n)) prefetch_for_write(p, n);
+  if ((d.flags & virtio::kDescFIndirect) != 0 || d.len == 0) return {};
+  std::uint8_t* p = mem_->gpa_to_host(d.addr, d.len);
+  return p != nullptr ? std::span<std::uint8_t>(p, d.len) : std::span<std::uint8_t>{};
+}
+
+inline void DeviceQueue::prefetch_used(std::uint16_t n) const noexcept {
+  if (ring_.used == nullptr || n == 0) return;
+  n = std::min(n, ring_.size);
+  const std::uint16_t at = used_idx_ & mask_;
+  const std::uint16_t first = std::min<std::uint16_t>(n, ring_.size - at);
+  prefetch_for_write(&ring_.used->ring[at], first * sizeof(virtio::VirtqUsedElem));
+  if (first < n)
+    prefetch_for_write(&ring_.used->ring[0], (n - first) * sizeof(virtio::VirtqUsedElem));
 }
 
 inline void DeviceQueue::push_used(std::uint16_t head, std::uint32_t len) noexcept {
