@@ -370,42 +370,5 @@ TEST(DeviceQueueTake, WalksTheChainAtAHeadWithoutMovingTheAvailRing) {
   EXPECT_EQ(c->head, third);
 }
 
-// peek_pending, for prefetching: the next chains' first buffers, translated, without trusting
-// the ring or changing what pop() sees; nothing for a buffer outside guest memory, an indirect
-// table or an index past what pending() counted.
-TEST(DeviceQueue, PeekPendingShowsTheNextBuffersAndChangesNothing) {
-  Rig rig(8, kIndirect);
-  const Buf ok[] = {{Rig::kDataGpa, 128}};
-  const Buf far[] = {{0x7000'0000'0000ull, 4096}};  // outside every region
-  rig.add_publish({}, ok, 1);
-  rig.add_publish({}, far, 2);
-  const Buf two[] = {{Rig::kDataGpa + 4096, 64}, {Rig::kDataGpa + 8192, 64}};
-  ASSERT_TRUE(rig.driver.add({}, two, 3).has_value());  // indirect: two buffers, one slot
-  rig.driver.publish();
-  const auto seen = rig.device.pending();
-  ASSERT_GT(seen, 0);
-  const auto first = rig.device.peek_pending(0);
-  EXPECT_EQ(first.data(), rig.host(Rig::kDataGpa));
-  EXPECT_EQ(first.size(), 128u);
-  EXPECT_TRUE(rig.device.peek_pending(1).empty());  // outside guest memory
-  EXPECT_TRUE(rig.device.peek_pending(2).empty());  // an indirect table
-  for (std::uint16_t i = 3; i < 12; ++i) EXPECT_TRUE(rig.device.peek_pending(i).empty());
-  rig.device.prefetch_used(0);
-  rig.device.prefetch_used(1000);  // past the ring's size: clamped, and a hint only
-  EXPECT_EQ(rig.device.pending(), seen);
-  std::array<iovec, 4> segs{};
-  auto a = rig.device.pop(segs);
-  ASSERT_TRUE(a.has_value());
-  EXPECT_EQ(a->writable[0].iov_base, rig.host(Rig::kDataGpa));
-  auto b = rig.device.pop(segs);
-  ASSERT_FALSE(b.has_value());
-  EXPECT_EQ(b.error(), ChainError::desc_not_mapped);
-  EXPECT_EQ(rig.device.error_total(), 1u);  // the sum of errors(), kept as they are counted
-  auto c = rig.device.pop(segs);
-  ASSERT_TRUE(c.has_value());
-  EXPECT_EQ(c->writable_len, 128u);
-  EXPECT_FALSE(rig.device.broken());
-}
-
 }  // namespace
 }  // namespace vhostkit::virtq

@@ -308,22 +308,27 @@ TEST(InOrder, SplitOutOfOrderPushesAreNotFolded) {
   EXPECT_EQ(rig.driver.used()->ring[1].id, a);
 }
 
-// peek_pending, for prefetching: the next chains' first buffers, translated, without trusting
-// the ring or changing what pop() sees; nothing for a buffer outside guest memory, an indirect
-// table or an index past what pending() counted.
-TEST(PackedQueue, PeekPendingShowsTheNextBuffersAndChangesNothing) {
-  PackedRig rig(8, kIndirect);
-  const Buf ok[] = {{PackedRig::kDataGpa, 128}};
+// peek_pending, for prefetching, on both layouts: the next chains' first buffers, translated,
+// without trusting the ring or changing what pop() sees; nothing for a buffer outside guest
+// memory, an indirect table or an index past what pending() counted. prefetch_used is a hint.
+template <class R>
+class PeekPending : public ::testing::Test {};
+using BothRigs = ::testing::Types<Rig, PackedRig>;
+TYPED_TEST_SUITE(PeekPending, BothRigs);
+
+TYPED_TEST(PeekPending, ShowsTheNextBuffersAndChangesNothing) {
+  TypeParam rig(8, kIndirect);
+  const Buf ok[] = {{TypeParam::kDataGpa, 128}};
   const Buf far[] = {{0x7000'0000'0000ull, 4096}};  // outside every region
   rig.add_publish({}, ok, 1);
   rig.add_publish({}, far, 2);
-  const Buf two[] = {{PackedRig::kDataGpa + 4096, 64}, {PackedRig::kDataGpa + 8192, 64}};
+  const Buf two[] = {{TypeParam::kDataGpa + 4096, 64}, {TypeParam::kDataGpa + 8192, 64}};
   ASSERT_TRUE(rig.driver.add({}, two, 3).has_value());  // indirect: two buffers, one slot
   rig.driver.publish();
   const auto seen = rig.device.pending();
   ASSERT_GT(seen, 0);
   const auto first = rig.device.peek_pending(0);
-  EXPECT_EQ(first.data(), rig.host(PackedRig::kDataGpa));
+  EXPECT_EQ(first.data(), rig.host(TypeParam::kDataGpa));
   EXPECT_EQ(first.size(), 128u);
   EXPECT_TRUE(rig.device.peek_pending(1).empty());  // outside guest memory
   EXPECT_TRUE(rig.device.peek_pending(2).empty());  // an indirect table
@@ -334,7 +339,7 @@ TEST(PackedQueue, PeekPendingShowsTheNextBuffersAndChangesNothing) {
   std::array<iovec, 4> segs{};
   auto a = rig.device.pop(segs);
   ASSERT_TRUE(a.has_value());
-  EXPECT_EQ(a->writable[0].iov_base, rig.host(PackedRig::kDataGpa));
+  EXPECT_EQ(a->writable[0].iov_base, rig.host(TypeParam::kDataGpa));
   auto b = rig.device.pop(segs);
   ASSERT_FALSE(b.has_value());
   EXPECT_EQ(b.error(), ChainError::desc_not_mapped);

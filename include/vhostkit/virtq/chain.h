@@ -70,38 +70,38 @@ struct Chain {
   std::uint64_t writable_len = 0;
 };
 
+namespace detail {
+// One prefetch per 64-byte line of [p, p + len). Inline asm on x86-64: GCC -O3 dropped a
+// __builtin_prefetch loop it judged to have no effect (inside the loopback's burst loop), and
+// __builtin_prefetch(p, 1) gives PREFETCHT0, not PREFETCHW, unless built for a CPU that has it
+// (every x86-64 CPU decodes PREFETCHW; older ones as a no-op).
+template <bool ForWrite>
+inline void prefetch_lines(const void* p, std::size_t len) noexcept {
+  const auto start = reinterpret_cast<std::uintptr_t>(p);
+  for (std::uintptr_t a = start & ~std::uintptr_t{63}; a < start + len; a += 64) {
+#if defined(__x86_64__)
+    if constexpr (ForWrite) {
+      asm volatile("prefetchw %0" : : "m"(*reinterpret_cast<const char*>(a)));
+    } else {
+      asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(a)));
+    }
+#else
+    __builtin_prefetch(reinterpret_cast<const void*>(a), ForWrite ? 1 : 0);
+#endif
+  }
+}
+}  // namespace detail
+
 // Asks the cache for the lines of [p, p + len) ahead of stores into them: x86's PREFETCHW takes
 // each line exclusive, so a store later finds it ready instead of waiting, at the head of the
 // store buffer, for the other core to give it up. A hint: it faults on nothing.
 inline void prefetch_for_write(const void* p, std::size_t len) noexcept {
-  const auto* b = static_cast<const std::uint8_t*>(p);
-  const auto first = reinterpret_cast<std::uintptr_t>(b) & ~std::uintptr_t{63};
-  const auto end = reinterpret_cast<std::uintptr_t>(b) + len;
-  for (std::uintptr_t a = first; a < end; a += 64) {
-#if defined(__x86_64__)
-    // PREFETCHW itself: __builtin_prefetch(p, 1) gives PREFETCHT0 unless built for a CPU with it,
-    // and every x86-64 CPU decodes it (older ones as a no-op).
-    asm volatile("prefetchw %0" : : "m"(*reinterpret_cast<const char*>(a)));
-#else
-    __builtin_prefetch(reinterpret_cast<const void*>(a), 1);
-#endif
-  }
+  detail::prefetch_lines<true>(p, len);
 }
 
 // Asks the cache for the lines of [p, p + len) ahead of loads from them. A hint.
 inline void prefetch_for_read(const void* p, std::size_t len) noexcept {
-  const auto* b = static_cast<const std::uint8_t*>(p);
-  const auto first = reinterpret_cast<std::uintptr_t>(b) & ~std::uintptr_t{63};
-  const auto end = reinterpret_cast<std::uintptr_t>(b) + len;
-  for (std::uintptr_t a = first; a < end; a += 64) {
-#if defined(__x86_64__)
-    // As above: GCC drops a __builtin_prefetch loop it finds has no other effect (seen at -O3
-    // inside the loopback's burst loop), the asm stays.
-    asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(a)));
-#else
-    __builtin_prefetch(reinterpret_cast<const void*>(a));
-#endif
-  }
+  detail::prefetch_lines<false>(p, len);
 }
 
 // The device side of either layout, as the vhost and net layers use it.
