@@ -20,6 +20,11 @@
 #   vk_guest_result LOG SCENARIO       the "ok|fail k=v..." tail of "VK-RESULT SCENARIO", or 1
 #   vk_guest_field LOG SCENARIO KEY    one k=v value from that line (e.g. sha256, bytes)
 #   vk_qemu_dump LOG [LINES]           the console tail, for failure reports
+#   vk_qemu_migrate SRC_QMP DST_QMP URI SRC_PID SRC_LOG
+#                                      live migration between two running QEMUs: migrate the
+#                                      source over URI (1 GiB/s, 120 s), wait for the destination
+#                                      to run the guest, quit the source; QMP's summary in
+#                                      VK_QEMU_MIGRATED; vk_fail (with SRC_LOG) on any step
 #
 # Environment: VK_GUEST_DIR (default build/guest), VK_QEMU_ACCEL (default tcg; "kvm:tcg" uses KVM
 # when /dev/kvm works), VK_GUEST_DEBUG=1 (full kernel log instead of `quiet`).
@@ -154,4 +159,16 @@ vk_qemu_dump() {
     tail -n 20 "$log.qemu"
   fi
   echo "-----"
+}
+
+vk_qemu_migrate() {
+  local src=$1 dst=$2 uri=$3 src_pid=$4 src_log=$5 qmp mig
+  qmp="$(vk_repo_root)/scripts/lib/qmp.py"
+  mig=$(python3 "$qmp" "$src" migrate "$uri" --timeout 120 --max-bandwidth 1073741824 2>&1) ||
+    { cat "$src_log"; vk_fail "migration: $mig"; }
+  python3 "$qmp" "$dst" wait-status running --timeout 90 >/dev/null ||
+    vk_fail "the destination did not resume the guest"
+  python3 "$qmp" "$src" run quit >/dev/null 2>&1
+  vk_qemu_wait_exit "$src_pid" 30 >/dev/null
+  VK_QEMU_MIGRATED=$mig
 }

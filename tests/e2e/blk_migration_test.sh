@@ -110,15 +110,10 @@ else
 fi
 
 vk_check "QEMU migrates the running guest (source -> destination)"
-mig=$(python3 "$QMP" "$VK_TMP/src.qmp" migrate "unix:$VK_TMP/migrate.sock" --timeout 120 \
-  --max-bandwidth 1073741824 2>&1) ||
-  { cat "${LOG[src]}"; vk_fail "migration: $mig"; }
-python3 "$QMP" "$VK_TMP/dst.qmp" wait-status running --timeout 90 >/dev/null ||
-  vk_fail "the destination did not resume the guest"
-vk_pass "$mig; destination running after $(elapsed) s"
+vk_qemu_migrate "$VK_TMP/src.qmp" "$VK_TMP/dst.qmp" "unix:$VK_TMP/migrate.sock" \
+  "${PID[qemu-src]}" "${LOG[src]}"
+vk_pass "$VK_QEMU_MIGRATED; destination running after $(elapsed) s"
 src_rounds=$(grep -ac '^VK-ROUND' "$src_log")
-python3 "$QMP" "$VK_TMP/src.qmp" run quit >/dev/null 2>&1
-vk_qemu_wait_exit "${PID[qemu-src]}" 30 >/dev/null
 
 vk_check "the writers finish on the destination: no I/O error, every round read back equal"
 vk_qemu_wait_marker "$dst_log" '^VK-RESULT blk-writers ' 240 "${PID[qemu-dst]}" ||

@@ -148,14 +148,9 @@ vk_wait_for 10 grep -q listening "$VK_TMP/sniff.out" || vk_fail "sniff.py: $(cat
 vk_pass "listening"
 
 vk_check "QEMU migrates the running guest (source -> destination)"
-mig=$(python3 "$QMP" "$VK_TMP/src.qmp" migrate "unix:$VK_TMP/migrate.sock" --timeout 120 \
-  --max-bandwidth 1073741824 2>&1) ||
-  { cat "${LOG[src]}"; vk_fail "migration: $mig"; }
-python3 "$QMP" "$VK_TMP/dst.qmp" wait-status running --timeout 90 >/dev/null ||
-  vk_fail "the destination did not resume the guest"
-vk_pass "$mig; destination running after $(elapsed) s"
-python3 "$QMP" "$VK_TMP/src.qmp" run quit >/dev/null 2>&1
-vk_qemu_wait_exit "${PID[qemu-src]}" 30 >/dev/null
+vk_qemu_migrate "$VK_TMP/src.qmp" "$VK_TMP/dst.qmp" "unix:$VK_TMP/migrate.sock" \
+  "${PID[qemu-src]}" "${LOG[src]}"
+vk_pass "$VK_QEMU_MIGRATED; destination running after $(elapsed) s"
 
 vk_check "the guest receives on the destination, every byte intact"
 vk_guest_check_tcp_rx "$dst_log" "$VK_TMP/to_guest" "$MIB" 180
