@@ -163,6 +163,38 @@ summary() {  # the tables, in markdown (read as they are in a terminal too)
     }' "$out"
 }
 summary
+# docs/perf_backends.png: per front-end and size, each back-end's median with its min..max.
+plot() {
+  command -v gnuplot >/dev/null || { say "gnuplot missing: no plot"; return 1; }
+  local dat
+  dat=$(mktemp)
+  awk -F, 'NR > 1 && $5 != "fail" { k = $2 SUBSEP $4; v[k, $3] = v[k, $3] " " $5; keys[k] = 1 }
+    function st(list,   a, n, i, j, t) {
+      n = split(list, a, " ")
+      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+      return n ? sprintf("%s %s %s", (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2, a[1], a[n]) : "0 0 0"
+    }
+    END {
+      split("tpmd tpmd-pio bench", fes, " "); lab["tpmd"] = "testpmd"; lab["tpmd-pio"] = "testpmd-packed"; lab["bench"] = "vhostkit-bench"
+      for (k in keys) { split(k, p, SUBSEP); sz[p[2] + 0] = 1 }
+      for (s in sz) for (i = 1; i <= 3; i++) { k = fes[i] SUBSEP s
+        if (k in keys) printf "%d %d %s-%sB %s %s\n", s, i, lab[fes[i]], s, st(v[k, "dpdk"]), st(v[k, "vhostkit"]) }
+    }' "$out" | sort -n -k1,1 -k2,2 | cut -d' ' -f3- >"$dat"
+  gnuplot <<EOT || { rm -f "$dat"; say "gnuplot failed: no plot"; return 1; }
+set terminal pngcairo size 900,480
+set output '$root/docs/perf_backends.png'
+set title 'Back-end against back-end under the same front-end (medians, min..max)'
+set ylabel 'Mpps'
+set style data histograms
+set style histogram errorbars gap 2 lw 1
+set style fill solid 0.6 border -1
+set xtics rotate by -20
+set key top right
+set yrange [0:*]
+plot '$dat' using 2:3:4:xtic(1) title 'DPDK vhost PMD', '' using 5:6:7 title 'vhostkit-net'
+EOT
+  rm -f "$dat"
+}
 # The report's section (docs/performance.md includes it; bench/report.sh keeps it there).
 {
   echo "## Back-end against back-end, under the same front-end"
@@ -177,6 +209,10 @@ summary
   echo
   echo "The second table holds the back-end and changes the front-end. testpmd's front-end runs"
   echo "32 frames in flight (--tx-first), vhostkit-bench keeps its ring full."
+  if plot; then
+    echo
+    echo "![back-end against back-end](perf_backends.png)"
+  fi
 } >"$root/docs/performance-backends.md"
 say "rows in $out"
 ((failed == 0)) || { say "$failed run(s) failed (rows marked fail; logs: rerun with --keep-logs)"; exit 1; }
