@@ -20,8 +20,8 @@
 # none. Writes bench/results/backends-<utc>.csv (round,frontend,backend,size,mpps,ring,load1) and
 # prints, per front-end and size, each back-end's median (min..max) and vhostkit-net / DPDK; then
 # per back-end, vhostkit-bench / testpmd virtio-user; the same tables go to
-# docs/performance-backends.md, which the report includes. A failed run is a row marked fail,
-# left out of the medians, and the exit status is 1; 77 without testpmd.
+# docs/performance-backends.md, which the report includes, with docs/perf_backends.png (gnuplot).
+# A failed run is a row marked fail, left out of the medians, exit status 1; 77 without testpmd.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VK_SCRIPT_NAME=backends
