@@ -10,12 +10,12 @@
 
 #include <atomic>
 #include <cstring>
-#include <filesystem>
 #include <thread>
 
 #include <fmt/format.h>
 
 #include "testing/backend_rig.h"
+#include "testing/sockets.h"
 #include "vhostkit/vhost_user/server.h"
 
 namespace vhostkit::vhost_user {
@@ -431,12 +431,6 @@ TEST(BackendSession, UnsupportedRequestIsRefusedAndServingGoesOn) {
 
 // ---- the server -------------------------------------------------------------------------
 
-std::string temp_socket_path(const char* name) {
-  auto dir = std::filesystem::temp_directory_path() / ("vk-backend-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  return (dir / name).string();
-}
-
 Result<Channel> connect_retry(const std::string& path, std::chrono::milliseconds total = 20000ms) {
   const auto deadline = std::chrono::steady_clock::now() + total;
   for (;;) {
@@ -455,7 +449,8 @@ void negotiate_and_echo(Channel ch) {
 }
 
 TEST(BackendServer, ServesTwoFrontendsInTurnAndRemovesStaleSocket) {
-  const std::string path = temp_socket_path("two.sock");
+  const vhostkit::testing::TempSocketDir tmp;
+  const std::string path = tmp.path("two.sock");
   {
     // A stale socket: bound, never listened on, left behind.
     UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -481,7 +476,7 @@ TEST(BackendServer, ServesTwoFrontendsInTurnAndRemovesStaleSocket) {
   t.join();
   EXPECT_TRUE(result) << result.error().message();
   EXPECT_EQ(server.sessions(), 2u);
-  struct stat st{};
+  struct stat st {};
   EXPECT_NE(::lstat(path.c_str(), &st), 0) << "socket file removed on exit";
 }
 
@@ -496,7 +491,8 @@ TEST(BackendServer, UnbindablePathIsAClearError) {
 }
 
 TEST(BackendServer, ClientModeConnectsLateAndReconnects) {
-  const std::string path = temp_socket_path("client.sock");
+  const vhostkit::testing::TempSocketDir tmp;
+  const std::string path = tmp.path("client.sock");
   ::unlink(path.c_str());
   EchoBackend backend;
   vhost::Device device(backend, {});
@@ -554,7 +550,8 @@ TEST(BackendServer, InheritedFdThatIsNotASocketIsRefused) {
 }
 
 TEST(BackendServer, DisconnectMidTrafficThenReconnect) {
-  const std::string path = temp_socket_path("mid.sock");
+  const vhostkit::testing::TempSocketDir tmp;
+  const std::string path = tmp.path("mid.sock");
   EchoBackend backend;
   vhost::Device device(backend, {});
   BackendServer server(device, ServerOptions::listen(path));
@@ -586,7 +583,8 @@ TEST(BackendServer, DisconnectMidTrafficThenReconnect) {
 }
 
 TEST(BackendServer, ReadyMeansConnectable) {
-  const std::string path = temp_socket_path("ready.sock");
+  const vhostkit::testing::TempSocketDir tmp;
+  const std::string path = tmp.path("ready.sock");
   EchoBackend backend;
   vhost::Device device(backend, {});
   auto opts = ServerOptions::listen(path);
@@ -615,7 +613,8 @@ TEST(BackendServer, ReadyMeansConnectable) {
 }
 
 TEST(BackendServer, InheritedListenerServesFrontendsInTurnAndKeepsTheFile) {
-  const std::string path = temp_socket_path("activated.sock");
+  const vhostkit::testing::TempSocketDir tmp;
+  const std::string path = tmp.path("activated.sock");
   auto listener = listen_unix(path);
   ASSERT_TRUE(listener) << listener.error().message();
   const int fd = listener->release();
@@ -640,7 +639,7 @@ TEST(BackendServer, InheritedListenerServesFrontendsInTurnAndKeepsTheFile) {
   EXPECT_EQ(server.sessions(), 2u);
   EXPECT_EQ(where, fmt::format("listening on inherited fd {}", fd));
   // The file belongs to whoever made the socket (systemd), not to the server.
-  struct stat st{};
+  struct stat st {};
   EXPECT_EQ(::lstat(path.c_str(), &st), 0);
   EXPECT_TRUE(S_ISSOCK(st.st_mode));
   // The server owned and closed the fd.
@@ -657,7 +656,8 @@ TEST(BackendServer, InheritedListenerMustListenOnAUnixStreamSocket) {
     ASSERT_FALSE(r) << "fd " << fd;
     EXPECT_NE(r.error().detail.find(why), std::string::npos) << r.error().detail;
   };
-  const std::string path = temp_socket_path("bound.sock");
+  const vhostkit::testing::TempSocketDir tmp;
+  const std::string path = tmp.path("bound.sock");
   const int bound = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "testing/fd_count.h"
+#include "testing/sockets.h"
 
 namespace vhostkit::vhost_user {
 namespace {
@@ -151,17 +152,9 @@ TEST(Channel, SendRejectsInconsistentArguments) {
 
 class UnixSocketPath : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/vhostkit-chan-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-    path_ = dir_ + "/sock";
-  }
-  void TearDown() override {
-    ::unlink(path_.c_str());
-    ::rmdir(dir_.c_str());
-  }
-  std::string dir_, path_;
+  const vhostkit::testing::TempSocketDir tmp_;
+  const std::string& dir_ = tmp_.dir();
+  const std::string path_ = tmp_.path("sock");
 };
 
 TEST_F(UnixSocketPath, ListenConnectAccept) {
@@ -184,7 +177,7 @@ TEST_F(UnixSocketPath, ReplacesStaleSocket) {
     auto l = listen_unix(path_);
     ASSERT_TRUE(l);
   }  // closed: the file stays behind, nobody listens
-  struct stat st{};
+  struct stat st {};
   ASSERT_EQ(::lstat(path_.c_str(), &st), 0);
   auto again = listen_unix(path_);
   ASSERT_TRUE(again) << again.error().message();
@@ -202,9 +195,7 @@ TEST_F(UnixSocketPath, RefusesLiveSocket) {
 }
 
 TEST_F(UnixSocketPath, RefusesToRemoveRegularFile) {
-  {
-    std::ofstream(path_) << "precious";
-  }
+  { std::ofstream(path_) << "precious"; }
   auto l = listen_unix(path_);
   ASSERT_FALSE(l);
   EXPECT_EQ(l.error().code, Errc::invalid_argument);

@@ -6,10 +6,11 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <filesystem>
 #include <thread>
 
 #include <gtest/gtest.h>
+
+#include "testing/sockets.h"
 
 namespace vhostkit::cli {
 namespace {
@@ -71,21 +72,9 @@ class StopSignal : public ::testing::Test {
   UniqueFd sigfd_;
 };
 
-// A socket path in a fresh directory, removed with it at scope exit.
-struct TempSocket {
-  TempSocket() {
-    char d[] = "/tmp/vk-cli-util.XXXXXX";
-    EXPECT_NE(::mkdtemp(d), nullptr);
-    dir = d;
-    path = dir + "/s.sock";
-  }
-  ~TempSocket() { std::filesystem::remove_all(dir); }
-  std::string dir, path;
-};
-
 TEST_F(StopSignal, AcceptReturnsTheConnectingPeer) {
-  const TempSocket tmp;
-  const std::string& path = tmp.path;
+  const vhostkit::testing::TempSocketDir tmp;
+  const std::string path = tmp.path("s.sock");
   auto l = vhost_user::listen_unix(path);
   ASSERT_TRUE(l) << l.error().message();
   auto peer = vhost_user::connect_unix(path);
@@ -97,8 +86,8 @@ TEST_F(StopSignal, AcceptReturnsTheConnectingPeer) {
 }
 
 TEST_F(StopSignal, AcceptEndsOnSigtermWithNoPeer) {
-  const TempSocket tmp;
-  const std::string& path = tmp.path;
+  const vhostkit::testing::TempSocketDir tmp;
+  const std::string path = tmp.path("s.sock");
   auto l = vhost_user::listen_unix(path);
   ASSERT_TRUE(l) << l.error().message();
   raise_term();
