@@ -115,6 +115,10 @@ InflightSplitDesc* InflightSplitQueue::desc() const noexcept {
   return reinterpret_cast<InflightSplitDesc*>(base_ + sizeof(InflightSplitHeader));
 }
 
+namespace {
+constexpr std::uint64_t kRenumberFrom = std::uint64_t{1} << 63;
+}  // namespace
+
 Result<InflightRecovery> InflightSplitQueue::recover(std::uint16_t ring_used_idx,
                                                      std::uint32_t ring_size) {
   if (ring_size == 0 || ring_size > size_) {
@@ -199,18 +203,24 @@ Result<InflightRecovery> InflightSplitQueue::recover(std::uint16_t ring_used_idx
                               index_, pending[i - 1].head, pending[i].head, pending[i].counter));
     }
   }
-  if (!pending.empty() && pending.back().counter == std::numeric_limits<std::uint64_t>::max()) {
-    return fail(Errc::out_of_range,
-                fmt::format("inflight queue {}: head {} has counter {:#x}: no later counter is "
-                            "left for new requests",
-                            index_, pending.back().head, pending.back().counter));
-  }
 
   // All checked: finish the batch as the dead back-end would have. The marks go before the used
   // idx, so a crash in between repeats this step rather than losing it.
   for (std::uint16_t h : cleared) put(desc()[h].inflight, std::uint8_t{0});
   std::atomic_signal_fence(std::memory_order_seq_cst);  // the cleared marks before used_idx
   put(header()->used_idx, ring_used_idx);
+
+  // Counters in the top half of their range (a peer's bytes, or a very long life) are renumbered
+  // to their rank, so new requests never run out of later ones (a counter the last session gave
+  // out could otherwise be the last one, and this queue refused on the next restart). In
+  // ascending order, each to its rank: ranks are below every counter not yet renumbered (they
+  // rise from 0 and are distinct), so a crash half-way leaves the same order behind.
+  if (!pending.empty() && pending.back().counter >= kRenumberFrom) {
+    for (std::size_t i = 0; i < pending.size(); ++i) {
+      put(desc()[pending[i].head].counter, static_cast<std::uint64_t>(i));
+      pending[i].counter = i;
+    }
+  }
 
   out.batch_cleared = static_cast<std::uint16_t>(cleared.size());
   out.resubmit.reserve(pending.size());
@@ -382,7 +392,7 @@ Result<InflightRegion> InflightRegion::attach(UniqueFd fd, std::uint64_t mmap_si
   if (seals >= 0 && (seals & F_SEAL_SHRINK) == 0 && (seals & F_SEAL_SEAL) == 0) {
     (void)::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK);
   }
-  struct stat st{};
+  struct stat st {};
   if (::fstat(fd.get(), &st) != 0) {
     return fail_errno(fmt::format("inflight region: fstat of fd {}", fd.get()));
   }
