@@ -19,9 +19,11 @@
                               none is: the check's own control, against a naive binder)
 Prints PASS/FAIL lines; exit 0 on success, 1 on failure.
 """
+import atexit
 import ctypes
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -47,6 +49,7 @@ def split_cmd(argv):
 def activate(kind, cmd):
     socks = []
     tmp = tempfile.mkdtemp(prefix="vk-activate.")
+    atexit.register(shutil.rmtree, tmp, True)  # on fail() too: nothing left in /tmp
     if kind in ("unix-listen", "unix-bound", "two"):
         for n in range(2 if kind == "two" else 1):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -106,6 +109,7 @@ def recv_notify(s, timeout):
 
 def notify(mode, path, cmd):
     tmp = tempfile.mkdtemp(prefix="vk-notify.")
+    atexit.register(shutil.rmtree, tmp, True)  # on fail() too: nothing left in /tmp
     nsock = os.path.join(tmp, "notify")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(nsock)

@@ -20,6 +20,9 @@ source "$here/../../scripts/lib/vhostkit.sh"
 vk_require_cmd python3 systemd-socket-activate
 vk_find_programs NET=vhostkit-net BLK=vhostkit-blk BENCH=vhostkit-bench
 vk_tmpdir
+# systemd_check.py's socket directories go under VK_TMP, removed on exit: `activate` execs the
+# program, so the script cannot remove them itself.
+export TMPDIR=$VK_TMP
 check_py="$here/../../scripts/lib/systemd_check.py"
 shm=$(mktemp -d /dev/shm/vk-systemd.XXXXXX)
 vk_on_exit "rm -rf '$shm'"
