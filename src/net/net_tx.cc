@@ -188,7 +188,8 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q, Ring& vq) noexcept {
   // lines, and a store that has to take one back stalls every store behind it. Frame i goes to
   // the i-th rx chain when each frame fits one (the common case; otherwise it is only a hint).
   Ring* rx = rxq != nullptr ? &rxq->ring<Ring>() : nullptr;
-  const std::uint16_t rx_ready = rx != nullptr ? rx->pending() : 0;
+  // Only when there is a burst: an idle poll round reads no receiveq line.
+  const std::uint16_t rx_ready = rx != nullptr && vq.pending() != 0 ? rx->pending() : 0;
   while (t.chains < burst_ && vq.pending() != 0 && segs.size() - used_segs >= detail::kMaxSegs) {
     ++t.chains;
     virtq::Chain& c = p.tx_batch[batched];
