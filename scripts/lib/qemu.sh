@@ -20,6 +20,11 @@
 #   vk_guest_result LOG SCENARIO       the "ok|fail k=v..." tail of "VK-RESULT SCENARIO", or 1
 #   vk_guest_field LOG SCENARIO KEY    one k=v value from that line (e.g. sha256, bytes)
 #   vk_qemu_dump LOG [LINES]           the console tail, for failure reports
+#   vk_qemu_wait_incoming DST_QMP [BACKEND_LOG]
+#                                      the destination QEMU (-incoming) waits for a migration:
+#                                      its back-end, when BACKEND_LOG is given, saw the front-end
+#                                      connect (vk_net_wait_connected, vhostkit.sh), and QMP says
+#                                      inmigrate; vk_fail otherwise
 #   vk_qemu_migrate SRC_QMP DST_QMP URI SRC_PID SRC_LOG
 #                                      live migration between two running QEMUs: migrate the
 #                                      source over URI (1 GiB/s, 120 s), wait for the destination
@@ -159,6 +164,15 @@ vk_qemu_dump() {
     tail -n 20 "$log.qemu"
   fi
   echo "-----"
+}
+
+vk_qemu_wait_incoming() {
+  local dst=$1 backend_log=${2:-}
+  if [[ -n $backend_log ]]; then
+    vk_net_wait_connected "$backend_log" 30 1 || { cat "$backend_log"; vk_fail "destination never connected"; }
+  fi
+  python3 "$(vk_repo_root)/scripts/lib/qmp.py" "$dst" wait-status inmigrate --timeout 30 >/dev/null ||
+    vk_fail "destination QEMU is not waiting for a migration"
 }
 
 vk_qemu_migrate() {

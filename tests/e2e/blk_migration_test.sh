@@ -32,7 +32,6 @@ WRITERS=2
 MB=2
 ROUNDS=${VK_TEST_ROUNDS:-40}
 IDLE_S=${VK_MIG_IDLE_S:-20}
-QMP=$here/../../scripts/lib/qmp.py
 t_start=$(vk_now)
 elapsed() { awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}'; }
 
@@ -92,11 +91,7 @@ gsum=$(vk_guest_field "$src_log" blk-read sha256)
 vk_pass "sha256 $gsum equals the image's"
 
 vk_check "the destination QEMU connected to its vhostkit-blk and waits for the migration"
-if [[ $DISK == vhostkit ]]; then
-  vk_net_wait_connected "${LOG[dst]}" 30 1 || { cat "${LOG[dst]}"; vk_fail "destination never connected"; }
-fi
-python3 "$QMP" "$VK_TMP/dst.qmp" wait-status inmigrate --timeout 30 >/dev/null ||
-  vk_fail "destination QEMU is not waiting for a migration"
+vk_qemu_wait_incoming "$VK_TMP/dst.qmp" "$([[ $DISK == vhostkit ]] && echo "${LOG[dst]}")"
 vk_pass "connected, status inmigrate"
 
 if [[ $TRAFFIC == during ]]; then

@@ -44,7 +44,6 @@ NIC=${VK_MIG_NIC:-vhostkit}
 IDLE_S=${VK_MIG_IDLE_S:-45}
 PORT=5201
 MAC=52:54:00:12:34:56
-QMP=$here/../../scripts/lib/qmp.py
 t_start=$(vk_now)
 elapsed() { awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}'; }
 
@@ -121,11 +120,7 @@ res=$(vk_guest_result "$src_log" ping)
 vk_pass "ping: $res"
 
 vk_check "the destination QEMU connected to its vhostkit-net and waits for the migration"
-if [[ $NIC == vhostkit ]]; then
-  vk_net_wait_connected "${LOG[dst]}" 30 1 || { cat "${LOG[dst]}"; vk_fail "destination never connected"; }
-fi
-python3 "$QMP" "$VK_TMP/dst.qmp" wait-status inmigrate --timeout 30 >/dev/null ||
-  vk_fail "destination QEMU is not waiting for a migration"
+vk_qemu_wait_incoming "$VK_TMP/dst.qmp" "$([[ $NIC == vhostkit ]] && echo "${LOG[dst]}")"
 vk_pass "connected, status inmigrate"
 
 if [[ $TRAFFIC == during ]]; then
