@@ -213,8 +213,8 @@ std::string bind_error(const HostPort& at) {
 }  // namespace
 
 struct Server::Http final : httplib::Server {
-  Http(Limits l, std::shared_ptr<std::atomic<std::uint64_t>> shed)
-      : limits(l), shed(std::move(shed)), stop_fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+  Http(Limits l, std::shared_ptr<metrics::Server::Counts> counts)
+      : limits(l), counts(std::move(counts)), stop_fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
 
   // Replaces httplib's connection loop (same shape: keep-alive rounds of process_request) to
   // read through BoundedStream.
@@ -231,23 +231,24 @@ struct Server::Http final : httplib::Server {
     }
     ::shutdown(sock, SHUT_RDWR);
     ::close(sock);
+    counts->closed.fetch_add(1, std::memory_order_relaxed);
     return ok;
   }
 
   Limits limits;
-  std::shared_ptr<std::atomic<std::uint64_t>> shed;
+  std::shared_ptr<metrics::Server::Counts> counts;
   UniqueFd stop_fd;  // readable once the server stops: ends every connection's waits
   std::atomic<bool> stopping{false};
 };
 
 Result<std::unique_ptr<Server>> Server::start(const HostPort& at, Source source, Limits limits) {
   std::unique_ptr<Server> s(new Server());
-  s->shed_ = std::make_shared<std::atomic<std::uint64_t>>(0);
-  s->http_ = std::make_unique<Http>(limits, s->shed_);
+  s->counts_ = std::make_shared<Counts>();
+  s->http_ = std::make_unique<Http>(limits, s->counts_);
   Http& h = *s->http_;
   if (!h.stop_fd) return fail_errno("eventfd for the metrics server");
-  h.new_task_queue = [limits, shed = s->shed_] {
-    return new BoundedPool(limits.workers, limits.queued, *shed);
+  h.new_task_queue = [limits, counts = s->counts_] {
+    return new BoundedPool(limits.workers, limits.queued, counts->shed);
   };
   h.set_payload_max_length(limits.bytes_per_connection);
   // httplib's default also sets SO_REUSEPORT, which lets a second process bind the same port

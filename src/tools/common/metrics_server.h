@@ -45,7 +45,17 @@ class Server {
   Server& operator=(const Server&) = delete;
 
   // Connections closed unserved because every worker and queue slot was taken.
-  std::uint64_t shed() const noexcept { return shed_->load(std::memory_order_relaxed); }
+  std::uint64_t shed() const noexcept { return counts_->shed.load(std::memory_order_relaxed); }
+  // Connections closed, served or shed: once it has caught up with the connections made, every
+  // worker and queue slot is free again.
+  std::uint64_t closed() const noexcept {
+    return counts_->closed.load(std::memory_order_relaxed);
+  }
+
+  struct Counts {
+    std::atomic<std::uint64_t> shed{0};
+    std::atomic<std::uint64_t> closed{0};
+  };
 
   struct Http;
 
@@ -53,7 +63,7 @@ class Server {
   Server() = default;
 
   std::unique_ptr<Http> http_;
-  std::shared_ptr<std::atomic<std::uint64_t>> shed_;
+  std::shared_ptr<Counts> counts_;
   std::thread listener_;
 };
 
