@@ -3,7 +3,8 @@
 # spellings, flags, --help printing the header's range, and one line with exit 2 for an unknown
 # option, a stray argument or a value that is missing. Then every bench script answers --help
 # with exit 0 and a bad option with exit 2 (the ones that parse with vk_options: report.sh takes
-# a file name).
+# a file name). blk.sh: its --help prints the whole header, and --disk / --rounds are checked
+# (exit 2, one line) before anything starts.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -52,6 +53,29 @@ for f in $scripts; do
   out=$(bash "$f" --no-such-option 2>&1)
   expect "$n bad option" "2 $n: unknown option '--no-such-option' (see --help)" "$? $out"
 done
+
+# blk.sh: --help prints its whole header (the range given to vk_options ends on its last
+# comment line), and disk mode's arguments are checked before anything is started.
+blk=$root/bench/blk.sh
+last=$(awk 'NR > 1 && !/^#/ { print NR - 1; exit }' "$blk")
+expect "blk.sh --help ends on the header's last line" "$(sed -n "${last}p" "$blk" | sed 's/^# \{0,1\}//')" \
+  "$(bash "$blk" --help | tail -1)"
+expect "blk.sh --help names --disk and --rounds" 2 "$(bash "$blk" --help | grep -cE '^ *--(disk\[=DIR\]|rounds) ')"
+blk() { bash "$blk" "$@" 2>&1; echo "rc=$?"; }
+expect "blk.sh --rounds without --disk" \
+  $'blk.sh: --rounds is for disk mode (--disk); tmpfs mode runs every point once\nrc=2' "$(blk --rounds=3)"
+expect "blk.sh --disk=DIR that does not exist" \
+  $'blk.sh: --disk: /nonexistent-vk-dir is not a directory\nrc=2' "$(blk --disk=/nonexistent-vk-dir)"
+expect "blk.sh --disk= with no directory" \
+  $'blk.sh: --disk= needs a directory (or --disk alone for /var/tmp)\nrc=2' "$(blk --disk=)"
+expect "blk.sh --disk DIR (the value only with =)" \
+  $'blk.sh: unexpected argument \'/var/tmp\' (see --help)\nrc=2' "$(blk --disk /var/tmp)"
+expect "blk.sh --disk --rounds 0" $'blk.sh: --rounds must be a whole number >= 1\nrc=2' "$(blk --disk --rounds 0)"
+if [[ $(stat -f -c %T /dev/shm 2>/dev/null) == tmpfs ]]; then
+  expect "blk.sh --disk=DIR on tmpfs" \
+    $'blk.sh: --disk: /dev/shm is on tmpfs, not a disk (tmpfs mode is blk.sh without --disk)\nrc=2' \
+    "$(blk --disk=/dev/shm)"
+fi
 
 echo "options_test: $passes passed, $fails failed"
 ((fails == 0))
