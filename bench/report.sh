@@ -171,6 +171,15 @@ EOT
     echo
     sed -e '1{/^# /d}' -e 's/^## /### /' "$root/docs/performance-blk.md"
   fi
+  # Its disk mode (bench/blk.sh --disk) writes a report of its own too.
+  if [[ -f $root/docs/performance-blk-disk.md ]]; then
+    echo
+    echo "## Block on a disk, O_DIRECT: vhostkit-blk and qemu-storage-daemon"
+    echo
+    echo "From \`bench/blk.sh --disk\` (its own run; see docs/performance-blk-disk.md):"
+    echo
+    sed -e '1{/^# /d}' -e 's/^## /### /' "$root/docs/performance-blk-disk.md"
+  fi
   cat <<EOT
 
 ## How to reproduce
@@ -181,6 +190,7 @@ As root on a Debian 12 host with dpdk-dev and gnuplot installed (scripts/deps.sh
     bench/run.sh --quick    # 3 s per point, sizes 64 512 1518
     bench/profile.sh --size 64 --c2     # perf profiles of both sides (where the cycles go)
     bench/blk.sh --quick    # vhostkit-blk vs qemu-storage-daemon
+    bench/blk.sh --disk     # the same on an image on a disk, O_DIRECT, 3 rounds
 
 It builds vhostkit-net, vhostkit-bench and host_probe if no build tree has them, writes
 bench/results/run-<UTC>.csv and latest.csv, docs/perf_*.png (bench/plot.gp) and this file.
