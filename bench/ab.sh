@@ -23,7 +23,7 @@ source "$root/scripts/lib/vhostkit.sh"
 source "$root/scripts/lib/dpdk.sh"
 
 a="" b="" rounds=3 duration=5 size=64 what=ring,c4 keep=0
-vk_options ab.sh 19 a=a b=b rounds=rounds duration=duration size=size what=what keep-logs!keep -- "$@"
+vk_options ab.sh a=a b=b rounds=rounds duration=duration size=size what=what keep-logs!keep -- "$@"
 [[ -n $a && -n $b ]] || { echo "ab.sh: --a DIR and --b DIR are required (see --help)" >&2; exit 2; }
 for n in rounds duration size; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "ab.sh: --$n must be a whole number >= 1" >&2; exit 2; }

@@ -29,7 +29,7 @@ source "$root/scripts/lib/dpdk.sh"
 source "$root/scripts/lib/vhostkit.sh"
 
 build=$root/build/release rounds=3 duration=5 sizes=64,1518 keep=0 from=""
-vk_options backends.sh 24 build=build rounds=rounds duration=duration sizes=sizes keep-logs!keep from=from -- "$@"
+vk_options backends.sh build=build rounds=rounds duration=duration sizes=sizes keep-logs!keep from=from -- "$@"
 for n in rounds duration; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "backends.sh: --$n must be a whole number >= 1" >&2; exit 2; }
 done

@@ -67,7 +67,7 @@ for a in "$@"; do
   [[ $a == --disk=* ]] && disk_mode=1
   args+=("$a")
 done
-vk_options blk.sh 55 quick!quick duration=duration build=build size=size_mib keep-logs!keep \
+vk_options blk.sh quick!quick duration=duration build=build size=size_mib keep-logs!keep \
   disk=disk rounds=rounds -- "${args[@]}"
 if ((quick)); then : "${duration:=2}"; else : "${duration:=10}"; fi
 if ((disk_mode)); then : "${size_mib:=1024}" "${rounds:=3}"; else : "${size_mib:=256}"; fi

@@ -23,7 +23,7 @@ VK_SCRIPT_NAME=layouts
 source "$root/scripts/lib/dpdk.sh"
 
 build=$root/build rounds=3 duration=5 size=64 keep=0
-vk_options layouts.sh 19 build=build rounds=rounds duration=duration size=size keep-logs!keep -- "$@"
+vk_options layouts.sh build=build rounds=rounds duration=duration size=size keep-logs!keep -- "$@"
 for n in rounds duration size; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) || { echo "layouts.sh: --$n must be a whole number >= 1" >&2; exit 2; }
 done

@@ -23,7 +23,7 @@ VK_SCRIPT_NAME=metrics_scrape
 source "$root/scripts/lib/vhostkit.sh"
 
 build=$root/build rounds=5 duration=5 size=64
-vk_options metrics_scrape.sh 18 build=build rounds=rounds duration=duration size=size -- "$@"
+vk_options metrics_scrape.sh build=build rounds=rounds duration=duration size=size -- "$@"
 for n in rounds duration size; do
   [[ ${!n} =~ ^[0-9]+$ ]] && ((${!n} >= 1)) ||
     { echo "metrics_scrape.sh: --$n must be a whole number >= 1" >&2; exit 2; }

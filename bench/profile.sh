@@ -23,7 +23,7 @@ source "$root/scripts/lib/dpdk.sh"
 
 size=64 seconds=4 c2=0 build=""
 c1=0
-vk_options profile.sh 19 size=size seconds=seconds c2!c2 c1!c1 build=build -- "$@"
+vk_options profile.sh size=size seconds=seconds c2!c2 c1!c1 build=build -- "$@"
 [[ $size =~ ^[0-9]+$ ]] && ((size >= 60 && size <= 9000)) ||
   { echo "profile.sh: --size must be 60..9000" >&2; exit 2; }
 [[ $seconds =~ ^[0-9]+$ ]] && ((seconds >= 1)) ||

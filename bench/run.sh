@@ -32,7 +32,7 @@ source "$root/scripts/lib/dpdk.sh"
 source "$root/scripts/lib/vhostkit.sh"
 
 quick=0 duration="" build="" keep=0
-vk_options run.sh 28 quick!quick duration=duration build=build keep-logs!keep -- "$@"
+vk_options run.sh quick!quick duration=duration build=build keep-logs!keep -- "$@"
 if ((quick)); then
   sizes=(64 512 1518); : "${duration:=3}"
 else

@@ -17,11 +17,12 @@
 #   vk_repo_root             the repository root
 #   vk_wait_for SECONDS CMD...   poll CMD every 0.1 s until it succeeds; 1 on timeout
 #   vk_now                   seconds since epoch, with fractions
-#   vk_options NAME LAST SPEC... -- ARGS...
+#   vk_options NAME SPEC... -- ARGS...
 #                            a script's command line: SPEC "opt=var" takes a value (--opt V or
 #                            --opt=V sets $var), "opt!var" is a flag (sets var=1); -h/--help
-#                            prints the script's header, lines 2..LAST, and exits 0; an unknown
-#                            option or a missing value: one line naming NAME, exit 2
+#                            prints the script's header (its comment lines from line 2 up to the
+#                            first line that is not a comment, "# " stripped) and exits 0; an
+#                            unknown option or a missing value: one line naming NAME, exit 2
 [[ -n ${VK_COMMON_SH:-} ]] && return 0
 VK_COMMON_SH=1
 
@@ -37,13 +38,23 @@ vk_repo_root() { (cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd); }
 
 vk_now() { date +%s.%N; }
 
+# The header a script's --help prints: the comment block that follows line 1 (the #! line),
+# ending at the first line that is not a comment, so it cannot drift from a count kept elsewhere.
+vk__print_header() {
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$1"
+}
+
 vk_options() {
-  local name=$1 last=$2 spec arg opt val found
-  shift 2
+  local name=$1 spec arg opt val found
+  shift
   local -A takes=() flag=()
   while (($#)) && [[ $1 != -- ]]; do
     spec=$1
     shift
+    # A caller's mistake (such as a header line count, which this no longer takes) fails loudly
+    # rather than becoming an option nobody can give.
+    [[ $spec =~ ^[a-z0-9][a-z0-9-]*[=!][A-Za-z_][A-Za-z0-9_]*$ ]] ||
+      { echo "vk_options: $name: bad spec '$spec' (want opt=var or opt!var)" >&2; exit 2; }
     if [[ $spec == *=* ]]; then takes[${spec%%=*}]=${spec#*=}; else flag[${spec%%!*}]=${spec#*!}; fi
   done
   shift  # --
@@ -51,7 +62,7 @@ vk_options() {
     arg=$1
     shift
     case $arg in
-      -h|--help) sed -n "2,${last}p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+      -h|--help) vk__print_header "$0"; exit 0 ;;
       --*) ;;
       *) echo "$name: unexpected argument '$arg' (see --help)" >&2; exit 2 ;;
     esac

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # vk_options (scripts/lib/common.sh), the command-line parser of the bench scripts: values in both
-# spellings, flags, --help printing the header's range, and one line with exit 2 for an unknown
+# spellings, flags, --help printing the header comment, and one line with exit 2 for an unknown
 # option, a stray argument or a value that is missing. Then every bench script answers --help
 # with exit 0 and a bad option with exit 2 (the ones that parse with vk_options: report.sh takes
 # a file name). blk.sh: its --help prints the whole header, and --disk / --rounds are checked
@@ -23,12 +23,13 @@ expect() {  # WHAT WANT GOT
 cat >"$VK_TMP/tool.sh" <<'SH'
 #!/usr/bin/env bash
 # line two of the header
-# line three
-# line four, not printed
+#
+#   line four, indented
 source "$1/scripts/lib/common.sh"
+# a comment past the first line of code, not printed
 shift
 size=64 rounds=3 keep=0
-vk_options tool.sh 3 size=size rounds=rounds keep-logs!keep -- "$@"
+vk_options tool.sh size=size rounds=rounds keep-logs!keep -- "$@"
 echo "size=$size rounds=$rounds keep=$keep"
 SH
 tool() { bash "$VK_TMP/tool.sh" "$root" "$@" 2>&1; echo "rc=$?"; }
@@ -37,12 +38,22 @@ expect "defaults" $'size=64 rounds=3 keep=0\nrc=0' "$(tool)"
 expect "--opt V, --opt=V, a flag" $'size=1518 rounds=5 keep=1\nrc=0' \
   "$(tool --size 1518 --rounds=5 --keep-logs)"
 expect "the last one given wins" $'size=256 rounds=3 keep=0\nrc=0' "$(tool --size=128 --size 256)"
-expect "--help prints lines 2..3 of the header" $'line two of the header\nline three\nrc=0' "$(tool --help)"
+expect "--help prints the header, lines 2 up to the first line of code" \
+  $'line two of the header\n\n  line four, indented\nrc=0' "$(tool --help)"
 expect "unknown option" $'tool.sh: unknown option \'--bogus\' (see --help)\nrc=2' "$(tool --bogus)"
 expect "a flag given a value" $'tool.sh: unknown option \'--keep-logs=1\' (see --help)\nrc=2' \
   "$(tool --keep-logs=1)"
 expect "missing value" $'tool.sh: --rounds needs a value (see --help)\nrc=2' "$(tool --rounds)"
 expect "stray argument" $'tool.sh: unexpected argument \'x\' (see --help)\nrc=2' "$(tool x)"
+cat >"$VK_TMP/old.sh" <<'SH'
+#!/usr/bin/env bash
+source "$1/scripts/lib/common.sh"
+shift
+vk_options old.sh 19 size=size -- "$@"
+SH
+expect "a spec that is not opt=var or opt!var (a stale header line count)" \
+  $'vk_options: old.sh: bad spec \'19\' (want opt=var or opt!var)\nrc=2' \
+  "$(bash "$VK_TMP/old.sh" "$root" --help 2>&1; echo "rc=$?")"
 
 scripts=$(grep -l '^vk_options ' "$root"/bench/*.sh)
 expect "bench scripts parse with vk_options" 1 "$( (($(wc -w <<<"$scripts") >= 7)) && echo 1)"
