@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # vk_options (scripts/lib/common.sh), the command-line parser of the bench scripts: values in both
 # spellings, flags, --help printing the header comment, and one line with exit 2 for an unknown
-# option, a stray argument or a value that is missing. Then every bench script answers --help
-# with exit 0 and a bad option with exit 2 (the ones that parse with vk_options: report.sh takes
-# a file name). blk.sh: its --help prints the whole header, and --disk / --rounds are checked
-# (exit 2, one line) before anything starts.
+# option, a stray argument or a value that is missing. Then every script that parses with
+# vk_options (bench/, scripts/, tests/; report.sh takes a file name and does not) answers --help
+# with exit 0, its usage line, no line of code and its header's last line last; and a bad option
+# with exit 2. blk.sh's disk mode arguments (--disk, --rounds) are checked before anything
+# starts (exit 2, one line).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -55,22 +56,37 @@ expect "a spec that is not opt=var or opt!var (a stale header line count)" \
   $'vk_options: old.sh: bad spec \'19\' (want opt=var or opt!var)\nrc=2' \
   "$(bash "$VK_TMP/old.sh" "$root" --help 2>&1; echo "rc=$?")"
 
-scripts=$(grep -l '^vk_options ' "$root"/bench/*.sh)
-expect "bench scripts parse with vk_options" 1 "$( (($(wc -w <<<"$scripts") >= 7)) && echo 1)"
-for f in $scripts; do
-  n=$(basename "$f")
-  bash "$f" --help >/dev/null 2>&1
-  expect "$n --help" 0 "$?"
+# The header --help should print, found here line by line: the comments from line 2 on, "# " off.
+header() {
+  local line n=0
+  while IFS= read -r line; do
+    ((n++ == 0)) && continue
+    [[ $line == '#'* ]] || break
+    line=${line#\#}
+    printf '%s\n' "${line# }"
+  done <"$1"
+}
+
+# Every script in the tree that calls vk_options (this file's fixtures aside).
+scripts=$(cd "$root" && grep -rlE --include='*.sh' '^[[:space:]]*vk_options [^(]' bench scripts tests |
+  grep -vxF tests/scripts/options_test.sh | sort)
+expect "scripts parse with vk_options" 1 "$( (($(wc -w <<<"$scripts") >= 7)) && echo 1)"
+for rel in $scripts; do
+  f=$root/$rel n=$(basename "$rel")
+  out=$(bash "$f" --help 2>&1)
+  expect "$rel --help" 0 "$?"
+  expect "$rel --help prints its usage line" 1 \
+    "$(grep -qE "^[[:space:]]*${rel//./\\.}( |$)" <<<"$out" && echo 1)"
+  expect "$rel --help prints no code" "" \
+    "$(grep -E '^(set -|source |\. |here=|root=|VK_SCRIPT_NAME=)|vk_options' <<<"$out" | head -1)"
+  want=$(header "$f" | tail -1)
+  expect "$rel --help ends with the header's last line" "${want:-(no header)}" "$(tail -1 <<<"$out")"
   out=$(bash "$f" --no-such-option 2>&1)
-  expect "$n bad option" "2 $n: unknown option '--no-such-option' (see --help)" "$? $out"
+  expect "$rel bad option" "2 $n: unknown option '--no-such-option' (see --help)" "$? $out"
 done
 
-# blk.sh: --help prints its whole header (the range given to vk_options ends on its last
-# comment line), and disk mode's arguments are checked before anything is started.
+# blk.sh: disk mode's arguments are checked before anything is started.
 blk=$root/bench/blk.sh
-last=$(awk 'NR > 1 && !/^#/ { print NR - 1; exit }' "$blk")
-expect "blk.sh --help ends on the header's last line" "$(sed -n "${last}p" "$blk" | sed 's/^# \{0,1\}//')" \
-  "$(bash "$blk" --help | tail -1)"
 expect "blk.sh --help names --disk and --rounds" 2 "$(bash "$blk" --help | grep -cE '^ *--(disk\[=DIR\]|rounds) ')"
 blk() { bash "$blk" "$@" 2>&1; echo "rc=$?"; }
 expect "blk.sh --rounds without --disk" \
