@@ -30,7 +30,7 @@ while (($#)); do
     --burst) burst=$2; shift ;;
     --csv) csv=$2; shift ;;
     --keep-logs) keep=1 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "dpdk_pair.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
