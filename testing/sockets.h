@@ -17,7 +17,7 @@ namespace vhostkit::testing {
 // /proc/net/unix can't be asked instead: it lists a socket under the name it was bound to, the
 // staging name. Callers use fresh paths: a stale file left by a dead process would read as ready.
 inline bool unix_listening(const std::string& path) {
-  struct stat st {};
+  struct stat st{};
   return ::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode);
 }
 

@@ -392,7 +392,7 @@ Result<InflightRegion> InflightRegion::attach(UniqueFd fd, std::uint64_t mmap_si
   if (seals >= 0 && (seals & F_SEAL_SHRINK) == 0 && (seals & F_SEAL_SEAL) == 0) {
     (void)::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK);
   }
-  struct stat st {};
+  struct stat st{};
   if (::fstat(fd.get(), &st) != 0) {
     return fail_errno(fmt::format("inflight region: fstat of fd {}", fd.get()));
   }

@@ -476,7 +476,7 @@ TEST(BackendServer, ServesTwoFrontendsInTurnAndRemovesStaleSocket) {
   t.join();
   EXPECT_TRUE(result) << result.error().message();
   EXPECT_EQ(server.sessions(), 2u);
-  struct stat st {};
+  struct stat st{};
   EXPECT_NE(::lstat(path.c_str(), &st), 0) << "socket file removed on exit";
 }
 
@@ -639,7 +639,7 @@ TEST(BackendServer, InheritedListenerServesFrontendsInTurnAndKeepsTheFile) {
   EXPECT_EQ(server.sessions(), 2u);
   EXPECT_EQ(where, fmt::format("listening on inherited fd {}", fd));
   // The file belongs to whoever made the socket (systemd), not to the server.
-  struct stat st {};
+  struct stat st{};
   EXPECT_EQ(::lstat(path.c_str(), &st), 0);
   EXPECT_TRUE(S_ISSOCK(st.st_mode));
   // The server owned and closed the fd.

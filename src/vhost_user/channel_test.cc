@@ -177,7 +177,7 @@ TEST_F(UnixSocketPath, ReplacesStaleSocket) {
     auto l = listen_unix(path_);
     ASSERT_TRUE(l);
   }  // closed: the file stays behind, nobody listens
-  struct stat st {};
+  struct stat st{};
   ASSERT_EQ(::lstat(path_.c_str(), &st), 0);
   auto again = listen_unix(path_);
   ASSERT_TRUE(again) << again.error().message();
@@ -195,7 +195,9 @@ TEST_F(UnixSocketPath, RefusesLiveSocket) {
 }
 
 TEST_F(UnixSocketPath, RefusesToRemoveRegularFile) {
-  { std::ofstream(path_) << "precious"; }
+  {
+    std::ofstream(path_) << "precious";
+  }
   auto l = listen_unix(path_);
   ASSERT_FALSE(l);
   EXPECT_EQ(l.error().code, Errc::invalid_argument);

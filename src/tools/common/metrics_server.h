@@ -48,9 +48,7 @@ class Server {
   std::uint64_t shed() const noexcept { return counts_->shed.load(std::memory_order_relaxed); }
   // Connections closed, served or shed: once it has caught up with the connections made, every
   // worker and queue slot is free again.
-  std::uint64_t closed() const noexcept {
-    return counts_->closed.load(std::memory_order_relaxed);
-  }
+  std::uint64_t closed() const noexcept { return counts_->closed.load(std::memory_order_relaxed); }
 
   struct Counts {
     std::atomic<std::uint64_t> shed{0};
