@@ -175,14 +175,18 @@ class GuestRings {
     return a;
   }
 
-  // The vhost-user start sequence: owner, features, the memory table, then every ring.
+  // The vhost-user start sequence: owner, features, the memory table (prepare), then every ring.
   void bring_up(Device& dev, bool use_kick = true) {
+    prepare(dev);
+    if (::testing::Test::HasFatalFailure()) return;
+    for (std::uint16_t q = 0; q < queues_; ++q) configure(dev, q, use_kick);
+  }
+  void prepare(Device& dev) {
     ASSERT_TRUE(dev.set_owner().has_value());
     auto f = dev.set_features(features_);
     ASSERT_TRUE(f.has_value()) << f.error().message();
     auto m = dev.set_mem_table(table());
     ASSERT_TRUE(m.has_value()) << m.error().message();
-    for (std::uint16_t q = 0; q < queues_; ++q) configure(dev, q, use_kick);
   }
 
   // The start sequence for ring q (device queue device_index(q)). use_kick=false: no kick fd,

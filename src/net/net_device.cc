@@ -137,6 +137,12 @@ void NetDevice::queue_started(vhost::Queue& q, vhost::Worker& w) {
   p.port_failed = false;  // a restarted ring tries the port again
   p.rx_worker.store(&w, std::memory_order_release);
   p.rxq.store(&q, std::memory_order_release);
+  // Loopback: frames sent before this ring ran wait on the transmitq (tx_burst_loopback); serve
+  // them now. Only a transmitq on this worker: the loopback needs both rings on one, and its
+  // kick fd is stable only while this worker sees it running.
+  if (!port_ && p.tx_worker.load(std::memory_order_acquire) == &w) {
+    if (vhost::Queue* tx = p.txq.load(std::memory_order_acquire)) tx->rekick();
+  }
   // Busy mode polls the port from handle_queue; the other modes sleep in epoll and need the
   // port's fd in the set.
   if (port_ && p.rx_mode != vhost::PollMode::busy) {

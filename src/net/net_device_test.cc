@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <thread>
+
 #include "testing/dirty_log.h"
 #include "testing/net_rig.h"
 
@@ -169,6 +172,46 @@ TEST(LoopbackDrops, NoRxBuffersCountsDrops) {
   // Each event counted once: the drops in the pair's counters, the chains in the queue's.
   EXPECT_EQ(dev.queue(1).stats().chains.load(), 180u);  // pair 0's transmitq
   EXPECT_EQ(dev.queue(1).stats().bytes.load(), 0u);
+}
+
+// Frames sent before the receiveq runs (testpmd's --tx-first can send before its rx ring is
+// enabled) wait on the transmitq and come back once it starts, instead of being dropped.
+TEST(LoopbackStart, FramesSentBeforeTheReceiveqRunsWaitForIt) {
+  NetDevice net(NetOptions{});
+  vhost::Device dev(net, dev_opts(PollMode::event));
+  Guest g(3, kBase | kEventIdx | kMrg);
+  g.prepare(dev);
+  g.configure(dev, 0);  // the transmitq only
+  std::mt19937 rng(7);
+  std::vector<Bytes> sent;
+  for (int i = 0; i < 20; ++i) {
+    sent.push_back(random_frame(rng, 100 + i));
+    ASSERT_TRUE(g.send(0, sent.back()));
+  }
+  ASSERT_TRUE(g.kick(0));
+  // The worker took the kick and left the frames where they are: none answered, none dropped.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (dev.queue(1).stats().kicks.load() == 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(dev.queue(1).stats().kicks.load(), 1u);
+  // The receiveq starts with its buffers already there, as a driver posts them before it
+  // enables the ring: the rig hands the ring over as it stands (resume base 0).
+  g.init_driver(1);
+  for (int i = 0; i < 32; ++i) ASSERT_TRUE(g.post_rx(1, 1526));
+  ASSERT_TRUE(g.kick(1));  // published; no kick fd yet
+  Receiver rx(g, 1, {1526});
+  g.configure(dev, 1, true, std::uint16_t{0});
+  ASSERT_TRUE(rx.wait_frames(20)) << "tx drops " << net.stats(0).tx_drops;
+  ASSERT_TRUE(wait_tx_done(g, 0));
+  const NetStats s = net.stats(0);
+  EXPECT_EQ(s.tx_drops, 0u);
+  EXPECT_EQ(s.tx_frames, 20u);
+  EXPECT_EQ(s.rx_frames, 20u);
+  ASSERT_EQ(rx.frames.size(), 20u);
+  for (std::size_t i = 0; i < sent.size(); ++i) {
+    EXPECT_EQ(rx.frames[i].data, mac_swapped(sent[i])) << "frame " << i;
+  }
 }
 
 // The loopback pops a whole burst before delivering: malformed chains inside the burst are

@@ -166,16 +166,23 @@ bool NetDevice::tx_burst_port(Pair& p, vhost::Queue& q, Ring& vq) noexcept {
 
 template <class Ring>
 bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q, Ring& vq) noexcept {
-  // The rx ring is written from this thread, so it must be served by this worker too.
   vhost::Queue* rxq = p.rxq.load(std::memory_order_acquire);
-  if (rxq != nullptr &&
-      p.rx_worker.load(std::memory_order_acquire) != p.tx_worker.load(std::memory_order_acquire)) {
+  if (rxq == nullptr || !rxq->started()) {
+    // The receiveq does not run yet (a driver may start sending before it has enabled it, as
+    // testpmd's --tx-first does): the frames wait on the transmitq, as DPDK's vhost PMD waits
+    // for every ring, instead of being dropped. queue_started re-kicks this ring when the
+    // receiveq starts. pending() marks them seen, so that an event-mode worker sleeps meanwhile
+    // instead of being told again and again that chains are there.
+    (void)vq.pending();
+    return false;
+  }
+  // The rx ring is written from this thread, so it must be served by this worker too.
+  if (p.rx_worker.load(std::memory_order_acquire) != p.tx_worker.load(std::memory_order_acquire)) {
     if (p.log_limit.allow()) {
       spdlog::error("net: pair {}: loopback needs tx and rx on one worker; dropping", p.qp);
     }
     rxq = nullptr;
   }
-  if (rxq != nullptr && !rxq->started()) rxq = nullptr;
   const detail::RxFormat fmt{hdr_len_, mrg_rxbuf_};
   TxTally t;
   bool rx_touched = false;

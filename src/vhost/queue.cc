@@ -116,4 +116,12 @@ void Queue::signal() noexcept {
   }
 }
 
+void Queue::rekick() noexcept {
+  // The kick fd changes only with the ring stopped (Device::set_vring_kick stops it first, on
+  // the worker), so it is stable while the caller, on the worker, sees the ring running.
+  if (!kick || !started()) return;
+  const std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(kick.get(), &one, sizeof one);
+}
+
 }  // namespace vhostkit::vhost

@@ -121,6 +121,11 @@ class Queue {
   void publish_and_notify() noexcept;
   // Signals the call eventfd unconditionally (config changes; tests, with the ring quiet).
   void signal() noexcept;
+  // Asks the queue's worker to serve the ring again, as a kick from the driver would: for a
+  // device that left chains on a running ring until something else was ready (the loopback's
+  // transmitq waits for its receiveq). On the queue's worker, while the ring runs; a ring
+  // without a kick fd is polled anyway.
+  void rekick() noexcept;
   // Back to the state of a queue no front-end has configured: fds closed, addresses, size,
   // base, flags and counters cleared; the index stays. Only for a stopped ring (RESET_OWNER,
   // the end of a session): the worker must no longer touch it.
