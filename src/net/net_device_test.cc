@@ -189,7 +189,7 @@ TEST(LoopbackStart, FramesSentBeforeTheReceiveqRunsWaitForIt) {
     ASSERT_TRUE(g.send(0, sent.back()));
   }
   ASSERT_TRUE(g.kick(0));
-  // The worker took the kick and left the frames where they are: none answered, none dropped.
+  // Until the worker has taken the kick: this is where the loopback used to drop the frames.
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (dev.queue(1).stats().kicks.load() == 0 && std::chrono::steady_clock::now() < until) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
