@@ -224,14 +224,17 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q, Ring& vq) noexcept {
     rx->prefetch_used(static_cast<std::uint16_t>(std::min<std::size_t>(batched, rx_ready)));
   // Then each frame goes to the receiveq and its tx chain back, in order.
   std::uint64_t rx_frames = 0, rx_bytes = 0;  // delivered and not yet published
+  // Each frame delivered is a tx frame and an rx frame: the pair counts both directions, the rx
+  // side before the driver can see the frames.
+  auto publish_rx = [&] {
+    p.rx_frames.add(rx_frames);
+    p.rx_bytes.add(rx_bytes);
+    rx_frames = rx_bytes = 0;
+    rxq->publish_and_notify();
+    rx_touched = false;
+  };
   for (std::size_t i = 0; i < batched; ++i) {
-    if (rx_frames == kRxPublishEvery) {
-      p.rx_frames.add(rx_frames);
-      p.rx_bytes.add(rx_bytes);
-      rx_frames = rx_bytes = 0;
-      rxq->publish_and_notify();
-      rx_touched = false;
-    }
+    if (rx_frames == kRxPublishEvery) publish_rx();
     const virtq::Chain& c = p.tx_batch[i];
     if (c.desc_count == 0) {
       vq.push_used(c.head, 0);  // malformed, counted in the first pass
@@ -260,12 +263,7 @@ bool NetDevice::tx_burst_loopback(Pair& p, vhost::Queue& q, Ring& vq) noexcept {
   }
   if (t.chains == 0) return false;
   count_tx(p, q, t);
-  if (rx_touched) {
-    // Each frame delivered is a tx frame and an rx frame: the pair counts both directions.
-    p.rx_frames.add(rx_frames);
-    p.rx_bytes.add(rx_bytes);
-    rxq->publish_and_notify();
-  }
+  if (rx_touched) publish_rx();
   q.publish_and_notify();
   return true;
 }

@@ -330,9 +330,7 @@ struct Device::Impl {
       if (n == detail::kHandleBudget) {
         // Out of budget with work left: come back after the other fds on this worker, by
         // kicking ourselves. Notifications stay off meanwhile; the driver need not kick.
-        q.rekick_pending = true;
-        const std::uint64_t one = 1;
-        [[maybe_unused]] auto w = ::write(q.kick.get(), &one, sizeof one);
+        q.rekick();
         return;
       }
       if (!q.visit([](auto& vq) { return vq.enable_notifications(); })) return;

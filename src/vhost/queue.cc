@@ -117,9 +117,12 @@ void Queue::signal() noexcept {
 }
 
 void Queue::rekick() noexcept {
+  worker_role_.assume();  // the device's handlers and hooks, and Device's own loop, run there
   // The kick fd changes only with the ring stopped (Device::set_vring_kick stops it first, on
   // the worker), so it is stable while the caller, on the worker, sees the ring running.
   if (!kick || !started()) return;
+  // Our own kick: on_kick does not count it among the driver's.
+  rekick_pending = true;
   const std::uint64_t one = 1;
   [[maybe_unused]] auto n = ::write(kick.get(), &one, sizeof one);
 }

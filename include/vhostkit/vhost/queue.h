@@ -162,7 +162,7 @@ class Queue {
   UniqueFd err VHOSTKIT_GUARDED_BY(worker_role_);
   // The "ring broken" log line is written once per ring.
   bool broken_logged VHOSTKIT_GUARDED_BY(worker_role_) = false;
-  // We kicked ourselves after running out of budget.
+  // We kicked ourselves (rekick(): out of budget, or a device's chains left waiting).
   bool rekick_pending VHOSTKIT_GUARDED_BY(worker_role_) = false;
   std::uint64_t watch_id VHOSTKIT_GUARDED_BY(worker_role_) = 0;
   std::uint64_t poller_id VHOSTKIT_GUARDED_BY(worker_role_) = 0;
