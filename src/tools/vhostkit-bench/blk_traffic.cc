@@ -13,7 +13,10 @@ namespace vhostkit::bench {
 void run_blk_queue(driver::BlkDriver& f, const BlkQueueConfig& cfg, const Control& ctl,
                    BlkCounters& out, Histogram& hist) noexcept {
   pin_to(cfg.cpu);
-  if (cfg.blocks == 0) return;  // a disk smaller than one request: nothing to do
+  if (cfg.blocks == 0) {  // a disk smaller than one request: nothing to do
+    out.drained.store(true, std::memory_order_release);
+    return;
+  }
   const std::uint16_t q = cfg.q;
   const std::uint32_t type =
       cfg.rw == BlkRw::randread ? virtio::blk_type::in : virtio::blk_type::out;
@@ -55,6 +58,8 @@ void run_blk_queue(driver::BlkDriver& f, const BlkQueueConfig& cfg, const Contro
     out.completed.store(completed, std::memory_order_relaxed);
     out.errors.store(errors, std::memory_order_relaxed);
     out.inflight.store(f.inflight(q), std::memory_order_relaxed);
+    if (ph == Phase::drain && f.inflight(q) == 0)
+      out.drained.store(true, std::memory_order_release);
     if (done != 0 || added != 0) continue;
     if (cfg.busy) {
       cpu_relax();
@@ -79,6 +84,13 @@ bool sleep_unless_stopped(int sigfd, std::chrono::milliseconds d) {
 struct Sums {
   std::uint64_t completed = 0, errors = 0, inflight = 0;
 };
+
+bool all_drained(const std::unique_ptr<BlkCounters[]>& c, std::uint16_t n) {
+  for (std::uint16_t i = 0; i < n; ++i) {
+    if (!c[i].drained.load(std::memory_order_acquire)) return false;
+  }
+  return true;
+}
 
 Sums sum(const std::unique_ptr<BlkCounters[]>& c, std::uint16_t n) {
   Sums s;
@@ -140,12 +152,13 @@ BlkResult run_blk(driver::BlkDriver& f, const BlkRunConfig& cfg, int sigfd, bool
   const Sums end = sum(counters, queues);
   const double window = seconds_since(t0);
 
-  // Drain: no new requests; wait until every request in flight came back (at most 2 s).
+  // Drain: no new requests; wait until every thread has seen the drain and has every request
+  // it submitted back (at most 2 s).
   ctl.set(Phase::drain);
   const auto d0 = std::chrono::steady_clock::now();
   while (seconds_since(d0) < 2.0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    if (sum(counters, queues).inflight == 0) break;
+    if (all_drained(counters, queues)) break;
   }
   ctl.set(Phase::done);
   for (auto& t : threads) t.join();

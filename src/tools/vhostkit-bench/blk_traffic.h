@@ -22,6 +22,10 @@ struct alignas(64) BlkCounters {
   std::atomic<std::uint64_t> completed{0};
   std::atomic<std::uint64_t> errors{0};
   std::atomic<std::uint64_t> inflight{0};
+  // Set (release) once the thread has seen the drain phase with nothing in flight: it submits
+  // nothing after that, so the totals above are final. The control thread waits on this, not
+  // on `inflight`, which a thread that has not yet seen the drain may be about to raise.
+  std::atomic<bool> drained{false};
 };
 
 struct BlkQueueConfig {

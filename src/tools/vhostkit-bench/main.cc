@@ -99,11 +99,14 @@ bool sleep_unless_stopped(int sigfd, std::chrono::milliseconds d) {
 
 struct Totals {
   std::uint64_t tx = 0, rx = 0, outstanding = 0, late = 0;
+  bool draining = true;  // every thread has seen the drain: tx below is final
 };
 
 Totals sum(const std::unique_ptr<vb::PairCounters[]>& c, std::uint16_t n) {
   Totals t;
   for (std::uint16_t i = 0; i < n; ++i) {
+    // Read first (acquire): when set, the counts read after it are at least those it covers.
+    t.draining = c[i].draining.load(std::memory_order_acquire) && t.draining;
     t.tx += c[i].tx.load(std::memory_order_relaxed);
     t.rx += c[i].rx.load(std::memory_order_relaxed);
     t.outstanding += c[i].tx_outstanding.load(std::memory_order_relaxed);
@@ -181,7 +184,7 @@ vb::RunResult run_one(vd::NetDriver& s, const Args& a, vb::Mode mode, std::uint3
   while (vb::seconds_since(d0) < 2.0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     const Totals cur = sum(counters, pairs);
-    if (reflects && cur.rx >= cur.tx) break;
+    if (reflects && cur.draining && cur.rx >= cur.tx) break;
     if (cur.rx != last.rx) moved = std::chrono::steady_clock::now();
     if (vb::seconds_since(moved) > 0.2) break;
     last = cur;

@@ -79,6 +79,7 @@ void run_throughput(NetDriver& s, const PairConfig& cfg, const Control& ctl,
     out.tx.store(tx, std::memory_order_relaxed);
     out.rx.store(rx, std::memory_order_relaxed);
     out.tx_outstanding.store(outstanding(txr), std::memory_order_relaxed);
+    if (ph == Phase::drain) out.draining.store(true, std::memory_order_release);
     if (sent != 0 || got != 0) continue;
     if (cfg.busy) {
       cpu_relax();
@@ -137,6 +138,7 @@ void run_latency(NetDriver& s, const PairConfig& cfg, const Control& ctl, PairCo
     out.late.store(late, std::memory_order_relaxed);
   }
   // Drain: a reply that timed out may still arrive.
+  out.draining.store(true, std::memory_order_release);
   auto count = [&](std::span<const std::uint8_t>) noexcept { ++rx; };
   while (ctl.get() != Phase::done) {
     if (s.rx_burst(qp, cfg.burst, count) == 0) {

@@ -38,6 +38,10 @@ struct alignas(64) PairCounters {
   std::atomic<std::uint64_t> rx{0};
   std::atomic<std::uint64_t> tx_outstanding{0};  // chains on the transmitq not yet reclaimed
   std::atomic<std::uint64_t> late{0};            // latency: replies that came after their timeout
+  // Set (release) once the thread has seen the drain phase and stored its totals: it sends
+  // nothing after that. The control thread compares rx with tx only then; before, a thread
+  // that has not yet seen the drain may be about to send another burst.
+  std::atomic<bool> draining{false};
 };
 
 struct PairConfig {
