@@ -5,7 +5,11 @@
 #   tpmd       testpmd virtio-user with its defaults (split ring), io fwd, --tx-first
 #   tpmd-pio   testpmd virtio-user asking for packed_vq=1,in_order=1 (each back-end negotiates
 #              what it offers; the row says what vhostkit-net acked)
-#   bench      vhostkit-bench loop (split ring), busy polling
+#   bench      vhostkit-bench loop (split ring), busy polling: keeps the transmitq full, writes
+#              every frame
+#   bench-fwd  vhostkit-bench fwd (split ring), busy polling: testpmd's io forwarding with
+#              --tx-first, done by vhostkit-bench (32 frames in flight, each sent back out of the
+#              buffer it arrived in): the like-for-like front-end for tpmd
 #
 #   bench/backends.sh [--build DIR] [--rounds N] [--duration S] [--sizes LIST] [--keep-logs]
 #
@@ -16,7 +20,7 @@
 #   --from CSV   measure nothing: the tables (and docs/performance-backends.md) from an earlier run
 #
 # The back-end on CPU 1, the front-end on CPU 0. Every run starts a fresh back-end and front-end;
-# the six pairings interleave, their order rotated each round, so a drift of the host favours
+# the eight pairings interleave, their order rotated each round, so a drift of the host favours
 # none. Writes bench/results/backends-<utc>.csv (round,frontend,backend,size,mpps,ring,load1) and
 # prints, per front-end and size, each back-end's median (min..max) and vhostkit-net / DPDK; then
 # per back-end, vhostkit-bench / testpmd virtio-user; the same tables go to
@@ -89,8 +93,10 @@ else
     local sock=$VK_TMP/$tag.sock blog=$VK_TMP/$tag-backend.log
     load=$(cut -d' ' -f1 /proc/loadavg)
     start_backend "$be" "$sock" "$blog" || { say "$tag: the back-end did not listen (see $blog)"; stop_backend "$be"; return 1; }
-    if [[ $fe == bench ]]; then
-      json=$("$bench" loop --socket-path="$sock" --size="$size" --duration="$duration" \
+    if [[ $fe == bench* ]]; then
+      local mode=loop
+      [[ $fe == bench-fwd ]] && mode=fwd
+      json=$("$bench" "$mode" --socket-path="$sock" --size="$size" --duration="$duration" \
         --warmup="$warmup" --poll=busy --cpu="$FE_CPU" --label="$tag" --json 2>"$VK_TMP/$tag-bench.err") ||
         { say "$tag: vhostkit-bench failed: $(tail -1 "$VK_TMP/$tag-bench.err")"; stop_backend "$be"; return 1; }
       mpps=$(jq -r '.results[0].mpps * 10000 | round / 10000' <<<"$json")
@@ -111,7 +117,7 @@ else
 
   pairings=()
   for size in "${size_list[@]}"; do
-    for fe in tpmd tpmd-pio bench; do
+    for fe in tpmd tpmd-pio bench bench-fwd; do
       for be in dpdk vhostkit; do pairings+=("$fe $be $size"); done
     done
   done
@@ -139,10 +145,11 @@ summary() {  # the tables, in markdown (read as they are in a terminal too)
     function cell(fe, be, s) { stats(v[fe, be, s]); M[fe, be, s] = MED; return sprintf("%.3f (%.3f..%.3f)", MED, LO, HI) }
     function ratio(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
     END {
-      n = split("tpmd tpmd-pio bench", fes, " ")
+      n = split("tpmd tpmd-pio bench bench-fwd", fes, " ")
       name["tpmd"] = "testpmd virtio-user (defaults)"
       name["tpmd-pio"] = "testpmd virtio-user packed_vq=1,in_order=1"
       name["bench"] = "vhostkit-bench loop"
+      name["bench-fwd"] = "vhostkit-bench fwd"
       ns = 0; for (s in sz) sizes[++ns] = s + 0
       for (i = 1; i <= ns; i++) for (j = i + 1; j <= ns; j++) if (sizes[j] < sizes[i]) { t = sizes[i]; sizes[i] = sizes[j]; sizes[j] = t }
       print "| front-end | size (B) | DPDK vhost PMD, Mpps | vhostkit-net, Mpps | vhostkit / DPDK | vhostkit-net ran |"
@@ -153,12 +160,13 @@ summary() {  # the tables, in markdown (read as they are in a terminal too)
           ratio(M[fes[i], "vhostkit", s], M[fes[i], "dpdk", s]), ring[fes[i], s]
       }
       print ""
-      print "| size (B) | vhostkit-bench / testpmd virtio-user on DPDK vhost PMD | on vhostkit-net |"
-      print "|---:|---:|---:|"
-      for (k = 1; k <= ns; k++) {
+      print "| vhostkit-bench mode | size (B) | vhostkit-bench / testpmd virtio-user on DPDK vhost PMD | on vhostkit-net |"
+      print "|---|---:|---:|---:|"
+      for (k = 1; k <= ns; k++) for (i = 3; i <= n; i++) {
         s = sizes[k]
-        printf "| %s | %s | %s |\n", s, ratio(M["bench", "dpdk", s], M["tpmd", "dpdk", s]),
-          ratio(M["bench", "vhostkit", s], M["tpmd", "vhostkit", s])
+        printf "| %s | %s | %s | %s |\n", fes[i] == "bench" ? "loop" : "fwd", s,
+          ratio(M[fes[i], "dpdk", s], M["tpmd", "dpdk", s]),
+          ratio(M[fes[i], "vhostkit", s], M["tpmd", "vhostkit", s])
       }
     }' "$out"
 }
@@ -175,9 +183,10 @@ plot() {
       return n ? sprintf("%s %s %s", (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2, a[1], a[n]) : "0 0 0"
     }
     END {
-      split("tpmd tpmd-pio bench", fes, " "); lab["tpmd"] = "testpmd"; lab["tpmd-pio"] = "testpmd-packed"; lab["bench"] = "vhostkit-bench"
+      split("tpmd tpmd-pio bench bench-fwd", fes, " "); lab["tpmd"] = "testpmd"; lab["tpmd-pio"] = "testpmd-packed"
+      lab["bench"] = "vk-bench-loop"; lab["bench-fwd"] = "vk-bench-fwd"
       for (k in keys) { split(k, p, SUBSEP); sz[p[2] + 0] = 1 }
-      for (s in sz) for (i = 1; i <= 3; i++) { k = fes[i] SUBSEP s
+      for (s in sz) for (i = 1; i <= 4; i++) { k = fes[i] SUBSEP s
         if (k in keys) printf "%d %d %s-%sB %s %s\n", s, i, lab[fes[i]], s, st(v[k, "dpdk"]), st(v[k, "vhostkit"]) }
     }' "$out" | sort -n -k1,1 -k2,2 | cut -d' ' -f3- >"$dat"
   gnuplot <<EOT || { rm -f "$dat"; say "gnuplot failed: no plot"; return 1; }
@@ -200,7 +209,7 @@ EOT
   echo "## Back-end against back-end, under the same front-end"
   echo
   echo "\`bench/backends.sh\`, $rounds rounds of $duration s per pairing,"
-  echo "the six pairings interleaved and rotated each round, a fresh back-end and front-end per run;"
+  echo "the eight pairings interleaved and rotated each round, a fresh back-end and front-end per run;"
   echo "back-end on CPU 1, front-end on CPU 0, one core each, busy polling. Medians (min..max) and"
   echo "the ratio of the medians; load average $(awk -F, 'NR > 1 && $7 != "-" { s += $7; n++ } END { if (n) printf "%.1f", s / n }' "$out") over the runs"
   echo "(\`bench/results/$(basename "$out")\`)."
@@ -208,7 +217,8 @@ EOT
   summary
   echo
   echo "The second table holds the back-end and changes the front-end. testpmd's front-end runs"
-  echo "32 frames in flight (--tx-first), vhostkit-bench keeps its ring full."
+  echo "32 frames in flight (--tx-first) and forwards each frame from its buffer (io); vhostkit-bench"
+  echo "fwd does the same, vhostkit-bench loop keeps its ring full and writes every frame."
   if plot; then
     echo
     echo "![back-end against back-end](perf_backends.png)"

@@ -54,6 +54,7 @@ Result<vhost_user::FrontendOptions> NetDriverOptions::session_options() && {
 Result<std::unique_ptr<NetDriver>> NetDriver::connect(NetDriverOptions opts) {
   const std::uint16_t pairs = opts.queue_pairs;
   const std::uint32_t buffer_size = opts.buffer_size;
+  const bool align = opts.align_rx_frames;
   auto so = std::move(opts).session_options();
   if (!so) return std::unexpected(std::move(so.error()));
   auto s = vhost_user::FrontendSession::connect(std::move(*so));
@@ -61,22 +62,27 @@ Result<std::unique_ptr<NetDriver>> NetDriver::connect(NetDriverOptions opts) {
   std::unique_ptr<NetDriver> d(new NetDriver());
   d->session_ = std::move(*s);
   d->queue_pairs_ = pairs;
-  if (auto r = d->setup(buffer_size); !r) return std::unexpected(std::move(r.error()));
+  if (auto r = d->setup(buffer_size, align); !r) return std::unexpected(std::move(r.error()));
   if (auto r = d->session_->start_rings(); !r) return std::unexpected(std::move(r.error()));
   // The rx rings are full of buffers the device has not been told about.
   for (std::uint16_t qp = 0; qp < pairs; ++qp) d->session_->kick(rx_index(qp));
   return d;
 }
 
-Result<> NetDriver::setup(std::uint32_t buffer_size) {
+Result<> NetDriver::setup(std::uint32_t buffer_size, bool align_rx_frames) {
   const std::uint64_t f = session_->features();
   mrg_rxbuf_ = virtio::has(f, virtio::net_feature::mrg_rxbuf);
   hdr_len_ = virtio::net_hdr_size(virtio::has(f, virtio::feature::version_1), mrg_rxbuf_);
   buffer_size_ = buffer_size;
-  if (buffer_size < hdr_len_ + 60) {
-    return fail(Errc::out_of_range, fmt::format("buffer size {} can't hold a {}-byte header and "
-                                                "a minimal frame",
-                                                buffer_size, hdr_len_));
+  // Received frames start a cache line when asked: the header ends where the line begins.
+  const std::uint32_t rx_headroom = align_rx_frames ? static_cast<std::uint32_t>(64 - hdr_len_) : 0;
+  if (buffer_size < rx_headroom + hdr_len_ + 60) {
+    return fail(
+        Errc::out_of_range,
+        fmt::format("buffer size {} can't hold {}{}-byte header and a minimal frame", buffer_size,
+                    rx_headroom != 0 ? fmt::format("{} bytes of headroom, a ", rx_headroom)
+                                     : std::string("a "),
+                    hdr_len_));
   }
   const std::uint16_t count = session_->queue_size();
   rings_.resize(session_->num_rings());
@@ -85,6 +91,7 @@ Result<> NetDriver::setup(std::uint32_t buffer_size) {
     r.init(session_->ring(i), buffer_size, count, kBurst);
     r.is_rx = (i % 2) == 0;
     if (r.is_rx) {
+      r.headroom = rx_headroom;
       if (mrg_rxbuf_) r.merge.resize(kMaxMergedFrame);
       // Every rx buffer goes on the ring now; the device sees them once the ring starts (the
       // session is not started: no kick yet).
@@ -110,7 +117,7 @@ Result<std::array<std::uint8_t, 6>> NetDriver::mac() {
 
 bool NetDriver::deliver_buffer(NetRing& r, const virtq::DriverQueue::Used& u,
                                std::span<const std::uint8_t>& frame) noexcept {
-  const std::uint8_t* p = r.buffer(static_cast<std::uint16_t>(u.token));
+  const std::uint8_t* p = r.data(static_cast<std::uint16_t>(u.token));
   const std::size_t len = u.len;  // DriverQueue clamps it to the buffer's size
   if (r.merge_left != 0) {
     // A continuation buffer of a mergeable frame: all payload, no header.

@@ -117,6 +117,23 @@ TEST(NetDriverOptionsTest, BufferTooSmallForTheNegotiatedHeader) {
   EXPECT_EQ(open_fd_count(), before);
 }
 
+// Aligning received frames to a cache line takes 52 bytes of each rx buffer (64 less the header).
+TEST(NetDriverOptionsTest, AlignedRxFramesNeedRoomForTheHeadroom) {
+  const std::size_t before = open_fd_count();
+  {
+    Attempt a = attempt({}, [](NetDriverOptions& o) {
+      o.buffer_size = 100;  // a header and a minimal frame, but not 52 bytes more
+      o.align_rx_frames = true;
+    });
+    ASSERT_FALSE(a.session);
+    EXPECT_NE(a.session.error().message().find(
+                  "buffer size 100 can't hold 52 bytes of headroom, a 12-byte header"),
+              std::string::npos)
+        << a.session.error().message();
+  }
+  EXPECT_EQ(open_fd_count(), before);
+}
+
 TEST(NetDriverNegotiation, AcksOnlyWhatIsWantedOfferedAndDrivable) {
   // Ask for INDIRECT and CSUM too: offered, but not something this driver drives.
   Attempt a = attempt({}, [](NetDriverOptions& o) {

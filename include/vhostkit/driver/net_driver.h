@@ -5,7 +5,9 @@
 // Buffers: each ring's area holds `queue_size` fixed-size buffers, owned by that ring for the
 // whole session. The rx ring is filled with all of its buffers before the back-end sees it and
 // refilled as frames are consumed; tx takes buffers from a free stack and returns them when the
-// device hands the chain back. Nothing on the data path allocates or throws.
+// device hands the chain back. forward() lends a received buffer to the transmitq, frame and
+// all, and it goes back to the rx ring when the device hands that tx chain back. Nothing on the
+// data path allocates or throws.
 //
 // Queue numbering (virtio 1.2, 5.1.2): ring 2p is pair p's receiveq, ring 2p+1 its transmitq.
 //
@@ -29,6 +31,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "vhostkit/driver/ring_buffers.h"
@@ -62,6 +65,11 @@ struct NetDriverOptions {
   std::uint16_t queue_size = 256;       // power of two, 2..32768
   std::size_t memory_size = 64u << 20;  // the shared region; 0: just what rings + buffers need
   std::uint32_t buffer_size = 2048;     // per packet buffer, >= 64 (header + a minimal frame)
+  // rx buffers are given to the ring 64 - header bytes into their slot, so that each received
+  // frame starts a cache line, as in DPDK's mbufs (128 bytes of headroom less the header). A
+  // frame forward() sends back out then shares no line with the header it rewrites. Needs
+  // buffer_size >= 64 + 60.
+  bool align_rx_frames = false;
   // Feature bits wanted (acked = wanted & offered & drivable). Unset: kNetFeatures plus MQ
   // when queue_pairs > 1.
   std::optional<std::uint64_t> features;
@@ -165,7 +173,17 @@ class NetDriver {
   template <typename OnFrame>
   std::size_t rx_burst(std::uint16_t qp, std::size_t max, OnFrame&& on_frame) noexcept;
 
-  // Returns finished tx chains' buffers to the free stack; how many.
+  // Sends up to `max` frames received on pair qp back out of its transmitq from the buffers
+  // they arrived in, untouched but for a zeroed virtio-net header (testpmd's io forwarding,
+  // without the copy): such a buffer is off the receiveq until the device hands its tx chain
+  // back. A frame gathered from several buffers (MRG_RXBUF) is larger than a buffer: dropped,
+  // counted in the tx ring's `oversize`; one that finds the transmitq full, in its `full`.
+  // Reclaims the transmitq first, refills the receiveq last; publishes and kicks. Returns frames
+  // sent.
+  std::size_t forward(std::uint16_t qp, std::size_t max) noexcept;
+
+  // Returns finished tx chains' buffers to the free stack (a forwarded one to its receiveq's);
+  // how many.
   std::size_t reclaim_tx(std::uint16_t qp) noexcept;
   // FrontendSession::wait_call on ring i.
   bool wait_call(std::uint16_t ring, std::chrono::milliseconds timeout) noexcept {
@@ -174,11 +192,21 @@ class NetDriver {
 
  private:
   NetDriver() = default;
-  Result<> setup(std::uint32_t buffer_size);
+  Result<> setup(std::uint32_t buffer_size, bool align_rx_frames);
+
+  // A tx chain's token: the buffer's index, with this bit when the buffer is an rx buffer that
+  // forward() lent to the transmitq.
+  static constexpr std::uint64_t kLentToken = std::uint64_t{1} << 32;
 
   // The data path on one layout's queue (virtq::DriverQueue or virtq::PackedDriverQueue).
   template <typename Q>
   std::size_t reclaim_tx_on(NetRing& r, Q& vq) noexcept;
+  template <typename Q>
+  std::size_t forward_on(std::uint16_t qp, Q& txq, Q& rxq, std::size_t max) noexcept;
+  // Puts the `len` bytes at `gpa` (header and frame) on the transmitq as one chain named
+  // `token`, and counts the frame (or, the ring being full, the refusal). Publishes nothing.
+  template <typename Q>
+  bool add_tx(NetRing& r, Q& vq, std::uint64_t gpa, std::size_t len, std::uint64_t token) noexcept;
   template <typename Q, typename Fill>
   std::size_t tx_burst_on(NetRing& r, Q& vq, std::size_t n, Fill& fill) noexcept;
   template <typename Q, typename OnFrame>
@@ -207,10 +235,14 @@ class NetDriver {
 template <typename Q>
 std::size_t NetDriver::reclaim_tx_on(NetRing& r, Q& vq) noexcept {
   std::size_t total = 0;
+  // The pair's receiveq (ring index - 1): where a lent buffer goes back.
+  NetRing& rx = rings_[r.ring->index - 1u];
   for (;;) {
     const std::size_t n = vq.get_used_burst(r.used);
     for (std::size_t k = 0; k < n; ++k) {
-      r.free[r.free_top++] = static_cast<std::uint16_t>(r.used[k].token);
+      const std::uint64_t token = r.used[k].token;
+      NetRing& owner = (token & kLentToken) != 0 ? rx : r;
+      owner.free[owner.free_top++] = static_cast<std::uint16_t>(token);
     }
     total += n;
     if (n < r.used.size()) break;
@@ -245,15 +277,8 @@ std::size_t NetDriver::tx_burst_on(NetRing& r, Q& vq, std::size_t n, Fill& fill)
     }
     // A zeroed header: no checksum offload, no GSO; num_buffers is 0 on transmit.
     std::memset(p, 0, hdr_len_);
-    const virtq::DriverQueue::Buffer out{r.buffer_gpa(b),
-                                         static_cast<std::uint32_t>(hdr_len_ + len)};
-    if (!vq.add(std::span(&out, 1), {}, b)) {
-      ++r.stats.full;
-      break;
-    }
+    if (!add_tx(r, vq, r.buffer_gpa(b), hdr_len_ + len, b)) break;
     --r.free_top;
-    ++r.stats.frames;
-    r.stats.bytes += len;
     ++added;
   }
   if (added != 0) {
@@ -261,6 +286,19 @@ std::size_t NetDriver::tx_burst_on(NetRing& r, Q& vq, std::size_t n, Fill& fill)
     kick_if_needed(r, vq);
   }
   return done;
+}
+
+template <typename Q>
+bool NetDriver::add_tx(NetRing& r, Q& vq, std::uint64_t gpa, std::size_t len,
+                       std::uint64_t token) noexcept {
+  const virtq::DriverQueue::Buffer out{gpa, static_cast<std::uint32_t>(len)};
+  if (!vq.add(std::span(&out, 1), {}, token)) {
+    ++r.stats.full;
+    return false;
+  }
+  ++r.stats.frames;
+  r.stats.bytes += len - hdr_len_;
+  return true;
 }
 
 template <typename Fill>
@@ -286,7 +324,7 @@ void NetDriver::refill_rx(NetRing& r, Q& vq) noexcept {
   std::size_t added = 0;
   while (r.free_top > 0) {
     const std::uint16_t b = r.free[r.free_top - 1];
-    const virtq::DriverQueue::Buffer in{r.buffer_gpa(b), r.buffer_size};
+    const virtq::DriverQueue::Buffer in{r.data_gpa(b), r.data_size()};
     if (!vq.add({}, std::span(&in, 1), b)) break;
     --r.free_top;
     ++added;
@@ -318,6 +356,72 @@ std::size_t NetDriver::rx_burst_on(NetRing& r, Q& vq, std::size_t max, OnFrame& 
   }
   refill_rx(r, vq);
   return delivered;
+}
+
+template <typename Q>
+std::size_t NetDriver::forward_on(std::uint16_t qp, Q& txq, Q& rxq, std::size_t max) noexcept {
+  NetRing& tx = tx_ring(qp);
+  NetRing& rx = rx_ring(qp);
+  reclaim_tx_on(tx, txq);  // lent buffers back on rx's free stack, refilled below
+  std::size_t seen = 0, sent = 0;
+  while (seen < max) {
+    const std::size_t want = std::min(rx.used.size(), max - seen);
+    const std::size_t n = rxq.get_used_burst(std::span(rx.used.data(), want));
+    for (std::size_t k = 0; k < n; ++k) {
+      const virtq::DriverQueue::Used& u = rx.used[k];
+      const auto b = static_cast<std::uint16_t>(u.token);
+      std::uint8_t* p = rx.data(b);
+      std::uint16_t nbuf = 1;
+      if (mrg_rxbuf_ && u.len >= hdr_len_) {
+        std::memcpy(&nbuf, p + offsetof(virtio::VirtioNetHdrMrg, num_buffers), sizeof nbuf);
+      }
+      if (rx.merge_left == 0 && u.len > hdr_len_ && nbuf == 1) {
+        // The whole frame in this buffer: it goes back out from where it is.
+        ++rx.stats.frames;
+        rx.stats.bytes += u.len - hdr_len_;
+        ++seen;
+        std::memset(p, 0, hdr_len_);
+        if (add_tx(tx, txq, rx.data_gpa(b), u.len, kLentToken | b)) {
+          ++sent;
+        } else {
+          rx.free[rx.free_top++] = b;  // the transmitq is full: dropped, counted there
+        }
+        continue;
+      }
+      // A frame gathered from several buffers, an empty or a bad one: the rx path's way. A
+      // gathered frame is larger than any one buffer, so it cannot go back out: dropped as
+      // oversize; an empty one, as bad.
+      std::span<const std::uint8_t> frame;
+      if (deliver_buffer(rx, u, frame)) {
+        ++rx.stats.frames;
+        rx.stats.bytes += frame.size();
+        ++seen;
+        ++(frame.empty() ? rx.stats.bad : tx.stats.oversize);
+      }
+      rx.free[rx.free_top++] = b;
+    }
+    if (n < want || n == 0) break;
+  }
+  if (sent != 0) {
+    txq.publish();
+    kick_if_needed(tx, txq);
+  }
+  refill_rx(rx, rxq);
+  return sent;
+}
+
+inline std::size_t NetDriver::forward(std::uint16_t qp, std::size_t max) noexcept {
+  if (session_->stopped()) return 0;
+  vhost_user::FrontendRing& txr = *tx_ring(qp).ring;
+  vhost_user::FrontendRing& rxr = *rx_ring(qp).ring;
+  // Both rings of a session run the same layout.
+  return txr.visit([&]<typename Q>(Q& txq) {
+    if constexpr (std::is_same_v<Q, virtq::DriverQueue>) {
+      return forward_on(qp, txq, rxr.vq, max);
+    } else {
+      return forward_on(qp, txq, rxr.pvq, max);
+    }
+  });
 }
 
 template <typename OnFrame>

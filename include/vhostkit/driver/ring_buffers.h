@@ -19,6 +19,9 @@ struct RingBuffers {
   std::uint8_t* buffers = nullptr;  // host address of buffer 0
   std::uint64_t buffers_gpa = 0;
   std::uint32_t buffer_size = 0;
+  // Bytes left unused at the front of each buffer before what the ring is given (data(),
+  // data_gpa()): a net driver's rx buffers start the frame on a cache line, as DPDK's mbufs do.
+  std::uint32_t headroom = 0;
   std::uint16_t buffer_count = 0;
   std::vector<std::uint16_t> free;  // a stack: free[0..free_top)
   std::uint16_t free_top = 0;
@@ -44,6 +47,10 @@ struct RingBuffers {
   std::uint64_t buffer_gpa(std::uint16_t i) const noexcept {
     return buffers_gpa + std::uint64_t{i} * buffer_size;
   }
+  // Where buffer i's part on the ring starts (past the headroom), and its length.
+  std::uint8_t* data(std::uint16_t i) const noexcept { return buffer(i) + headroom; }
+  std::uint64_t data_gpa(std::uint16_t i) const noexcept { return buffer_gpa(i) + headroom; }
+  std::uint32_t data_size() const noexcept { return buffer_size - headroom; }
   // Buffers on the ring (or otherwise not on the free stack).
   std::uint16_t in_use() const noexcept {
     return static_cast<std::uint16_t>(buffer_count - free_top);

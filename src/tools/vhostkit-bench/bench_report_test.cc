@@ -335,6 +335,17 @@ TEST(ParseMode, BlkIsAModeButNotANetMode) {
   EXPECT_NE(vb::parse_mode("disk").error().message().find("blk"), std::string::npos);
 }
 
+TEST(ParseMode, FwdIsANetModeThatReflects) {
+  EXPECT_EQ(vb::parse_mode("fwd").value(), vb::Mode::fwd);
+  EXPECT_EQ(vb::to_string(vb::Mode::fwd), "fwd");
+  EXPECT_TRUE(vb::is_net(vb::Mode::fwd));
+  EXPECT_TRUE(vb::reflects(vb::Mode::fwd));
+  EXPECT_TRUE(vb::reflects(vb::Mode::loop));
+  EXPECT_FALSE(vb::reflects(vb::Mode::txonly));
+  EXPECT_FALSE(vb::reflects(vb::Mode::rxonly));
+  EXPECT_NE(vb::parse_mode("io").error().message().find("fwd"), std::string::npos);
+}
+
 TEST(BlkArgs, RwParses) {
   EXPECT_EQ(vb::parse_rw("randread").value(), vb::BlkRw::randread);
   EXPECT_EQ(vb::parse_rw("randwrite").value(), vb::BlkRw::randwrite);
@@ -364,7 +375,8 @@ TEST(BlkArgs, OptionsOfTheOtherModeFamilyAreRefused) {
     EXPECT_EQ(r.error().message().find('\n'), std::string::npos);
   }
   for (const char* o : {"--rw", "--iodepth", "--bs"}) {
-    for (vb::Mode m : {vb::Mode::txonly, vb::Mode::rxonly, vb::Mode::loop, vb::Mode::latency}) {
+    for (vb::Mode m :
+         {vb::Mode::txonly, vb::Mode::rxonly, vb::Mode::loop, vb::Mode::fwd, vb::Mode::latency}) {
       auto r = vb::check_mode_options(m, {o});
       ASSERT_FALSE(r) << o;
       EXPECT_NE(r.error().message().find(o), std::string::npos) << r.error().message();

@@ -7,6 +7,9 @@
 //   rxonly   count what the back-end sends (testpmd txonly on the vhost side)
 //   loop     keep the transmitq full and count what the back-end reflects (a MAC-swapping
 //            back-end: vhostkit-net --loopback, testpmd macswap)
+//   fwd      send one burst (--burst frames), then send every frame that comes back out again
+//            from the buffer it arrived in, no copy: testpmd --forward-mode=io --tx-first, the
+//            front-end bench/run.sh compares it with, on the same back-ends as loop
 //   latency  one frame in flight: round-trip histogram (p50, p99, p99.9, min, max)
 //   blk      a vhost-user-blk back-end instead: random reads or writes (--rw, --bs), --iodepth
 //            requests in flight per queue, IOPS and latency percentiles (blk_traffic.h)
@@ -159,10 +162,9 @@ vb::RunResult run_one(vd::NetDriver& s, const Args& a, vb::Mode mode, std::uint3
     if (live && dt > 0) {
       // Live drops: sent minus received minus what is still on the transmitq: exact once the
       // receive side has caught up, an over-estimate by what is in flight beyond the ring.
-      const std::uint64_t lost =
-          (mode == vb::Mode::loop || mode == vb::Mode::latency) && cur.tx > cur.rx + cur.outstanding
-              ? cur.tx - cur.rx - cur.outstanding
-              : 0;
+      const std::uint64_t lost = vb::reflects(mode) && cur.tx > cur.rx + cur.outstanding
+                                     ? cur.tx - cur.rx - cur.outstanding
+                                     : 0;
       std::fprintf(stderr, "%s\n",
                    vb::format_live(elapsed, static_cast<double>(cur.tx - prev.tx) / dt,
                                    static_cast<double>(cur.rx - prev.rx) / dt, size, lost)
@@ -180,7 +182,7 @@ vb::RunResult run_one(vd::NetDriver& s, const Args& a, vb::Mode mode, std::uint3
   const auto d0 = std::chrono::steady_clock::now();
   Totals last = sum(counters, pairs);
   auto moved = d0;
-  const bool reflects = mode == vb::Mode::loop || mode == vb::Mode::latency;
+  const bool reflects = vb::reflects(mode);
   while (vb::seconds_since(d0) < 2.0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     const Totals cur = sum(counters, pairs);
@@ -340,8 +342,8 @@ int main(int argc, char** argv) {
   CLI::App app{"vhostkit-bench: drive a vhost-user net back-end as a front-end and measure it"};
   Args a;
   app.add_option("mode", a.mode,
-                 "txonly, rxonly, loop (default), latency; blk for a block back-end")
-      ->check(CLI::IsMember({"txonly", "rxonly", "loop", "latency", "blk"}));
+                 "txonly, rxonly, loop (default), fwd, latency; blk for a block back-end")
+      ->check(CLI::IsMember({"txonly", "rxonly", "loop", "fwd", "latency", "blk"}));
   auto* sp =
       app.add_option("--socket-path", a.socket_path, "connect to the back-end listening here");
   auto* sv = app.add_option("--server", a.server_path,
@@ -349,7 +351,8 @@ int main(int argc, char** argv) {
   sp->excludes(sv);
   app.add_option("--size", a.sizes,
                  "frame length(s) in bytes, e.g. 64 or 64,256,1518 (run in turn)");
-  app.add_option("--burst", a.burst, "frames per burst")->check(CLI::Range(1u, 256u));
+  app.add_option("--burst", a.burst, "frames per burst (fwd: the frames that circulate)")
+      ->check(CLI::Range(1u, 256u));
   app.add_option("--duration", a.duration, "measured seconds per size")
       ->check(CLI::Range(0.1, 86400.0));
   app.add_option("--warmup", a.warmup, "seconds of traffic before measuring")
@@ -483,6 +486,9 @@ int main(int argc, char** argv) {
   o.queue_pairs = a.queues;
   o.queue_size = a.queue_size;
   o.buffer_size = a.buffer_size;
+  // fwd sends frames back out from their rx buffers: each frame on a line of its own, as in
+  // testpmd's mbufs, so that zeroing the header does not take the frame's line from the device.
+  o.align_rx_frames = *mode == vb::Mode::fwd;
   o.memory_size = 0;
   o.ring = ring_of(a);
   o.in_order = a.in_order;

@@ -15,6 +15,7 @@ std::string_view to_string(Mode m) noexcept {
     case Mode::txonly: return "txonly";
     case Mode::rxonly: return "rxonly";
     case Mode::loop: return "loop";
+    case Mode::fwd: return "fwd";
     case Mode::latency: return "latency";
     case Mode::blk: return "blk";
   }
@@ -22,11 +23,11 @@ std::string_view to_string(Mode m) noexcept {
 }
 
 Result<Mode> parse_mode(std::string_view s) {
-  for (Mode m : {Mode::txonly, Mode::rxonly, Mode::loop, Mode::latency, Mode::blk}) {
+  for (Mode m : {Mode::txonly, Mode::rxonly, Mode::loop, Mode::fwd, Mode::latency, Mode::blk}) {
     if (s == to_string(m)) return m;
   }
   return fail(Errc::invalid_argument,
-              fmt::format("mode '{}' is not one of txonly, rxonly, loop, latency, blk", s));
+              fmt::format("mode '{}' is not one of txonly, rxonly, loop, fwd, latency, blk", s));
 }
 
 Result<> check_mode_options(Mode m, const std::vector<std::string>& given) {

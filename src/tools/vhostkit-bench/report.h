@@ -13,11 +13,15 @@
 
 namespace vhostkit::bench {
 
-enum class Mode : std::uint8_t { txonly, rxonly, loop, latency, blk };
+enum class Mode : std::uint8_t { txonly, rxonly, loop, fwd, latency, blk };
 
 std::string_view to_string(Mode m) noexcept;
 Result<Mode> parse_mode(std::string_view s);
 constexpr bool is_net(Mode m) noexcept { return m != Mode::blk; }
+// Modes whose frames come back from a reflecting back-end: what is sent and not received is lost.
+constexpr bool reflects(Mode m) noexcept {
+  return m == Mode::loop || m == Mode::fwd || m == Mode::latency;
+}
 
 // Options that make sense for one family of modes only. check_mode_options fails (one line,
 // naming the option and the mode) when `given` holds one of the other family's.

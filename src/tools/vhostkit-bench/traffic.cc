@@ -90,6 +90,45 @@ void run_throughput(NetDriver& s, const PairConfig& cfg, const Control& ctl,
   }
 }
 
+// fwd: one burst of cfg.burst frames (testpmd's --tx-first), then every frame the back-end
+// sends back goes out again from the buffer it arrived in (NetDriver::forward). tx counts the
+// frames put on the transmitq, the first burst included; rx the frames received.
+void run_forward(NetDriver& s, const PairConfig& cfg, const Control& ctl,
+                 PairCounters& out) noexcept {
+  const std::uint16_t qp = cfg.qp;
+  vu::FrontendRing& txr = s.session().ring(NetDriver::tx_index(qp));
+  vu::FrontendRing& rxr = s.session().ring(NetDriver::rx_index(qp));
+  const driver::RingStats& txs = s.stats(NetDriver::tx_index(qp));
+  const driver::RingStats& rxs = s.stats(NetDriver::rx_index(qp));
+  const std::uint64_t tx0 = txs.frames, rx0 = rxs.frames;
+  std::uint64_t seq = 0;
+  s.tx_burst_fill(qp, cfg.burst, [&](std::size_t, std::span<std::uint8_t> room) noexcept {
+    return write_frame(room, cfg.size, seq++, 0);
+  });
+  auto count = [](std::span<const std::uint8_t>) noexcept {};
+  for (;;) {
+    const Phase ph = ctl.get();
+    if (ph == Phase::done) break;
+    std::size_t moved = 0;
+    if (ph != Phase::drain) {
+      moved = s.forward(qp, cfg.burst);
+    } else {
+      s.reclaim_tx(qp);
+      moved = s.rx_burst(qp, cfg.burst, count);
+    }
+    out.tx.store(txs.frames - tx0, std::memory_order_relaxed);
+    out.rx.store(rxs.frames - rx0, std::memory_order_relaxed);
+    out.tx_outstanding.store(outstanding(txr), std::memory_order_relaxed);
+    if (ph == Phase::drain) out.draining.store(true, std::memory_order_release);
+    if (moved != 0) continue;
+    if (cfg.busy) {
+      cpu_relax();
+    } else {
+      sleep_on_calls(&rxr, nullptr, 10);
+    }
+  }
+}
+
 void run_latency(NetDriver& s, const PairConfig& cfg, const Control& ctl, PairCounters& out,
                  Histogram& hist) noexcept {
   const std::uint16_t qp = cfg.qp;
@@ -216,6 +255,8 @@ void run_pair(NetDriver& s, const PairConfig& cfg, const Control& ctl, PairCount
   }
   if (cfg.mode == Mode::latency) {
     run_latency(s, cfg, ctl, out, hist);
+  } else if (cfg.mode == Mode::fwd) {
+    run_forward(s, cfg, ctl, out);
   } else {
     run_throughput(s, cfg, ctl, out);
   }
