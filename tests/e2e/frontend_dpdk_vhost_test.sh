@@ -4,8 +4,10 @@
 # counts them coming back. Both sides must agree: testpmd reports the device ready and counts
 # the same traffic the probe does. Runs in event mode (kick/call eventfds) and in poll mode
 # ("no fd" kicks and calls). Then vhostkit-bench loop on the packed ring, without and with
-# IN_ORDER (the vhost PMD offers both): its JSON must name what was negotiated, and testpmd must
-# count every frame the bench sent and at least every one it got back.
+# IN_ORDER (the vhost PMD offers both), and vhostkit-bench fwd (frames sent back out of their rx
+# buffers) on the split ring and on packed with IN_ORDER: its JSON must name what was
+# negotiated, fwd must get back every frame it sent, and testpmd must count every frame the
+# bench sent and at least every one it got back.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib/dpdk.sh"
@@ -58,15 +60,15 @@ echo "$out"
 got2=$(json_field received "$out")
 vk_pass "$got2/$frames frames came back in poll mode"
 
-# vhostkit-bench loop for a second on the given ring options; checks its JSON and adds its
+# vhostkit-bench MODE for a second on the given ring options; checks its JSON and adds its
 # frames to bench_tx / bench_rx.
 bench_tx=0 bench_rx=0
-run_bench() {  # RING IN_ORDER(0|1)
-  local ring=$1 io=$2 args out rc tx rx
-  args=(loop --socket-path="$sock" --ring="$ring" --strict --size=128 --duration=1 --warmup=0.3
+run_bench() {  # MODE RING IN_ORDER(0|1)
+  local mode=$1 ring=$2 io=$3 args out rc tx rx
+  args=("$mode" --socket-path="$sock" --ring="$ring" --strict --size=128 --duration=1 --warmup=0.3
         --poll=busy --json)
   ((io)) && args+=(--in-order)
-  vk_check "vhostkit-bench loop --ring=$ring$( ((io)) && echo " --in-order") --strict: frames go round, the JSON names the layout"
+  vk_check "vhostkit-bench $mode --ring=$ring$( ((io)) && echo " --in-order") --strict: frames go round, the JSON names the layout"
   out=$(timeout 60 "$bench" "${args[@]}" 2>"$VK_TMP/bench.err"); rc=$?
   echo "$out"
   ((rc == 0)) || { cat "$VK_TMP/bench.err"; tail -30 "$tlog"; vk_fail "vhostkit-bench exit $rc"; }
@@ -75,17 +77,23 @@ run_bench() {  # RING IN_ORDER(0|1)
     vk_fail "the JSON says in_order $(jq -r .in_order <<<"$out")"
   [[ $(jq -r '.results[0].ring' <<<"$out") == "$ring" ]] || vk_fail "the result names another ring"
   feat=$(($(jq -r .features <<<"$out")))
-  (((feat >> 34) & 1)) || vk_fail "VIRTIO_F_RING_PACKED not in the features ($feat)"
+  local packed=0
+  [[ $ring == packed ]] && packed=1
+  ((((feat >> 34) & 1) == packed)) || vk_fail "VIRTIO_F_RING_PACKED is $(((feat >> 34) & 1)) on ring $ring ($feat)"
   ((((feat >> 35) & 1) == io)) || vk_fail "VIRTIO_F_IN_ORDER is $(((feat >> 35) & 1)), wanted $io"
   tx=$(jq -r '.results[0].tx' <<<"$out")
   rx=$(jq -r '.results[0].rx' <<<"$out")
   ((tx > 1000)) || vk_fail "only $tx frames sent"
   ((rx * 10 >= tx * 9)) || vk_fail "$rx of $tx frames came back"
+  # fwd: the same frames go round and round; the drain waits for every one.
+  [[ $mode != fwd ]] || ((rx == tx)) || vk_fail "fwd: $rx of $tx frames came back"
   bench_tx=$((bench_tx + tx)) bench_rx=$((bench_rx + rx))
   vk_pass "features $feat: $rx of $tx frames came back"
 }
-run_bench packed 0
-run_bench packed 1
+run_bench loop packed 0
+run_bench loop packed 1
+run_bench fwd split 0
+run_bench fwd packed 1
 
 vk_check "testpmd counted the same traffic"
 vk_dpdk_stop "$pmd"
