@@ -7,9 +7,10 @@
 #              what it offers; the row says what vhostkit-net acked)
 #   bench      vhostkit-bench loop (split ring), busy polling: keeps the transmitq full, writes
 #              every frame
-#   bench-fwd  vhostkit-bench fwd (split ring), busy polling: testpmd's io forwarding with
-#              --tx-first, done by vhostkit-bench (32 frames in flight, each sent back out of the
-#              buffer it arrived in): the like-for-like front-end for tpmd
+#   bench-fwd  vhostkit-bench fwd --in-order (split ring), busy polling: testpmd's io forwarding
+#              with --tx-first, done by vhostkit-bench (32 frames in flight, each sent back out of
+#              the buffer it arrived in), asking for IN_ORDER as testpmd's virtio-user does by
+#              default: the like-for-like front-end for tpmd
 #
 #   bench/backends.sh [--build DIR] [--rounds N] [--duration S] [--sizes LIST] [--keep-logs]
 #
@@ -94,9 +95,9 @@ else
     load=$(cut -d' ' -f1 /proc/loadavg)
     start_backend "$be" "$sock" "$blog" || { say "$tag: the back-end did not listen (see $blog)"; stop_backend "$be"; return 1; }
     if [[ $fe == bench* ]]; then
-      local mode=loop
-      [[ $fe == bench-fwd ]] && mode=fwd
-      json=$("$bench" "$mode" --socket-path="$sock" --size="$size" --duration="$duration" \
+      local mode=(loop)
+      [[ $fe == bench-fwd ]] && mode=(fwd --in-order)
+      json=$("$bench" "${mode[@]}" --socket-path="$sock" --size="$size" --duration="$duration" \
         --warmup="$warmup" --poll=busy --cpu="$FE_CPU" --label="$tag" --json 2>"$VK_TMP/$tag-bench.err") ||
         { say "$tag: vhostkit-bench failed: $(tail -1 "$VK_TMP/$tag-bench.err")"; stop_backend "$be"; return 1; }
       mpps=$(jq -r '.results[0].mpps * 10000 | round / 10000' <<<"$json")
@@ -149,7 +150,7 @@ summary() {  # the tables, in markdown (read as they are in a terminal too)
       name["tpmd"] = "testpmd virtio-user (defaults)"
       name["tpmd-pio"] = "testpmd virtio-user packed_vq=1,in_order=1"
       name["bench"] = "vhostkit-bench loop"
-      name["bench-fwd"] = "vhostkit-bench fwd"
+      name["bench-fwd"] = "vhostkit-bench fwd --in-order"
       ns = 0; for (s in sz) sizes[++ns] = s + 0
       for (i = 1; i <= ns; i++) for (j = i + 1; j <= ns; j++) if (sizes[j] < sizes[i]) { t = sizes[i]; sizes[i] = sizes[j]; sizes[j] = t }
       print "| front-end | size (B) | DPDK vhost PMD, Mpps | vhostkit-net, Mpps | vhostkit / DPDK | vhostkit-net ran |"
