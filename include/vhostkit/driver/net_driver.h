@@ -31,7 +31,6 @@
 #include <optional>
 #include <span>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "vhostkit/driver/ring_buffers.h"
@@ -415,13 +414,7 @@ inline std::size_t NetDriver::forward(std::uint16_t qp, std::size_t max) noexcep
   vhost_user::FrontendRing& txr = *tx_ring(qp).ring;
   vhost_user::FrontendRing& rxr = *rx_ring(qp).ring;
   // Both rings of a session run the same layout.
-  return txr.visit([&]<typename Q>(Q& txq) {
-    if constexpr (std::is_same_v<Q, virtq::DriverQueue>) {
-      return forward_on(qp, txq, rxr.vq, max);
-    } else {
-      return forward_on(qp, txq, rxr.pvq, max);
-    }
-  });
+  return txr.visit([&]<typename Q>(Q& txq) { return forward_on(qp, txq, rxr.ring<Q>(), max); });
 }
 
 template <typename OnFrame>

@@ -41,6 +41,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "vhostkit/error.h"
@@ -127,6 +128,16 @@ struct FrontendRing {
   template <typename F>
   decltype(auto) visit(F&& f) noexcept {
     return packed ? f(pvq) : f(vq);
+  }
+  // The queue as its own type, for a data path already running on one layout (a pair's two
+  // rings share it): ring<virtq::DriverQueue>() or ring<virtq::PackedDriverQueue>().
+  template <typename Q>
+  Q& ring() noexcept {
+    if constexpr (std::is_same_v<Q, virtq::PackedDriverQueue>) {
+      return pvq;
+    } else {
+      return vq;
+    }
   }
   template <typename F>
   decltype(auto) visit(F&& f) const noexcept {

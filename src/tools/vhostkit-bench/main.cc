@@ -8,8 +8,8 @@
 //   loop     keep the transmitq full and count what the back-end reflects (a MAC-swapping
 //            back-end: vhostkit-net --loopback, testpmd macswap)
 //   fwd      send one burst (--burst frames), then send every frame that comes back out again
-//            from the buffer it arrived in, no copy: testpmd --forward-mode=io --tx-first, the
-//            front-end bench/run.sh compares it with, on the same back-ends as loop
+//            from the buffer it arrived in, no copy: what testpmd --forward-mode=io --tx-first
+//            does, the front-end bench/backends.sh compares it with
 //   latency  one frame in flight: round-trip histogram (p50, p99, p99.9, min, max)
 //   blk      a vhost-user-blk back-end instead: random reads or writes (--rw, --bs), --iodepth
 //            requests in flight per queue, IOPS and latency percentiles (blk_traffic.h)
