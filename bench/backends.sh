@@ -22,10 +22,14 @@
 #
 # The back-end on CPU 1, the front-end on CPU 0. Every run starts a fresh back-end and front-end;
 # the eight pairings interleave, their order rotated each round, so a drift of the host favours
-# none. Writes bench/results/backends-<utc>.csv (round,frontend,backend,size,mpps,ring,load1) and
-# prints, per front-end and size, each back-end's median (min..max) and vhostkit-net / DPDK; then
-# per back-end, vhostkit-bench / testpmd virtio-user; the same tables go to
-# docs/performance-backends.md, which the report includes, with docs/perf_backends.png (gnuplot).
+# none. Before and after each run host_probe takes a 0.1 s cache-line round trip between the two
+# CPUs: it says where the hypervisor has placed the vCPUs (here 110, 450 or 900 ns), and every
+# figure moves inversely with it, so runs are also compared within one placement.
+# Writes bench/results/backends-<utc>.csv (round,frontend,backend,size,mpps,ring,load1,
+# c2c_before_ns,c2c_after_ns) and prints, per front-end and size, each back-end's median
+# (min..max) and vhostkit-net / DPDK; then per back-end, vhostkit-bench / testpmd virtio-user; then
+# the first table again per placement (runs whose probes disagree left out); the same tables go
+# to docs/performance-backends.md, which the report includes, with docs/perf_backends.png.
 # A failed run is a row marked fail, left out of the medians, exit status 1; 77 without testpmd.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,7 +56,9 @@ if [[ -n $from ]]; then
 else
   VK_NET_BIN=$build/src/tools/vhostkit-net/vhostkit-net
   bench=$build/src/tools/vhostkit-bench/vhostkit-bench
-  [[ -x $VK_NET_BIN && -x $bench ]] || { echo "backends.sh: vhostkit-net or vhostkit-bench not built in $build" >&2; exit 1; }
+  probe=$build/bench/host_probe
+  [[ -x $VK_NET_BIN && -x $bench && -x $probe ]] ||
+    { echo "backends.sh: vhostkit-net, vhostkit-bench or host_probe not built in $build" >&2; exit 1; }
   command -v "$VK_TESTPMD" >/dev/null || { echo "backends.sh: no $VK_TESTPMD (dpdk-dev)" >&2; exit 77; }
   command -v jq >/dev/null || { echo "backends.sh: no jq" >&2; exit 1; }
   [[ $(id -u) -eq 0 ]] || { echo "backends.sh: testpmd without hugepages needs root here" >&2; exit 1; }
@@ -62,7 +68,7 @@ else
   stamp=$(date -u +%Y%m%dT%H%M%SZ)
   mkdir -p "$root/bench/results"
   out=$root/bench/results/backends-$stamp.csv
-  echo "round,frontend,backend,size,mpps,ring,load1" >"$out"
+  echo "round,frontend,backend,size,mpps,ring,load1,c2c_before_ns,c2c_after_ns" >"$out"
   say "$rounds rounds of ${duration} s, sizes ${size_list[*]}, load $(cut -d' ' -f1-3 /proc/loadavg)"
 
   declare -A VDEV_EXTRA=([tpmd]="" [tpmd-pio]=",packed_vq=1,in_order=1")
@@ -89,10 +95,15 @@ else
     vk_dpdk_frontend_pps "$2" "$FE_CPU" "$4" "$3" "$warmup" "$duration" "${VDEV_EXTRA[$1]}"
   }
 
+  c2c() {  # the cache-line round trip between the two CPUs now, ns
+    "$probe" --cpu-a "$FE_CPU" --cpu-b "$BE_CPU" --test cacheline_rtt --seconds 0.1 --bare 2>/dev/null || echo -
+  }
+
   run() {  # ROUND FRONTEND BACKEND SIZE
-    local r=$1 fe=$2 be=$3 size=$4 tag="$1-$2-$3-$4" load mpps pps json ring=-
+    local r=$1 fe=$2 be=$3 size=$4 tag="$1-$2-$3-$4" load mpps pps json ring=- c2c0 c2c1
     local sock=$VK_TMP/$tag.sock blog=$VK_TMP/$tag-backend.log
     load=$(cut -d' ' -f1 /proc/loadavg)
+    c2c0=$(c2c)
     start_backend "$be" "$sock" "$blog" || { say "$tag: the back-end did not listen (see $blog)"; stop_backend "$be"; return 1; }
     if [[ $fe == bench* ]]; then
       local mode=(loop)
@@ -107,13 +118,14 @@ else
       mpps=$(awk -v p="$pps" 'BEGIN { printf "%.4f", p / 1e6 }')
     fi
     stop_backend "$be"
+    c2c1=$(c2c)
     # What vhostkit-net acked ("packed ring, in order", ...): the ring each front-end really ran.
     if [[ $be == vhostkit ]]; then
       ring=$(grep -oE 'acked: [a-z]+ ring(, in order)?' "$blog" | tail -1 | sed -e 's/^acked: //' -e 's/, /+/')
       [[ -n $ring ]] || ring=-
     fi
-    echo "$r,$fe,$be,$size,$mpps,$ring,$load" >>"$out"
-    say "round $r: $fe <-> $be, $size B: $mpps Mpps ($ring)"
+    echo "$r,$fe,$be,$size,$mpps,$ring,$load,$c2c0,$c2c1" >>"$out"
+    say "round $r: $fe <-> $be, $size B: $mpps Mpps ($ring; cache-line round trip $c2c0 / $c2c1 ns)"
   }
 
   pairings=()
@@ -128,7 +140,7 @@ else
       run "$r" ${pairings[(k + (r - 1) * 2) % ${#pairings[@]}]} || {
         # shellcheck disable=SC2086
         set -- ${pairings[(k + (r - 1) * 2) % ${#pairings[@]}]}
-        echo "$r,$1,$2,$3,fail,-,-" >>"$out"
+        echo "$r,$1,$2,$3,fail,-,-,-,-" >>"$out"
         failed=$((failed + 1))
       }
     done
@@ -169,6 +181,41 @@ summary() {  # the tables, in markdown (read as they are in a terminal too)
           ratio(M[fes[i], "dpdk", s], M["tpmd", "dpdk", s]),
           ratio(M[fes[i], "vhostkit", s], M["tpmd", "vhostkit", s])
       }
+    }' "$out"
+  echo
+  by_placement
+}
+# The first table again, per placement of the two vCPUs: a run counts in a class when both of its
+# cache-line probes fall in it (near < 250 ns, far < 650 ns, farther beyond).
+by_placement() {
+  awk -F, 'function cls(x) { return x == "" || x == "-" ? "" : x + 0 < 250 ? "near" : x + 0 < 650 ? "far" : "farther" }
+    NR > 1 && $5 != "fail" { c = cls($8); if (c == "") { noprobe++; next } if (c != cls($9)) { moved++; next }
+      k = c SUBSEP $2 SUBSEP $3 SUBSEP $4; v[k] = v[k] " " $5; n[k]++; sz[$4] = 1; rt[c] = rt[c] " " $8 }
+    function med(list,   a, m, i, j, t) {
+      m = split(list, a, " ")
+      for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+      return (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
+    }
+    END {
+      split("near far farther", cs, " "); split("tpmd tpmd-pio bench bench-fwd", fes, " ")
+      name["tpmd"] = "testpmd virtio-user (defaults)"; name["tpmd-pio"] = "testpmd virtio-user packed_vq=1,in_order=1"
+      name["bench"] = "vhostkit-bench loop"; name["bench-fwd"] = "vhostkit-bench fwd --in-order"
+      ns = 0; for (s in sz) sizes[++ns] = s + 0
+      for (i = 1; i <= ns; i++) for (j = i + 1; j <= ns; j++) if (sizes[j] < sizes[i]) { t = sizes[i]; sizes[i] = sizes[j]; sizes[j] = t }
+      rows = 0
+      for (c = 1; c <= 3; c++) for (k = 1; k <= ns; k++) for (i = 1; i <= 4; i++) {
+        s = sizes[k]; d = cs[c] SUBSEP fes[i] SUBSEP "dpdk" SUBSEP s; h = cs[c] SUBSEP fes[i] SUBSEP "vhostkit" SUBSEP s
+        if (!(d in n) || !(h in n)) continue
+        if (!rows++) {
+          print "| placement (cache-line round trip) | front-end | size (B) | DPDK vhost PMD, Mpps (runs) | vhostkit-net, Mpps (runs) | vhostkit / DPDK |"
+          print "|---|---|---:|---:|---:|---:|"
+        }
+        printf "| %s (median %.0f ns) | %s | %s | %.3f (%d) | %.3f (%d) | %.2f |\n", cs[c], med(rt[cs[c]]), name[fes[i]], s,
+          med(v[d]), n[d], med(v[h]), n[h], med(v[h]) / med(v[d])
+      }
+      if (noprobe) printf "%d run(s) without cache-line probes (a CSV from before they were taken): no placement for them.\n", noprobe
+      else if (!rows) print "No placement holds runs of both back-ends under one front-end."
+      if (moved) printf "\n%d run(s) left out of this table: the placement changed during the run.\n", moved
     }' "$out"
 }
 summary
@@ -220,6 +267,11 @@ EOT
   echo "The second table holds the back-end and changes the front-end. testpmd's front-end runs"
   echo "32 frames in flight (--tx-first) and forwards each frame from its buffer (io); vhostkit-bench"
   echo "fwd does the same, vhostkit-bench loop keeps its ring full and writes every frame."
+  echo
+  echo "The third table splits the runs by where the hypervisor had placed the two vCPUs, read from"
+  echo "a cache-line round trip between them (host_probe, 0.1 s before and after each run). Every"
+  echo "figure here moves inversely with that round trip, so a ratio between runs in one placement"
+  echo "is the like-for-like one; a back-end that only ran in one placement has no row there."
   if plot; then
     echo
     echo "![back-end against back-end](perf_backends.png)"
