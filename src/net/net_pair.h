@@ -66,6 +66,9 @@ struct alignas(64) NetDevice::Pair {
   // The port's rx side failed (e.g. its TAP was deleted): its fd is no longer watched, since a
   // level-triggered fd in error would wake the worker forever. Until the ring restarts.
   bool port_failed = false;
+  // Loopback: the last rx header delivered differed from what its buffer held (the driver
+  // rewrites the headers of the buffers it posts), so the next ones are asked for for writing.
+  bool rx_hdr_rewritten = false;
 
   // Segment arrays: a tx chain (loopback: a whole burst of them, each popped only while a
   // full chain's worth of room is left, so no chain is refused for lack of room), the rx chain

@@ -150,7 +150,13 @@ RxResult deliver_frame(NetDevice::Pair& p, Ring& vq, RxFormat fmt, const FrameSo
     // Written only when it differs: a driver that recycles its buffers finds the same header
     // there (no offload, one buffer), and the line it is about to read stays in its cache
     // instead of bouncing to this core and back (DPDK's vhost library does the same).
-    if (std::memcmp(dst, hdr, fmt.hdr_len) != 0) std::memcpy(dst, hdr, fmt.hdr_len);
+    // A driver that writes its own header into the buffers it posts (a forwarding driver that
+    // sent the buffer out before: 5.1.6.2 has it zero num_buffers) makes the compare fail every
+    // time; the loopback then asks for the next headers' lines for writing (NetDevice's
+    // prefetch_rx_buffer), one transfer where reading first and then writing takes two.
+    const bool differs = std::memcmp(dst, hdr, fmt.hdr_len) != 0;
+    if (differs) std::memcpy(dst, hdr, fmt.hdr_len);
+    p.rx_hdr_rewritten = differs;
     if (f.swap_mac) {
       std::uint8_t m[12];
       std::memcpy(m, s, 12);
