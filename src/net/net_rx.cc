@@ -106,6 +106,23 @@ Delivery fill_chains(NetDevice::Pair& p, Ring& vq, RxFormat fmt, const FrameSour
   return Delivery::delivered;
 }
 
+// Whether the header in the buffer is `hdr` already: the modern header's 12 bytes compared
+// inline rather than through a call into libc's memcmp for so few. memcmp was a quarter of the
+// loopback's profile under testpmd's packed ring, most of it the miss on the header's line,
+// which stays; the call goes. Interleaved A/B, 5 rounds, 64 B: packed 1.06x, split 1.01x.
+bool same_header(const std::uint8_t* buf, const std::uint8_t* hdr, std::size_t len) noexcept {
+  if (len == 12) {
+    std::uint64_t a, b;
+    std::uint32_t c, d;
+    std::memcpy(&a, buf, 8);
+    std::memcpy(&b, hdr, 8);
+    std::memcpy(&c, buf + 8, 4);
+    std::memcpy(&d, hdr + 8, 4);
+    return ((a ^ b) | (c ^ d)) == 0;
+  }
+  return std::memcmp(buf, hdr, len) == 0;
+}
+
 }  // namespace
 
 template <virtq::DeviceRing Ring>
@@ -154,7 +171,7 @@ RxResult deliver_frame(NetDevice::Pair& p, Ring& vq, RxFormat fmt, const FrameSo
     // sent the buffer out before: 5.1.6.2 has it zero num_buffers) makes the compare fail every
     // time; the loopback then asks for the next headers' lines for writing (NetDevice's
     // prefetch_rx_buffer), one transfer where reading first and then writing takes two.
-    const bool differs = std::memcmp(dst, hdr, fmt.hdr_len) != 0;
+    const bool differs = !same_header(dst, hdr, fmt.hdr_len);
     if (differs) std::memcpy(dst, hdr, fmt.hdr_len);
     p.rx_hdr_rewritten = differs;
     if (f.swap_mac) {
