@@ -215,6 +215,12 @@ bool BlkDevice::handle_queue(vhost::Queue& q) noexcept {
   return false;
 }
 
+bool BlkDevice::waiting_on_io(const vhost::Queue& q) const noexcept {
+  if (q.index() >= opts_.num_queues) return false;
+  const QueueState& s = queues_[q.index()];
+  return s.ring_ok && s.inflight != 0;
+}
+
 BlkStats BlkDevice::stats(std::uint16_t queue) const noexcept {
   BlkStats st;
   if (queue >= opts_.num_queues) return st;

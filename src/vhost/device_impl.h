@@ -245,14 +245,16 @@ struct Device::Impl {
     const bool polled = !q.kick || opts.mode != PollMode::event;
     if (polled) {
       q.visit([](auto& vq) { vq.disable_notifications(); });
-      q.poller_id = w.add_poller(Worker::Poller{[this, &q] {
-                                                  q.worker_role_.assume();
-                                                  return poll_queue(q);
-                                                },
-                                                [this, &q](bool enable) {
-                                                  q.worker_role_.assume();
-                                                  return arm_queue(q, enable);
-                                                }});
+      q.poller_id = w.add_poller(
+          Worker::Poller{[this, &q] {
+                           q.worker_role_.assume();
+                           return poll_queue(q);
+                         },
+                         [this, &q](bool enable) {
+                           q.worker_role_.assume();
+                           return arm_queue(q, enable);
+                         },
+                         [this, &q] { return q.started() && backend.waiting_on_io(q); }});
     }
     q.started_.store(true, std::memory_order_release);
     backend.queue_started(q, w);

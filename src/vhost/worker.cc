@@ -175,6 +175,14 @@ struct Worker::Impl {
     return any;
   }
 
+  // Whether a poller waits on I/O in flight (its completion fd watched): see Poller::io_wait.
+  bool io_waiting() VHOSTKIT_REQUIRES(role) {
+    for (std::size_t i = 0; i < pollers.size(); ++i) {
+      if (!pollers[i].dead && pollers[i].p.io_wait && pollers[i].p.io_wait()) return true;
+    }
+    return false;
+  }
+
   // Asks every poller to notify again before we sleep; true if one says work arrived meanwhile.
   bool arm_all(bool enable) VHOSTKIT_REQUIRES(role) {
     bool arrived = false;
@@ -206,7 +214,11 @@ struct Worker::Impl {
       // notification to sleep on.
       bool any = false;
       for (int i = 0; i < kSpinBatch && !stop_requested.load(std::memory_order_relaxed); ++i) {
-        if (poll_all()) any = true;
+        if (poll_all()) {
+          any = true;
+        } else if (opts.mode == PollMode::adaptive && io_waiting()) {
+          break;  // nothing but I/O in flight: go and sleep on it (below)
+        }
       }
       if (wait(0)) any = true;
       if (opts.mode != PollMode::adaptive) continue;
@@ -215,7 +227,11 @@ struct Worker::Impl {
         last_work = now;
         continue;
       }
-      if (now - last_work < spin) continue;
+      // Waiting on the disk is idle too: spinning would only delay its interrupt, which an idle
+      // CPU takes sooner (vhostkit-blk on a virtio disk here, QD1: issue to completion 52 us
+      // under a spinning worker, 30-35 with it asleep; adaptive then did 1.08x the IOPS at QD1
+      // and 1.13x at QD32 of what it did spinning out its budget).
+      if (now - last_work < spin && !io_waiting()) continue;
       // Idle for the whole budget: re-enable notifications, re-check (work may have slipped in
       // before the driver saw the flag), and sleep only if nothing did.
       if (!arm_all(true)) wait(-1);

@@ -216,6 +216,37 @@ TEST(Worker, AdaptiveModeArmsAndSleepsWhenIdle) {
   EXPECT_GT(polls.load(), p);
 }
 
+// A poller with nothing to do but I/O in flight (blk waiting on io_uring): the adaptive worker
+// sleeps at once, not after its spin budget (an hour here), and keeps spinning while the
+// source has no I/O out.
+TEST(Worker, AdaptiveModeSleepsAtOnceWhileOnlyIoIsInFlight) {
+  Worker::Options o = opts("adaptive-io", PollMode::adaptive);
+  o.adaptive_spin_us = 3600u * 1000 * 1000;
+  Worker w(o);
+  ASSERT_TRUE(w.start().has_value());
+  std::atomic<std::uint64_t> polls{0};
+  std::atomic<int> armed_on{0};
+  std::atomic<bool> io_out{false};
+  w.run_sync([&] {
+    w.add_poller({[&] {
+                    polls.fetch_add(1, std::memory_order_relaxed);
+                    return false;
+                  },
+                  [&](bool enable) {
+                    if (enable) armed_on.fetch_add(1);
+                    return false;
+                  },
+                  [&] { return io_out.load(); }});
+  });
+  // No I/O out: the budget holds, it spins.
+  const auto p0 = polls.load();
+  ASSERT_TRUE(eventually([&] { return polls.load() > p0 + 1000; }));
+  EXPECT_EQ(armed_on.load(), 0) << "slept within its spin budget with no I/O out";
+  io_out = true;
+  ASSERT_TRUE(eventually([&] { return armed_on.load() >= 1; }))
+      << "did not sleep while its only work was I/O in flight";
+}
+
 TEST(Worker, AdaptiveModeKeepsSpinningWhenArmFindsWork) {
   Worker w(opts("adaptive2", PollMode::adaptive));
   ASSERT_TRUE(w.start().has_value());

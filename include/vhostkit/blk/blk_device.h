@@ -108,6 +108,8 @@ class BlkDevice final : public vhost::DeviceBackend {
   void queue_stopped(vhost::Queue& q, vhost::Worker& w) override;
   void quiesce(vhost::Queue& q, vhost::Worker& w) override;
   bool handle_queue(vhost::Queue& q) noexcept override;
+  // Requests in flight in io_uring (its completion eventfd is watched by the worker).
+  bool waiting_on_io(const vhost::Queue& q) const noexcept override;
 
   std::uint64_t capacity_sectors() const noexcept { return capacity_; }
   bool read_only() const noexcept { return opts_.read_only; }

@@ -65,6 +65,15 @@ class DeviceBackend {
   // to a budget of chains and returns true if it did any work. Must publish used entries and
   // notify (Queue::publish_and_notify) before returning.
   virtual bool handle_queue(Queue& q) noexcept = 0;
+
+  // Called on the worker after a handle_queue that found nothing to do: true when the queue
+  // still has requests in flight in the kernel, whose completions wake the worker through an
+  // fd it watches (blk's io_uring). An adaptive worker then sleeps at once instead of spinning
+  // out its budget: the completion interrupt reaches an idle CPU sooner than a busy one.
+  virtual bool waiting_on_io(const Queue& q) const noexcept {
+    (void)q;
+    return false;
+  }
 };
 
 }  // namespace vhostkit::vhost

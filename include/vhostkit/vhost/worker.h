@@ -43,10 +43,14 @@ class Worker {
   using FdHandler = std::function<void()>;
   // A busy/adaptive poller: returns true if it found work. `arm(true)` asks the source to
   // notify again before the worker sleeps and returns true if work arrived meanwhile (the race
-  // re-check); `arm(false)` turns notifications off while spinning.
+  // re-check); `arm(false)` turns notifications off while spinning. `io_wait` (optional): true
+  // when the source has nothing to do but wait for I/O whose completion an fd of this worker
+  // reports; an adaptive worker whose pollers are all idle, one of them waiting so, sleeps at
+  // once rather than after its spin budget.
   struct Poller {
     std::function<bool()> poll;
     std::function<bool(bool enable)> arm;
+    std::function<bool()> io_wait = {};
   };
   using Id = std::uint64_t;
 

@@ -38,7 +38,9 @@ BackendProgram::BackendProgram(std::string name, std::string type, std::string d
       ->option_text("SECONDS");
   app_.add_option("--log-level", a.log_level, "trace, debug, info, warn, error, critical or off")
       ->capture_default_str();
-  app_.add_option("--spin-us", a.spin_us, "adaptive polling: spin this long before sleeping")
+  app_.add_option("--spin-us", a.spin_us,
+                  "adaptive polling: spin this long before sleeping (a block back-end sleeps at "
+                  "once while nothing but its I/O is in flight)")
       ->capture_default_str();
   app_.add_flag("--no-packed", a.no_packed,
                 "do not offer the packed virtqueue (VIRTIO_F_RING_PACKED): front-ends then use "
