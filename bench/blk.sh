@@ -38,6 +38,7 @@
 # both sides open it with O_DIRECT. Back-ends:
 #   vk-busy     vhostkit-blk --poll=busy   (--io=auto: io_uring for an image on a disk)
 #   vk-event    vhostkit-blk               (default polling)
+#   vk-adaptive vhostkit-blk --poll=adaptive (sleeps at once while only its I/O is in flight)
 #   qsd-uring   QSD --blockdev driver=file,cache.direct=on,aio=io_uring
 #   qsd-native  QSD --blockdev driver=file,cache.direct=on,aio=native (Linux AIO)
 # Checked at every point: the back-end holds the image open with O_DIRECT (/proc/PID/fdinfo),
@@ -157,9 +158,10 @@ start_backend() {  # NAME SOCK LOG: start back-end NAME listening on SOCK (on BE
   local name=$1 sock=$2 log=$3
   rm -f "$sock"
   case $name in
-    vk-busy|vk-event|vk-uring)
+    vk-busy|vk-event|vk-uring|vk-adaptive)
       local extra=()
       [[ $name == vk-busy ]] && extra=(--poll=busy)
+      [[ $name == vk-adaptive ]] && extra=(--poll=adaptive)
       [[ $name == vk-uring ]] && extra=(--io=uring)
       vk_net_start "$log" -- --socket-path="$sock" --image="$img" --cpu="$BE_CPU" "${extra[@]}"
       BE_PID=$VK_NET_PID
@@ -183,6 +185,7 @@ start_backend() {  # NAME SOCK LOG: start back-end NAME listening on SOCK (on BE
 # --- disk mode ----------------------------------------------------------------------------------
 # Names, commands and plot titles of the disk mode's back-ends.
 declare -A DISK_TITLE=([vk-busy]="vhostkit-blk busy" [vk-event]="vhostkit-blk event"
+  [vk-adaptive]="vhostkit-blk adaptive"
   [qsd-uring]="QSD aio=io_uring" [qsd-native]="QSD aio=native")
 WORKLOADS=("randread 1" "randread 32" "randwrite 1" "randwrite 32")
 
@@ -419,6 +422,7 @@ exit say no request went through its buffered fd (the fallback for requests O_DI
 |---|---|
 | vk-busy | \`vhostkit-blk --image=IMG --cpu=$BE_CPU --poll=busy\` (\`--io=auto\` takes io_uring for an image on a disk) |
 | vk-event | \`vhostkit-blk --image=IMG --cpu=$BE_CPU\` (default polling: sleeps on kicks) |
+| vk-adaptive | \`vhostkit-blk --image=IMG --cpu=$BE_CPU --poll=adaptive\` (spins while requests come, sleeps at once while only its I/O is in flight) |
 | qsd-uring | \`taskset -c $BE_CPU qemu-storage-daemon --blockdev driver=file,filename=IMG,node-name=d,cache.direct=on,aio=io_uring --export type=vhost-user-blk,...,writable=on,num-queues=1\` |
 | qsd-native | the same with \`aio=native\` (Linux AIO) |
 
@@ -455,7 +459,7 @@ disk_main() {
   REFUSED=()
   out=$results/blk-disk-$stamp.csv
   disk_prepare || exit 1
-  disk_backends=(vk-busy vk-event)
+  disk_backends=(vk-busy vk-event vk-adaptive)
   local m be
   for m in io_uring native; do
     be=qsd-${m/io_uring/uring}
@@ -466,7 +470,7 @@ disk_main() {
       say "QSD REFUSED aio=$m with cache.direct=on: $(tail -1 "$VK_TMP/qsd-probe.log"); no $be point"
     fi
   done
-  ((${#disk_backends[@]} > 2)) || { say "QSD refused both aio modes: nothing to compare with"; exit 1; }
+  ((${#disk_backends[@]} > 3)) || { say "QSD refused both aio modes: nothing to compare with"; exit 1; }
   local nb=${#disk_backends[@]} r k w
   say "${size_mib} MiB image on $disk_fs ($disk_dev), $rounds round(s) of ${#WORKLOADS[@]} workloads x $nb back-ends, ${duration}s per point (about $(((rounds * ${#WORKLOADS[@]} * nb * (duration + warmup + 2) + 59) / 60)) min), logs in $VK_TMP, load $load_before"
   for ((r = 1; r <= rounds; r++)); do
