@@ -69,7 +69,8 @@ struct Args {
   // Not a power of two: with 2048-byte buffers every buffer's header line fell into the same few
   // L2 sets, and a back-end reading the headers of a full ring missed on them (vhostkit-bench
   // loop against vhostkit-net, 3 rounds: 6.8-7.1 Mpps at 2048, 7.8-9.1 at 2112 and 2240; DPDK's
-  // vhost PMD the same at both).
+  // vhost PMD the same at both). The bench/backends.sh run that followed did not show the gain
+  // in its loop column (bench/cycles.md): the A/B stands alone so far.
   std::uint32_t buffer_size = 2240;
   std::string poll = "busy";
   std::string cpu;
