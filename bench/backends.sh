@@ -147,39 +147,52 @@ else
   done
 fi
 
+# awk functions the tables and the plot share. stats(list): the median of a space-separated list
+# of numbers, also left in MED with its LO..HI (0 for an empty list). sort_sizes(sz, sizes): the
+# keys of sz as numbers, ascending, in sizes[1..n]; returns n. fe_names(): the front-ends in
+# table order in FES[1..4], their row names in NAME[].
+awk_lib='
+  function stats(list,   a, n, i, j, t) {
+    n = split(list, a, " ")
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+    MED = n ? ((n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2) : 0; LO = n ? a[1] : 0; HI = n ? a[n] : 0
+    return MED
+  }
+  function sort_sizes(sz, sizes,   s, n, i, j, t) {
+    n = 0; for (s in sz) sizes[++n] = s + 0
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (sizes[j] < sizes[i]) { t = sizes[i]; sizes[i] = sizes[j]; sizes[j] = t }
+    return n
+  }
+  function fe_names() {
+    split("tpmd tpmd-pio bench bench-fwd", FES, " ")
+    NAME["tpmd"] = "testpmd virtio-user (defaults)"
+    NAME["tpmd-pio"] = "testpmd virtio-user packed_vq=1,in_order=1"
+    NAME["bench"] = "vhostkit-bench loop"
+    NAME["bench-fwd"] = "vhostkit-bench fwd --in-order"
+  }
+'
 summary() {  # the tables, in markdown (read as they are in a terminal too)
-  awk -F, 'NR > 1 && $5 != "fail" { k = $2 SUBSEP $3 SUBSEP $4; v[k] = v[k] " " $5; sz[$4] = 1
+  awk -F, "$awk_lib"'NR > 1 && $5 != "fail" { k = $2 SUBSEP $3 SUBSEP $4; v[k] = v[k] " " $5; sz[$4] = 1
       if ($3 == "vhostkit" && $6 != "-") ring[$2, $4] = $6 }
-    function stats(list,   a, n, i, j, t) {
-      n = split(list, a, " ")
-      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-      MED = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2; LO = a[1]; HI = a[n]
-    }
-    function cell(fe, be, s) { stats(v[fe, be, s]); M[fe, be, s] = MED; return sprintf("%.3f (%.3f..%.3f)", MED, LO, HI) }
+    function cell(fe, be, s) { M[fe, be, s] = stats(v[fe, be, s]); return sprintf("%.3f (%.3f..%.3f)", MED, LO, HI) }
     function ratio(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
     END {
-      n = split("tpmd tpmd-pio bench bench-fwd", fes, " ")
-      name["tpmd"] = "testpmd virtio-user (defaults)"
-      name["tpmd-pio"] = "testpmd virtio-user packed_vq=1,in_order=1"
-      name["bench"] = "vhostkit-bench loop"
-      name["bench-fwd"] = "vhostkit-bench fwd --in-order"
-      ns = 0; for (s in sz) sizes[++ns] = s + 0
-      for (i = 1; i <= ns; i++) for (j = i + 1; j <= ns; j++) if (sizes[j] < sizes[i]) { t = sizes[i]; sizes[i] = sizes[j]; sizes[j] = t }
+      fe_names(); n = 4; ns = sort_sizes(sz, sizes)
       print "| front-end | size (B) | DPDK vhost PMD, Mpps | vhostkit-net, Mpps | vhostkit / DPDK | vhostkit-net ran |"
       print "|---|---:|---:|---:|---:|---|"
       for (k = 1; k <= ns; k++) for (i = 1; i <= n; i++) {
-        s = sizes[k]; d = cell(fes[i], "dpdk", s); h = cell(fes[i], "vhostkit", s)
-        printf "| %s | %s | %s | %s | %s | %s |\n", name[fes[i]], s, d, h,
-          ratio(M[fes[i], "vhostkit", s], M[fes[i], "dpdk", s]), ring[fes[i], s]
+        s = sizes[k]; d = cell(FES[i], "dpdk", s); h = cell(FES[i], "vhostkit", s)
+        printf "| %s | %s | %s | %s | %s | %s |\n", NAME[FES[i]], s, d, h,
+          ratio(M[FES[i], "vhostkit", s], M[FES[i], "dpdk", s]), ring[FES[i], s]
       }
       print ""
       print "| vhostkit-bench mode | size (B) | vhostkit-bench / testpmd virtio-user on DPDK vhost PMD | on vhostkit-net |"
       print "|---|---:|---:|---:|"
       for (k = 1; k <= ns; k++) for (i = 3; i <= n; i++) {
         s = sizes[k]
-        printf "| %s | %s | %s | %s |\n", fes[i] == "bench" ? "loop" : "fwd", s,
-          ratio(M[fes[i], "dpdk", s], M["tpmd", "dpdk", s]),
-          ratio(M[fes[i], "vhostkit", s], M["tpmd", "vhostkit", s])
+        printf "| %s | %s | %s | %s |\n", FES[i] == "bench" ? "loop" : "fwd", s,
+          ratio(M[FES[i], "dpdk", s], M["tpmd", "dpdk", s]),
+          ratio(M[FES[i], "vhostkit", s], M["tpmd", "vhostkit", s])
       }
     }' "$out"
   echo
@@ -188,30 +201,21 @@ summary() {  # the tables, in markdown (read as they are in a terminal too)
 # The first table again, per placement of the two vCPUs: a run counts in a class when both of its
 # cache-line probes fall in it (near < 250 ns, far < 650 ns, farther beyond).
 by_placement() {
-  awk -F, 'function cls(x) { return x == "" || x == "-" ? "" : x + 0 < 250 ? "near" : x + 0 < 650 ? "far" : "farther" }
+  awk -F, "$awk_lib"'function cls(x) { return x == "" || x == "-" ? "" : x + 0 < 250 ? "near" : x + 0 < 650 ? "far" : "farther" }
     NR > 1 && $5 != "fail" { c = cls($8); if (c == "") { noprobe++; next } if (c != cls($9)) { moved++; next }
       k = c SUBSEP $2 SUBSEP $3 SUBSEP $4; v[k] = v[k] " " $5; n[k]++; sz[$4] = 1; rt[c] = rt[c] " " $8 }
-    function med(list,   a, m, i, j, t) {
-      m = split(list, a, " ")
-      for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-      return (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
-    }
     END {
-      split("near far farther", cs, " "); split("tpmd tpmd-pio bench bench-fwd", fes, " ")
-      name["tpmd"] = "testpmd virtio-user (defaults)"; name["tpmd-pio"] = "testpmd virtio-user packed_vq=1,in_order=1"
-      name["bench"] = "vhostkit-bench loop"; name["bench-fwd"] = "vhostkit-bench fwd --in-order"
-      ns = 0; for (s in sz) sizes[++ns] = s + 0
-      for (i = 1; i <= ns; i++) for (j = i + 1; j <= ns; j++) if (sizes[j] < sizes[i]) { t = sizes[i]; sizes[i] = sizes[j]; sizes[j] = t }
+      split("near far farther", cs, " "); fe_names(); ns = sort_sizes(sz, sizes)
       rows = 0
       for (c = 1; c <= 3; c++) for (k = 1; k <= ns; k++) for (i = 1; i <= 4; i++) {
-        s = sizes[k]; d = cs[c] SUBSEP fes[i] SUBSEP "dpdk" SUBSEP s; h = cs[c] SUBSEP fes[i] SUBSEP "vhostkit" SUBSEP s
+        s = sizes[k]; d = cs[c] SUBSEP FES[i] SUBSEP "dpdk" SUBSEP s; h = cs[c] SUBSEP FES[i] SUBSEP "vhostkit" SUBSEP s
         if (!(d in n) || !(h in n)) continue
         if (!rows++) {
           print "| placement (cache-line round trip) | front-end | size (B) | DPDK vhost PMD, Mpps (runs) | vhostkit-net, Mpps (runs) | vhostkit / DPDK |"
           print "|---|---|---:|---:|---:|---:|"
         }
-        printf "| %s (median %.0f ns) | %s | %s | %.3f (%d) | %.3f (%d) | %.2f |\n", cs[c], med(rt[cs[c]]), name[fes[i]], s,
-          med(v[d]), n[d], med(v[h]), n[h], med(v[h]) / med(v[d])
+        printf "| %s (median %.0f ns) | %s | %s | %.3f (%d) | %.3f (%d) | %.2f |\n", cs[c], stats(rt[cs[c]]), NAME[FES[i]], s,
+          stats(v[d]), n[d], stats(v[h]), n[h], stats(v[h]) / stats(v[d])
       }
       if (noprobe) printf "%d run(s) without cache-line probes (a CSV from before they were taken): no placement for them.\n", noprobe
       else if (!rows) print "No placement holds runs of both back-ends under one front-end."
@@ -224,12 +228,8 @@ plot() {
   command -v gnuplot >/dev/null || { say "gnuplot missing: no plot"; return 1; }
   local dat
   dat=$(mktemp)
-  awk -F, 'NR > 1 && $5 != "fail" { k = $2 SUBSEP $4; v[k, $3] = v[k, $3] " " $5; keys[k] = 1 }
-    function st(list,   a, n, i, j, t) {
-      n = split(list, a, " ")
-      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-      return n ? sprintf("%s %s %s", (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2, a[1], a[n]) : "0 0 0"
-    }
+  awk -F, "$awk_lib"'NR > 1 && $5 != "fail" { k = $2 SUBSEP $4; v[k, $3] = v[k, $3] " " $5; keys[k] = 1 }
+    function st(list) { stats(list); return sprintf("%s %s %s", MED, LO, HI) }
     END {
       split("tpmd tpmd-pio bench bench-fwd", fes, " "); lab["tpmd"] = "testpmd"; lab["tpmd-pio"] = "testpmd-packed"
       lab["bench"] = "vk-bench-loop"; lab["bench-fwd"] = "vk-bench-fwd"
