@@ -5,7 +5,6 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <linux/magic.h>
-#include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
@@ -208,10 +207,8 @@ bool BlkDevice::handle_queue(vhost::Queue& q) noexcept {
     q.publish_and_notify();
     return true;
   }
-  // Waiting on io_uring with nothing else to do. Whatever io_uring cannot finish at submission
-  // runs in a kernel worker thread (iou-wrk) that may share this core; a busy poller that keeps
-  // the core would hold that thread off until the scheduler preempts it (milliseconds).
-  if (s.inflight != 0) ::sched_yield();
+  // Waiting on io_uring with nothing else to do: waiting_on_io says so, and a spinning worker
+  // yields its core (see Worker::Poller::io_wait).
   return false;
 }
 

@@ -1,7 +1,7 @@
-// Per-queue data-path state of the virtio-blk device: the queue's io_uring, its completion
-// eventfd, and a fixed pool of request slots (each with the iovec array its chain is popped into
-// and the data pieces parse_blk_request picks out of it, which are the readv/writev vector handed
-// to the kernel: no copy of guest data).
+// Per-queue data-path state of the virtio-blk device: the queue's io_uring (whose fd the worker
+// watches for completions) and a fixed pool of request slots (each with the iovec array its chain
+// is popped into and the data pieces parse_blk_request picks out of it, which are the readv/writev
+// vector handed to the kernel: no copy of guest data).
 #pragma once
 
 #include <liburing.h>
@@ -17,7 +17,6 @@
 
 #include "vhostkit/blk/blk_device.h"
 #include "vhostkit/blk/blk_request.h"
-#include "vhostkit/unique_fd.h"
 #include "vhostkit/vhost/inflight.h"
 #include "vhostkit/vhost/queue.h"
 #include "vhostkit/vhost/worker.h"
@@ -66,9 +65,8 @@ struct BlkDevice::QueueState {
   Backing* backing = nullptr;
 
   io_uring ring{};
-  bool ring_ok = false;  // the io_uring path is set up (always false on the inline path)
-  UniqueFd cq_event;     // io_uring's completion eventfd, watched by the worker
-  vhost::Worker::Id watch_id = 0;
+  bool ring_ok = false;            // the io_uring path is set up (always false on the inline path)
+  vhost::Worker::Id watch_id = 0;  // the watch on ring.ring_fd
   std::unique_ptr<Slot[]> slots;
   std::vector<std::uint32_t> free_slots;  // a stack of slot indices
   std::uint32_t inflight = 0;             // SQEs submitted and not yet reaped
@@ -80,7 +78,7 @@ struct BlkDevice::QueueState {
   std::vector<std::uint16_t> resubmit;
   std::size_t resubmit_next = 0;
 
-  // Starts (ring, eventfd, slot pool) / stops (waits for every request in flight) the queue.
+  // Starts (ring, its watch, slot pool) / stops (waits for every request in flight) the queue.
   void start(vhost::Queue& q, vhost::Worker& w);
   // Waits for every request in flight and answers it (stop, and before guest memory changes).
   void drain(vhost::Queue& q);
@@ -94,7 +92,7 @@ struct BlkDevice::QueueState {
   unsigned pop_and_submit(vhost::Queue& q) noexcept;
   template <class Ring>
   unsigned pop_and_submit_on(vhost::Queue& q, Ring& vq) noexcept;
-  // The completion eventfd fired.
+  // The ring has completions (its fd became readable).
   void on_completion(vhost::Queue& q) noexcept;
 
  private:

@@ -213,14 +213,25 @@ struct Worker::Impl {
       // Event mode with pollers (a ring without a kick fd) spins like busy mode: there is no
       // notification to sleep on.
       bool any = false;
+      bool sleep_on_io = false;
       for (int i = 0; i < kSpinBatch && !stop_requested.load(std::memory_order_relaxed); ++i) {
         if (poll_all()) {
           any = true;
-        } else if (opts.mode == PollMode::adaptive && io_waiting()) {
-          break;  // nothing but I/O in flight: go and sleep on it (below)
+        } else if (io_waiting()) {
+          if (opts.mode == PollMode::adaptive) {
+            sleep_on_io = true;  // nothing but I/O in flight: go and sleep on it (below)
+            break;
+          }
+          // A spinner waiting on I/O yields: whatever io_uring cannot finish at submission runs
+          // in a kernel worker thread (iou-wrk) that may share this core, and would otherwise
+          // wait for the scheduler to preempt us (milliseconds).
+          ::sched_yield();
         }
       }
-      if (wait(0)) any = true;
+      // About to sleep on the I/O (nothing found this batch): the wait(-1) below serves whatever
+      // is ready, so a wait(0) first would only cost a system call. A batch that found work
+      // still looks at the fds, or control work could starve under a steady load.
+      if ((any || !sleep_on_io) && wait(0)) any = true;
       if (opts.mode != PollMode::adaptive) continue;
       const auto now = clock::now();
       if (any) {

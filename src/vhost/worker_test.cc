@@ -247,6 +247,40 @@ TEST(Worker, AdaptiveModeSleepsAtOnceWhileOnlyIoIsInFlight) {
       << "did not sleep while its only work was I/O in flight";
 }
 
+// A poller that finds work and then, the next round, only I/O in flight, over and over (a
+// queue at a steady depth): the worker never sleeps, and it must still look at its fds and run
+// control work between batches.
+TEST(Worker, AdaptiveModeServesControlWorkWhileWorkAndIoWaitAlternate) {
+  // Declared before the workers, which use them until they stop.
+  std::atomic<std::uint64_t> polls{0}, asked{0};
+  std::atomic<bool> ran{false}, ran_b{false};
+  Worker::Options o = opts("adaptive-alt", PollMode::adaptive);
+  o.adaptive_spin_us = 3600u * 1000 * 1000;
+  Worker w(o);
+  ASSERT_TRUE(w.start().has_value());
+  w.run_sync([&] {
+    w.add_poller({[&] { return polls.fetch_add(1, std::memory_order_relaxed) % 2 == 0; },
+                  [](bool) { return false; }, [] { return true; }});
+  });
+  ASSERT_TRUE(eventually([&] { return polls.load() > 1000; }));
+  w.queue_work([&] { ran = true; });
+  EXPECT_TRUE(eventually([&] { return ran.load(); }))
+      << "control work never ran while the poller alternated between work and I/O waits";
+  // A busy-mode worker asks the same question on its idle rounds (it yields the core then).
+  Worker b(opts("busy-io", PollMode::busy));
+  ASSERT_TRUE(b.start().has_value());
+  b.run_sync([&] {
+    b.add_poller({[] { return false; }, [](bool) { return false; },
+                  [&] {
+                    asked.fetch_add(1, std::memory_order_relaxed);
+                    return true;
+                  }});
+  });
+  EXPECT_TRUE(eventually([&] { return asked.load() > 1000; }));
+  b.queue_work([&] { ran_b = true; });
+  EXPECT_TRUE(eventually([&] { return ran_b.load(); }));
+}
+
 TEST(Worker, AdaptiveModeKeepsSpinningWhenArmFindsWork) {
   Worker w(opts("adaptive2", PollMode::adaptive));
   ASSERT_TRUE(w.start().has_value());

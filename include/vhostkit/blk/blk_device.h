@@ -6,7 +6,7 @@
 // chain's guest buffers as the readv/writev iovecs (no copy); src/blk/blk_io.cc carries them
 // out. On the io_uring path each request queue has its own ring, created when the vring starts
 // and owned by the queue's worker; a request is one SQE, completions arrive out of order
-// (io_uring's eventfd is watched by the worker, and the CQ is also reaped on every handle_queue, so
+// (io_uring's own fd is watched by the worker, and the CQ is also reaped on every handle_queue, so
 // busy polling needs no wake-up), and FLUSH carries IOSQE_IO_DRAIN so it starts only after every
 // earlier request on its queue has completed. On the inline path the worker makes the system call
 // and answers the request before popping the next. Either way the status byte is written after the
@@ -108,7 +108,7 @@ class BlkDevice final : public vhost::DeviceBackend {
   void queue_stopped(vhost::Queue& q, vhost::Worker& w) override;
   void quiesce(vhost::Queue& q, vhost::Worker& w) override;
   bool handle_queue(vhost::Queue& q) noexcept override;
-  // Requests in flight in io_uring (its completion eventfd is watched by the worker).
+  // Requests in flight in io_uring (its fd is watched by the worker for their completions).
   bool waiting_on_io(const vhost::Queue& q) const noexcept override;
 
   std::uint64_t capacity_sectors() const noexcept { return capacity_; }

@@ -46,7 +46,8 @@ class Worker {
   // re-check); `arm(false)` turns notifications off while spinning. `io_wait` (optional): true
   // when the source has nothing to do but wait for I/O whose completion an fd of this worker
   // reports; an adaptive worker whose pollers are all idle, one of them waiting so, sleeps at
-  // once rather than after its spin budget.
+  // once rather than after its spin budget, and a busy one yields its core (sched_yield) each
+  // such round, so that a kernel thread finishing the I/O on this core gets to run.
   struct Poller {
     std::function<bool()> poll;
     std::function<bool(bool enable)> arm;
