@@ -188,6 +188,7 @@ class Guest : public vhost::testing::GuestRings {
       }
       gpa += (out.size() + 63) & ~std::size_t{63};
     }
+    if (out.empty()) gpa += rx_headroom;
     for (auto s : in_sizes) {
       ins.push_back({gpa, s});
       gpa += (s + 63) & ~std::uint64_t{63};
@@ -214,6 +215,10 @@ class Guest : public vhost::testing::GuestRings {
     return add_raw(q, {}, {size}).has_value();
   }
 
+  // Device-writable-only chains (rx buffers) start this many bytes into their slot: 64 minus the
+  // header's length puts each received frame at the start of a cache line, as DPDK's mbufs do.
+  std::uint32_t rx_headroom = 0;
+
   // Reclaims used entries of queue q, returning them (slots are freed).
   std::vector<virtq::DriverQueue::Used> reclaim(std::uint16_t q) {
     std::vector<virtq::DriverQueue::Used> out;
@@ -228,7 +233,7 @@ class Guest : public vhost::testing::GuestRings {
   Bytes rx_bytes(std::uint16_t q, const virtq::DriverQueue::Used& u,
                  std::vector<std::uint32_t> in_sizes) {
     Bytes b;
-    std::uint64_t gpa = slot_gpa(q, u.token);
+    std::uint64_t gpa = slot_gpa(q, u.token) + rx_headroom;
     std::size_t left = u.len;
     for (auto s : in_sizes) {
       const std::size_t k = std::min<std::size_t>(s, left);

@@ -88,14 +88,19 @@ INSTANTIATE_TEST_SUITE_P(Modes, Loopback,
                                            LoopCase{PollMode::event, false, true, 9000, 1526},
                                            LoopCase{PollMode::busy, true, true, 9000, 1526}));
 
-// The loopback writes an rx header only where the buffer does not hold it already. Buffers
-// posted with stale headers (a forwarding driver leaves num_buffers 0 in the ones it sent, 5.1.6.2;
-// others differ in a byte of either half of the 12) still come back with the header the device
-// must write: no offload asked for, num_buffers 1.
-TEST(LoopbackHeader, StaleHeadersInRxBuffersAreRewritten) {
+// The loopback writes an rx header only where the buffer does not hold it already, when the
+// frame starts a line of its own (headroom 52: the compare); where the frame shares the header's
+// line it writes it always (headroom 0). Either way, buffers posted with stale headers (a
+// forwarding driver leaves num_buffers 0 in the ones it sent, 5.1.6.2; others differ in a byte of
+// either half of the 12) come back with the header the device must write: no offload asked for,
+// num_buffers 1.
+class LoopbackHeader : public ::testing::TestWithParam<std::uint32_t> {};
+
+TEST_P(LoopbackHeader, StaleHeadersInRxBuffersAreRewritten) {
   NetDevice net(NetOptions{});
   vhost::Device dev(net, dev_opts(PollMode::event));
   Guest g(3, kBase | kEventIdx | kMrg);
+  g.rx_headroom = GetParam();
   g.bring_up(dev);
   ASSERT_EQ(g.hdr_len(), 12u);
   Receiver rx(g, 1, {2048});
@@ -118,7 +123,7 @@ TEST(LoopbackHeader, StaleHeadersInRxBuffersAreRewritten) {
       if (at == 10) hdr[11] = value;
     }
     for (std::uint16_t slot = 0; slot < g.ring_size(); ++slot)
-      std::memcpy(g.host(g.slot_gpa(1, slot)), hdr.data(), hdr.size());
+      std::memcpy(g.host(g.slot_gpa(1, slot) + g.rx_headroom), hdr.data(), hdr.size());
     rx.refill();
     for (int i = 0; i < 8; ++i) ASSERT_TRUE(g.send(0, random_frame(rng, 64)));
     g.kick(0);
@@ -135,6 +140,10 @@ TEST(LoopbackHeader, StaleHeadersInRxBuffersAreRewritten) {
   }
   EXPECT_FALSE(dev.broken());
 }
+INSTANTIATE_TEST_SUITE_P(Headroom, LoopbackHeader, ::testing::Values(0u, 52u),
+                         [](const ::testing::TestParamInfo<std::uint32_t>& i) {
+                           return i.param == 0 ? "FrameSharesHeaderLine" : "FrameOnItsOwnLine";
+                         });
 
 // Live migration: LOG_ALL acked while the rings run, then frames looped back into 512-byte
 // mergeable rx buffers (a frame over up to four chains). Against a shadow of guest memory taken
