@@ -75,7 +75,8 @@ Result<> NetDriver::setup(std::uint32_t buffer_size, bool align_rx_frames) {
   hdr_len_ = virtio::net_hdr_size(virtio::has(f, virtio::feature::version_1), mrg_rxbuf_);
   buffer_size_ = buffer_size;
   // Received frames start a cache line when asked: the header ends where the line begins.
-  const std::uint32_t rx_headroom = align_rx_frames ? static_cast<std::uint32_t>(64 - hdr_len_) : 0;
+  const std::uint32_t rx_headroom =
+      align_rx_frames ? static_cast<std::uint32_t>(virtq::kCacheLine - hdr_len_) : 0;
   if (buffer_size < rx_headroom + hdr_len_ + 60) {
     return fail(
         Errc::out_of_range,

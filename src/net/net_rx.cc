@@ -19,8 +19,6 @@ namespace detail {
 
 namespace {
 
-constexpr std::uintptr_t kCacheLine = 64;
-
 // A 12-byte virtio-net header: hdr10, then num_buffers (little-endian host, virtio/ring.h
 // checks); a 10-byte header is its first 10 bytes.
 void make_hdr(std::uint8_t (&hdr)[12], const std::uint8_t* hdr10,
@@ -177,7 +175,7 @@ RxResult deliver_frame(NetDevice::Pair& p, Ring& vq, RxFormat fmt, const FrameSo
     // writing anyway: the compare would only add a load that waits for the line, where a store
     // waits in the store buffer instead (vhostkit-bench loop's buffers, a Linux guest's).
     const bool frame_shares_line =
-        ((reinterpret_cast<std::uintptr_t>(dst) + fmt.hdr_len) % kCacheLine) != 0;
+        ((reinterpret_cast<std::uintptr_t>(dst) + fmt.hdr_len) % virtq::kCacheLine) != 0;
     const bool differs = frame_shares_line || !same_header(dst, hdr, fmt.hdr_len);
     if (differs) std::memcpy(dst, hdr, fmt.hdr_len);
     p.rx_hdr_rewritten = differs;

@@ -13,7 +13,6 @@ namespace vhostkit::virtq {
 namespace {
 
 constexpr std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) & ~(a - 1); }
-constexpr std::size_t kCacheLine = 64;
 
 }  // namespace
 

@@ -70,15 +70,19 @@ struct Chain {
   std::uint64_t writable_len = 0;
 };
 
+// The cache line the prefetches below and the data path's layout choices assume (x86-64, arm64).
+inline constexpr std::size_t kCacheLine = 64;
+
 namespace detail {
-// One prefetch per 64-byte line of [p, p + len). Inline asm on x86-64: GCC -O3 dropped a
+// One prefetch per kCacheLine-byte line of [p, p + len). Inline asm on x86-64: GCC -O3 dropped a
 // __builtin_prefetch loop it judged to have no effect (inside the loopback's burst loop), and
 // __builtin_prefetch(p, 1) gives PREFETCHT0, not PREFETCHW, unless built for a CPU that has it
 // (every x86-64 CPU decodes PREFETCHW; older ones as a no-op).
 template <bool ForWrite>
 inline void prefetch_lines(const void* p, std::size_t len) noexcept {
   const auto start = reinterpret_cast<std::uintptr_t>(p);
-  for (std::uintptr_t a = start & ~std::uintptr_t{63}; a < start + len; a += 64) {
+  for (std::uintptr_t a = start & ~std::uintptr_t{kCacheLine - 1}; a < start + len;
+       a += kCacheLine) {
 #if defined(__x86_64__)
     if constexpr (ForWrite) {
       asm volatile("prefetchw %0" : : "m"(*reinterpret_cast<const char*>(a)));
