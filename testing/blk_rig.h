@@ -200,9 +200,11 @@ inline vhost::DeviceOptions dev_opts(vhost::PollMode mode = vhost::PollMode::eve
 
 inline std::unique_ptr<BlkDevice> open_device(const std::string& path, bool ro = false,
                                               std::uint16_t queues = 1, bool direct = true,
-                                              IoPath io = IoPath::automatic) {
+                                              IoPath io = IoPath::automatic,
+                                              std::chrono::microseconds latency = {}) {
   BlkOptions o;
   o.io = io;
+  o.added_latency = latency;
   o.image = path;
   o.read_only = ro;
   o.num_queues = queues;

@@ -68,6 +68,14 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
   if (opts.serial.size() > virtio::kBlkIdBytes) {
     return fail(Errc::invalid_argument, "serial is longer than 20 bytes");
   }
+  if (opts.added_latency.count() < 0 || opts.added_latency > kMaxAddedLatency) {
+    return fail(Errc::out_of_range,
+                fmt::format("added latency must be 0..{} us", kMaxAddedLatency.count()));
+  }
+  if (opts.added_latency.count() > 0 && opts.io == IoPath::inline_call) {
+    return fail(Errc::invalid_argument,
+                "added latency needs the io_uring path (inline I/O answers at once)");
+  }
   std::unique_ptr<BlkDevice> d(new BlkDevice(std::move(opts)));
   const BlkOptions& o = d->opts_;
   const int mode = (o.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
@@ -111,9 +119,9 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
     d->fd_ = std::move(buffered);
   }
   d->memory_backed_ = !block_device && on_memory_fs(d->fd_.get());
-  d->io_ = o.io != IoPath::automatic ? o.io
-           : d->memory_backed_       ? IoPath::inline_call
-                                     : IoPath::uring;
+  d->io_ = o.io != IoPath::automatic                           ? o.io
+           : d->memory_backed_ && o.added_latency.count() == 0 ? IoPath::inline_call
+                                                               : IoPath::uring;
   d->capacity_ = bytes / virtio::kBlkSectorSize;
   d->serial_ = o.serial.empty() ? default_serial(o.image) : o.serial;
 
@@ -137,6 +145,11 @@ Result<std::unique_ptr<BlkDevice>> BlkDevice::open(BlkOptions opts) {
   b.limits.max_transfer = kMaxTransfer;
   b.limits.max_discard_sectors = kMaxDiscardSectors;
   b.inline_io = d->io_ == IoPath::inline_call;
+  if (o.added_latency.count() > 0) {
+    b.delayed = true;
+    b.latency.tv_sec = o.added_latency.count() / 1'000'000;
+    b.latency.tv_nsec = o.added_latency.count() % 1'000'000 * 1000;
+  }
   b.serial = &d->serial_;
   d->queues_ = std::make_unique<QueueState[]>(o.num_queues);
   for (std::uint16_t i = 0; i < o.num_queues; ++i) d->queues_[i].backing = &b;

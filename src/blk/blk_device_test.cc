@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +13,7 @@
 
 #include <linux/magic.h>
 #include <sys/vfs.h>
+#include <unistd.h>
 
 #include "testing/blk_rig.h"
 #include "testing/dirty_log.h"
@@ -99,12 +101,13 @@ struct RigOpts {
   bool direct = true;
   std::uint16_t ring_size = 128;
   IoPath io = IoPath::automatic;
+  std::chrono::microseconds latency{0};
 };
 
 struct Rig {
   explicit Rig(RigOpts o = {})
       : img(kImage, o.dir.c_str()),
-        blk(open_device(img.path(), o.ro, o.queues, o.direct, o.io)),
+        blk(open_device(img.path(), o.ro, o.queues, o.direct, o.io, o.latency)),
         dev(*blk, dev_opts(o.mode)),
         guest(o.queues, kFeatures, o.ring_size) {
     guest.bring_up(dev);
@@ -135,6 +138,17 @@ TEST(BlkDevice, OpenChecksImage) {
   auto ok = BlkDevice::open(o);
   ASSERT_TRUE(ok.has_value());
   EXPECT_EQ((*ok)->capacity_sectors(), 16u);
+  // An added latency: at most kMaxAddedLatency, and never on the inline path, which answers
+  // each request at once.
+  o.added_latency = BlkDevice::kMaxAddedLatency + std::chrono::microseconds(1);
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.added_latency = std::chrono::microseconds(-1);
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.added_latency = std::chrono::milliseconds(1);
+  o.io = IoPath::inline_call;
+  auto inline_delayed = BlkDevice::open(o);
+  ASSERT_FALSE(inline_delayed.has_value());
+  EXPECT_NE(inline_delayed.error().detail.find("io_uring"), std::string::npos);
 }
 
 TEST(BlkDevice, FeaturesAndConfig) {
@@ -209,6 +223,73 @@ TEST(BlkDevice, AutomaticIoPathFollowsTheFileSystem) {
   EXPECT_EQ(open_device(shm.path(), false, 1, true, IoPath::uring)->io_path(), IoPath::uring);
   EXPECT_EQ(open_device(tmp.path(), false, 1, true, IoPath::inline_call)->io_path(),
             IoPath::inline_call);
+}
+
+// An added latency makes the automatic path io_uring even for an image in memory.
+TEST(BlkDevice, AddedLatencyTakesTheUringPath) {
+  TempImage shm(kImage, "/dev/shm");
+  auto d = open_device(shm.path(), false, 1, true, IoPath::automatic, std::chrono::milliseconds(1));
+  ASSERT_TRUE(d);
+  EXPECT_TRUE(d->memory_backed());
+  EXPECT_EQ(d->io_path(), IoPath::uring);
+  EXPECT_EQ(d->added_latency(), std::chrono::milliseconds(1));
+}
+
+// Every answer comes at least the added latency after its request; requests overlap (their
+// timers run side by side) and their data is what it would be without the delay.
+TEST(BlkDevice, AddedLatencyHoldsEachAnswerBack) {
+  using std::chrono::steady_clock;
+  constexpr auto kLatency = std::chrono::milliseconds(40);
+  RigOpts o;
+  o.io = IoPath::uring;
+  o.latency = kLatency;
+  Rig r(o);
+  const Bytes data = pattern(8 * 4096, 11);
+  auto t0 = steady_clock::now();
+  std::vector<std::uint16_t> writes;
+  for (unsigned i = 0; i < 8; ++i) {
+    auto w = r.guest.request(0, virtio::blk_type::out, 8 * i,
+                             Bytes(data.begin() + 4096 * i, data.begin() + 4096 * (i + 1)));
+    ASSERT_TRUE(w);
+    writes.push_back(*w);
+  }
+  auto got = r.guest.complete(0, writes.size());
+  EXPECT_GE(steady_clock::now() - t0, kLatency);
+  ASSERT_EQ(got.size(), writes.size());
+  for (std::uint16_t w : writes) EXPECT_EQ(r.guest.status(0, w), virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(0, data.size()), data);
+
+  t0 = steady_clock::now();
+  auto rd = r.guest.request(0, virtio::blk_type::in, 0, {}, data.size(), 4);
+  ASSERT_TRUE(rd);
+  auto [s, len] = r.guest.run(0, *rd);
+  EXPECT_GE(steady_clock::now() - t0, kLatency);
+  EXPECT_EQ(s, virtio::kBlkSOk);
+  EXPECT_EQ(len, data.size() + 1);
+  EXPECT_EQ(r.guest.data(0, *rd, data.size()), data);
+  EXPECT_EQ(r.blk->inflight(0), 0u);
+  const BlkStats st = r.blk->stats(0);
+  EXPECT_EQ(st.writes, 8u);
+  EXPECT_EQ(st.reads, 1u);
+  EXPECT_EQ(st.io_errors, 0u);
+}
+
+// A failed I/O breaks the link to its timer: it is answered (IOERR) at once, not after the
+// latency, and the queue stops without waiting for the timer either.
+TEST(BlkDevice, AddedLatencyAnswersAFailedIoAtOnce) {
+  RigOpts o;
+  o.io = IoPath::uring;
+  o.latency = BlkDevice::kMaxAddedLatency;  // 10 s: far longer than the wait below
+  Rig r(o);
+  // The image shrinks under the device: a read past the new end comes back short.
+  ASSERT_EQ(::truncate(r.img.path().c_str(), kImage / 2), 0);
+  auto rd = r.guest.request(0, virtio::blk_type::in, kImage / 512 - 8, {}, 4096);
+  ASSERT_TRUE(rd);
+  auto got = r.guest.complete(0, 1, /*timeout_ms=*/5000);
+  ASSERT_EQ(got.size(), 1u) << "the failed read waited for its timer";
+  EXPECT_EQ(r.guest.status(0, *rd), kBlkSIoErr);
+  EXPECT_EQ(r.blk->stats(0).io_errors, 1u);
+  EXPECT_EQ(r.blk->inflight(0), 0u);
 }
 
 TEST_P(BlkIo, WriteThenReadBack) {

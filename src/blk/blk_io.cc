@@ -26,6 +26,10 @@ namespace {
 // Chains popped per handle_queue call: one submit per batch.
 constexpr unsigned kBatch = 32;
 
+// In a CQE's user data, next to the slot index: the completion is the I/O's own (not the timer
+// that holds its answer back, see Backing::delayed).
+constexpr std::uint64_t kIoCqe = std::uint64_t{1} << 32;
+
 // Every piece starts and ends on an `align` boundary (what O_DIRECT takes).
 bool aligned(std::span<const iovec> v, std::uint32_t align) {
   for (const iovec& seg : v) {
@@ -53,7 +57,9 @@ void BlkDevice::QueueState::start(vhost::Queue& q, vhost::Worker& w) {
   counters.inflight.store(0, std::memory_order_relaxed);
   ring_ok = false;
   if (backing->inline_io) return;  // requests are answered by plain calls on the worker
-  if (int r = io_uring_queue_init(BlkDevice::kMaxInflight, &ring, 0); r < 0) {
+  // A delayed request takes two SQEs: the I/O and its timer.
+  const unsigned entries = BlkDevice::kMaxInflight * (backing->delayed ? 2 : 1);
+  if (int r = io_uring_queue_init(entries, &ring, 0); r < 0) {
     spdlog::error("blk: vring {}: io_uring setup failed ({}); requests get IOERR", q.index(),
                   std::strerror(-r));
     return;
@@ -123,12 +129,18 @@ unsigned BlkDevice::QueueState::reap(vhost::Queue& q) noexcept {
     const unsigned n = io_uring_peek_batch_cqe(&ring, cqes, kBatch);
     if (n == 0) break;
     for (unsigned i = 0; i < n; ++i) {
-      const auto idx = static_cast<std::uint32_t>(io_uring_cqe_get_data64(cqes[i]));
+      const std::uint64_t data = io_uring_cqe_get_data64(cqes[i]);
       const int res = cqes[i]->res;
       io_uring_cqe_seen(&ring, cqes[i]);
+      const auto idx = static_cast<std::uint32_t>(data);
       if (idx >= BlkDevice::kMaxInflight) continue;  // not ours (never happens)
+      Slot& s = slots[idx];
+      // A delayed request's timer ends with -ETIME, or -ECANCELED when the I/O failed and broke
+      // the link; either way the answer is the I/O's result, whichever of the two comes last.
+      if ((data & kIoCqe) != 0) s.res = res;
+      if (--s.cqes_left != 0) continue;
       --inflight;
-      complete(q, idx, res);
+      complete(q, idx, s.res);
     }
     total += n;
   }
@@ -303,9 +315,10 @@ bool BlkDevice::QueueState::submit(vhost::Queue& q, Slot& s, std::uint32_t slot_
 }
 
 bool BlkDevice::QueueState::prep(Slot& s, std::uint32_t slot_index) noexcept {
-  io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-  if (sqe == nullptr) return false;  // cannot happen: slots never outnumber SQ entries
   const Backing& b = *backing;
+  // Cannot happen: the SQ has room for every slot's SQEs.
+  if (io_uring_sq_space_left(&ring) < (b.delayed ? 2u : 1u)) return false;
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring);
   const BlkRequest& r = s.req;
   const int fd = s.on_buffered ? b.buffered_fd : b.fd;
   const auto n = static_cast<unsigned>(r.data.size());
@@ -330,7 +343,16 @@ bool BlkDevice::QueueState::prep(Slot& s, std::uint32_t slot_index) noexcept {
     }
     case BlkOp::get_id: return false;  // answered by submit, never queued
   }
-  io_uring_sqe_set_data64(sqe, slot_index);
+  io_uring_sqe_set_data64(sqe, slot_index | kIoCqe);
+  s.cqes_left = 1;
+  if (b.delayed) {
+    // The timer starts when the I/O has completed; a failed (or short) I/O cancels it.
+    sqe->flags |= IOSQE_IO_LINK;
+    io_uring_sqe* timer = io_uring_get_sqe(&ring);
+    io_uring_prep_timeout(timer, &backing->latency, 0, 0);  // the kernel only reads it
+    io_uring_sqe_set_data64(timer, slot_index);
+    s.cqes_left = 2;
+  }
   return true;
 }
 

@@ -32,6 +32,10 @@ struct BlkDevice::Backing {
   bool block_device = false;
   std::uint32_t dio_align = 512;
   bool inline_io = false;  // IoPath::inline_call: no io_uring, every request answered at once
+  // BlkOptions::added_latency: each I/O carries a linked timeout of `latency` (read by the kernel
+  // when the SQE is submitted).
+  bool delayed = false;
+  __kernel_timespec latency{};
   const std::string* serial = nullptr;
   // What requests are checked against; discard and write_zeroes follow the negotiated features
   // (set before any ring starts).
@@ -47,9 +51,13 @@ struct Slot {
 
   std::uint16_t head = 0;
   bool on_buffered = false;  // submitted through the buffered fd
-  BlkRequest req;            // as parsed; second chances change it
-  iovec segs[kSegs];         // the chain as popped
-  iovec data[kSegs];         // req.data's pieces: the readv/writev vector, into guest memory
+  // Completions still to come: the I/O's, and its timer's when delayed; the I/O's result waits
+  // in `res` for the last.
+  std::uint8_t cqes_left = 0;
+  int res = 0;
+  BlkRequest req;     // as parsed; second chances change it
+  iovec segs[kSegs];  // the chain as popped
+  iovec data[kSegs];  // req.data's pieces: the readv/writev vector, into guest memory
 };
 
 // The queue's counters, vhost::Counter like every per-queue statistic: the worker writes them,
@@ -69,7 +77,7 @@ struct BlkDevice::QueueState {
   vhost::Worker::Id watch_id = 0;  // the watch on ring.ring_fd
   std::unique_ptr<Slot[]> slots;
   std::vector<std::uint32_t> free_slots;  // a stack of slot indices
-  std::uint32_t inflight = 0;             // SQEs submitted and not yet reaped
+  std::uint32_t inflight = 0;             // slots submitted and not yet completed
   Counters counters;
   // Inflight I/O tracking, while the ring runs with a region (vhost::Queue::inflight): every
   // request is recorded before it starts and as its used entry is pushed; the heads a previous

@@ -57,6 +57,8 @@ bad_blk "--queues=abc" --socket-path="$sock" --image="$img" --queues=abc
 bad_blk "--blk-size=1000" --socket-path="$sock" --image="$img" --blk-size=1000
 bad_blk "--poll=foo" --socket-path="$sock" --image="$img" --poll=foo
 bad_blk "--io=aio" --socket-path="$sock" --image="$img" --io=aio
+bad_blk "--latency-us=10000001 (over 10 s)" --socket-path="$sock" --image="$img" --latency-us=10000001
+bad_blk "--latency-us with --io=inline" --socket-path="$sock" --image="$img" --io=inline --latency-us=100
 bad_blk "--stats=-1" --socket-path="$sock" --image="$img" --stats=-1
 bad_blk "--cpu=x" --socket-path="$sock" --image="$img" --cpu=x
 bad_blk "--metrics without a port" --socket-path="$sock" --image="$img" --metrics=127.0.0.1
@@ -76,7 +78,7 @@ vk_check "vhostkit-blk --help exits 0 and names the options"
 out=$("$VK_NET_BIN" --help 2>&1); rc=$?
 ((rc == 0)) || vk_fail "exit $rc"
 for opt in --socket-path --fd --print-capabilities --image --read-only --queues --poll --cpu --stats \
-           --no-packed --no-in-order --metrics; do
+           --no-packed --no-in-order --metrics --io --latency-us; do
   grep -q -- "$opt" <<<"$out" || vk_fail "--help does not mention $opt"
 done
 vk_pass "$(wc -l <<<"$out") lines of help"

@@ -5,7 +5,8 @@
 // Requests are parsed and checked in one place (parse_blk_request, blk_request.h), with the
 // chain's guest buffers as the readv/writev iovecs (no copy); src/blk/blk_io.cc carries them
 // out. On the io_uring path each request queue has its own ring, created when the vring starts
-// and owned by the queue's worker; a request is one SQE, completions arrive out of order
+// and owned by the queue's worker; a request is one SQE (two with an added latency: the I/O and a
+// linked timer), completions arrive out of order
 // (io_uring's own fd is watched by the worker, and the CQ is also reaped on every handle_queue, so
 // busy polling needs no wake-up), and FLUSH carries IOSQE_IO_DRAIN so it starts only after every
 // earlier request on its queue has completed. On the inline path the worker makes the system call
@@ -22,6 +23,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -59,6 +61,12 @@ struct BlkOptions {
   // to answer in order would let one slow request stall every later one, so the io_uring path
   // never offers it. false refuses it on the inline path too.
   bool in_order = true;
+  // Holds each request's answer back this long after its I/O finished (an IORING_OP_TIMEOUT
+  // linked behind the I/O), to stand in for a slower disk: a restart test needs requests in
+  // flight when it kills the back-end, as QEMU's null-co has latency-ns for the same end. A
+  // failed I/O breaks the link and is answered at once. Zero: no delay. Needs the io_uring path
+  // (IoPath::automatic then takes it); at most kMaxAddedLatency.
+  std::chrono::microseconds added_latency{0};
 };
 
 // A snapshot of one queue's counters.
@@ -88,9 +96,12 @@ class BlkDevice final : public vhost::DeviceBackend {
   static constexpr std::uint32_t kMaxTransfer = 0x7ffff000;
   // DISCARD / WRITE_ZEROES limits (config space): one segment of at most this many sectors.
   static constexpr std::uint32_t kMaxDiscardSectors = 1u << 22;  // 2 GiB
+  // The most BlkOptions::added_latency may be.
+  static constexpr std::chrono::microseconds kMaxAddedLatency{10'000'000};
 
   // Opens the image (O_DIRECT if possible, falling back to buffered I/O) and checks the options:
-  // a size that is a positive multiple of 512, num_queues 1..kMaxQueues, blk_size 512 or 4096.
+  // a size that is a positive multiple of 512, num_queues 1..kMaxQueues, blk_size 512 or 4096,
+  // added_latency within kMaxAddedLatency and not on the inline path.
   static Result<std::unique_ptr<BlkDevice>> open(BlkOptions opts);
   ~BlkDevice() override;
   BlkDevice(const BlkDevice&) = delete;
@@ -116,6 +127,7 @@ class BlkDevice final : public vhost::DeviceBackend {
   bool direct_io() const noexcept { return direct_; }
   // The path chosen at open (never automatic): uring or inline_call.
   IoPath io_path() const noexcept { return io_; }
+  std::chrono::microseconds added_latency() const noexcept { return opts_.added_latency; }
   // True if the image is on a memory file system (what IoPath::automatic looks at).
   bool memory_backed() const noexcept { return memory_backed_; }
   const std::string& serial() const noexcept { return serial_; }

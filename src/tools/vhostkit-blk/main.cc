@@ -2,6 +2,7 @@
 // (-device vhost-user-blk-pci) and the guest gets a disk backed by a raw image file or block
 // device, served through io_uring (or by plain calls when the image is in memory: --io).
 // Conventions and exit codes: see backend_program.h.
+#include <chrono>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -27,6 +28,7 @@ struct BlkArgs {
   unsigned blk_size = 512;
   std::string serial;
   std::string io = "auto";
+  unsigned latency_us = 0;
 };
 
 void add_blk_options(CLI::App& app, BlkArgs& a) {
@@ -44,6 +46,12 @@ void add_blk_options(CLI::App& app, BlkArgs& a) {
                  "calls on the queue's worker), auto (inline for an image on tmpfs, ramfs or "
                  "hugetlbfs, where a request is a memory copy; uring otherwise)")
       ->check(CLI::IsMember({"auto", "uring", "inline"}))
+      ->capture_default_str();
+  app.add_option("--latency-us", a.latency_us,
+                 "answer each request this many microseconds after its I/O finished, to stand "
+                 "in for a slower disk when testing (io_uring only; a failed I/O is answered at "
+                 "once)")
+      ->check(CLI::Range(0u, static_cast<unsigned>(blk::BlkDevice::kMaxAddedLatency.count())))
       ->capture_default_str();
 }
 
@@ -88,6 +96,7 @@ int main(int argc, char** argv) {
   bopts.blk_size = a.blk_size;
   bopts.serial = a.serial;
   bopts.io = io;
+  bopts.added_latency = std::chrono::microseconds(a.latency_us);
   // IN_ORDER is offered on the inline I/O path only (io_uring completes out of order).
   bopts.packed = cfg.packed;
   bopts.in_order = cfg.in_order;
@@ -118,10 +127,11 @@ int main(int argc, char** argv) {
     spdlog::info("vhostkit-blk: metrics at http://{}/metrics", prog.args().metrics);
   }
 
-  spdlog::info("vhostkit-blk: {}, image {} ({} sectors, {}, I/O {}{}{}), {} queue(s), poll {}",
+  spdlog::info("vhostkit-blk: {}, image {} ({} sectors, {}, I/O {}{}{}{}), {} queue(s), poll {}",
                cfg.where, a.image, dev.capacity_sectors(),
                dev.direct_io() ? "O_DIRECT" : "buffered", blk::to_string(dev.io_path()),
                io == blk::IoPath::automatic && dev.memory_backed() ? " (memory file system)" : "",
+               a.latency_us != 0 ? fmt::format(", +{} us per request", a.latency_us) : "",
                dev.read_only() ? ", read-only" : "", dev.num_queues(), prog.args().poll);
 
   std::optional<cli::Ticker> stats;
