@@ -15,11 +15,14 @@ source "$here/../../scripts/lib/vhostkit.sh"
 WRITERS=4
 MB=4
 ROUNDS=${VK_TEST_ROUNDS:-24}
-# About one kill in five finds requests in flight (a TCG guest spends most of its time
-# computing; the back-end answers in microseconds; one in three before vhostkit-blk dropped three
-# system calls per request in 1e31b73, and 12 kills then found none in one run of two): up to KILLS
+# A TCG guest spends most of its time computing and the back-end answers in microseconds, so a
+# kill at a random moment found requests in flight only now and then (one in three, then one in
+# five once vhostkit-blk saved three system calls per request, and a CI run of 24 kills found
+# none). Each request is answered LATENCY_US after its I/O (--latency-us): a writer then waits on
+# the disk most of its time, and a kill nearly always lands on requests in flight. Up to KILLS
 # kills, until HITS of them found requests to resubmit.
-KILLS=24
+LATENCY_US=5000
+KILLS=12
 HITS=2
 t_start=$(vk_now)
 elapsed() { awk -v a="$t_start" -v b="$(vk_now)" 'BEGIN{printf "%.1f", b-a}'; }
@@ -33,9 +36,11 @@ img=$VK_TMP/disk.img
 sock=$VK_TMP/blk.sock
 truncate -s $((WRITERS * MB + 16))M "$img"
 
-# start_backend LOG: vhostkit-blk on $sock (io_uring: completions out of order); sets blk_pid.
+# start_backend LOG: vhostkit-blk on $sock (io_uring: completions out of order), each answer
+# LATENCY_US late; sets blk_pid.
 start_backend() {
-  vk_net_start "$1" -- --socket-path="$sock" --image="$img" --io=uring --log-level=info
+  vk_net_start "$1" -- --socket-path="$sock" --image="$img" --io=uring --latency-us=$LATENCY_US \
+    --log-level=info
   blk_pid=$VK_NET_PID
   vk_net_wait_listening "$sock" 10 "$1" || { cat "$1"; vk_fail "vhostkit-blk did not listen"; }
 }
