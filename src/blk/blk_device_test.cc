@@ -292,6 +292,55 @@ TEST(BlkDevice, AddedLatencyAnswersAFailedIoAtOnce) {
   EXPECT_EQ(r.blk->inflight(0), 0u);
 }
 
+// A request held in flight (an added latency of 300 ms) when the front-end replaces the memory
+// table under the running ring, or stops the ring (GET_VRING_BASE): the device waits for it and
+// answers it first, through the memory it was made in. When the call returns the used entry is
+// there and the write is in the image; without the wait it would come 300 ms later, through a
+// mapping already gone (the table) or a ring already handed back (the stop).
+class BlkInFlightAtChange : public ::testing::TestWithParam<bool> {};
+
+INSTANTIATE_TEST_SUITE_P(Change, BlkInFlightAtChange, ::testing::Bool(), [](const auto& i) {
+  return i.param ? "set_mem_table" : "get_vring_base";
+});
+
+TEST_P(BlkInFlightAtChange, RequestIsAnsweredBeforeTheCallReturns) {
+  RigOpts o;
+  o.io = IoPath::uring;
+  o.latency = std::chrono::milliseconds(300);
+  Rig r(o);
+  const Bytes data = pattern(4 * 4096, 21);
+  auto w = r.guest.request(0, virtio::blk_type::out, 64, data, 0, 2);
+  ASSERT_TRUE(w);
+  ASSERT_TRUE(r.guest.kick(0));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (r.blk->inflight(0) == 0 && std::chrono::steady_clock::now() < deadline) {
+    ::usleep(200);
+  }
+  ASSERT_EQ(r.blk->inflight(0), 1u) << "the write never went in flight";
+  const bool mem_table = GetParam();
+  if (mem_table) {
+    auto m = r.dev.set_mem_table(r.guest.table());
+    ASSERT_TRUE(m.has_value()) << m.error().message();
+  } else {
+    auto base = r.dev.get_vring_base(0);
+    ASSERT_TRUE(base.has_value()) << base.error().message();
+    EXPECT_EQ(*base, 1u);
+  }
+  EXPECT_EQ(r.blk->inflight(0), 0u);
+  auto got = r.guest.reclaim(0);  // no waiting: the answer is already in the used ring
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got.count(*w), 1u);
+  EXPECT_EQ(r.guest.status(0, *w), virtio::kBlkSOk);
+  EXPECT_EQ(r.img.read(64 * 512, data.size()), data);
+  if (mem_table) {
+    // The ring runs on over the new table.
+    auto rd = r.guest.request(0, virtio::blk_type::in, 64, {}, data.size());
+    ASSERT_TRUE(rd);
+    EXPECT_EQ(r.guest.run(0, *rd).first, virtio::kBlkSOk);
+    EXPECT_EQ(r.guest.data(0, *rd, data.size()), data);
+  }
+}
+
 TEST_P(BlkIo, WriteThenReadBack) {
   Rig r(opts());
   // O_DIRECT where the probe found it works; the fallback where it found no such place.
