@@ -21,6 +21,7 @@ Result<> DirtyLog::attach(UniqueFd fd, std::uint64_t size, std::uint64_t offset)
     return fail(Errc::out_of_range,
                 fmt::format("dirty log: mmap_offset {:#x} + mmap_size {:#x} wraps", offset, size));
   }
+  seal_against_shrink(fd.get());  // before measuring: the size checked is one the file keeps
   struct stat st{};
   if (::fstat(fd.get(), &st) != 0) {
     return fail_errno(fmt::format("dirty log: fstat of fd {}", fd.get()));

@@ -206,5 +206,21 @@ TEST(DirtyLog, HostWriteWithoutALogDoesNothing) {
   EXPECT_EQ(mem.dirty_log(), nullptr);
 }
 
+// The log's file, where it takes seals, is sealed against shrinking by the peer under the
+// mapping (marks past a new end would be SIGBUS).
+TEST(DirtyLog, SealableLogFileCannotShrinkUnderTheMapping) {
+  UniqueFd fd(::memfd_create("vhostkit-test", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  ASSERT_TRUE(fd.valid());
+  ASSERT_EQ(::ftruncate(fd.get(), 4096), 0);
+  UniqueFd peer(::dup(fd.get()));
+  DirtyLog log;
+  ASSERT_TRUE(log.attach(std::move(fd), 4096, 0));
+  errno = 0;
+  EXPECT_NE(::ftruncate(peer.get(), 0), 0);
+  EXPECT_EQ(errno, EPERM);
+  log.mark(4095 * 8 * DirtyLog::kPageSize, 1);  // the log's last byte
+  EXPECT_TRUE(log.is_dirty(4095 * 8 * DirtyLog::kPageSize));
+}
+
 }  // namespace
 }  // namespace vhostkit::memory

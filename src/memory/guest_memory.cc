@@ -1,5 +1,6 @@
 #include "vhostkit/memory/guest_memory.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -166,6 +167,13 @@ void GuestMemory::rebuild_index() {
   last_uva_hit_ = 0;
 }
 
+bool seal_against_shrink(int fd) noexcept {
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  if (seals < 0) return false;  // not a file that takes seals
+  if ((seals & F_SEAL_SHRINK) != 0) return true;
+  return (seals & F_SEAL_SEAL) == 0 && ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) == 0;
+}
+
 Result<> GuestMemory::add_region(const RegionSpec& spec, UniqueFd fd) {
   // fd is owned here: every early return closes it.
   if (auto ok = check_new(spec); !ok) return ok;
@@ -173,6 +181,8 @@ Result<> GuestMemory::add_region(const RegionSpec& spec, UniqueFd fd) {
     return fail(Errc::invalid_argument,
                 fmt::format("region gpa {:#x} size {:#x}: no fd", spec.guest_phys_addr, spec.size));
   }
+  // Sealed before measuring, so the size checked is one the file keeps.
+  seal_against_shrink(fd.get());
   struct stat st{};
   if (::fstat(fd.get(), &st) != 0) {
     return fail_errno(fmt::format("region gpa {:#x} size {:#x}: fstat of fd {}",

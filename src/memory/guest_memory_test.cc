@@ -471,5 +471,35 @@ TEST(GuestMemoryLog, LogWriteMarksPagesOnlyWhenALogIsAttached) {
   EXPECT_FALSE(log.is_dirty(0x10000));
 }
 
+// --- a peer shrinking a region's file under the mapping ------------------------------------------
+// An access past the file's new end would be a SIGBUS. A file that takes seals is sealed
+// against shrinking when its region is added; the peer may still grow it.
+TEST(GuestMemoryHostile, SealableRegionFileCannotShrinkUnderTheMapping) {
+  UniqueFd fd(::memfd_create("vhostkit-test", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  ASSERT_TRUE(fd.valid());
+  ASSERT_EQ(::ftruncate(fd.get(), 2 * kPage), 0);
+  UniqueFd peer = dup_fd(fd);
+  GuestMemory mem;
+  ASSERT_TRUE(mem.add_region(spec(0, 2 * kPage, 0x10000), std::move(fd)));
+  EXPECT_NE(::fcntl(peer.get(), F_GET_SEALS) & F_SEAL_SHRINK, 0);
+  errno = 0;
+  EXPECT_NE(::ftruncate(peer.get(), 0), 0);
+  EXPECT_EQ(errno, EPERM);
+  EXPECT_EQ(::ftruncate(peer.get(), 4 * kPage), 0);  // growing is still the peer's to do
+  auto* last = static_cast<volatile std::uint8_t*>(mem.gpa_to_host(2 * kPage - 1, 1));
+  ASSERT_NE(last, nullptr);
+  *last = 7;  // no SIGBUS: the mapped range is still inside the file
+  EXPECT_EQ(*last, 7);
+}
+
+// A file that takes no seals (a memfd made without MFD_ALLOW_SEALING, a hugetlbfs file) is
+// mapped as it is: the gap docs/security.md names.
+TEST(GuestMemoryHostile, UnsealableRegionFileIsStillTaken) {
+  UniqueFd fd = make_memfd(kPage);
+  EXPECT_FALSE(seal_against_shrink(fd.get()));
+  GuestMemory mem;
+  EXPECT_TRUE(mem.add_region(spec(0, kPage, 0x10000), std::move(fd)));
+}
+
 }  // namespace
 }  // namespace vhostkit::memory

@@ -10,6 +10,7 @@
 #include <limits>
 #include <utility>
 
+#include "vhostkit/memory/guest_memory.h"
 #include "vhostkit/vhost/inflight.h"
 
 namespace vhostkit::vhost {
@@ -388,10 +389,7 @@ Result<InflightRegion> InflightRegion::attach(UniqueFd fd, std::uint64_t mmap_si
   }
   // Seal before measuring, so the size checked is a size the file keeps. An fd that cannot be
   // sealed (no MFD_ALLOW_SEALING, or not a memfd: DPDK's regions) is taken as it is.
-  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
-  if (seals >= 0 && (seals & F_SEAL_SHRINK) == 0 && (seals & F_SEAL_SEAL) == 0) {
-    (void)::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK);
-  }
+  memory::seal_against_shrink(fd.get());
   struct stat st{};
   if (::fstat(fd.get(), &st) != 0) {
     return fail_errno(fmt::format("inflight region: fstat of fd {}", fd.get()));

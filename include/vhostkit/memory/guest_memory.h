@@ -86,7 +86,8 @@ class GuestMemory {
 
   // Validates the region (non-zero size, no wrap in either address space, no overlap with an
   // existing region in guest-physical or frontend space, mmap_offset + size within the fd's
-  // size, the slot limit) and maps it MAP_SHARED. Takes the fd in every case: on failure it is
+  // size, the slot limit) and maps it MAP_SHARED. The file is sealed against shrinking first
+  // where it takes seals (seal_against_shrink). Takes the fd in every case: on failure it is
   // closed.
   Result<> add_region(const RegionSpec& spec, UniqueFd fd);
 
@@ -202,5 +203,13 @@ class DirtyLog {
   UniqueFd fd_;
   std::uint64_t dropped_ = 0;
 };
+
+// A file shared with a peer can be shrunk under our mapping, and an access past its new end is a
+// SIGBUS. Where the file takes seals (a memfd made with MFD_ALLOW_SEALING and not sealed against
+// more seals, as QEMU's memory-backend-memfd,seal=off and the inflight region's peers make them)
+// this adds F_SEAL_SHRINK, which only forbids shrinking: the peer may still grow it and punch
+// holes in it. Files that take no seals (hugetlbfs files, memfds without MFD_ALLOW_SEALING) are
+// left as they are. Returns true if the file can no longer shrink (sealed now or before).
+bool seal_against_shrink(int fd) noexcept;
 
 }  // namespace vhostkit::memory
