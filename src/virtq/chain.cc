@@ -1,6 +1,8 @@
 // Names of the chain errors both ring layouts count.
 #include "vhostkit/virtq/chain.h"
 
+#include <cstring>
+
 namespace vhostkit::virtq {
 
 const char* to_string(ChainError e) noexcept {
@@ -30,6 +32,21 @@ const char* to_string(ChainError e) noexcept {
     case ChainError::kCount: break;
   }
   return "unknown chain error";
+}
+
+std::expected<const std::uint8_t*, ChainError> detail::copy_spanning_table(
+    const memory::GuestMemory& mem, std::uint64_t gpa, std::uint32_t len,
+    std::span<std::uint8_t> buf) noexcept {
+  if (len > buf.size()) return std::unexpected(ChainError::chain_too_long);
+  std::array<iovec, kIndirectTablePieces> pieces{};
+  auto n = mem.gpa_to_iovec(gpa, len, pieces);
+  if (!n) return std::unexpected(ChainError::indirect_not_mapped);
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < *n; ++i) {
+    std::memcpy(buf.data() + at, pieces[i].iov_base, pieces[i].iov_len);
+    at += pieces[i].iov_len;
+  }
+  return buf.data();
 }
 
 }  // namespace vhostkit::virtq

@@ -53,6 +53,7 @@ void DeviceQueue::attach(const memory::GuestMemory* mem, SplitRing ring, std::ui
   pop_seq_ = 0;
   // Once per ring size: a re-attach of the same size allocates nothing.
   if (in_order_) popped_.assign(ring.size, Popped{});
+  if (indirect_) indirect_copy_.resize(std::size_t{ring.size} * sizeof(virtio::VirtqDesc));
 }
 
 void DeviceQueue::note_popped(std::uint16_t head, std::uint64_t writable_len) noexcept {
@@ -160,11 +161,11 @@ std::expected<Chain, ChainError> DeviceQueue::walk(std::uint16_t head,
       if (d.len == 0 || d.len % sizeof(virtio::VirtqDesc) != 0) {
         return std::unexpected(ChainError::indirect_bad_len);
       }
-      // The table must be in one region: we read it in place (memcpy per entry, so any
-      // alignment is fine).
-      const std::uint8_t* p = mem_->gpa_to_host(d.addr, d.len);
-      if (p == nullptr) return std::unexpected(ChainError::indirect_not_mapped);
-      table = reinterpret_cast<const std::byte*>(p);
+      // Read in place (memcpy per entry, so any alignment is fine), or from a copy when the
+      // table spans regions.
+      auto p = detail::indirect_table(*mem_, d.addr, d.len, indirect_copy_);
+      if (!p) return std::unexpected(p.error());
+      table = reinterpret_cast<const std::byte*>(*p);
       table_size = d.len / sizeof(virtio::VirtqDesc);
       idx = 0;
       in_indirect = true;

@@ -155,6 +155,52 @@ TEST(VirtqHostile, IndirectTableNotMapped) {
   expect_bad_chain(rig, head, ChainError::indirect_not_mapped);
 }
 
+// An indirect table spanning two regions (adjacent in guest-physical memory) is walked from a
+// copy: the chain comes out as it would from a table inside one region.
+TEST(VirtqHostile, IndirectTableSpanningTwoRegionsIsWalkedFromACopy) {
+  Rig rig(kSize, kIndirect);
+  const auto head = add_chain(rig, 3);
+  auto* d = rig.driver.desc();
+  const std::uint64_t at = Rig::kGpaB - 24;  // half of the 48-byte table in A, half in B
+  std::memcpy(rig.host(at), rig.host(d[head].addr), 48);
+  std::memset(rig.host(d[head].addr), 0xff, 48);  // the old place no longer holds a table
+  d[head].addr = at;
+  rig.driver.publish();
+  std::array<iovec, 16> segs{};
+  auto c = rig.device.pop(segs);
+  ASSERT_TRUE(c.has_value()) << to_string(c.error());
+  EXPECT_EQ(c->desc_count, 4);
+  ASSERT_EQ(c->readable.size(), 3u);
+  for (std::size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(c->readable[i].iov_base, rig.host(Rig::kDataGpa + 64 * i)) << i;
+    EXPECT_EQ(c->readable[i].iov_len, 16u) << i;
+  }
+  EXPECT_EQ(rig.device.error_total(), 0u);
+}
+
+// Spanning into unmapped memory is still refused, and a spanning table may be no longer than
+// the queue (its copy is queue-sized).
+TEST(VirtqHostile, IndirectTableSpanningIntoTheHoleOrLongerThanTheQueue) {
+  {
+    Rig rig(kSize, kIndirect);
+    const auto head = add_chain(rig, 2);
+    const std::uint64_t at = Rig::kGpaB + Rig::kRegion - 16;  // the second entry in the hole
+    std::memcpy(rig.host(at), rig.host(rig.driver.desc()[head].addr), 16);
+    rig.driver.desc()[head].addr = at;
+    rig.driver.publish();
+    expect_bad_chain(rig, head, ChainError::indirect_not_mapped);
+  }
+  {
+    Rig rig(kSize, kIndirect);
+    const auto head = add_chain(rig, kSize + 1);
+    const std::uint64_t at = Rig::kGpaB - 64;
+    std::memcpy(rig.host(at), rig.host(rig.driver.desc()[head].addr), 16 * (kSize + 1));
+    rig.driver.desc()[head].addr = at;
+    rig.driver.publish();
+    expect_bad_chain(rig, head, ChainError::chain_too_long);
+  }
+}
+
 TEST(VirtqHostile, IndirectTableLengthZero) {
   Rig rig(kSize, kIndirect);
   const auto head = add_chain(rig, 2);

@@ -98,6 +98,7 @@ void PackedDeviceQueue::attach(const memory::GuestMemory* mem, PackedRing ring,
   }
   // Once per ring size: a re-attach of the same size allocates nothing.
   inflight_.assign(ring.size, InFlight{});
+  if (indirect_) indirect_copy_.resize(std::size_t{ring.size} * sizeof(virtio::PackedDesc));
   // A resume point must name positions on the ring, the used one behind the avail one by at
   // most a ring: the device cannot have answered what it never read.
   avail_ = detail::RingCursor{base.avail_idx, base.avail_wrap};
@@ -184,13 +185,16 @@ std::expected<Chain, ChainError> PackedDeviceQueue::walk(virtio::PackedDesc d,
         bad = ChainError::indirect_bad_len;
       } else if (d.len / sizeof(virtio::PackedDesc) > ring_.size) {
         bad = ChainError::chain_too_long;
-      } else if (const std::uint8_t* table = mem_->gpa_to_host(d.addr, d.len)) {
+      } else if (auto table = detail::indirect_table(*mem_, d.addr, d.len, indirect_copy_);
+                 !table) {
+        bad = table.error();
+      } else {
         // Entries are read in place, one memcpy each (any alignment is fine); their order is
         // the chain's, and no flag but WRITE is valid in them (2.8.7).
         const std::size_t n = d.len / sizeof(virtio::PackedDesc);
         for (std::size_t i = 0; i < n && !bad; ++i) {
           const virtio::PackedDesc e =
-              detail::read_packed_desc_once(table + i * sizeof(virtio::PackedDesc));
+              detail::read_packed_desc_once(*table + i * sizeof(virtio::PackedDesc));
           ++walked;
           if (e.flags & kDescFIndirect) {
             bad = ChainError::indirect_nested;
@@ -198,8 +202,6 @@ std::expected<Chain, ChainError> PackedDeviceQueue::walk(virtio::PackedDesc d,
             bad = b.add(e.addr, e.len, (e.flags & kDescFWrite) != 0);
           }
         }
-      } else {
-        bad = ChainError::indirect_not_mapped;
       }
     } else if (!bad) {
       bad = b.add(d.addr, d.len, (d.flags & kDescFWrite) != 0);

@@ -96,6 +96,36 @@ TEST(PackedHostile, IndirectTableLongerThanTheQueueIsChainTooLong) {
   expect_bad_chain(rig, id, ChainError::chain_too_long);
 }
 
+// An indirect table spanning two regions (adjacent in guest-physical memory) is walked from a
+// copy; one running from a region into unmapped memory is still refused.
+TEST(PackedHostile, IndirectTableSpanningTwoRegionsIsWalkedFromACopy) {
+  PackedRig rig(kSize, kIndirect);
+  const auto id = add_chain(rig, 3);
+  const std::uint64_t at = Rig::kGpaB - 40;  // 40 of the table's 48 bytes in A, 8 in B
+  std::memcpy(rig.host(at), indirect_table(rig), 48);
+  std::memset(indirect_table(rig), 0xff, 48);  // the old place no longer holds a table
+  rig.driver.desc()[0].addr = at;
+  rig.driver.publish();
+  std::array<iovec, 16> segs{};
+  auto c = rig.device.pop(segs);
+  ASSERT_TRUE(c.has_value()) << to_string(c.error());
+  EXPECT_EQ(c->head, id);
+  ASSERT_EQ(c->readable.size(), 3u);
+  for (std::size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(c->readable[i].iov_base, rig.host(Rig::kDataGpa + 64 * i)) << i;
+    EXPECT_EQ(c->readable[i].iov_len, 16u) << i;
+  }
+  EXPECT_EQ(rig.device.error_total(), 0u);
+
+  PackedRig hole(kSize, kIndirect);
+  const auto id2 = add_chain(hole, 2);
+  const std::uint64_t end = Rig::kGpaB + Rig::kRegion - 16;  // the second entry in the hole
+  std::memcpy(hole.host(end), indirect_table(hole), 16);
+  hole.driver.desc()[0].addr = end;
+  hole.driver.publish();
+  expect_bad_chain(hole, id2, ChainError::indirect_not_mapped);
+}
+
 TEST(PackedHostile, IndirectInsideIndirect) {
   PackedRig rig(kSize, kIndirect);
   const auto id = add_chain(rig, 2);

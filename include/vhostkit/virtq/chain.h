@@ -138,6 +138,29 @@ constexpr ChainError from_xlate(memory::XlateError e) noexcept {
   }
   return ChainError::desc_not_mapped;
 }
+
+// The most regions an indirect table may span when it does not lie in one.
+inline constexpr std::size_t kIndirectTablePieces = 8;
+
+// An indirect table that is contiguous in guest-physical memory but spans regions (adjacent in
+// the guest, apart in our address space: separate memory backends, a DPDK front-end's hugepage
+// segments), copied whole into `buf`, where the walk then reads it. Each byte of the table is
+// read once, as the in-place walk reads each entry once. Errors: indirect_not_mapped when a
+// byte of it is outside guest memory or it spans more than kIndirectTablePieces regions,
+// chain_too_long when it is longer than `buf` (sized to hold a queue-size table).
+std::expected<const std::uint8_t*, ChainError> copy_spanning_table(
+    const memory::GuestMemory& mem, std::uint64_t gpa, std::uint32_t len,
+    std::span<std::uint8_t> buf) noexcept;
+
+// Where the walk reads an indirect table from: in place when it lies in one region (the common
+// case, one inline lookup), else its copy in `copy` (copy_spanning_table).
+inline std::expected<const std::uint8_t*, ChainError> indirect_table(
+    const memory::GuestMemory& mem, std::uint64_t gpa, std::uint32_t len,
+    std::span<std::uint8_t> copy) noexcept {
+  if (const std::uint8_t* p = mem.gpa_to_host(gpa, len)) [[likely]]
+    return p;
+  return copy_spanning_table(mem, gpa, len, copy);
+}
 }  // namespace detail
 
 }  // namespace vhostkit::virtq

@@ -155,8 +155,8 @@ class PackedDeviceQueue {
   // answered with used len 0 and counted; a chain whose buffer id is out of range or already in
   // flight is consumed without an answer (drops_chain()); a chain that runs into a descriptor
   // not made available, or over more than size() descriptors, breaks the queue. An indirect
-  // table must lie in one region and hold at most size() descriptors; entries inside it may
-  // carry no flag but WRITE (an INDIRECT one is refused as indirect_nested).
+  // table holds at most size() descriptors (one spanning regions is walked from a copy); entries
+  // inside it may carry no flag but WRITE (an INDIRECT one is refused as indirect_nested).
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
   // As DeviceQueue's, for the i-th descriptor past the next one that pending() saw available:
   // the head of the i-th chain when every chain before it is one descriptor long.
@@ -241,6 +241,8 @@ class PackedDeviceQueue {
   std::uint32_t published_ext_ = 0;
   std::uint32_t signalled_ext_ = 0;  // used position when we last decided about a signal
   std::vector<InFlight> inflight_;   // per buffer id
+  // A queue-size indirect table, for one that spans regions (detail::copy_spanning_table).
+  std::vector<std::uint8_t> indirect_copy_;
   std::array<std::uint64_t, kChainErrorCount> errors_{};
   std::uint64_t error_total_ = 0;
 };

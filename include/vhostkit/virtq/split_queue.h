@@ -73,8 +73,9 @@ class DeviceQueue {
   // caller just moves on (the used element is queued: the next publish_used() shows it). On an
   // error that breaks the queue nothing more is served. Call when pending() > 0; otherwise it
   // returns ChainError::empty (or queue_broken). Single-descriptor chains take an inline path.
-  // Indirect tables must lie in one region; a chain may hold at most size() buffer descriptors
-  // in total (ring table and indirect table together).
+  // An indirect table spanning regions is copied and walked from the copy (it may then be no
+  // longer than the queue); a chain may hold at most size() buffer descriptors in total (ring
+  // table and indirect table together).
   std::expected<Chain, ChainError> pop(std::span<iovec> segs) noexcept;
   // For prefetching ahead of a burst, nothing else: the first buffer of the i-th chain that
   // pending() counted (0: the next pop()), translated, or empty for an index not counted, an
@@ -167,6 +168,8 @@ class DeviceQueue {
   };
   static constexpr std::uint32_t kNeverComplete = 0xffffffff;
   std::vector<Popped> popped_;  // per head, IN_ORDER only
+  // A queue-size indirect table, for one that spans regions (detail::copy_spanning_table).
+  std::vector<std::uint8_t> indirect_copy_;
   std::uint32_t pop_seq_ = 0;
   // The used element the last push wrote, while unpublished: IN_ORDER may fold the next into it.
   bool merge_complete_ = false;
