@@ -316,9 +316,11 @@ bool BlkDevice::QueueState::submit(vhost::Queue& q, Slot& s, std::uint32_t slot_
 
 bool BlkDevice::QueueState::prep(Slot& s, std::uint32_t slot_index) noexcept {
   const Backing& b = *backing;
-  // Cannot happen: the SQ has room for every slot's SQEs.
-  if (io_uring_sq_space_left(&ring) < (b.delayed ? 2u : 1u)) return false;
+  // Neither can fail: the SQ has room for every slot's SQEs (checked all the same; a delayed
+  // request needs its timer's SQE too, which must not be found missing after the I/O's).
+  if (b.delayed && io_uring_sq_space_left(&ring) < 2) return false;
   io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+  if (sqe == nullptr) return false;
   const BlkRequest& r = s.req;
   const int fd = s.on_buffered ? b.buffered_fd : b.fd;
   const auto n = static_cast<unsigned>(r.data.size());
