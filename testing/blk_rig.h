@@ -40,29 +40,31 @@ using vhost::testing::dup_fd;
 using vhost::testing::make_eventfd;
 using vhost::testing::wait_fd;
 
-// A temporary image of `bytes` bytes filled with a known pattern, removed on destruction.
+// A temporary image of `bytes` bytes filled with a known pattern. The file is unlinked as soon
+// as it is written and named by path() as /proc/self/fd/N, so a test killed half-way (a timeout,
+// ^C) leaves nothing behind in `dir`; the name works for any open in this process only.
 class TempImage {
  public:
   explicit TempImage(std::size_t bytes, const char* dir = "/tmp") {
-    path_ = std::string(dir) + "/vhostkit-blk-test-XXXXXX";
-    const int fd = ::mkstemp(path_.data());
-    EXPECT_GE(fd, 0);
+    std::string name = std::string(dir) + "/vhostkit-blk-test-XXXXXX";
+    fd_ = UniqueFd(::mkostemp(name.data(), O_CLOEXEC));
+    EXPECT_TRUE(fd_.valid()) << name;
+    ::unlink(name.c_str());
+    path_ = "/proc/self/fd/" + std::to_string(fd_.get());
     Bytes init(bytes);
     for (std::size_t i = 0; i < bytes; ++i) init[i] = static_cast<std::uint8_t>(i * 7 + i / 512);
-    EXPECT_EQ(::pwrite(fd, init.data(), init.size(), 0), static_cast<ssize_t>(bytes));
-    ::close(fd);
+    EXPECT_EQ(::pwrite(fd_.get(), init.data(), init.size(), 0), static_cast<ssize_t>(bytes));
   }
-  ~TempImage() { ::unlink(path_.c_str()); }
   const std::string& path() const { return path_; }
   Bytes read(std::uint64_t off, std::size_t len) const {
     Bytes b(len);
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    EXPECT_EQ(::pread(fd, b.data(), len, static_cast<off_t>(off)), static_cast<ssize_t>(len));
-    ::close(fd);
+    EXPECT_EQ(::pread(fd_.get(), b.data(), len, static_cast<off_t>(off)),
+              static_cast<ssize_t>(len));
     return b;
   }
 
  private:
+  UniqueFd fd_;
   std::string path_;
 };
 
